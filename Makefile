@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   -- create the environment (first use) and run the main job on the built-in demo data
+#   make test   -- create the environment (if needed), lint, and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmtag-installed
+
+.PHONY: demo test lint env clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m mmtag setup-wordnet
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m mmtag demo --out demo_run
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf demo_run .pytest_cache .ruff_cache

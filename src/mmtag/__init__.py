@@ -1,0 +1,17 @@
+"""mmtag: train lightweight image + caption multi-label taggers.
+
+`mmtag.read_csv` and `mmtag.write_submission` read and write the competition's CSV files; they
+need neither torch nor the pretrained weights, and names are imported only when first used.
+"""
+
+__version__ = "0.1.0"
+__all__ = ["CSVFormatError", "Record", "read_csv", "write_submission"]
+
+
+def __getattr__(name: str):
+    # Lazy so that `import mmtag` (and `mmtag --help`) stay instant.
+    if name in __all__:
+        from mmtag.data import csv_io
+
+        return getattr(csv_io, name)
+    raise AttributeError(f"module 'mmtag' has no attribute {name!r}")

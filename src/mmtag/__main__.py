@@ -1,0 +1,3 @@
+from mmtag.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""The `mmtag` command line: a thin shell over importable functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("mmtag")
+
+
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    from mmtag.data.check import check_data, format_report
+
+    report = check_data(args.dir, workers=args.workers, progress=not args.json, limit=args.limit)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
+def _cmd_make_demo_data(args: argparse.Namespace) -> int:
+    from mmtag.data.demo import make_demo_data
+
+    summary = make_demo_data(args.dir, n=args.n, seed=args.seed)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_setup_wordnet(args: argparse.Namespace) -> int:
+    from mmtag.data.text import setup_wordnet
+
+    print(f"WordNet ready in {setup_wordnet(args.target)}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mmtag.config import load_config, recipe_path
+    from mmtag.training.loop import fit
+
+    if args.resume:
+        if args.config or args.set:
+            raise ValueError("--resume continues a run with its saved config.yaml; drop --config/--set")
+        run = Path(args.resume)
+        cfg = load_config(run / "config.yaml")
+        if args.data is None:
+            raise ValueError("--resume also needs --data DIR (the folder the run was trained on)")
+        summary = fit(cfg, args.data, run, resume=True)
+    else:
+        if args.data is None or args.out is None:
+            raise ValueError("train needs --data DIR and --out RUN (or --resume RUN --data DIR)")
+        cfg = load_config(recipe_path(args.config) if args.config else None, args.set or ())
+        run = Path(args.out)
+        summary = fit(cfg, args.data, run)
+    _print_summary(summary, run)
+    return 0
+
+
+def _print_summary(summary: dict, run: Path) -> None:
+    v, z = summary["val"], summary["val_at_0.5"]
+    print(f"best epoch {summary['best_epoch']}: validation ({summary['val_rows']} rows) "
+          f"micro-F1 {v['micro_f1']:.4f}, samples-F1 {v['samples_f1']:.4f}, macro-F1 "
+          f"{v['macro_f1']:.4f} with tuned thresholds (at 0.5: micro-F1 {z['micro_f1']:.4f}); "
+          f"saved model {summary['saved_model_mb']:.1f} MB")
+    print(f"run folder: {run}  (best.pt, metrics.csv, curves.png, summary.json)")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from mmtag.inference.predictor import evaluate_run
+    from mmtag.training.metrics import format_per_class_table
+
+    m = evaluate_run(args.run, data_dir=args.data, csv_path=args.csv, images=args.images,
+                     threshold=args.threshold, batch_size=args.batch_size, device=args.device)
+    if args.json:
+        print(json.dumps(m))
+        return 0
+    print(f"{m['source']}: {m['rows']} rows")
+    for k in ("precision", "recall", "micro_f1", "macro_f1", "samples_f1"):
+        print(f"  {k:<11} {m[k]:.4f}")
+    print(format_per_class_table(m))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from mmtag.inference.predictor import predict_csv
+
+    res = predict_csv(args.run, args.csv, args.images, args.out, probs_out=args.probs,
+                      threshold=args.threshold, caption_only_missing=args.caption_only_missing,
+                      batch_size=args.batch_size, device=args.device)
+    print(f"wrote {res['rows']} rows to {res['out']}" + (f" and probabilities to {res['probs']}"
+                                                         if res["probs"] else ""))
+    if res["caption_only"]:
+        print(f"{len(res['caption_only'])} row(s) predicted from the caption alone:")
+        for msg in res["caption_only"]:
+            print(f"  {msg}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mmtag.demo import run_demo
+
+    run_demo(Path(args.out), n=args.n, seed=args.seed, epochs=args.epochs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmtag",
+        description="Train lightweight image + caption multi-label taggers (Kaggle COMP5329 layout).")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("check-data", help="check a Kaggle-layout folder: counts, labels, images")
+    c.add_argument("dir", help="folder with train.csv, data/ and optionally test.csv")
+    c.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    c.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    c.add_argument("--limit", type=int, default=None,
+                   help="decode only the first N referenced images (quick look; says so)")
+    c.set_defaults(func=_cmd_check_data)
+
+    c = sub.add_parser("make-demo-data", help="write the synthetic demo dataset (Kaggle layout)")
+    c.add_argument("dir", help="output folder")
+    c.add_argument("--n", type=int, default=2000, help="labelled rows (default 2000)")
+    c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    c.set_defaults(func=_cmd_make_demo_data)
+
+    c = sub.add_parser("setup-wordnet", help="install WordNet for NLTK from Debian's files, offline")
+    c.add_argument("--target", type=Path, default=None,
+                   help="NLTK data folder (default $MMTAG_NLTK_DATA or ~/.cache/mmtag/nltk_data)")
+    c.set_defaults(func=_cmd_setup_wordnet)
+
+    c = sub.add_parser("train", help="train a tagger on a Kaggle-layout folder")
+    c.add_argument("--data", help="folder with train.csv and data/")
+    c.add_argument("--out", help="new run folder")
+    c.add_argument("--config", help="YAML config file, or a built-in recipe name: demo, report, cpu, gpu")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
+    c.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+    c.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser("evaluate", help="metrics of a run on its validation split or a labelled CSV")
+    c.add_argument("run", help="run folder (or a best.pt file)")
+    c.add_argument("--data", help="the Kaggle folder the run was trained on (uses its saved split)")
+    c.add_argument("--csv", help="a labelled CSV instead of the validation split")
+    c.add_argument("--images", help="image folder for --csv (default: data/ beside the CSV)")
+    c.add_argument("--threshold", type=float, help="one global threshold instead of the saved ones")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(func=_cmd_evaluate)
+
+    c = sub.add_parser("predict", help="write the Kaggle submission for a CSV of images + captions")
+    c.add_argument("run", help="run folder (or a best.pt file)")
+    c.add_argument("--csv", required=True, help="CSV with ImageID and Caption (e.g. test.csv)")
+    c.add_argument("--images", required=True, help="image folder")
+    c.add_argument("--out", default="Predicted_labels.csv", help="submission file (default %(default)s)")
+    c.add_argument("--probs", help="also write per-class probabilities to this CSV")
+    c.add_argument("--threshold", type=float, help="one global threshold instead of the saved ones")
+    c.add_argument("--caption-only-missing", action="store_true",
+                   help="predict rows whose image is missing/corrupt from the caption alone (listed)")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--device", default="auto")
+    c.set_defaults(func=_cmd_predict)
+
+    c = sub.add_parser("demo", help="generate the demo dataset, train, evaluate and predict on it")
+    c.add_argument("--out", default="demo_run", help="output folder (default demo_run)")
+    c.add_argument("--n", type=int, default=2000, help="labelled demo rows (default 2000)")
+    c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    c.add_argument("--epochs", type=int, default=None, help="override the demo's epochs")
+    c.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except (ValueError, OSError, RuntimeError) as e:
+        # Known failure modes carry messages meant for the user: print them, not a traceback.
+        if args.verbose:
+            raise
+        print(f"mmtag {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""Typed, documented, validated configuration: YAML files and `--set key=value` map onto these.
+
+A config is data: it is saved with every run (`config.yaml`) and inside the checkpoints, so
+`predict` rebuilds the model from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+IMAGE_FREEZE_HELP = "'none' (train all), 'all', or an int k: freeze the first k stages"
+
+
+@dataclass
+class DataConfig:
+    """How rows become tensors."""
+
+    train_prop: float = 0.8          # share of labelled rows used for training (report: TRAIN_VAL_PROP)
+    split_seed: int = 0              # seed of the train/validation split (saved in split.json)
+    limit_train: int | None = None   # use only the first N training rows (quick or subset runs)
+    limit_val: int | None = None     # use only the first N validation rows
+    image_size: int = 256            # square input size after resize
+    normalisation: str = "auto"      # 'auto' (what the image encoder expects), 'imagenet', 'tf'
+    hflip: float = 0.5               # probability of a horizontal flip
+    jitter: float = 0.2              # colour jitter strength (brightness/contrast/saturation)
+    hue: float = 0.02                # colour jitter hue
+    degrees: float = 10.0            # random affine rotation (+/- degrees)
+    translate: float = 0.1           # random affine translation (fraction of the side)
+    scale_min: float = 0.9           # random affine scale range
+    scale_max: float = 1.1
+    max_len: int | None = None       # caption tokens kept; None: the `len_quantile` of lengths
+    len_quantile: float = 0.99
+    stopwords: bool = True           # drop English stopwords (GloVe pipeline)
+    lemmatize: bool = True           # WordNet lemmas (GloVe pipeline)
+    min_freq: int = 1                # minimum count of a word to enter the vocabulary
+    num_workers: int = 2             # DataLoader processes (0: load in the main process)
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.train_prop < 1.0, "data.train_prop must be in (0, 1)")
+        _check(self.image_size >= 16, "data.image_size must be >= 16")
+        _check(self.normalisation in ("auto", "imagenet", "tf"),
+               "data.normalisation must be one of ['auto', 'imagenet', 'tf']")
+        _check(self.scale_min <= self.scale_max, "data.scale_min must be <= data.scale_max")
+        _check(self.max_len is None or self.max_len >= 1, "data.max_len must be >= 1 or null")
+        _check(0.5 <= self.len_quantile <= 1.0, "data.len_quantile must be in [0.5, 1]")
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """The network: image encoder, caption encoder, fusion head."""
+
+    image_encoder: str = "efficientnet_lite0"  # a name from IMAGE_ENCODERS, or 'none'
+    pretrained: bool = True                    # ImageNet / pretrained text weights; false = random init
+    freeze_image: str = "none"                 # IMAGE_FREEZE_HELP
+    drop_path: float | None = None             # image stochastic depth (None: backbone default)
+    text_encoder: str = "glove_lstm"           # 'glove_lstm', 'minilm', or 'none'
+    freeze_embeddings: bool = True             # keep GloVe vectors fixed
+    lstm_hidden: int = 128
+    lstm_layers: int = 1
+    bidirectional: bool = True
+    freeze_text: str = "none"                  # MiniLM: 'none', 'all', or first k layers
+    fusion: str = "concat"                     # 'concat' or 'gated'
+    hidden: int = 512                          # fusion MLP width
+    dropout: float = 0.3
+    max_size_mb: float = 100.0                 # saved inference model size limit
+    fp16_storage: bool = False                 # store the inference model in fp16 (half the size)
+
+    def __post_init__(self) -> None:
+        _check(self.image_encoder != "none" or self.text_encoder != "none",
+               "model.image_encoder and model.text_encoder cannot both be 'none'")
+        _check(self.text_encoder in ("glove_lstm", "minilm", "none"),
+               "model.text_encoder must be one of ['glove_lstm', 'minilm', 'none']")
+        _check(self.fusion in ("concat", "gated"), "model.fusion must be one of ['concat', 'gated']")
+        _check(_is_freeze(self.freeze_image), f"model.freeze_image must be {IMAGE_FREEZE_HELP}")
+        _check(_is_freeze(self.freeze_text), "model.freeze_text must be 'none', 'all' or an int")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+        _check(self.hidden >= 1 and self.lstm_hidden >= 1 and self.lstm_layers >= 1,
+               "model.hidden, lstm_hidden and lstm_layers must be >= 1")
+        _check(self.max_size_mb > 0, "model.max_size_mb must be > 0")
+
+
+@dataclass
+class LossConfig:
+    """Training objective."""
+
+    name: str = "bce"           # 'bce', 'focal', 'asl'
+    pos_weight: bool = False    # BCE: weight positives by neg/pos ratio of the training labels
+    alpha: float = 0.25         # focal: weight of positives (negative: off)
+    gamma: float = 2.0          # focal: focusing
+    gamma_neg: float = 4.0      # ASL: focusing on negatives
+    gamma_pos: float = 0.0      # ASL: focusing on positives
+    clip: float = 0.05          # ASL: probability margin for negatives
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("bce", "focal", "asl"), "loss.name must be one of ['asl', 'bce', 'focal']")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, schedule and stopping."""
+
+    name: str = "adam"            # 'adam' or 'adamw'
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    epochs: int = 15
+    batch_size: int = 32
+    scheduler: str = "plateau"    # 'plateau', 'cosine', 'none'
+    plateau_on: str = "val_loss"  # 'val_loss' or 'micro_f1'
+    plateau_factor: float = 0.5
+    plateau_patience: int = 1
+    warmup_epochs: float = 0.0    # cosine: linear warm-up length in epochs
+    grad_clip: float = 0.0        # max gradient norm; 0: off
+    early_stopping: int = 0       # stop after N epochs without a better best_metric; 0: off
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("adam", "adamw"), "optim.name must be one of ['adam', 'adamw']")
+        _check(self.scheduler in ("plateau", "cosine", "none"),
+               "optim.scheduler must be one of ['cosine', 'none', 'plateau']")
+        _check(self.plateau_on in ("val_loss", "micro_f1"),
+               "optim.plateau_on must be one of ['micro_f1', 'val_loss']")
+        _check(self.lr > 0 and self.epochs >= 1 and self.batch_size >= 1,
+               "optim.lr must be > 0, epochs and batch_size >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the root of the YAML file."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0                   # seeds torch, numpy and random
+    device: str = "auto"            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+    amp: str = "auto"               # 'auto' (bf16 on CUDA, off on CPU), 'bf16', 'fp16', 'none'
+    channels_last: bool = True      # on CUDA: channels_last memory format for the image encoder
+    deterministic: bool = False     # torch deterministic algorithms (slower)
+    best_metric: str = "micro_f1"   # validation metric that picks the best checkpoint
+    threshold_mode: str = "global"  # 'global' or 'per_class' decision thresholds
+    threshold_metric: str = "micro_f1"  # 'micro_f1' or 'samples_f1'
+    at_least_one: bool = False      # always predict at least one label per image
+    min_support: int = 20           # per-class thresholds only for classes with this many positives
+
+    def __post_init__(self) -> None:
+        _check(self.amp in ("auto", "bf16", "fp16", "none"),
+               "amp must be one of ['auto', 'bf16', 'fp16', 'none']")
+        metrics = ["macro_f1", "micro_f1", "samples_f1", "val_loss"]
+        _check(self.best_metric in metrics, f"best_metric must be one of {metrics}")
+        _check(self.threshold_mode in ("global", "per_class"),
+               "threshold_mode must be one of ['global', 'per_class']")
+        _check(self.threshold_metric in ("micro_f1", "samples_f1"),
+               "threshold_metric must be one of ['micro_f1', 'samples_f1']")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return _build(cls, d, "")
+
+    def save(self, path: Path | str) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+class ConfigError(ValueError):
+    """A config key or value is not valid; the message says what is."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _is_freeze(v: str) -> bool:
+    return v in ("none", "all") or v.lstrip("-").isdigit() and int(v) >= 0
+
+
+def _build(cls, d: dict, prefix: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys "
+                          f"under {prefix.rstrip('.') or 'the top level'}: {names}")
+    kwargs = {}
+    for k, v in d.items():
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(v, tp, prefix + k)
+    return cls(**kwargs)
+
+
+def _coerce(value, tp, key: str):
+    """Convert YAML / command-line values to the field's type, or explain what is expected."""
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")
+                             and optional and str not in args):
+            return None
+        tp = next(a for a in args if a is not type(None))
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "on"):
+                return True
+            if str(value).lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{key}: expected {name}{' or null' if optional else ''}, got {value!r}")
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Defaults <- YAML file (optional) <- `key.sub=value` overrides, validated."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. optim.lr=1e-3), got {item!r}")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+    return TrainConfig.from_dict(raw)
+
+
+RECIPES_DIR = Path(__file__).parent / "configs"
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a built-in recipe ('report', 'demo', ...)."""
+    p = Path(name_or_path)
+    if p.exists() or p.suffix in (".yaml", ".yml"):
+        return p
+    builtin = RECIPES_DIR / f"{name_or_path}.yaml"
+    if builtin.exists():
+        return builtin
+    names = sorted(f.stem for f in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a built-in recipe {names}")

@@ -1,0 +1,2 @@
+"""Reading the Kaggle layout, preprocessing captions, labels and images, datasets."""
+

@@ -1,0 +1,639 @@
+"""Checking a data folder in the Kaggle layout before any training is spent on it.
+
+``mmtag check-data DIR`` calls :func:`check_data` and prints either the JSON report or
+:func:`format_report`'s text. The folder is expected to look like the competition download::
+
+    DIR/train.csv   ImageID,Labels,Caption
+    DIR/test.csv    ImageID,Caption          (optional)
+    DIR/data/       the images named by ImageID
+
+What counts as a *problem* (``report["ok"]`` is False):
+
+* a train row whose image is missing, or any referenced image (train or test) that cannot be
+  fully decoded;
+* a train row with no labels, or train.csv with no rows at all;
+* an ImageID that repeats (within a file or across train and test) or is not a plain file name;
+* test rows without an image, only when ``strict_test=True``.
+
+Everything else is a *note*: the published development folder holds images for only the first
+1,000 test rows, so test rows without an image are counted but are not a failure by default;
+files in the image folder that no row references are listed for information.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from mmtag.data.csv_io import Record, read_csv
+
+__all__ = ["DataLayoutError", "check_data", "format_report"]
+
+EXPECTED_LAYOUT = (
+    "expected the Kaggle layout: DIR/train.csv (ImageID,Labels,Caption), "
+    "DIR/data/ holding the images named in the ImageID column, "
+    "and optionally DIR/test.csv (ImageID,Caption)"
+)
+
+# Lists of offending rows are capped so that a folder with every image missing still gives a
+# JSON report of reasonable size; the counts next to them are always complete.
+MAX_LISTED = 1000
+# How many entries the text report shows per list (the JSON report has up to MAX_LISTED).
+_TEXT_LISTED = 10
+# How many example names the informative lists (unreferenced files, test rows without an image)
+# keep: they are expected to be long on the real data and are not errors.
+_FIRST_FEW = 10
+
+
+class DataLayoutError(FileNotFoundError):
+    """The folder given to :func:`check_data` is not in the expected Kaggle layout."""
+
+
+# --------------------------------------------------------------------------------------------
+# Image decoding (runs in worker processes)
+# --------------------------------------------------------------------------------------------
+
+
+def _pool_init() -> None:
+    """Worker initialiser: make truncated files fail even if the parent relaxed PIL's check.
+
+    Training code commonly sets ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` to survive bad
+    files; a forked worker would inherit that and silently pass a truncated JPEG.
+    """
+    from PIL import ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@contextlib.contextmanager
+def _strict_truncation() -> Iterator[None]:
+    """The in-process equivalent of :func:`_pool_init`, restoring the caller's setting after."""
+    from PIL import ImageFile
+
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def _decode_one(job: tuple[str, str]) -> tuple[str, str | None, int, int, str, str | None]:
+    """Fully decode one image; return ``(image_id, error, width, height, mode, warning)``.
+
+    Reading only the header (``Image.open`` alone, or ``verify()``) misses files whose pixel
+    data is truncated or garbled, which is exactly what breaks a training run hours later, so
+    the whole image is decoded and converted to RGB as the data loaders will do.
+    """
+    image_id, path = job
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with Image.open(path) as im:
+                width, height, mode = im.width, im.height, im.mode
+                im.convert("RGB").load()
+    except Exception as exc:  # any failure to decode is what we report, whatever its type
+        return image_id, f"{type(exc).__name__}: {exc}", 0, 0, "", None
+    warning = str(caught[0].message) if caught else None
+    return image_id, None, width, height, mode, warning
+
+
+def _decode_all(
+    jobs: Sequence[tuple[str, str]], workers: int, progress: bool
+) -> list[tuple[str, str | None, int, int, str, str | None]]:
+    """Decode every job, in a process pool when ``workers > 1``, with an optional tqdm bar."""
+    from tqdm import tqdm
+
+    results = []
+    bar = tqdm(
+        total=len(jobs),
+        desc="decoding images",
+        unit="img",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    with bar:
+        if workers <= 1 or len(jobs) < 2:
+            with _strict_truncation():
+                for job in jobs:
+                    results.append(_decode_one(job))
+                    bar.update(1)
+        else:
+            import multiprocessing
+
+            # Small chunks keep the bar moving and the load balanced; large enough that the
+            # per-task IPC cost stays well below the ~1 ms it takes to decode a small JPEG.
+            chunksize = max(1, min(64, len(jobs) // (workers * 8)))
+            with multiprocessing.Pool(workers, initializer=_pool_init) as pool:
+                for result in pool.imap_unordered(_decode_one, jobs, chunksize=chunksize):
+                    results.append(result)
+                    bar.update(1)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default method) of already sorted values."""
+    if not sorted_values:
+        raise ValueError("percentile of an empty sequence")
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _caption_stats(records: Sequence[Record]) -> dict[str, Any]:
+    """Caption length in whitespace-separated words."""
+    lengths = sorted(len(r.caption.split()) for r in records)
+    if not lengths:
+        return {"rows": 0, "empty": 0}
+    return {
+        "rows": len(lengths),
+        "empty": sum(1 for n in lengths if n == 0),
+        "min": lengths[0],
+        "mean": round(sum(lengths) / len(lengths), 3),
+        "median": _percentile(lengths, 50),
+        "p90": _percentile(lengths, 90),
+        "p95": _percentile(lengths, 95),
+        "p99": _percentile(lengths, 99),
+        "max": lengths[-1],
+    }
+
+
+def _label_stats(train: Sequence[Record]) -> dict[str, Any]:
+    """Label set, per-label frequencies and the labels-per-image distribution of train rows."""
+    images_with = Counter()  # label -> number of rows carrying it (a repeat counts once)
+    occurrences = Counter()  # label -> number of times it is written in the file
+    per_image = Counter()  # number of distinct labels -> number of rows
+    repeated = []
+    for r in train:
+        distinct = set(r.labels)
+        images_with.update(distinct)
+        occurrences.update(r.labels)
+        per_image[len(distinct)] += 1
+        if len(distinct) != len(r.labels):
+            repeated.append(_row_ref("train.csv", r))
+    n_rows = len(train)
+    n_occ = sum(occurrences.values())
+    frequency = [
+        {
+            "label": label,
+            "images": images_with[label],
+            "pct_images": round(100.0 * images_with[label] / n_rows, 3) if n_rows else 0.0,
+            "occurrences": occurrences[label],
+            "pct_occurrences": round(100.0 * occurrences[label] / n_occ, 3) if n_occ else 0.0,
+        }
+        for label in sorted(images_with)
+    ]
+    return {
+        "set": sorted(images_with),
+        "count": len(images_with),
+        "occurrences": n_occ,
+        "frequency": frequency,
+        "per_image": {
+            # String keys so that the report equals its own JSON round trip.
+            "histogram": {str(k): per_image[k] for k in sorted(per_image)},
+            "mean": round(sum(k * c for k, c in per_image.items()) / n_rows, 4) if n_rows else None,
+            "min": min(per_image) if per_image else None,
+            "max": max(per_image) if per_image else None,
+        },
+        "rows_with_repeated_labels": _listing(repeated),
+    }
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort ``2.jpg`` before ``10.jpg``: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _row_ref(csv_name: str, record: Record, **extra: Any) -> dict[str, Any]:
+    return {"csv": csv_name, "line": record.line, "image_id": record.image_id, **extra}
+
+
+def _listing(items: list[Any], cap: int = MAX_LISTED) -> dict[str, Any]:
+    return {"count": len(items), "items": items[:cap], "truncated": len(items) > cap}
+
+
+def _is_plain_name(image_id: str) -> bool:
+    """True when the ImageID names a file directly inside the image folder (no path parts)."""
+    return (
+        bool(image_id)
+        and image_id not in (".", "..")
+        and "/" not in image_id
+        and "\\" not in image_id
+        and "\0" not in image_id
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The check
+# --------------------------------------------------------------------------------------------
+
+
+def check_data(
+    data_dir: str | os.PathLike[str],
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    images_dir: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    strict_test: bool = False,
+) -> dict[str, Any]:
+    """Check a Kaggle-layout data folder and return a JSON-serialisable report.
+
+    Args:
+        data_dir: the folder holding ``train.csv``, optionally ``test.csv``, and ``data/``.
+        workers: processes used to decode images; default ``os.cpu_count()``. ``1`` decodes in
+            this process (no pool).
+        progress: show a tqdm progress bar (images/s) on stderr while decoding.
+        images_dir: the image folder, if not ``data_dir/data``.
+        limit: decode only the first ``limit`` referenced images that exist (train rows first,
+            then test rows, in file order). Missing and unreferenced files are still found for
+            every row, as that needs only a directory listing. The report records the limit and
+            adds a note, because an image past the limit may still be corrupt. ``None`` decodes
+            everything.
+        strict_test: treat test rows without an image as a problem. Off by default because the
+            published development folder deliberately has images for only part of test.csv.
+
+    Returns:
+        The report; ``report["ok"]`` is True when ``report["problems"]`` is empty. Lists of
+        offending rows are ``{"count", "items", "truncated"}`` with at most :data:`MAX_LISTED`
+        items, each naming the CSV file, the 1-based line where the row starts, and the ImageID
+        (plus the decoder's error for unreadable images). ``report["images"]["decode_seconds"]``
+        and ``report["seconds"]`` give the time taken.
+
+    Raises:
+        DataLayoutError: ``data_dir``, ``train.csv`` or the image folder does not exist.
+        mmtag.data.csv_io.CSVFormatError: a CSV file cannot be read.
+        ValueError: ``workers`` is less than 1 or ``limit`` is negative.
+    """
+    started = time.perf_counter()
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be at least 0, got {limit}")
+
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataLayoutError(f"data folder not found (or not a folder): {root}; {EXPECTED_LAYOUT}")
+    train_csv = root / "train.csv"
+    if not train_csv.is_file():
+        raise DataLayoutError(f"train.csv not found: {train_csv}; {EXPECTED_LAYOUT}")
+    test_csv = root / "test.csv"
+    has_test = test_csv.is_file()
+    img_dir = Path(images_dir) if images_dir is not None else root / "data"
+    if not img_dir.is_dir():
+        raise DataLayoutError(f"image folder not found: {img_dir}; {EXPECTED_LAYOUT}")
+
+    train = read_csv(train_csv)
+    test = read_csv(test_csv) if has_test else []
+
+    problems: list[str] = []
+    notes: list[str] = []
+
+    if not train:
+        problems.append("train.csv has no rows")
+    if not has_test:
+        notes.append(f"no test.csv in {root} (optional)")
+
+    # ---- rows: labels and identifiers ----------------------------------------------------
+    empty_labels = [_row_ref("train.csv", r) for r in train if not r.labels]
+    if empty_labels:
+        problems.append(f"{len(empty_labels):,} train row(s) with no labels")
+
+    labelled = [("train.csv", r) for r in train] + [("test.csv", r) for r in test]
+    invalid_ids = [_row_ref(name, r) for name, r in labelled if not _is_plain_name(r.image_id)]
+    if invalid_ids:
+        problems.append(
+            f"{len(invalid_ids):,} row(s) whose ImageID is not a plain file name in the image folder"
+        )
+
+    rows_by_id: dict[str, list[tuple[str, Record]]] = defaultdict(list)
+    for name, r in labelled:
+        rows_by_id[r.image_id].append((name, r))
+    duplicates = [
+        {
+            "image_id": image_id,
+            "rows": [{"csv": name, "line": r.line} for name, r in refs],
+        }
+        for image_id, refs in rows_by_id.items()
+        if len(refs) > 1
+    ]
+    if duplicates:
+        problems.append(f"{len(duplicates):,} ImageID(s) used by more than one row")
+
+    labels = _label_stats(train)
+    if labels["rows_with_repeated_labels"]["count"]:
+        notes.append(
+            f"{labels['rows_with_repeated_labels']['count']} train row(s) repeat a label "
+            "(counted once per image)"
+        )
+
+    captions = {
+        "train": _caption_stats(train),
+        "test": _caption_stats(test) if has_test else None,
+    }
+    for split, stats in captions.items():
+        if stats and stats["empty"]:
+            notes.append(f"{stats['empty']} {split} row(s) with an empty caption")
+
+    # ---- images: presence ----------------------------------------------------------------
+    # One directory listing answers every existence question, far faster than a stat per row.
+    with os.scandir(img_dir) as entries:
+        on_disk = {e.name for e in entries if e.is_file()}
+
+    missing_train = []
+    test_without_image = []
+    to_decode: list[str] = []  # distinct ImageIDs in file order, train first
+    queued = set()
+    for name, r in labelled:
+        if not _is_plain_name(r.image_id):
+            continue
+        if r.image_id not in on_disk:
+            if name == "train.csv":
+                missing_train.append(_row_ref(name, r))
+            else:
+                test_without_image.append(_row_ref(name, r))
+        elif r.image_id not in queued:
+            queued.add(r.image_id)
+            to_decode.append(r.image_id)
+    if missing_train:
+        problems.append(f"{len(missing_train):,} train row(s) whose image is missing")
+    if test_without_image:
+        message = f"{len(test_without_image):,} test row(s) without an image in {img_dir}"
+        (problems if strict_test else notes).append(message)
+
+    referenced = set(rows_by_id)
+    unreferenced = sorted(on_disk - referenced, key=_natural_key)
+    if unreferenced:
+        notes.append(f"{len(unreferenced):,} file(s) in {img_dir} not referenced by any CSV row")
+
+    # ---- images: full decode -------------------------------------------------------------
+    if limit is not None and limit < len(to_decode):
+        notes.append(
+            f"image decoding limited to the first {limit:,} of {len(to_decode):,} present images; "
+            "the rest were not checked"
+        )
+        to_decode = to_decode[:limit]
+    workers_used = max(1, min(workers, len(to_decode)))
+    decode_started = time.perf_counter()
+    results = _decode_all([(i, str(img_dir / i)) for i in to_decode], workers_used, progress)
+    decode_seconds = time.perf_counter() - decode_started
+
+    errors: dict[str, str] = {}
+    warned: list[dict[str, str]] = []
+    sizes: Counter[tuple[int, int]] = Counter()
+    modes: Counter[str] = Counter()
+    for image_id, error, width, height, mode, warning in results:
+        if error is not None:
+            errors[image_id] = error
+            continue
+        sizes[(width, height)] += 1
+        modes[mode] += 1
+        if warning is not None:
+            warned.append({"image_id": image_id, "warning": warning})
+    # One entry per referencing row, in file order, so each can be found and fixed.
+    unreadable = [
+        _row_ref(name, r, error=errors[r.image_id]) for name, r in labelled if r.image_id in errors
+    ]
+    if unreadable:
+        problems.append(
+            f"{len(errors):,} image(s) that cannot be decoded, used by {len(unreadable):,} row(s)"
+        )
+    if warned:
+        warned.sort(key=lambda w: _natural_key(w["image_id"]))
+        notes.append(f"{len(warned):,} image(s) decoded with a warning")
+    non_rgb = {m: c for m, c in modes.items() if m != "RGB"}
+    if non_rgb:
+        notes.append(
+            "image modes other than RGB (converted on load): "
+            + ", ".join(f"{m} x{c}" for m, c in sorted(non_rgb.items()))
+        )
+
+    if sizes:
+        widths = [w for w, _ in sizes]
+        heights = [h for _, h in sizes]
+        size_stats: dict[str, Any] = {
+            "min_width": min(widths),
+            "max_width": max(widths),
+            "min_height": min(heights),
+            "max_height": max(heights),
+            "most_common": [
+                {"size": f"{w}x{h}", "images": c} for (w, h), c in sizes.most_common(5)
+            ],
+        }
+    else:
+        size_stats = {}
+
+    decoded = len(results)
+    images = {
+        "on_disk": len(on_disk),
+        "referenced": len([i for i in referenced if _is_plain_name(i)]),
+        "decoded": decoded,
+        "limit": limit,
+        "limited": limit is not None and decoded < len(queued),
+        "workers": workers_used,
+        "decode_seconds": round(decode_seconds, 3),
+        "images_per_second": round(decoded / decode_seconds, 1) if decode_seconds > 0 else None,
+        "missing_train": _listing(missing_train),
+        "unreadable": _listing(unreadable),
+        "test_without_image": _listing(test_without_image, cap=_FIRST_FEW),
+        "unreferenced": {
+            "count": len(unreferenced),
+            "first": unreferenced[:_FIRST_FEW],
+        },
+        "decoded_with_warning": _listing(warned),
+        "size": size_stats,
+        "modes": dict(sorted(modes.items())),
+    }
+
+    report: dict[str, Any] = {
+        "ok": not problems,
+        "problems": problems,
+        "notes": notes,
+        "strict_test": strict_test,
+        "paths": {
+            "data_dir": str(root),
+            "train_csv": str(train_csv),
+            "test_csv": str(test_csv) if has_test else None,
+            "images_dir": str(img_dir),
+        },
+        "rows": {"train": len(train), "test": len(test) if has_test else None},
+        "labels": labels,
+        "rows_with_empty_labels": _listing(empty_labels),
+        "invalid_image_ids": _listing(invalid_ids),
+        "duplicate_image_ids": _listing(duplicates),
+        "captions": captions,
+        "images": images,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Text rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_num(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}".rstrip("0").rstrip(".") if value != int(value) else str(int(value))
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _fmt_rows(listing: dict[str, Any], render, indent: str = "    ") -> list[str]:
+    """The first few entries of a ``_listing`` plus how many were not shown."""
+    lines = [indent + render(item) for item in listing["items"][:_TEXT_LISTED]]
+    hidden = listing["count"] - min(len(listing["items"]), _TEXT_LISTED)
+    if hidden > 0:
+        lines.append(f"{indent}... and {hidden:,} more")
+    return lines
+
+
+def _fmt_ref(item: dict[str, Any]) -> str:
+    text = f"{item['csv']} line {item['line']}: {item['image_id']}"
+    return f"{text} ({item['error']})" if "error" in item else text
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Render a :func:`check_data` report as plain text for a terminal."""
+    out: list[str] = []
+    paths = report["paths"]
+    rows = report["rows"]
+    out.append(f"Data folder: {paths['data_dir']}")
+    out.append(f"  train.csv : {paths['train_csv']} ({_fmt_num(rows['train'])} rows)")
+    if paths["test_csv"] is None:
+        out.append("  test.csv  : (absent)")
+    else:
+        out.append(f"  test.csv  : {paths['test_csv']} ({_fmt_num(rows['test'])} rows)")
+    out.append(f"  images    : {paths['images_dir']}")
+
+    labels = report["labels"]
+    out.append("")
+    out.append(
+        f"Labels: {labels['count']} distinct, {_fmt_num(labels['occurrences'])} occurrences; "
+        f"set = {' '.join(str(x) for x in labels['set'])}"
+    )
+    out.append(f"  {'label':>5} {'images':>8} {'% images':>9} {'% occurrences':>14}")
+    for f in labels["frequency"]:
+        out.append(
+            f"  {f['label']:>5} {f['images']:>8,} {f['pct_images']:>8.2f}% "
+            f"{f['pct_occurrences']:>13.2f}%"
+        )
+    per = labels["per_image"]
+    hist = ", ".join(f"{k}: {_fmt_num(v)}" for k, v in per["histogram"].items())
+    out.append(
+        f"  labels per image: mean {_fmt_num(per['mean'])}, min {_fmt_num(per['min'])}, "
+        f"max {_fmt_num(per['max'])}; histogram {{{hist}}}"
+    )
+
+    out.append("")
+    out.append("Caption length (words):")
+    out.append(
+        f"  {'split':<6}{'rows':>8}{'min':>6}{'mean':>8}{'median':>8}"
+        f"{'p90':>7}{'p95':>7}{'p99':>7}{'max':>6}"
+    )
+    for split, s in report["captions"].items():
+        if not s or not s["rows"]:
+            continue
+        out.append(
+            f"  {split:<6}{s['rows']:>8,}{s['min']:>6}{s['mean']:>8.2f}{_fmt_num(s['median']):>8}"
+            f"{_fmt_num(s['p90']):>7}{_fmt_num(s['p95']):>7}{_fmt_num(s['p99']):>7}{s['max']:>6}"
+        )
+
+    img = report["images"]
+    out.append("")
+    rate = f"{img['images_per_second']:,.0f}" if img["images_per_second"] else "-"
+    out.append(
+        f"Images: {_fmt_num(img['on_disk'])} files on disk, {_fmt_num(img['referenced'])} "
+        f"referenced, {_fmt_num(img['decoded'])} fully decoded in {img['decode_seconds']:.1f} s "
+        f"({rate} images/s, {img['workers']} worker(s))"
+        + (f" [limited to {img['limit']}]" if img["limited"] else "")
+    )
+    size = img["size"]
+    if size:
+        common = ", ".join(f"{c['size']} x{c['images']:,}" for c in size["most_common"])
+        out.append(
+            f"  width {size['min_width']}..{size['max_width']}, "
+            f"height {size['min_height']}..{size['max_height']}; most common: {common}"
+        )
+    if img["modes"]:
+        out.append("  modes: " + ", ".join(f"{m} x{c:,}" for m, c in img["modes"].items()))
+    if img["missing_train"]["count"]:
+        out.append(f"  missing train images: {img['missing_train']['count']:,}")
+        out.extend(_fmt_rows(img["missing_train"], _fmt_ref))
+    if img["unreadable"]["count"]:
+        out.append(f"  unreadable images (rows): {img['unreadable']['count']:,}")
+        out.extend(_fmt_rows(img["unreadable"], _fmt_ref))
+    twi = img["test_without_image"]
+    if twi["count"]:
+        first = ", ".join(f"{i['image_id']} (line {i['line']})" for i in twi["items"][:5])
+        out.append(f"  test rows without an image: {twi['count']:,} (first: {first})")
+    unref = img["unreferenced"]
+    if unref["count"]:
+        out.append(
+            f"  files not referenced by any row: {unref['count']:,} "
+            f"(first: {', '.join(unref['first'][:5])})"
+        )
+    if img["decoded_with_warning"]["count"]:
+        out.append(f"  decoded with a warning: {img['decoded_with_warning']['count']:,}")
+        out.extend(
+            _fmt_rows(img["decoded_with_warning"], lambda w: f"{w['image_id']}: {w['warning']}")
+        )
+
+    for key, title in (
+        ("rows_with_empty_labels", "train rows with no labels"),
+        ("invalid_image_ids", "ImageIDs that are not plain file names"),
+    ):
+        if report[key]["count"]:
+            out.append("")
+            out.append(f"{title}: {report[key]['count']:,}")
+            out.extend(_fmt_rows(report[key], _fmt_ref))
+    if report["duplicate_image_ids"]["count"]:
+        out.append("")
+        out.append(
+            f"ImageIDs used by more than one row: {report['duplicate_image_ids']['count']:,}"
+        )
+        out.extend(
+            _fmt_rows(
+                report["duplicate_image_ids"],
+                lambda d: (
+                    d["image_id"]
+                    + ": "
+                    + ", ".join(f"{r['csv']} line {r['line']}" for r in d["rows"])
+                ),
+            )
+        )
+
+    out.append("")
+    if report["notes"]:
+        out.append("Notes:")
+        out.extend(f"  - {n}" for n in report["notes"])
+    if report["problems"]:
+        out.append("PROBLEMS:")
+        out.extend(f"  - {p}" for p in report["problems"])
+    out.append(
+        f"Result: {'OK, no problem found' if report['ok'] else 'FAILED'} "
+        f"({report['seconds']:.1f} s)"
+    )
+    return "\n".join(out)

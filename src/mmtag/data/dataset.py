@@ -1,0 +1,128 @@
+"""The torch Dataset, the seeded train/validation split, and the DataLoader factory."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmtag.data.csv_io import Record
+from mmtag.data.images import ImageReadError, load_image
+from mmtag.data.labels import LabelMap
+
+CaptionFn = Callable[[str], tuple[np.ndarray, int]]
+
+
+class TaggingDataset(Dataset):
+    """(image, token ids, caption length, multi-hot target) for each CSV row, in file order.
+
+    Captions are encoded once up front: lemmatising in every epoch (and every worker) is waste.
+    Rows without labels (test.csv) get an all-zero target.
+    """
+
+    def __init__(self, records: Sequence[Record], image_dir: Path | str, encode_caption: CaptionFn,
+                 label_map: LabelMap, transform: Callable | None = None, source: str = "",
+                 blank_missing_images: bool = False):
+        self.records = list(records)
+        self.image_dir = Path(image_dir)
+        self.transform = transform
+        self.source = source
+        self.blank_missing_images = blank_missing_images
+        ids, lengths = zip(*(encode_caption(r.caption) for r in self.records), strict=True) \
+            if self.records else ((), ())
+        self.tokens = torch.as_tensor(np.stack(ids)) if ids else torch.zeros(0, 1, dtype=torch.long)
+        self.lengths = torch.as_tensor(lengths, dtype=torch.long)
+        self.targets = torch.as_tensor(np.stack(
+            [label_map.encode(r.labels, self._where(r)) for r in self.records]
+        )) if self.records else torch.zeros(0, label_map.num_classes)
+
+    def _where(self, rec: Record) -> str:
+        return f"{self.source} line {rec.line}, {rec.image_id}" if self.source else rec.image_id
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, i: int):
+        """The decoded PIL image of row i (errors name the CSV row)."""
+        rec = self.records[i]
+        return load_image(self.image_dir / rec.image_id, self._where(rec))
+
+    def __getitem__(self, i: int):
+        try:
+            image = self.load(i)
+        except ImageReadError:
+            if not self.blank_missing_images:
+                raise
+            # Explicitly requested: predict from the caption alone (the caller lists these rows).
+            from PIL import Image
+            image = Image.new("RGB", (32, 32))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.tokens[i], self.lengths[i], self.targets[i]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which image ids train and which validate; saved as JSON with every run."""
+
+    train_prop: float
+    seed: int
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+
+    @classmethod
+    def make(cls, image_ids: Sequence[str], train_prop: float, seed: int) -> Split:
+        """Random split by proportion (the report's TRAIN_VAL_PROP), reproducible for a seed;
+        both parts keep file order."""
+        if not 0.0 < train_prop <= 1.0:
+            raise ValueError(f"train_prop must be in (0, 1], got {train_prop}")
+        n = len(image_ids)
+        perm = np.random.default_rng(seed).permutation(n)
+        n_train = int(round(train_prop * n))
+        if train_prop < 1.0:
+            n_train = min(max(n_train, 1), n - 1)
+        tr = np.sort(perm[:n_train])
+        va = np.sort(perm[n_train:])
+        return cls(train_prop, seed, tuple(image_ids[i] for i in tr), tuple(image_ids[i] for i in va))
+
+    def apply(self, records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
+        """(train rows, validation rows) of `records` by image id; every id must be present."""
+        by_id = {r.image_id: r for r in records}
+        missing = [i for i in (*self.train, *self.val) if i not in by_id]
+        if missing:
+            raise ValueError(f"the saved split names {len(missing)} image ids that the CSV does "
+                             f"not have (first: {missing[:5]}); was the run trained on another file?")
+        return [by_id[i] for i in self.train], [by_id[i] for i in self.val]
+
+    def save(self, path: Path | str) -> None:
+        Path(path).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path | str) -> Split:
+        d = json.loads(Path(path).read_text())
+        return cls(float(d["train_prop"]), int(d["seed"]), tuple(d["train"]), tuple(d["val"]))
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Each worker gets torch's per-worker seed; numpy and random follow it so augmentations
+    # are reproducible for a given loader generator.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
+                num_workers: int = 0, drop_last: bool = False,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader whose shuffling and worker augmentation are seeded."""
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      drop_last=drop_last, pin_memory=pin_memory, generator=gen,
+                      worker_init_fn=_seed_worker, persistent_workers=num_workers > 0)

@@ -1,0 +1,76 @@
+"""Image loading and the report's transforms, with size and normalisation as parameters.
+
+Train: resize -> random horizontal flip -> colour jitter -> random affine -> tensor -> normalise.
+Eval:  resize -> tensor -> normalise.
+Backbones differ in what they expect: torchvision's ImageNet models use the ImageNet mean/std,
+the TensorFlow-trained EfficientNet-Lite weights use (x - 127) / 128 on 0..255 pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+# name -> (mean, std) on 0..1 pixels
+NORMALISATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "tf": ((127 / 255,) * 3, (128 / 255,) * 3),  # (x - 127) / 128 on 0..255
+    "none": ((0.0,) * 3, (1.0,) * 3),
+}
+
+
+class ImageReadError(OSError):
+    """An image is missing or cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class ImageTransformSpec:
+    """Parameters of the image pipeline (saved with a run so predict rebuilds it exactly)."""
+
+    size: int = 256
+    normalisation: str = "imagenet"
+    hflip: float = 0.5
+    jitter: float = 0.2          # brightness/contrast/saturation strength; 0 turns it off
+    hue: float = 0.02
+    degrees: float = 10.0        # random affine rotation range (+/-)
+    translate: float = 0.1       # fraction of width/height
+    scale: tuple[float, float] = (0.9, 1.1)
+
+    def __post_init__(self) -> None:
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {self.normalisation!r}; choose from "
+                             f"{sorted(NORMALISATIONS)}")
+        if self.size < 8:
+            raise ValueError(f"image size must be at least 8, got {self.size}")
+
+
+def build_transform(spec: ImageTransformSpec, train: bool):
+    """A torchvision transform: augmented when `train`, resize + normalise otherwise."""
+    from torchvision import transforms as T
+
+    mean, std = NORMALISATIONS[spec.normalisation]
+    steps = [T.Resize((spec.size, spec.size), antialias=True)]
+    if train:
+        if spec.hflip > 0:
+            steps.append(T.RandomHorizontalFlip(spec.hflip))
+        if spec.jitter > 0 or spec.hue > 0:
+            steps.append(T.ColorJitter(spec.jitter, spec.jitter, spec.jitter, spec.hue))
+        if spec.degrees > 0 or spec.translate > 0 or tuple(spec.scale) != (1.0, 1.0):
+            steps.append(T.RandomAffine(spec.degrees, translate=(spec.translate,) * 2,
+                                        scale=tuple(spec.scale)))
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def load_image(path: Path | str, where: str = "") -> Image.Image:
+    """Decode an image as RGB, or raise ImageReadError naming it (and `where`, e.g. the CSV row)."""
+    at = f" ({where})" if where else ""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ImageReadError(f"image {path}{at} does not exist") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"image {path}{at} cannot be decoded: {e}") from None

@@ -1,0 +1,2 @@
+"""Loading a trained run and predicting labels."""
+

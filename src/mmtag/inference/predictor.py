@@ -1,0 +1,181 @@
+"""Load a trained run and predict: the Python API behind `mmtag evaluate` and `mmtag predict`."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmtag.config import TrainConfig
+from mmtag.data.csv_io import Record, read_csv, write_submission
+from mmtag.data.dataset import Split, TaggingDataset, make_loader
+from mmtag.data.images import ImageReadError, build_transform, load_image
+from mmtag.data.labels import LabelMap
+from mmtag.models.build import build_tagger, caption_encoder_from_dict
+from mmtag.training.checkpoint import load_checkpoint
+from mmtag.training.loop import encoder_normalisation, evaluate, image_spec
+from mmtag.training.metrics import multilabel_metrics
+from mmtag.training.runtime import amp_dtype, resolve_device
+from mmtag.training.thresholds import apply_thresholds
+
+log = logging.getLogger("mmtag.predict")
+
+
+def _checkpoint_path(run: Path | str) -> Path:
+    run = Path(run)
+    return run / "best.pt" if run.is_dir() else run
+
+
+@dataclass
+class Predictor:
+    """A trained tagger with its preprocessing and decision thresholds."""
+
+    model: torch.nn.Module
+    config: TrainConfig
+    label_map: LabelMap
+    caption_enc: object
+    thresholds: np.ndarray
+    at_least_one: bool
+    device: torch.device
+
+    @classmethod
+    def load(cls, run: Path | str, device: str = "auto") -> Predictor:
+        """From a run folder (its best.pt) or a checkpoint file."""
+        ckpt = load_checkpoint(_checkpoint_path(run))
+        cfg = TrainConfig.from_dict(ckpt["config"])
+        label_map = LabelMap.from_dict(ckpt["labels"])
+        caption_enc = caption_encoder_from_dict(ckpt["caption"])
+        model = build_tagger(cfg.model, label_map.num_classes, caption_enc, load_pretrained=False)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                               for k, v in ckpt["model"].items()})
+        dev = resolve_device(device)
+        model.to(dev).eval()
+        return cls(model, cfg, label_map, caption_enc, np.asarray(ckpt["thresholds"], dtype=float),
+                   bool(ckpt["at_least_one"]), dev)
+
+    def transform(self):
+        return build_transform(image_spec(self.config, encoder_normalisation(self.model)), train=False)
+
+    def dataset(self, records: Sequence[Record], image_dir: Path | str, source: str = "",
+                blank_missing_images: bool = False) -> TaggingDataset:
+        return TaggingDataset(records, image_dir, self.caption_enc, self.label_map,
+                              self.transform(), source=source,
+                              blank_missing_images=blank_missing_images)
+
+    def probabilities(self, dataset: TaggingDataset, batch_size: int = 64,
+                      num_workers: int = 0) -> np.ndarray:
+        """(N, C) sigmoid probabilities, in dataset order."""
+        loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+        _, probs, _ = evaluate(self.model, loader, None, self.device,
+                               dtype=amp_dtype(self.config.amp, self.device))
+        return probs
+
+    def decide(self, probs: np.ndarray, threshold: float | None = None,
+               at_least_one: bool | None = None) -> np.ndarray:
+        """0/1 decisions with the saved thresholds (or one global `threshold`)."""
+        thr = self.thresholds if threshold is None else np.full(probs.shape[1], threshold)
+        alo = self.at_least_one if at_least_one is None else at_least_one
+        return apply_thresholds(probs, thr, alo)
+
+    def predict(self, pairs: Sequence[tuple[Image.Image | str | Path, str]],
+                threshold: float | None = None) -> list[tuple[int, ...]]:
+        """Label ids for (image or image path, caption) pairs."""
+        tf = self.transform()
+        images, ids, lengths = [], [], []
+        for i, (img, caption) in enumerate(pairs):
+            if not isinstance(img, Image.Image):
+                img = load_image(img, f"pair {i}")
+            images.append(tf(img.convert("RGB")))
+            tok, n = self.caption_enc(caption)
+            ids.append(torch.as_tensor(tok))
+            lengths.append(n)
+        with torch.inference_mode():
+            logits = self.model(torch.stack(images).to(self.device),
+                                torch.stack(ids).to(self.device), torch.as_tensor(lengths))
+        probs = torch.sigmoid(logits.float()).cpu().numpy()
+        return [self.label_map.decode(row) for row in self.decide(probs, threshold)]
+
+
+def find_missing_images(records: Sequence[Record], image_dir: Path, source: str) -> list[str]:
+    """Rows whose image is missing or cannot be decoded, as messages naming file and line."""
+    bad = []
+    for r in records:
+        try:
+            load_image(image_dir / r.image_id, f"{source} line {r.line}")
+        except ImageReadError as e:
+            bad.append(str(e))
+    return bad
+
+
+def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
+                 csv_path: Path | str | None = None, images: Path | str | None = None,
+                 threshold: float | None = None, batch_size: int = 64, device: str = "auto",
+                 num_workers: int = 0) -> dict:
+    """Metrics of a run on its saved validation split (`data_dir`) or on a labelled CSV."""
+    pred = Predictor.load(run, device)
+    if csv_path is not None:
+        csv_path = Path(csv_path)
+        rows = read_csv(csv_path)
+        image_dir = Path(images) if images else csv_path.parent / "data"
+        source = str(csv_path)
+        if any(not r.labels for r in rows):
+            raise ValueError(f"{csv_path} has rows without labels (first: line "
+                             f"{next(r.line for r in rows if not r.labels)}); evaluate needs labels")
+    elif data_dir is not None:
+        run_dir = _checkpoint_path(run).parent
+        split = Split.load(run_dir / "split.json")
+        source = str(Path(data_dir) / "train.csv")
+        _, rows = split.apply(read_csv(source))
+        if pred.config.data.limit_val:
+            rows = rows[: pred.config.data.limit_val]
+        image_dir = Path(data_dir) / "data"
+    else:
+        raise ValueError("evaluate needs --data DIR (the run's validation split) or --csv FILE")
+    ds = pred.dataset(rows, image_dir, source)
+    probs = pred.probabilities(ds, batch_size, num_workers)
+    y = ds.targets.numpy().astype(int)
+    m = multilabel_metrics(y, pred.decide(probs, threshold),
+                           label_names=[str(lab) for lab in pred.label_map.labels])
+    m["rows"] = len(rows)
+    m["source"] = source
+    m["thresholds"] = "global %.3f" % threshold if threshold is not None else \
+        [round(float(t), 4) for t in pred.thresholds]
+    return m
+
+
+def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
+                out: Path | str = "Predicted_labels.csv", *, probs_out: Path | str | None = None,
+                threshold: float | None = None, caption_only_missing: bool = False,
+                batch_size: int = 64, device: str = "auto", num_workers: int = 0) -> dict:
+    """Write the Kaggle submission for every row of `csv_path`, in order."""
+    pred = Predictor.load(run, device)
+    csv_path, images = Path(csv_path), Path(images)
+    rows = read_csv(csv_path)
+    bad = find_missing_images(rows, images, str(csv_path))
+    if bad and not caption_only_missing:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ImageReadError(
+            f"{len(bad)} image(s) missing or unreadable: " + "; ".join(bad[:5]) + more +
+            ". Fix them, or pass --caption-only-missing to predict those rows from the caption "
+            "alone (they are listed).")
+    for msg in bad:
+        log.warning("predicting from the caption alone: %s", msg)
+    ds = pred.dataset(rows, images, str(csv_path), blank_missing_images=bool(bad))
+    probs = pred.probabilities(ds, batch_size, num_workers)
+    decisions = pred.decide(probs, threshold)
+    label_sets = [pred.label_map.decode(d) for d in decisions]
+    write_submission(out, [r.image_id for r in rows], label_sets)
+    if probs_out is not None:
+        with Path(probs_out).open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["ImageID", *[str(lab) for lab in pred.label_map.labels]])
+            for r, p in zip(rows, probs, strict=True):
+                w.writerow([r.image_id, *[f"{x:.5f}" for x in p]])
+    return {"rows": len(rows), "out": str(out), "probs": str(probs_out) if probs_out else None,
+            "caption_only": bad}

@@ -1,0 +1,2 @@
+"""Image encoders, caption encoders and the fused multi-label tagger."""
+

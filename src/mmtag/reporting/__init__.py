@@ -1,0 +1,2 @@
+"""Plots and reports drawn from a run folder."""
+

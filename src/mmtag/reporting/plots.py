@@ -1,0 +1,47 @@
+"""Training curves drawn from `metrics.csv` (never from logs)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def read_metrics(path: Path | str) -> dict[str, list[float]]:
+    """metrics.csv as columns of floats."""
+    with Path(path).open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path} has no epochs")
+    return {k: [float(r[k]) for r in rows] for k in rows[0]}
+
+
+def plot_curves(metrics_csv: Path | str, out_png: Path | str) -> Path:
+    """Loss, micro-F1, samples-F1 and precision/recall per epoch, train vs validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = read_metrics(metrics_csv)
+    ep = m["epoch"]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    panels = [("loss", "loss"), ("micro_f1", "micro-F1"), ("samples_f1", "samples-F1 (Kaggle)")]
+    for ax, (key, title) in zip(axes, panels, strict=False):
+        ax.plot(ep, m[f"train_{key}"], "o-", label="train")
+        ax.plot(ep, m[f"val_{key}"], "o-", label="validation")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax = axes[3]
+    for split in ("train", "val"):
+        ax.plot(ep, m[f"{split}_precision"], "o-", label=f"{split} precision")
+        ax.plot(ep, m[f"{split}_recall"], "s--", label=f"{split} recall")
+    ax.set_title("precision / recall (threshold 0.5)")
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)

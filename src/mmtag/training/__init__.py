@@ -1,0 +1,2 @@
+"""Configs, losses, metrics, thresholds, checkpoints and the training loop."""
+

@@ -1,0 +1,433 @@
+"""The training program: setup -> fit (train_one_epoch / evaluate per epoch) -> thresholds.
+
+A run folder holds:
+    config.yaml     the resolved config
+    labels.json     the label map            vocab.json   the caption encoder (vocabulary)
+    split.json      train / validation ids   metrics.csv  one row per epoch
+    best.pt         everything predict needs (weights, config, labels, vocab, thresholds)
+    last.pt         model + optimizer + scheduler + epoch + RNG states, for --resume
+    summary.json    final validation metrics with the chosen thresholds; curves.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmtag.config import TrainConfig
+from mmtag.data.csv_io import Record, read_csv
+from mmtag.data.dataset import Split, TaggingDataset, make_loader
+from mmtag.data.images import ImageTransformSpec, build_transform
+from mmtag.data.labels import LabelMap
+from mmtag.models.build import build_tagger, caption_encoder_to_dict, fit_caption_encoder
+from mmtag.training.checkpoint import (
+    FORMAT_VERSION,
+    atomic_save,
+    check_model_size,
+    inference_state_dict,
+    load_checkpoint,
+    state_dict_megabytes,
+)
+from mmtag.training.losses import build_loss, pos_weight_from_targets
+from mmtag.training.metrics import multilabel_metrics
+from mmtag.training.runtime import (
+    amp_dtype,
+    autocast,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_deterministic,
+    set_rng_state,
+)
+from mmtag.training.thresholds import apply_thresholds, choose_thresholds
+
+log = logging.getLogger("mmtag.train")
+
+METRIC_COLUMNS = ["loss", "precision", "recall", "micro_f1", "macro_f1", "samples_f1"]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def image_spec(cfg: TrainConfig, normalisation: str, train: bool = True) -> ImageTransformSpec:
+    d = cfg.data
+    norm = normalisation if d.normalisation == "auto" else d.normalisation
+    return ImageTransformSpec(size=d.image_size, normalisation=norm, hflip=d.hflip,
+                              jitter=d.jitter, hue=d.hue, degrees=d.degrees,
+                              translate=d.translate, scale=(d.scale_min, d.scale_max))
+
+
+def encoder_normalisation(model: nn.Module) -> str:
+    enc = getattr(model, "image_encoder", None)
+    return getattr(enc, "normalisation", "imagenet") if enc is not None else "imagenet"
+
+
+def _batch_to(batch, device: torch.device, channels_last: bool):
+    images, ids, lengths, targets = batch
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    # lengths stay on the CPU: pack_padded_sequence wants them there
+    return images, ids.to(device, non_blocking=True), lengths, targets.to(device, non_blocking=True)
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if enabled:
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return iterable
+
+
+def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, device: torch.device,
+                    *, dtype: torch.dtype | None = None, scaler=None, grad_clip: float = 0.0,
+                    step_scheduler=None, channels_last: bool = False, progress: bool = False,
+                    desc: str = "train") -> tuple[float, np.ndarray, np.ndarray]:
+    """One pass over `loader`; returns (mean loss, probabilities, targets) of the pass."""
+    model.train()
+    total, count = 0.0, 0
+    probs, targets = [], []
+    bar = _progress(loader, len(loader), desc, progress)
+    last_log = time.time()
+    for step, batch in enumerate(bar):
+        images, ids, lengths, target = _batch_to(batch, device, channels_last)
+        with autocast(device, dtype):
+            logits = model(images, ids, lengths)
+        loss = loss_fn(logits.float(), target)
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(f"the loss became {loss.item()} at {desc} step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if step_scheduler is not None:
+            step_scheduler.step()
+        n = target.shape[0]
+        total += loss.item() * n
+        count += n
+        probs.append(torch.sigmoid(logits.detach().float()).cpu())
+        targets.append(target.cpu())
+        if progress:
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        elif time.time() - last_log > 30:
+            log.info("%s step %d/%d loss %.4f", desc, step + 1, len(loader), total / count)
+            last_log = time.time()
+    return total / max(count, 1), torch.cat(probs).numpy(), torch.cat(targets).numpy()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, loss_fn: nn.Module | None, device: torch.device, *,
+             dtype: torch.dtype | None = None, channels_last: bool = False,
+             progress: bool = False, desc: str = "eval") -> tuple[float, np.ndarray, np.ndarray]:
+    """(mean loss or nan, probabilities (N, C), targets (N, C)) over `loader`, in order."""
+    model.eval()
+    total, count = 0.0, 0
+    probs, targets = [], []
+    for batch in _progress(loader, len(loader), desc, progress):
+        images, ids, lengths, target = _batch_to(batch, device, channels_last)
+        with autocast(device, dtype):
+            logits = model(images, ids, lengths).float()
+        if loss_fn is not None:
+            total += loss_fn(logits, target).item() * target.shape[0]
+        count += target.shape[0]
+        probs.append(torch.sigmoid(logits).cpu())
+        targets.append(target.cpu())
+    loss = total / max(count, 1) if loss_fn is not None else float("nan")
+    return loss, torch.cat(probs).numpy(), torch.cat(targets).numpy()
+
+
+def _scores(prefix: str, loss: float, probs: np.ndarray, targets: np.ndarray,
+            thresholds=0.5) -> dict:
+    m = multilabel_metrics(targets.astype(int), apply_thresholds(probs, np.broadcast_to(
+        np.asarray(thresholds, dtype=float), (probs.shape[1],))))
+    return {f"{prefix}_loss": loss, **{f"{prefix}_{k}": m[k] for k in METRIC_COLUMNS[1:]}}
+
+
+@dataclass
+class RunData:
+    """What setup() prepares: rows, label map, caption encoder, split."""
+
+    train_rows: list[Record]
+    val_rows: list[Record]
+    label_map: LabelMap
+    caption_enc: object
+    split: Split
+    image_dir: Path
+
+
+def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool) -> RunData:
+    """Read train.csv, split (or reload the saved split), fit labels and vocabulary on the
+    training rows only, and save them in the run folder."""
+    from mmtag.models.build import caption_encoder_from_dict
+
+    csv_path = data_dir / "train.csv"
+    if not csv_path.exists():
+        raise FileNotFoundError(f"{csv_path} not found: --data must be a Kaggle-layout folder "
+                                f"(train.csv, data/*.jpg)")
+    rows = read_csv(csv_path)
+    if resume:
+        split = Split.load(run_dir / "split.json")
+        label_map = LabelMap.from_dict(json.loads((run_dir / "labels.json").read_text()))
+        caption_enc = caption_encoder_from_dict(json.loads((run_dir / "vocab.json").read_text()))
+    else:
+        split = Split.make([r.image_id for r in rows], cfg.data.train_prop, cfg.data.split_seed)
+        split.save(run_dir / "split.json")
+    train_rows, val_rows = split.apply(rows)
+    if cfg.data.limit_train:
+        train_rows = train_rows[: cfg.data.limit_train]
+    if cfg.data.limit_val:
+        val_rows = val_rows[: cfg.data.limit_val]
+    if not resume:
+        label_map = LabelMap.from_records(train_rows)
+        caption_enc = fit_caption_encoder(cfg.model, cfg.data, [r.caption for r in train_rows])
+        (run_dir / "labels.json").write_text(json.dumps(label_map.to_dict()))
+        (run_dir / "vocab.json").write_text(json.dumps(caption_encoder_to_dict(caption_enc)))
+    return RunData(train_rows, val_rows, label_map, caption_enc, split, data_dir / "data")
+
+
+def _make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    o = cfg.optim
+    if o.scheduler == "plateau":
+        mode = "min" if o.plateau_on == "val_loss" else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=o.plateau_factor, patience=o.plateau_patience)
+    if o.scheduler == "cosine":
+        total = max(1, o.epochs * steps_per_epoch)
+        warm = int(o.warmup_epochs * steps_per_epoch)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return None
+
+
+def _make_optimizer(cfg: TrainConfig, model: nn.Module):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("every parameter is frozen: nothing to train")
+    cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _metrics_upto(path: Path, epoch: int) -> None:
+    """Drop rows after `epoch` (written by an interrupted run after its last checkpoint)."""
+    if not path.exists():
+        return
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    keep = [r for r in rows if int(r["epoch"]) <= epoch]
+    if len(keep) != len(rows) and keep:
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(keep[0]))
+            w.writeheader()
+            w.writerows(keep)
+    elif not keep:
+        path.unlink()
+
+
+def best_payload(cfg: TrainConfig, model: nn.Module, data: RunData, epoch: int, val: dict,
+                 thresholds: list[float] | None = None) -> dict:
+    """Everything predict needs, as plain data."""
+    return {
+        "format": FORMAT_VERSION,
+        "config": cfg.to_dict(),
+        "labels": data.label_map.to_dict(),
+        "caption": caption_encoder_to_dict(data.caption_enc),
+        "model": inference_state_dict(model, cfg.model.fp16_storage),
+        "epoch": epoch,
+        "val_metrics": val,
+        "thresholds": thresholds if thresholds is not None else [0.5] * data.label_map.num_classes,
+        "at_least_one": cfg.at_least_one,
+    }
+
+
+def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: bool = False,
+        progress: bool | None = None) -> dict:
+    """Train, keep the best and last checkpoints, choose thresholds; returns the summary."""
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    progress = sys.stderr.isatty() if progress is None else progress
+    if resume:
+        if not (run_dir / "last.pt").exists():
+            raise FileNotFoundError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run folder {run_dir} is not empty; choose another --out, or "
+                              f"continue it with --resume {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    seed_everything(cfg.seed)
+    set_deterministic(cfg.deterministic)
+    device = resolve_device(cfg.device)
+    dtype = amp_dtype(cfg.amp, device)
+    channels_last = cfg.channels_last and device.type == "cuda"
+
+    data = prepare_data(cfg, data_dir, run_dir, resume)
+    model = build_tagger(cfg.model, data.label_map.num_classes, data.caption_enc,
+                         load_pretrained=not resume)
+    size_mb = check_model_size(model, cfg.model.max_size_mb, cfg.model.fp16_storage)
+    log.info("model: %.1f MB saved (%s), limit %g MB; %d train / %d validation rows; device %s",
+             size_mb, "fp16" if cfg.model.fp16_storage else "fp32", cfg.model.max_size_mb,
+             len(data.train_rows), len(data.val_rows), device)
+    model.to(device)
+    if channels_last and model.image_encoder is not None:
+        model.image_encoder.to(memory_format=torch.channels_last)
+
+    norm = encoder_normalisation(model)
+    train_ds = TaggingDataset(data.train_rows, data.image_dir, data.caption_enc, data.label_map,
+                              build_transform(image_spec(cfg, norm), train=True), source="train.csv")
+    val_ds = TaggingDataset(data.val_rows, data.image_dir, data.caption_enc, data.label_map,
+                            build_transform(image_spec(cfg, norm), train=False), source="train.csv")
+    o = cfg.optim
+    pin = device.type == "cuda"
+    val_loader = make_loader(val_ds, o.batch_size * 2, shuffle=False,
+                             num_workers=cfg.data.num_workers, pin_memory=pin)
+    steps = math.ceil(len(train_ds) / o.batch_size)
+    pos_weight = None
+    if cfg.loss.pos_weight:
+        pos_weight = pos_weight_from_targets(train_ds.targets).to(device)
+    loss_fn = build_loss(cfg.loss.name, pos_weight=pos_weight, alpha=cfg.loss.alpha,
+                         gamma=cfg.loss.gamma, gamma_neg=cfg.loss.gamma_neg,
+                         gamma_pos=cfg.loss.gamma_pos, clip=cfg.loss.clip)
+    optimizer = _make_optimizer(cfg, model)
+    scheduler = _make_scheduler(cfg, optimizer, steps)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    start_epoch, best_value, best_epoch, bad_epochs = 1, None, 0, 0
+    if resume:
+        last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(last["model"])
+        optimizer.load_state_dict(last["optimizer"])
+        if scheduler is not None and last.get("scheduler") is not None:
+            scheduler.load_state_dict(last["scheduler"])
+        if scaler is not None and last.get("scaler") is not None:
+            scaler.load_state_dict(last["scaler"])
+        set_rng_state(last["rng"])
+        start_epoch = last["epoch"] + 1
+        best_value, best_epoch, bad_epochs = last["best_value"], last["best_epoch"], last["bad_epochs"]
+        _metrics_upto(run_dir / "metrics.csv", last["epoch"])
+        log.info("resuming %s at epoch %d (best %s = %s at epoch %d)", run_dir, start_epoch,
+                 cfg.best_metric, best_value, best_epoch)
+
+    higher_better = cfg.best_metric != "val_loss"
+    for epoch in range(start_epoch, o.epochs + 1):
+        if cfg.optim.early_stopping and bad_epochs >= cfg.optim.early_stopping:
+            log.info("early stopping: no better %s for %d epochs", cfg.best_metric, bad_epochs)
+            break
+        # Re-seed per epoch so a resumed run draws the same shuffles and augmentations as an
+        # uninterrupted one, whatever happened before the interruption.
+        seed_everything(cfg.seed * 1000 + epoch)
+        train_loader = make_loader(train_ds, o.batch_size, shuffle=True, drop_last=len(train_ds) > o.batch_size,
+                                   seed=cfg.seed * 1000 + epoch, num_workers=cfg.data.num_workers,
+                                   pin_memory=pin)
+        t0 = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        try:
+            tr_loss, tr_probs, tr_targets = train_one_epoch(
+                model, train_loader, loss_fn, optimizer, device, dtype=dtype, scaler=scaler,
+                grad_clip=o.grad_clip, step_scheduler=scheduler if o.scheduler == "cosine" else None,
+                channels_last=channels_last, progress=progress, desc=f"epoch {epoch}/{o.epochs}")
+        except TrainingDivergedError as e:
+            kept = "last.pt" if (run_dir / "last.pt").exists() else "no checkpoint yet"
+            raise TrainingDivergedError(
+                f"{e}; training stopped, the last good checkpoint is kept ({kept}). Try a lower "
+                f"optim.lr, optim.grad_clip=1.0, or amp=none.") from None
+        va_loss, va_probs, va_targets = evaluate(model, val_loader, loss_fn, device, dtype=dtype,
+                                                 channels_last=channels_last, progress=progress,
+                                                 desc="validate")
+        row = {"epoch": epoch, "lr": lr, **_scores("train", tr_loss, tr_probs, tr_targets),
+               **_scores("val", va_loss, va_probs, va_targets), "seconds": round(time.time() - t0, 2)}
+        if scheduler is not None and o.scheduler == "plateau":
+            scheduler.step(va_loss if o.plateau_on == "val_loss" else row["val_micro_f1"])
+        value = row["val_loss"] if cfg.best_metric == "val_loss" else row[f"val_{cfg.best_metric}"]
+        improved = best_value is None or (value > best_value if higher_better else value < best_value)
+        if improved:
+            best_value, best_epoch, bad_epochs = value, epoch, 0
+            atomic_save(best_payload(cfg, model, data, epoch, row), run_dir / "best.pt")
+        else:
+            bad_epochs += 1
+        _append_metrics(run_dir / "metrics.csv", {k: _round(v) for k, v in row.items()})
+        atomic_save({"format": FORMAT_VERSION, "epoch": epoch, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "scaler": scaler.state_dict() if scaler is not None else None,
+                     "rng": rng_state(), "best_value": best_value, "best_epoch": best_epoch,
+                     "bad_epochs": bad_epochs}, run_dir / "last.pt")
+        log.info("epoch %d/%d  train loss %.4f F1 %.4f | val loss %.4f micro-F1 %.4f "
+                 "samples-F1 %.4f | lr %.2g | %.0fs%s", epoch, o.epochs, tr_loss,
+                 row["train_micro_f1"], va_loss, row["val_micro_f1"], row["val_samples_f1"], lr,
+                 row["seconds"], "  *best*" if improved else "")
+
+    summary = finalize(cfg, run_dir, data, model, val_loader, device, dtype, channels_last)
+    summary["model_mb"] = size_mb
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        from mmtag.reporting.plots import plot_curves
+
+        plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
+    except Exception as e:  # plotting must never cost a finished run
+        log.warning("could not draw curves: %s", e)
+    return summary
+
+
+def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, val_loader,
+             device: torch.device, dtype, channels_last: bool) -> dict:
+    """Reload the best weights, choose decision thresholds on the validation split, and store
+    them in best.pt."""
+    best = load_checkpoint(run_dir / "best.pt")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in best["model"].items()})
+    _, probs, targets = evaluate(model, val_loader, None, device, dtype=dtype,
+                                 channels_last=channels_last)
+    y = targets.astype(int)
+    thr = choose_thresholds(y, probs, mode=cfg.threshold_mode, metric=cfg.threshold_metric,
+                            at_least_one=cfg.at_least_one, min_support=cfg.min_support)
+    best["thresholds"] = [float(t) for t in thr]
+    atomic_save(best, run_dir / "best.pt")
+    at05 = multilabel_metrics(y, apply_thresholds(probs, np.full(probs.shape[1], 0.5)))
+    tuned = multilabel_metrics(y, apply_thresholds(probs, thr, cfg.at_least_one),
+                               label_names=[str(lab) for lab in data.label_map.labels])
+    mb = state_dict_megabytes(model, cfg.model.fp16_storage)
+    log.info("best epoch %d; thresholds (%s, %s): val micro-F1 %.4f samples-F1 %.4f "
+             "(at 0.5: %.4f / %.4f); saved model %.1f MB", best["epoch"], cfg.threshold_mode,
+             cfg.threshold_metric, tuned["micro_f1"], tuned["samples_f1"], at05["micro_f1"],
+             at05["samples_f1"], mb)
+    return {"best_epoch": best["epoch"], "thresholds": best["thresholds"],
+            "val_at_0.5": {k: at05[k] for k in METRIC_COLUMNS[1:]},
+            "val": {k: tuned[k] for k in METRIC_COLUMNS[1:]},
+            "per_class": tuned["per_class"], "saved_model_mb": round(mb, 2),
+            "val_rows": len(data.val_rows), "train_rows": len(data.train_rows)}
+
+
+def _round(v):
+    return round(v, 6) if isinstance(v, float) else v
