@@ -176,6 +176,11 @@ def test_captions_mention_only_present_labels(big):
     assert 0 < n_empty < len(train) / 2
     captions = [c for _, _, c in train]
     assert any('"' in c for c in captions)  # raw embedded quotes, Kaggle style
+    # ...which, as with the real files, a standard CSV reader gets wrong without complaint.
+    with open(out / "train.csv", encoding="utf-8", newline="") as f:
+        std = [tuple(row) for row in csv.reader(f)][1:]
+    exact = [(f"{i}.jpg", " ".join(map(str, labels)), c) for i, labels, c in train]
+    assert len(std) == len(exact) and std != exact
     assert any("," in c for c in captions)
     assert any(c[:1].islower() for c in captions) and any(c[:1].isupper() for c in captions)
     colour_rx = re.compile(rf"\b(?:{'|'.join(COLOURS)})\b", re.I)

