@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see mmtag.cli.main
 
 
 def comp5329_dir() -> Path:

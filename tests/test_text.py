@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 
 from mmtag.data import text
-from mmtag.data.text import PAD_ID, UNK_ID, CaptionEncoder, Vocabulary, caption_tokens, choose_max_len
+from mmtag.data.text import (
+    PAD_ID,
+    UNK_ID,
+    CaptionEncoder,
+    Vocabulary,
+    caption_tokens,
+    choose_max_len,
+)
 
 
 def test_caption_pipeline_on_known_sentences():

@@ -40,7 +40,7 @@ def _rows(path):
 
 
 def test_run_writes_every_file(run):
-    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    assert {p.name for p in run.iterdir()} >= RUN_FILES
     rows = _rows(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     for col in ("train_loss", "val_loss", "val_precision", "val_recall", "val_micro_f1",

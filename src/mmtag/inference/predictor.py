@@ -144,8 +144,8 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
                            label_names=[str(lab) for lab in pred.label_map.labels])
     m["rows"] = len(rows)
     m["source"] = source
-    m["thresholds"] = "global %.3f" % threshold if threshold is not None else \
-        [round(float(t), 4) for t in pred.thresholds]
+    m["thresholds"] = (f"global {threshold:.3f}" if threshold is not None
+                       else [round(float(t), 4) for t in pred.thresholds])
     return m
 
 

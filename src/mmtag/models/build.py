@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mmtag.config import DataConfig, ModelConfig
 from mmtag.data.text import CaptionEncoder
 from mmtag.models.tagger import Tagger
-from mmtag.config import DataConfig, ModelConfig
 
 
 class NoCaption:
