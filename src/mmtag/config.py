@@ -130,6 +130,20 @@ class OptimConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The cached-feature fast path (see mmtag.data.feature_cache)."""
+
+    enabled: str = "auto"     # 'auto': cache the frozen image prefix / frozen caption encoder; 'off'
+    dir: str | None = None    # cache folder (default $MMTAG_CACHE_DIR or ~/.cache/mmtag/features)
+    flip: bool = True         # also cache flipped images: flip augmentation and flip TTA
+    batch_size: int = 32      # extraction batch size
+    num_workers: int = 1      # extraction image decoding processes
+
+    def __post_init__(self) -> None:
+        _check(self.enabled in ("auto", "off"), "cache.enabled must be one of ['auto', 'off']")
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs; the root of the YAML file."""
 
@@ -137,6 +151,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     seed: int = 0                   # seeds torch, numpy and random
     device: str = "auto"            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
     amp: str = "auto"               # 'auto' (bf16 on CUDA, off on CPU), 'bf16', 'fp16', 'none'
@@ -147,6 +162,7 @@ class TrainConfig:
     threshold_metric: str = "micro_f1"  # 'micro_f1' or 'samples_f1'
     at_least_one: bool = False      # always predict at least one label per image
     min_support: int = 20           # per-class thresholds only for classes with this many positives
+    tta_flip: bool = False          # average predictions of the image and its mirror image
 
     def __post_init__(self) -> None:
         _check(self.amp in ("auto", "bf16", "fp16", "none"),

@@ -19,7 +19,7 @@ from mmtag.data.images import ImageReadError, build_transform, load_image
 from mmtag.data.labels import LabelMap
 from mmtag.models.build import build_tagger, caption_encoder_from_dict
 from mmtag.training.checkpoint import load_checkpoint
-from mmtag.training.loop import encoder_normalisation, evaluate, image_spec
+from mmtag.training.loop import _logits, encoder_normalisation, evaluate, image_spec
 from mmtag.training.metrics import multilabel_metrics
 from mmtag.training.runtime import amp_dtype, resolve_device
 from mmtag.training.thresholds import apply_thresholds
@@ -73,7 +73,8 @@ class Predictor:
         """(N, C) sigmoid probabilities, in dataset order."""
         loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
         _, probs, _ = evaluate(self.model, loader, None, self.device,
-                               dtype=amp_dtype(self.config.amp, self.device))
+                               dtype=amp_dtype(self.config.amp, self.device),
+                               tta=self.config.tta_flip)
         return probs
 
     def decide(self, probs: np.ndarray, threshold: float | None = None,
@@ -96,8 +97,9 @@ class Predictor:
             ids.append(torch.as_tensor(tok))
             lengths.append(n)
         with torch.inference_mode():
-            logits = self.model(torch.stack(images).to(self.device),
-                                torch.stack(ids).to(self.device), torch.as_tensor(lengths))
+            logits = _logits(self.model, torch.stack(images).to(self.device),
+                             torch.stack(ids).to(self.device), torch.as_tensor(lengths),
+                             self.config.tta_flip)
         probs = torch.sigmoid(logits.float()).cpu().numpy()
         return [self.label_map.decode(row) for row in self.decide(probs, threshold)]
 

@@ -50,6 +50,12 @@ class Tagger(nn.Module):
             fused_dim = img_dim + txt_dim
         else:
             raise ValueError(f"unknown fusion {fusion!r}; choose from ['concat', 'gated']")
+        # Inputs other than raw data, for training on cached features (mmtag.data.feature_cache):
+        # image_input_stage k > 0 means `images` are the outputs of image stages [0, k)
+        # (num_stages + 1: already pooled); text_input_cached means `ids` are caption features.
+        # Plain attributes, not saved: a loaded model always takes raw images and token ids.
+        self.image_input_stage = 0
+        self.text_input_cached = False
         self.head = nn.Sequential(
             nn.BatchNorm1d(fused_dim),
             nn.Dropout(dropout),
@@ -63,10 +69,16 @@ class Tagger(nn.Module):
                lengths: torch.Tensor | None) -> torch.Tensor:
         """The fused embedding (B, D) that the head classifies."""
         parts = []
-        if self.image_encoder is not None:
-            parts.append(self.image_encoder(images))  # (B, Di)
+        enc = self.image_encoder
+        if enc is not None:
+            k = self.image_input_stage
+            if k > enc.num_stages:
+                parts.append(images)  # (B, Di) cached pooled features
+            else:
+                parts.append(enc.pool(enc.run_stages(images, k)))  # (B, Di)
         if self.text_encoder is not None:
-            parts.append(self.text_encoder(ids, lengths))  # (B, Dt)
+            # (B, Dt), from token ids or cached caption features
+            parts.append(ids if self.text_input_cached else self.text_encoder(ids, lengths))
         if self.fusion is not None:
             return self.fusion(parts[0].float(), parts[1].float())  # (B, hidden)
         return torch.cat([p.float() for p in parts], dim=1)  # (B, Di + Dt)

@@ -30,6 +30,7 @@ from mmtag.data.dataset import Split, TaggingDataset, make_loader
 from mmtag.data.images import ImageTransformSpec, build_transform
 from mmtag.data.labels import LabelMap
 from mmtag.models.build import build_tagger, caption_encoder_to_dict, fit_caption_encoder
+from mmtag.training.cached import cached_datasets, plan_cache
 from mmtag.training.checkpoint import (
     FORMAT_VERSION,
     atomic_save,
@@ -76,7 +77,7 @@ def encoder_normalisation(model: nn.Module) -> str:
 def _batch_to(batch, device: torch.device, channels_last: bool):
     images, ids, lengths, targets = batch
     images = images.to(device, non_blocking=True)
-    if channels_last:
+    if channels_last and images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     # lengths stay on the CPU: pack_padded_sequence wants them there
     return images, ids.to(device, non_blocking=True), lengths, targets.to(device, non_blocking=True)
@@ -135,9 +136,21 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, dev
     return total / max(count, 1), torch.cat(probs).numpy(), torch.cat(targets).numpy()
 
 
+def _logits(model: nn.Module, images, ids, lengths, tta: bool) -> torch.Tensor:
+    """Model logits; with `tta`, the mean over the image and its mirror image (raw images are
+    flipped here; cached features arrive as (B, V, ...) views)."""
+    if not tta or getattr(model, "image_encoder", None) is None:
+        return model(images, ids, lengths).float()
+    if model.image_input_stage > 0:
+        views = [images[:, v] for v in range(images.shape[1])]
+    else:
+        views = [images, images.flip(-1)]
+    return torch.stack([model(v, ids, lengths).float() for v in views]).mean(0)
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, loss_fn: nn.Module | None, device: torch.device, *,
-             dtype: torch.dtype | None = None, channels_last: bool = False,
+             dtype: torch.dtype | None = None, channels_last: bool = False, tta: bool = False,
              progress: bool = False, desc: str = "eval") -> tuple[float, np.ndarray, np.ndarray]:
     """(mean loss or nan, probabilities (N, C), targets (N, C)) over `loader`, in order."""
     model.eval()
@@ -146,7 +159,7 @@ def evaluate(model: nn.Module, loader, loss_fn: nn.Module | None, device: torch.
     for batch in _progress(loader, len(loader), desc, progress):
         images, ids, lengths, target = _batch_to(batch, device, channels_last)
         with autocast(device, dtype):
-            logits = model(images, ids, lengths).float()
+            logits = _logits(model, images, ids, lengths, tta)
         if loss_fn is not None:
             total += loss_fn(logits, target).item() * target.shape[0]
         count += target.shape[0]
@@ -310,8 +323,21 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                             build_transform(image_spec(cfg, norm), train=False), source="train.csv")
     o = cfg.optim
     pin = device.type == "cuda"
-    val_loader = make_loader(val_ds, o.batch_size * 2, shuffle=False,
-                             num_workers=cfg.data.num_workers, pin_memory=pin)
+    workers = cfg.data.num_workers
+    stage, text_cached = plan_cache(cfg, model)
+    if stage > 0 or (text_cached and model.image_encoder is None):
+        log.info("cached-feature path: %s%s; only the rest trains. Cached images get flip "
+                 "augmentation only (colour jitter and affine need the raw pixels).",
+                 f"image stages [0, {min(stage, model.image_encoder.num_stages)}) cached"
+                 if stage else "no image", ", caption encoder cached" if text_cached else "")
+        train_ds, val_ds = cached_datasets(cfg, model, train_ds, val_ds,
+                                           image_spec(cfg, norm), stage=stage,
+                                           text_cached=text_cached, progress=progress)
+        val_ds.both_views = cfg.tta_flip and stage > 0 and cfg.cache.flip
+        model.image_input_stage, model.text_input_cached = stage, text_cached
+        workers = 0  # features are in memory
+    val_loader = make_loader(val_ds, o.batch_size * 2, shuffle=False, num_workers=workers,
+                             pin_memory=pin)
     steps = math.ceil(len(train_ds) / o.batch_size)
     pos_weight = None
     if cfg.loss.pos_weight:
@@ -340,6 +366,8 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                  cfg.best_metric, best_value, best_epoch)
 
     higher_better = cfg.best_metric != "val_loss"
+    # flip TTA from raw images, or from cached flipped features when they exist
+    val_tta = cfg.tta_flip and (stage == 0 or getattr(val_ds, "both_views", False))
     for epoch in range(start_epoch, o.epochs + 1):
         if cfg.optim.early_stopping and bad_epochs >= cfg.optim.early_stopping:
             log.info("early stopping: no better %s for %d epochs", cfg.best_metric, bad_epochs)
@@ -348,7 +376,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
         # uninterrupted one, whatever happened before the interruption.
         seed_everything(cfg.seed * 1000 + epoch)
         train_loader = make_loader(train_ds, o.batch_size, shuffle=True, drop_last=len(train_ds) > o.batch_size,
-                                   seed=cfg.seed * 1000 + epoch, num_workers=cfg.data.num_workers,
+                                   seed=cfg.seed * 1000 + epoch, num_workers=workers,
                                    pin_memory=pin)
         t0 = time.time()
         lr = optimizer.param_groups[0]["lr"]
@@ -363,8 +391,8 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                 f"{e}; training stopped, the last good checkpoint is kept ({kept}). Try a lower "
                 f"optim.lr, optim.grad_clip=1.0, or amp=none.") from None
         va_loss, va_probs, va_targets = evaluate(model, val_loader, loss_fn, device, dtype=dtype,
-                                                 channels_last=channels_last, progress=progress,
-                                                 desc="validate")
+                                                 channels_last=channels_last, tta=val_tta,
+                                                 progress=progress, desc="validate")
         row = {"epoch": epoch, "lr": lr, **_scores("train", tr_loss, tr_probs, tr_targets),
                **_scores("val", va_loss, va_probs, va_targets), "seconds": round(time.time() - t0, 2)}
         if scheduler is not None and o.scheduler == "plateau":
@@ -388,7 +416,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                  row["train_micro_f1"], va_loss, row["val_micro_f1"], row["val_samples_f1"], lr,
                  row["seconds"], "  *best*" if improved else "")
 
-    summary = finalize(cfg, run_dir, data, model, val_loader, device, dtype, channels_last)
+    summary = finalize(cfg, run_dir, data, model, val_loader, device, dtype, channels_last, val_tta)
     summary["model_mb"] = size_mb
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
@@ -401,14 +429,14 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
 
 
 def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, val_loader,
-             device: torch.device, dtype, channels_last: bool) -> dict:
+             device: torch.device, dtype, channels_last: bool, tta: bool) -> dict:
     """Reload the best weights, choose decision thresholds on the validation split, and store
     them in best.pt."""
     best = load_checkpoint(run_dir / "best.pt")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v
                            for k, v in best["model"].items()})
     _, probs, targets = evaluate(model, val_loader, None, device, dtype=dtype,
-                                 channels_last=channels_last)
+                                 channels_last=channels_last, tta=tta)
     y = targets.astype(int)
     thr = choose_thresholds(y, probs, mode=cfg.threshold_mode, metric=cfg.threshold_metric,
                             at_least_one=cfg.at_least_one, min_support=cfg.min_support)

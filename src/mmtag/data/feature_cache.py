@@ -1,0 +1,255 @@
+"""Cached outputs of the frozen part of the network, so a CPU trains only what is not frozen.
+
+The frozen prefix of the image encoder (stages [0, k)), or a fully frozen caption encoder, is run
+once over the data and its outputs are stored on disk, one `.npy` file per image (or caption):
+
+    <root>/<spec folder>/<2 hex>/<sha1 of the image file's bytes>.npy
+
+* Keys are content hashes, and the spec folder's name hashes everything else that changes the
+  output (encoder, fingerprint of the frozen weights, stage, input size, normalisation, flip, format
+  version): an edited image, another backbone, resolution or preprocessing is never served stale.
+* Each file is written to a temporary name and renamed, so a run killed while caching leaves only
+  complete entries behind and the next run extracts just what is missing.
+* With `flip`, each entry also holds the features of the horizontally flipped image: flip
+  augmentation for training and flip test-time augmentation come from the cache too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmtag.data.csv_io import Record
+from mmtag.data.images import ImageReadError, ImageTransformSpec, build_transform, load_image
+
+log = logging.getLogger("mmtag.cache")
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """$MMTAG_CACHE_DIR, else ~/.cache/mmtag/features."""
+    env = os.environ.get("MMTAG_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "mmtag" / "features"
+
+
+def file_digest(path: Path) -> str:
+    """sha1 of a file's bytes."""
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """sha1 over a module's state dict (names, dtypes, shapes and values)."""
+    h = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        if name.endswith("num_batches_tracked"):  # a counter; does not change outputs
+            continue
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything besides the input that determines a cached output."""
+
+    kind: str            # 'image' or 'text'
+    encoder: str         # encoder name
+    weights: str         # fingerprint of the frozen weights that produce the output
+    stage: int           # image: output of stages [0, stage); stage == num_stages + 1: pooled
+    size: int = 0        # image input size
+    normalisation: str = ""
+    flip: bool = False
+    max_len: int = 0     # text: token length
+    format: int = CACHE_FORMAT
+
+    def folder_name(self) -> str:
+        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        if self.kind == "image":
+            return f"{self.encoder}-stage{self.stage}-{self.size}px{'-flip' if self.flip else ''}-{digest}"
+        return f"{self.encoder}-text{self.max_len}-{digest}"
+
+
+class FeatureStore:
+    """A folder of `<key>.npy` arrays written atomically."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The stored array, or None when absent (or unreadable, which is then deleted)."""
+        p = self.path(key)
+        if not p.exists():
+            return None
+        try:
+            return np.load(p)
+        except (ValueError, OSError, EOFError):
+            p.unlink(missing_ok=True)
+            return None
+
+    def put(self, key: str, array: np.ndarray) -> None:
+        p = self.path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=p.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, array)
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[Path], where: Sequence[str], transform):
+        self.paths, self.where, self.transform = list(paths), list(where), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(load_image(self.paths[i], self.where[i])), i
+
+
+def _report(done: int, total: int, t0: float, what: str) -> None:
+    rate = done / max(time.time() - t0, 1e-9)
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    log.info("caching %s: %d/%d (%.1f/s, ETA %.0f s)", what, done, total, rate, eta)
+
+
+def image_digests(records: Sequence[Record], image_dir: Path, source: str) -> list[str]:
+    """Content hash of every row's image; a missing image is an error naming its row."""
+    out = []
+    for r in records:
+        p = image_dir / r.image_id
+        try:
+            out.append(file_digest(p))
+        except FileNotFoundError:
+            raise ImageReadError(f"image {p} ({source} line {r.line}, {r.image_id}) does not exist") from None
+    return out
+
+
+@torch.inference_mode()
+def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Record], image_dir: Path,
+                         transform_spec: ImageTransformSpec, *, root: Path | None = None,
+                         flip: bool = True, batch_size: int = 32, num_workers: int = 0,
+                         progress: bool = False, source: str = "", _retry: bool = True) -> np.ndarray:
+    """(N, V, ...) float16 outputs of `encoder` stages [0, stage) (pooled when stage is
+    `num_stages + 1`) for every row, V = 2 with `flip` (original, flipped) else 1."""
+    image_dir = Path(image_dir)
+    pooled = stage == encoder.num_stages + 1
+    end = encoder.num_stages if pooled else stage
+    spec = CacheSpec("image", encoder.name, module_fingerprint(nn.ModuleList(encoder.stages[:end])),
+                     stage, transform_spec.size, transform_spec.normalisation, flip)
+    store = FeatureStore(Path(root or default_cache_dir()) / spec.folder_name())
+    digests = image_digests(records, image_dir, source)
+    todo: dict[str, int] = {}
+    for i, d in enumerate(digests):
+        if d not in todo and not store.path(d).exists():
+            todo[d] = i
+    if todo:
+        log.info("caching %s features (stage %d%s, %d px) of %d images into %s", encoder.name,
+                 stage, ", pooled" if pooled else "", transform_spec.size, len(todo), store.folder)
+        fast = encoder.for_inference(channels_last=True)
+        idx = list(todo.values())
+        ds = _Images([image_dir / records[i].image_id for i in idx],
+                     [f"{source} line {records[i].line}, {records[i].image_id}" for i in idx],
+                     build_transform(transform_spec, train=False))
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+        t0, last, done = time.time(), time.time(), 0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(idx), desc="caching image features", unit="img", leave=False)
+        for x, pos in loader:
+            views = [x, x.flip(-1)] if flip else [x]
+            outs = []
+            for v in views:
+                y = fast.run_stages(v.contiguous(memory_format=torch.channels_last), 0, end)
+                outs.append(fast.pool(y) if pooled else y)
+            feats = torch.stack(outs, 1).to(torch.float16).contiguous().numpy()  # (B, V, ...)
+            for j, p in enumerate(pos.tolist()):
+                store.put(digests[idx[p]], feats[j])
+            done += len(pos)
+            if bar is not None:
+                bar.update(len(pos))
+            elif time.time() - last > 30:
+                _report(done, len(idx), t0, "image features")
+                last = time.time()
+        if bar is not None:
+            bar.close()
+        log.info("cached %d images in %.0f s (%.1f images/s)", len(idx), time.time() - t0,
+                 len(idx) / max(time.time() - t0, 1e-9))
+    try:
+        return _load_all(store, digests, records)
+    except _CorruptEntry:
+        if _retry:  # the bad entry was deleted: extract it again, once
+            return cache_image_features(encoder, stage, records, image_dir, transform_spec,
+                                        root=root, flip=flip, batch_size=batch_size,
+                                        num_workers=num_workers, progress=progress,
+                                        source=source, _retry=False)
+        raise
+
+
+class _CorruptEntry(RuntimeError):
+    pass
+
+
+def _load_all(store: FeatureStore, keys: Sequence[str], records: Sequence) -> np.ndarray:
+    out = None
+    for i, k in enumerate(keys):
+        arr = store.get(k)  # deletes an unreadable entry
+        if arr is not None and out is None:
+            out = np.empty((len(keys), *arr.shape), dtype=arr.dtype)
+        if arr is None or arr.shape != out.shape[1:]:
+            store.path(k).unlink(missing_ok=True)
+            name = getattr(records[i], "image_id", records[i])
+            raise _CorruptEntry(f"feature cache entry for {name} in {store.folder} was missing "
+                                f"or corrupt (deleted); rerun to extract it again")
+        out[i] = arr
+    return out
+
+
+@torch.inference_mode()
+def cache_text_features(encoder: nn.Module, ids: torch.Tensor, lengths: torch.Tensor,
+                        captions: Sequence[str], *, root: Path | None = None,
+                        batch_size: int = 128) -> np.ndarray:
+    """(N, out_dim) float16 outputs of a frozen caption encoder for token `ids` (N, T) and
+    `lengths` (N,), stored once per distinct caption text (and token length T)."""
+    spec = CacheSpec("text", type(encoder).__name__, module_fingerprint(encoder), 0,
+                     max_len=int(ids.shape[1]))
+    store = FeatureStore(Path(root or default_cache_dir()) / spec.folder_name())
+    keys = [hashlib.sha1(c.encode("utf-8")).hexdigest() for c in captions]
+    todo: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if k not in todo and not store.path(k).exists():
+            todo[k] = i
+    if todo:
+        encoder = encoder.eval()
+        idx = list(todo.values())
+        log.info("caching caption features of %d captions into %s", len(idx), store.folder)
+        t0, last = time.time(), time.time()
+        for s in range(0, len(idx), batch_size):
+            chunk = torch.as_tensor(idx[s: s + batch_size])
+            feats = encoder(ids[chunk], lengths[chunk]).to(torch.float16).numpy()
+            for j, i in enumerate(chunk.tolist()):
+                store.put(keys[i], feats[j])
+            if time.time() - last > 30:
+                _report(s + len(chunk), len(idx), t0, "caption features")
+                last = time.time()
+    return _load_all(store, keys, [str(k) for k in keys])

@@ -1,0 +1,86 @@
+"""Training on cached features: datasets over the outputs of the frozen part of the network."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mmtag.config import TrainConfig
+from mmtag.data.feature_cache import cache_image_features, cache_text_features
+
+log = logging.getLogger("mmtag.train")
+
+
+class CachedDataset(Dataset):
+    """(image features, caption ids or features, caption length, target) per row.
+
+    `image` is (N, V, ...) with V views (original, flipped): training draws a view at random,
+    evaluation takes view 0, or both (stacked) when `both_views`.
+    """
+
+    def __init__(self, image: np.ndarray | None, text: torch.Tensor, lengths: torch.Tensor,
+                 targets: torch.Tensor, *, train: bool):
+        self.image = torch.from_numpy(image) if image is not None else None
+        self.text, self.lengths, self.targets = text, lengths, targets
+        self.train = train
+        self.both_views = False
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        if self.image is None:
+            img = torch.zeros(1)
+        elif self.both_views:
+            img = self.image[i].float()  # (V, ...)
+        elif self.train and self.image.shape[1] > 1:
+            img = self.image[i, int(torch.randint(self.image.shape[1], ()))].float()
+        else:
+            img = self.image[i, 0].float()
+        return img, self.text[i], self.lengths[i], self.targets[i]
+
+
+def plan_cache(cfg: TrainConfig, model) -> tuple[int, bool]:
+    """(image input stage, caption features cached) for this model, (0, False) for no cache.
+
+    The frozen prefix of the image encoder is cached: stages [0, k) for k frozen stages, or the
+    pooled features when all are frozen. A caption encoder with nothing to train is cached whole.
+    """
+    if cfg.cache.enabled == "off":
+        return 0, False
+    stage = 0
+    enc = model.image_encoder
+    if enc is not None and enc.frozen_stages > 0:
+        stage = enc.num_stages + 1 if enc.frozen_stages == enc.num_stages else enc.frozen_stages
+    txt = model.text_encoder
+    text_cached = txt is not None and not any(p.requires_grad for p in txt.parameters()) \
+        and cfg.model.text_encoder == "minilm"
+    return stage, text_cached
+
+
+def cached_datasets(cfg: TrainConfig, model, train_ds, val_ds, transform_spec, *, stage: int,
+                    text_cached: bool, progress: bool) -> tuple[CachedDataset, CachedDataset]:
+    """Replace raw datasets (mmtag.data.dataset.TaggingDataset) by cached-feature datasets."""
+    root = Path(cfg.cache.dir) if cfg.cache.dir else None
+    out = []
+    for ds, train in ((train_ds, True), (val_ds, False)):
+        image = None
+        if stage > 0:
+            image = cache_image_features(
+                model.image_encoder, stage, ds.records, ds.image_dir, transform_spec, root=root,
+                flip=cfg.cache.flip, batch_size=cfg.cache.batch_size,
+                num_workers=cfg.cache.num_workers, progress=progress, source=ds.source)
+        elif model.image_encoder is not None:
+            raise ValueError("internal: cached training without a cached image prefix")
+        text = ds.tokens
+        if text_cached:
+            text = torch.from_numpy(cache_text_features(
+                model.text_encoder, ds.tokens, ds.lengths, [r.caption for r in ds.records],
+                root=root)).float()
+        out.append(CachedDataset(image, text, ds.lengths, ds.targets, train=train))
+    return out[0], out[1]
+

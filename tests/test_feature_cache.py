@@ -1,0 +1,108 @@
+"""The cached-feature fast path: keys, resumable extraction, and agreement with raw images."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmtag.config import load_config
+from mmtag.data.csv_io import read_csv
+from mmtag.data.demo import make_demo_data
+from mmtag.data.feature_cache import FeatureStore, cache_image_features
+from mmtag.data.images import ImageTransformSpec
+from mmtag.inference.predictor import Predictor, evaluate_run
+from mmtag.models.image_encoders import build_image_encoder
+from mmtag.training import loop
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo")
+    make_demo_data(d, n=40, seed=2, n_test=8)
+    return d
+
+
+def _files(root):
+    return sorted(p for p in root.rglob("*.npy"))
+
+
+def test_cache_is_keyed_and_never_stale(demo, tmp_path):
+    torch.manual_seed(0)
+    enc = build_image_encoder("efficientnet_lite0", pretrained=False, freeze=3)
+    rows = read_csv(demo / "train.csv")[:6]
+    spec = ImageTransformSpec(size=32, normalisation="tf")
+    feats = cache_image_features(enc, 3, rows, demo / "data", spec, root=tmp_path, flip=True)
+    assert feats.shape[:2] == (6, 2) and feats.dtype == np.float16
+    ref = enc.eval().run_stages(torch.zeros(1, 3, 32, 32), 0, 3)
+    assert feats.shape[2:] == ref.shape[1:]
+    files = _files(tmp_path)
+    stamps = [p.stat().st_mtime_ns for p in files]
+    again = cache_image_features(enc, 3, rows, demo / "data", spec, root=tmp_path, flip=True)
+    np.testing.assert_array_equal(again, feats)
+    assert [p.stat().st_mtime_ns for p in _files(tmp_path)] == stamps  # nothing re-extracted
+
+    # an edited image gets a new entry; the others are reused
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for r in rows:
+        (img_dir / r.image_id).write_bytes((demo / "data" / r.image_id).read_bytes())
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(img_dir / rows[0].image_id)
+    edited = cache_image_features(enc, 3, rows, img_dir, spec, root=tmp_path, flip=True)
+    assert not np.array_equal(edited[0], feats[0])
+    np.testing.assert_array_equal(edited[1:], feats[1:])
+
+    # another resolution, stage or backbone weights: another folder
+    cache_image_features(enc, 3, rows, demo / "data", ImageTransformSpec(size=64, normalisation="tf"),
+                         root=tmp_path, flip=True)
+    enc2 = build_image_encoder("efficientnet_lite0", pretrained=False, freeze=3)
+    cache_image_features(enc2, 3, rows, demo / "data", spec, root=tmp_path, flip=True)
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("efficientnet")]) == 3
+
+
+def test_killed_extraction_resumes_without_corrupt_entries(demo, tmp_path, monkeypatch):
+    enc = build_image_encoder("efficientnet_lite0", pretrained=False, freeze=2)
+    rows = read_csv(demo / "train.csv")[:8]
+    spec = ImageTransformSpec(size=32, normalisation="tf")
+    real_put, calls = FeatureStore.put, {"n": 0}
+
+    def dying_put(self, key, array):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # killed mid-write
+        real_put(self, key, array)
+
+    monkeypatch.setattr(FeatureStore, "put", dying_put)
+    with pytest.raises(KeyboardInterrupt):
+        cache_image_features(enc, 2, rows, demo / "data", spec, root=tmp_path, batch_size=4)
+    assert len(_files(tmp_path)) == 3 and not list(tmp_path.rglob(".tmp-*"))
+    monkeypatch.setattr(FeatureStore, "put", real_put)
+    feats = cache_image_features(enc, 2, rows, demo / "data", spec, root=tmp_path, batch_size=4)
+    assert len(_files(tmp_path)) == 8
+    fresh = cache_image_features(enc, 2, rows, demo / "data", spec, root=tmp_path / "new", batch_size=8)
+    np.testing.assert_array_equal(feats, fresh)
+    # a corrupt entry is detected, deleted and re-extracted
+    victim = _files(tmp_path)[0]
+    victim.write_bytes(b"garbage")
+    again = cache_image_features(enc, 2, rows, demo / "data", spec, root=tmp_path, batch_size=8)
+    np.testing.assert_array_equal(again, feats)
+
+
+@pytest.mark.parametrize("freeze", ["5", "all"])
+def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze):
+    cfg = load_config(None, [
+        "data.image_size=32", "data.num_workers=0", "model.pretrained=false",
+        f"model.freeze_image={freeze}", "model.lstm_hidden=8", "model.hidden=16",
+        "optim.batch_size=8", "optim.epochs=2", f"cache.dir={tmp_path / 'cache'}",
+        "data.len_quantile=1.0", "tta_flip=true"])
+    run = tmp_path / "run"
+    summary = loop.fit(cfg, demo, run, progress=False)
+    assert any((tmp_path / "cache").rglob("*.npy"))
+    # evaluate from raw images (the saved model is the whole network) agrees with the cached path
+    m = evaluate_run(run, data_dir=demo)
+    for k in ("micro_f1", "samples_f1"):
+        assert m[k] == pytest.approx(summary["val"][k], abs=1e-6), k
+    pred = Predictor.load(run)
+    assert pred.model.image_input_stage == 0
+    assert json.loads((run / "summary.json").read_text())["val_rows"] == 8
