@@ -21,6 +21,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("data.train_prop=1.2", r"train_prop must be in \(0, 1\)"),
     ("model.freeze_image=some", "model.freeze_image must be"),
     ("nosection.x=1", "unknown config key"),
+    ("cache.enabled=on", r"cache.enabled must be one of \[.auto., .off.\]"),
     ("optim=3", "optim must be a mapping"),
     ("optim.lr", "--set expects key=value"),
 ])
@@ -38,3 +39,7 @@ def test_builtin_recipes_load():
     assert report.data.image_size == 256 and report.model.text_encoder == "glove_lstm"
     with pytest.raises(ConfigError, match="built-in recipe"):
         recipe_path("nope")
+
+
+def test_bare_off_is_read_as_the_word_off():
+    assert load_config(None, ["cache.enabled=off"]).cache.enabled == "off"

@@ -136,3 +136,21 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(demo, tmp_
 def test_refuses_to_overwrite_a_run(run, demo):
     with pytest.raises(FileExistsError, match="--resume"):
         loop.fit(load_config(None, TINY), demo, run, progress=False)
+
+
+def test_benchmark_reports_throughput_and_latency(run, demo):
+    from mmtag.inference.benchmark import benchmark
+
+    res = benchmark(run, demo / "test.csv", demo / "data", n=8, batch_size=4, single=3)
+    assert res["rows"] == 8 and res["samples_per_second"] > 0
+    assert 0 < res["single_latency_ms_median"] <= res["single_latency_ms_p90"] + 1e-9
+
+
+def test_caption_only_and_image_only_models(demo, tmp_path):
+    for name, override in (("txt", "model.image_encoder=none"), ("img", "model.text_encoder=none")):
+        summary = loop.fit(load_config(None, [*TINY, override, "optim.epochs=1"]), demo,
+                           tmp_path / name, progress=False)
+        assert summary["val_rows"] == 8
+        out = tmp_path / f"{name}.csv"
+        predict_csv(tmp_path / name, demo / "test.csv", demo / "data", out)
+        assert len(read_csv(out)) == 8

@@ -5,11 +5,15 @@ need neither torch nor the pretrained weights, and names are imported only when 
 """
 
 __version__ = "0.1.0"
-__all__ = ["CSVFormatError", "Record", "read_csv", "write_submission"]
+__all__ = ["CSVFormatError", "Record", "load_run", "read_csv", "train", "write_submission"]
 
 
 def __getattr__(name: str):
     # Lazy so that `import mmtag` (and `mmtag --help`) stay instant.
+    if name in ("train", "load_run"):
+        from mmtag import api
+
+        return getattr(api, name)
     if name in __all__:
         from mmtag.data import csv_io
 

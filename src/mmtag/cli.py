@@ -97,6 +97,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from mmtag.inference.benchmark import benchmark
+
+    res = benchmark(args.run, args.csv, args.images, n=args.n, batch_size=args.batch_size,
+                    single=args.single, num_workers=args.workers, device=args.device)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['rows']} samples, batch {res['batch_size']}, {res['threads']} threads on "
+              f"{res['device']} (flip TTA: {res['tta_flip']}):\n"
+              f"  batch prediction   {res['samples_per_second']:.1f} samples/s "
+              f"(JPEG decoding and preprocessing included)\n"
+              f"  single sample      {res['single_latency_ms_median']:.1f} ms median, "
+              f"{res['single_latency_ms_p90']:.1f} ms p90\n"
+              f"  loading the model  {res['load_seconds']:.1f} s")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mmtag.demo import run_demo
 
@@ -162,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--device", default="auto")
     c.set_defaults(func=_cmd_predict)
+
+    c = sub.add_parser("benchmark", help="prediction speed of a run: samples/s and latency")
+    c.add_argument("run", help="run folder (or a best.pt file)")
+    c.add_argument("--csv", required=True, help="CSV of rows to predict (e.g. test.csv)")
+    c.add_argument("--images", required=True, help="image folder")
+    c.add_argument("--n", type=int, default=512, help="rows for the batch measurement")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--single", type=int, default=30, help="single-sample calls to time")
+    c.add_argument("--workers", type=int, default=1, help="DataLoader decoding processes")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_benchmark)
 
     c = sub.add_parser("demo", help="generate the demo dataset, train, evaluate and predict on it")
     c.add_argument("--out", default="demo_run", help="output folder (default demo_run)")

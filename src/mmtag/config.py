@@ -244,6 +244,8 @@ def _coerce(value, tp, key: str):
                 raise ValueError
             return float(value)
         if tp is str:
+            if isinstance(value, bool):  # YAML reads a bare off/on/no/yes as a boolean
+                return "on" if value else "off"
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
@@ -265,18 +267,7 @@ def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value (e.g. optim.lr=1e-3), got {item!r}")
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
-    return TrainConfig.from_dict(raw)
+    return TrainConfig.from_dict(apply_overrides(raw, overrides))
 
 
 RECIPES_DIR = Path(__file__).parent / "configs"
@@ -292,3 +283,19 @@ def recipe_path(name_or_path: str | Path) -> Path:
         return builtin
     names = sorted(f.stem for f in RECIPES_DIR.glob("*.yaml"))
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a built-in recipe {names}")
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Set `section.key=value` items (values parsed as YAML) in a nested config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. optim.lr=1e-3), got {item!r}")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+    return raw

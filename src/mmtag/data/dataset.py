@@ -28,8 +28,9 @@ class TaggingDataset(Dataset):
 
     def __init__(self, records: Sequence[Record], image_dir: Path | str, encode_caption: CaptionFn,
                  label_map: LabelMap, transform: Callable | None = None, source: str = "",
-                 blank_missing_images: bool = False):
+                 blank_missing_images: bool = False, load_images: bool = True):
         self.records = list(records)
+        self.load_images = load_images  # False for caption-only models: no decoding at all
         self.image_dir = Path(image_dir)
         self.transform = transform
         self.source = source
@@ -54,6 +55,8 @@ class TaggingDataset(Dataset):
         return load_image(self.image_dir / rec.image_id, self._where(rec))
 
     def __getitem__(self, i: int):
+        if not self.load_images:
+            return torch.zeros(1), self.tokens[i], self.lengths[i], self.targets[i]
         try:
             image = self.load(i)
         except ImageReadError:

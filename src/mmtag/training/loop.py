@@ -317,10 +317,13 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
         model.image_encoder.to(memory_format=torch.channels_last)
 
     norm = encoder_normalisation(model)
+    has_image = model.image_encoder is not None
     train_ds = TaggingDataset(data.train_rows, data.image_dir, data.caption_enc, data.label_map,
-                              build_transform(image_spec(cfg, norm), train=True), source="train.csv")
+                              build_transform(image_spec(cfg, norm), train=True),
+                              source="train.csv", load_images=has_image)
     val_ds = TaggingDataset(data.val_rows, data.image_dir, data.caption_enc, data.label_map,
-                            build_transform(image_spec(cfg, norm), train=False), source="train.csv")
+                            build_transform(image_spec(cfg, norm), train=False),
+                            source="train.csv", load_images=has_image)
     o = cfg.optim
     pin = device.type == "cuda"
     workers = cfg.data.num_workers

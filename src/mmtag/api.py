@@ -1,0 +1,36 @@
+"""The Python API: train from a config, load a run, predict on (image, caption) pairs.
+
+    import mmtag
+    summary = mmtag.train("path/to/comp5329", "runs/a", config="cpu", overrides=["optim.epochs=5"])
+    tagger = mmtag.load_run("runs/a")
+    tagger.predict([("photo.jpg", "A man riding a horse")])   # -> [(1, 19)]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmtag.config import TrainConfig, apply_overrides, load_config, recipe_path
+
+
+def train(data_dir: Path | str, out: Path | str, config: TrainConfig | str | Path | None = None,
+          overrides: list[str] | tuple[str, ...] = (), *, resume: bool = False,
+          progress: bool | None = None) -> dict:
+    """Train on a Kaggle-layout folder into the run folder `out`; returns the summary dict.
+    `config` is a TrainConfig, a YAML path or a built-in recipe name ('cpu', 'report', ...)."""
+    from mmtag.training.loop import fit
+
+    if resume:
+        cfg = load_config(Path(out) / "config.yaml")
+    elif isinstance(config, TrainConfig):
+        cfg = TrainConfig.from_dict(apply_overrides(config.to_dict(), overrides))
+    else:
+        cfg = load_config(recipe_path(config) if config else None, overrides)
+    return fit(cfg, data_dir, out, resume=resume, progress=progress)
+
+
+def load_run(run: Path | str, device: str = "auto"):
+    """A `mmtag.inference.predictor.Predictor` for a run folder or a best.pt file."""
+    from mmtag.inference.predictor import Predictor
+
+    return Predictor.load(run, device)
