@@ -68,6 +68,9 @@ class ModelConfig:
     freeze_text: str = "none"                  # MiniLM: 'none', 'all', or first k layers
     fusion: str = "concat"                     # 'concat' or 'gated'
     hidden: int = 512                          # fusion MLP width
+    aux_heads: str = "none"                    # per-modality heads: 'none', 'loss' (extra loss
+                                               # terms), 'ensemble' (also averaged at prediction)
+    aux_weight: float = 0.5                    # weight of each per-modality loss term
     dropout: float = 0.3
     max_size_mb: float = 100.0                 # saved inference model size limit
     fp16_storage: bool = False                 # store the inference model in fp16 (half the size)
@@ -81,6 +84,8 @@ class ModelConfig:
         _check(_is_freeze(self.freeze_image), f"model.freeze_image must be {IMAGE_FREEZE_HELP}")
         _check(_is_freeze(self.freeze_text), "model.freeze_text must be 'none', 'all' or an int")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+        _check(self.aux_heads in ("none", "loss", "ensemble"),
+               "model.aux_heads must be one of ['ensemble', 'loss', 'none']")
         _check(self.hidden >= 1 and self.lstm_hidden >= 1 and self.lstm_layers >= 1,
                "model.hidden, lstm_hidden and lstm_layers must be >= 1")
         _check(self.max_size_mb > 0, "model.max_size_mb must be > 0")

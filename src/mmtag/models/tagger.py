@@ -34,7 +34,8 @@ class Tagger(nn.Module):
     """Fuses the pooled image and caption embeddings and predicts one logit per label."""
 
     def __init__(self, image_encoder: nn.Module | None, text_encoder: nn.Module | None,
-                 num_classes: int, hidden: int = 512, dropout: float = 0.3, fusion: str = "concat"):
+                 num_classes: int, hidden: int = 512, dropout: float = 0.3, fusion: str = "concat",
+                 aux_heads: str = "none"):
         super().__init__()
         if image_encoder is None and text_encoder is None:
             raise ValueError("a tagger needs an image encoder, a caption encoder, or both")
@@ -64,25 +65,53 @@ class Tagger(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
+        # Per-modality heads: 'loss' trains each modality to classify on its own as well (a
+        # regulariser: the fused MLP otherwise leans on whichever modality learns fastest);
+        # 'ensemble' also averages their logits with the fused ones at prediction time.
+        if aux_heads not in ("none", "loss", "ensemble"):
+            raise ValueError(f"unknown aux_heads {aux_heads!r}; choose from ['ensemble', 'loss', 'none']")
+        self.aux_heads = aux_heads if img_dim and txt_dim else "none"
+        if self.aux_heads != "none":
+            self.image_head = nn.Sequential(nn.BatchNorm1d(img_dim), nn.Dropout(dropout),
+                                            nn.Linear(img_dim, num_classes))
+            self.text_head = nn.Sequential(nn.BatchNorm1d(txt_dim), nn.Dropout(dropout),
+                                           nn.Linear(txt_dim, num_classes))
 
-    def encode(self, images: torch.Tensor | None, ids: torch.Tensor | None,
-               lengths: torch.Tensor | None) -> torch.Tensor:
-        """The fused embedding (B, D) that the head classifies."""
+    def embed(self, images: torch.Tensor | None, ids: torch.Tensor | None,
+              lengths: torch.Tensor | None) -> list[torch.Tensor]:
+        """Pooled embeddings of the modalities present: [(B, Di)] and/or [(B, Dt)]."""
         parts = []
         enc = self.image_encoder
         if enc is not None:
             k = self.image_input_stage
             if k > enc.num_stages:
-                parts.append(images)  # (B, Di) cached pooled features
+                parts.append(images.float())  # (B, Di) cached pooled features
             else:
-                parts.append(enc.pool(enc.run_stages(images, k)))  # (B, Di)
+                parts.append(enc.pool(enc.run_stages(images, k)).float())  # (B, Di)
         if self.text_encoder is not None:
             # (B, Dt), from token ids or cached caption features
-            parts.append(ids if self.text_input_cached else self.text_encoder(ids, lengths))
+            txt = ids if self.text_input_cached else self.text_encoder(ids, lengths)
+            parts.append(txt.float())
+        return parts
+
+    def forward_all(self, images: torch.Tensor | None, ids: torch.Tensor | None,
+                    lengths: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """{'logits': final (B, C)} plus 'fused', 'image', 'text' (B, C) logits with aux heads."""
+        parts = self.embed(images, ids, lengths)
         if self.fusion is not None:
-            return self.fusion(parts[0].float(), parts[1].float())  # (B, hidden)
-        return torch.cat([p.float() for p in parts], dim=1)  # (B, Di + Dt)
+            fused = self.fusion(parts[0], parts[1])  # (B, hidden)
+        else:
+            fused = torch.cat(parts, dim=1)  # (B, Di + Dt)
+        out = {"fused": self.head(fused)}  # (B, C)
+        if self.aux_heads != "none":
+            out["image"] = self.image_head(parts[0])  # (B, C)
+            out["text"] = self.text_head(parts[1])  # (B, C)
+        if self.aux_heads == "ensemble":
+            out["logits"] = (out["fused"] + out["image"] + out["text"]) / 3
+        else:
+            out["logits"] = out["fused"]
+        return out
 
     def forward(self, images: torch.Tensor | None, ids: torch.Tensor | None,
                 lengths: torch.Tensor | None) -> torch.Tensor:
-        return self.head(self.encode(images, ids, lengths))  # (B, C) logits
+        return self.forward_all(images, ids, lengths)["logits"]  # (B, C) logits
