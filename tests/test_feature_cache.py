@@ -106,3 +106,17 @@ def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze):
     pred = Predictor.load(run)
     assert pred.model.image_input_stage == 0
     assert json.loads((run / "summary.json").read_text())["val_rows"] == 8
+
+
+@pytest.mark.parametrize("image, freeze_text", [("none", "4"), ("efficientnet_lite0", "all")])
+def test_cached_caption_encoder_layers(demo, tmp_path, image, freeze_text):
+    cfg = load_config(None, [
+        "data.image_size=32", "data.num_workers=0", f"model.image_encoder={image}",
+        "model.freeze_image=all", "model.text_encoder=minilm", f"model.freeze_text={freeze_text}",
+        "model.hidden=16", "optim.batch_size=8", "optim.epochs=1", "model.fp16_storage=true",
+        f"cache.dir={tmp_path / 'cache'}", "data.max_len=12"])
+    run = tmp_path / "run"
+    summary = loop.fit(cfg, demo, run, progress=False)
+    assert any(p.name.startswith("MiniLMEncoder") for p in (tmp_path / "cache").iterdir())
+    m = evaluate_run(run, data_dir=demo)  # from raw captions through the whole encoder
+    assert m["micro_f1"] == pytest.approx(summary["val"]["micro_f1"], abs=1e-6)

@@ -226,12 +226,14 @@ def _load_all(store: FeatureStore, keys: Sequence[str], records: Sequence) -> np
 
 
 @torch.inference_mode()
-def cache_text_features(encoder: nn.Module, ids: torch.Tensor, lengths: torch.Tensor,
+def cache_text_features(encoder: nn.Module, stage: int, ids: torch.Tensor, lengths: torch.Tensor,
                         captions: Sequence[str], *, root: Path | None = None,
                         batch_size: int = 128) -> np.ndarray:
-    """(N, out_dim) float16 outputs of a frozen caption encoder for token `ids` (N, T) and
-    `lengths` (N,), stored once per distinct caption text (and token length T)."""
-    spec = CacheSpec("text", type(encoder).__name__, module_fingerprint(encoder), 0,
+    """Float16 outputs of the frozen part of a caption encoder for token `ids` (N, T) and
+    `lengths` (N,): token states (N, T, D) after `stage` layers, or pooled features (N, D) when
+    `stage` is `num_layers + 1`; stored once per distinct caption text (and token length T)."""
+    pooled = stage > encoder.num_layers
+    spec = CacheSpec("text", type(encoder).__name__, module_fingerprint(encoder), stage,
                      max_len=int(ids.shape[1]))
     store = FeatureStore(Path(root or default_cache_dir()) / spec.folder_name())
     keys = [hashlib.sha1(c.encode("utf-8")).hexdigest() for c in captions]
@@ -246,7 +248,9 @@ def cache_text_features(encoder: nn.Module, ids: torch.Tensor, lengths: torch.Te
         t0, last = time.time(), time.time()
         for s in range(0, len(idx), batch_size):
             chunk = torch.as_tensor(idx[s: s + batch_size])
-            feats = encoder(ids[chunk], lengths[chunk]).to(torch.float16).numpy()
+            out = encoder(ids[chunk], lengths[chunk]) if pooled else \
+                encoder.run_layers(ids[chunk], lengths[chunk], 0, stage)
+            feats = out.to(torch.float16).numpy()
             for j, i in enumerate(chunk.tolist()):
                 store.put(keys[i], feats[j])
             if time.time() - last > 30:

@@ -53,10 +53,11 @@ class Tagger(nn.Module):
             raise ValueError(f"unknown fusion {fusion!r}; choose from ['concat', 'gated']")
         # Inputs other than raw data, for training on cached features (mmtag.data.feature_cache):
         # image_input_stage k > 0 means `images` are the outputs of image stages [0, k)
-        # (num_stages + 1: already pooled); text_input_cached means `ids` are caption features.
+        # (num_stages + 1: already pooled); likewise text_input_stage k > 0 means `ids` are the
+        # caption encoder's token states after k layers (num_layers + 1: pooled features).
         # Plain attributes, not saved: a loaded model always takes raw images and token ids.
         self.image_input_stage = 0
-        self.text_input_cached = False
+        self.text_input_stage = 0
         self.head = nn.Sequential(
             nn.BatchNorm1d(fused_dim),
             nn.Dropout(dropout),
@@ -88,9 +89,15 @@ class Tagger(nn.Module):
                 parts.append(images.float())  # (B, Di) cached pooled features
             else:
                 parts.append(enc.pool(enc.run_stages(images, k)).float())  # (B, Di)
-        if self.text_encoder is not None:
-            # (B, Dt), from token ids or cached caption features
-            txt = ids if self.text_input_cached else self.text_encoder(ids, lengths)
+        txt_enc = self.text_encoder
+        if txt_enc is not None:
+            k = self.text_input_stage
+            if k == 0:
+                txt = txt_enc(ids, lengths)  # (B, Dt) from token ids
+            elif k > txt_enc.num_layers:
+                txt = ids  # (B, Dt) cached pooled features
+            else:
+                txt = txt_enc.pool(txt_enc.run_layers(ids.float(), lengths, k), lengths)  # (B, Dt)
             parts.append(txt.float())
         return parts
 

@@ -41,29 +41,32 @@ class CachedDataset(Dataset):
             img = self.image[i, int(torch.randint(self.image.shape[1], ()))].float()
         else:
             img = self.image[i, 0].float()
-        return img, self.text[i], self.lengths[i], self.targets[i]
+        text = self.text[i]
+        return img, text.float() if text.is_floating_point() else text, self.lengths[i], self.targets[i]
 
 
-def plan_cache(cfg: TrainConfig, model) -> tuple[int, bool]:
-    """(image input stage, caption features cached) for this model, (0, False) for no cache.
+def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
+    """(image input stage, caption input stage) for this model; (0, 0) for no cache.
 
     The frozen prefix of the image encoder is cached: stages [0, k) for k frozen stages, or the
-    pooled features when all are frozen. A caption encoder with nothing to train is cached whole.
+    pooled features when all are frozen. Likewise for MiniLM: the token states after its k frozen
+    layers, or its pooled features when it is frozen whole.
     """
     if cfg.cache.enabled == "off":
-        return 0, False
+        return 0, 0
     stage = 0
     enc = model.image_encoder
     if enc is not None and enc.frozen_stages > 0:
         stage = enc.num_stages + 1 if enc.frozen_stages == enc.num_stages else enc.frozen_stages
+    text_stage = 0
     txt = model.text_encoder
-    text_cached = txt is not None and not any(p.requires_grad for p in txt.parameters()) \
-        and cfg.model.text_encoder == "minilm"
-    return stage, text_cached
+    if cfg.model.text_encoder == "minilm" and txt.freeze != "none":
+        text_stage = txt.num_layers + 1 if txt.freeze == "all" else int(txt.freeze)
+    return stage, text_stage
 
 
 def cached_datasets(cfg: TrainConfig, model, train_ds, val_ds, transform_spec, *, stage: int,
-                    text_cached: bool, progress: bool) -> tuple[CachedDataset, CachedDataset]:
+                    text_stage: int, progress: bool) -> tuple[CachedDataset, CachedDataset]:
     """Replace raw datasets (mmtag.data.dataset.TaggingDataset) by cached-feature datasets."""
     root = Path(cfg.cache.dir) if cfg.cache.dir else None
     out = []
@@ -77,10 +80,10 @@ def cached_datasets(cfg: TrainConfig, model, train_ds, val_ds, transform_spec, *
         elif model.image_encoder is not None:
             raise ValueError("internal: cached training without a cached image prefix")
         text = ds.tokens
-        if text_cached:
+        if text_stage:
             text = torch.from_numpy(cache_text_features(
-                model.text_encoder, ds.tokens, ds.lengths, [r.caption for r in ds.records],
-                root=root)).float()
+                model.text_encoder, text_stage, ds.tokens, ds.lengths,
+                [r.caption for r in ds.records], root=root))
         out.append(CachedDataset(image, text, ds.lengths, ds.targets, train=train))
     return out[0], out[1]
 

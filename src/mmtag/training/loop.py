@@ -332,17 +332,18 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     o = cfg.optim
     pin = device.type == "cuda"
     workers = cfg.data.num_workers
-    stage, text_cached = plan_cache(cfg, model)
-    if stage > 0 or (text_cached and model.image_encoder is None):
+    stage, text_stage = plan_cache(cfg, model)
+    if stage > 0 or (text_stage and model.image_encoder is None):
         log.info("cached-feature path: %s%s; only the rest trains. Cached images get flip "
                  "augmentation only (colour jitter and affine need the raw pixels).",
                  f"image stages [0, {min(stage, model.image_encoder.num_stages)}) cached"
-                 if stage else "no image", ", caption encoder cached" if text_cached else "")
+                 if stage else "no image", f", caption encoder layers [0, {text_stage}) cached"
+                 if text_stage else "")
         train_ds, val_ds = cached_datasets(cfg, model, train_ds, val_ds,
                                            image_spec(cfg, norm), stage=stage,
-                                           text_cached=text_cached, progress=progress)
+                                           text_stage=text_stage, progress=progress)
         val_ds.both_views = cfg.tta_flip and stage > 0 and cfg.cache.flip
-        model.image_input_stage, model.text_input_cached = stage, text_cached
+        model.image_input_stage, model.text_input_stage = stage, text_stage
         workers = 0  # features are in memory
     val_loader = make_loader(val_ds, o.batch_size * 2, shuffle=False, num_workers=workers,
                              pin_memory=pin)
