@@ -16,7 +16,7 @@ from mmtag.training.checkpoint import ModelTooLargeError
 TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
         "model.image_encoder=efficientnet_lite0", "model.lstm_hidden=8", "model.hidden=16",
         "optim.batch_size=8", "optim.lr=1e-3", "data.len_quantile=1.0"]
-RUN_FILES = {"config.yaml", "labels.json", "vocab.json", "split.json", "metrics.csv", "best.pt",
+RUN_FILES = {"config.yaml", "labels.json", "vocab.json", "split.json", "metrics.csv", "best.pt", "val_probs.csv",
              "last.pt", "summary.json", "curves.png"}
 
 

@@ -114,6 +114,7 @@ class OptimConfig:
     name: str = "adam"            # 'adam' or 'adamw'
     lr: float = 5e-4
     weight_decay: float = 0.0
+    encoder_lr_mult: float = 1.0  # learning rate of the pretrained encoders = lr * this
     epochs: int = 15
     batch_size: int = 32
     scheduler: str = "plateau"    # 'plateau', 'cosine', 'none'

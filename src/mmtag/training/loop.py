@@ -243,11 +243,20 @@ def _make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
 
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    """Adam/AdamW; pretrained encoders get `lr * encoder_lr_mult` (fine-tuning pretrained
+    weights wants smaller steps than the freshly initialised head)."""
+    encoders = [m for m in (model.image_encoder, model.text_encoder) if m is not None]
+    enc_ids = {id(p) for m in encoders for p in m.parameters()}
+    enc_params = [p for m in encoders for p in m.parameters() if p.requires_grad]
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in enc_ids]
+    if not enc_params and not rest:
         raise ValueError("every parameter is frozen: nothing to train")
-    cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    o = cfg.optim
+    groups = [{"params": rest, "lr": o.lr}]
+    if enc_params:
+        groups.append({"params": enc_params, "lr": o.lr * o.encoder_lr_mult})
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls([g for g in groups if g["params"]], lr=o.lr, weight_decay=o.weight_decay)
 
 
 def _append_metrics(path: Path, row: dict) -> None:
@@ -456,6 +465,7 @@ def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, v
     tuned = multilabel_metrics(y, apply_thresholds(probs, thr, cfg.at_least_one),
                                label_names=[str(lab) for lab in data.label_map.labels])
     crossfit = _crossfit(cfg, y, probs)
+    _write_probs(run_dir / "val_probs.csv", data, probs)
     mb = state_dict_megabytes(model, cfg.model.fp16_storage)
     log.info("best epoch %d; thresholds (%s, %s): val micro-F1 %.4f samples-F1 %.4f "
              "(at 0.5: %.4f / %.4f); saved model %.1f MB", best["epoch"], cfg.threshold_mode,
@@ -467,6 +477,15 @@ def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, v
             "val_crossfit": crossfit,
             "per_class": tuned["per_class"], "saved_model_mb": round(mb, 2),
             "val_rows": len(data.val_rows), "train_rows": len(data.train_rows)}
+
+
+def _write_probs(path: Path, data: RunData, probs: np.ndarray) -> None:
+    """Validation probabilities of the best model, for threshold and error analysis."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageID", "Labels", *[str(lab) for lab in data.label_map.labels]])
+        for r, p in zip(data.val_rows, probs, strict=True):
+            w.writerow([r.image_id, " ".join(map(str, r.labels)), *[f"{x:.5f}" for x in p]])
 
 
 def _crossfit(cfg: TrainConfig, y: np.ndarray, probs: np.ndarray, seed: int = 0) -> dict:
