@@ -77,8 +77,6 @@ def cached_datasets(cfg: TrainConfig, model, train_ds, val_ds, transform_spec, *
                 model.image_encoder, stage, ds.records, ds.image_dir, transform_spec, root=root,
                 flip=cfg.cache.flip, batch_size=cfg.cache.batch_size,
                 num_workers=cfg.cache.num_workers, progress=progress, source=ds.source)
-        elif model.image_encoder is not None:
-            raise ValueError("internal: cached training without a cached image prefix")
         text = ds.tokens
         if text_stage:
             text = torch.from_numpy(cache_text_features(

@@ -61,7 +61,8 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def image_spec(cfg: TrainConfig, normalisation: str, train: bool = True) -> ImageTransformSpec:
+def image_spec(cfg: TrainConfig, normalisation: str) -> ImageTransformSpec:
+    """The image pipeline's parameters; 'auto' normalisation is what the encoder expects."""
     d = cfg.data
     norm = normalisation if d.normalisation == "auto" else d.normalisation
     return ImageTransformSpec(size=d.image_size, normalisation=norm, hflip=d.hflip,
