@@ -24,10 +24,14 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("cache.enabled=on", r"cache.enabled must be one of \[.auto., .off.\]"),
     ("optim=3", "optim must be a mapping"),
     ("optim.lr", "--set expects key=value"),
+    ("model.image_head=max", r"model.image_head must be one of \['attention', 'linear'\]"),
+    ("model.image_head=attention", "set model.aux_heads to 'loss' or 'ensemble'"),
+    ("model.image_head=attention model.aux_heads=loss model.text_encoder=none",
+     "use 'linear' for a single-modality model"),
 ])
 def test_bad_keys_and_values_say_what_is_valid(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_config(None, override.split())
 
 
 def test_builtin_recipes_load():

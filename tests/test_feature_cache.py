@@ -1,5 +1,7 @@
 """The cached-feature fast path: keys, resumable extraction, and agreement with raw images."""
 
+import dataclasses
+import hashlib
 import json
 
 import numpy as np
@@ -10,7 +12,7 @@ from PIL import Image
 from mmtag.config import load_config
 from mmtag.data.csv_io import read_csv
 from mmtag.data.demo import make_demo_data
-from mmtag.data.feature_cache import FeatureStore, cache_image_features
+from mmtag.data.feature_cache import CacheSpec, FeatureStore, cache_image_features
 from mmtag.data.images import ImageTransformSpec
 from mmtag.inference.predictor import Predictor, evaluate_run
 from mmtag.models.image_encoders import build_image_encoder
@@ -59,6 +61,22 @@ def test_cache_is_keyed_and_never_stale(demo, tmp_path):
     enc2 = build_image_encoder("efficientnet_lite0", pretrained=False, freeze=3)
     cache_image_features(enc2, 3, rows, demo / "data", spec, root=tmp_path, flip=True)
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("efficientnet")]) == 3
+    # another precision (bf16 autocast, as a bf16 model predicts): another folder, close values
+    bf = cache_image_features(enc, 3, rows, demo / "data", spec, root=tmp_path, flip=True,
+                              dtype=torch.bfloat16)
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("efficientnet")]) == 4
+    assert not np.array_equal(bf, feats)
+    rel = np.linalg.norm(bf.astype(np.float32) - feats) / np.linalg.norm(feats.astype(np.float32))
+    assert rel < 0.1
+
+
+def test_fp32_cache_folders_keep_their_names():
+    # caches written before the precision field existed must still be found
+    spec = CacheSpec("image", "efficientnet_lite2", "abc", 8, 288, "tf", True)
+    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "precision"}
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    assert spec.folder_name() == f"efficientnet_lite2-stage8-288px-flip-{digest}"
+    assert dataclasses.replace(spec, precision="bf16").folder_name() != spec.folder_name()
 
 
 def test_killed_extraction_resumes_without_corrupt_entries(demo, tmp_path, monkeypatch):
@@ -89,9 +107,15 @@ def test_killed_extraction_resumes_without_corrupt_entries(demo, tmp_path, monke
     np.testing.assert_array_equal(again, feats)
 
 
-@pytest.mark.parametrize("freeze", ["5", "all"])
-def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze):
-    cfg = load_config(None, [
+@pytest.mark.parametrize("freeze, extra", [
+    ("5", []), ("all", []),
+    # the cpu recipe's pieces: class-attention image head (on the cached last map when all is
+    # frozen), bf16 autocast for caching, training and prediction alike, EMA weights
+    ("all", ["model.aux_heads=ensemble", "model.image_head=attention"]),
+    ("5", ["model.aux_heads=ensemble", "model.image_head=attention", "amp=bf16", "optim.ema=0.9"]),
+])
+def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze, extra):
+    cfg = load_config(None, [*extra,
         "data.image_size=32", "data.num_workers=0", "model.pretrained=false",
         f"model.freeze_image={freeze}", "model.lstm_hidden=8", "model.hidden=16",
         "optim.batch_size=8", "optim.epochs=2", f"cache.dir={tmp_path / 'cache'}",
@@ -105,6 +129,13 @@ def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze):
         assert m[k] == pytest.approx(summary["val"][k], abs=1e-6), k
     pred = Predictor.load(run)
     assert pred.model.image_input_stage == 0
+    if "optim.ema=0.9" in extra:  # best.pt holds the averaged weights, last.pt the raw ones
+        best, last = (torch.load(run / f, weights_only=True) for f in ("best.pt", "last.pt"))
+        if best["epoch"] == last["epoch"]:
+            k = "head.2.weight"
+            torch.testing.assert_close(best["model"][k].float(), last["ema"]["shadow"][k].float(),
+                                       rtol=1e-3, atol=1e-3)
+            assert not torch.allclose(best["model"][k].float(), last["model"][k].float())
     assert json.loads((run / "summary.json").read_text())["val_rows"] == 8
 
 

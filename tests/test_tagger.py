@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmtag.models.tagger import Tagger
+from mmtag.models.tagger import ClassAttentionHead, Tagger
 
 
 class _Img(nn.Module):
@@ -67,3 +67,55 @@ def test_single_modality_models_and_cached_inputs():
     model.image_input_stage = 3  # pooled
     pooled = model.image_encoder.pool(model.image_encoder.run_stages(images))
     torch.testing.assert_close(model(pooled, ids, lengths), raw)
+
+
+def test_class_attention_head_pools_mean_plus_attention():
+    torch.manual_seed(0)
+    head = ClassAttentionHead(6, 3, lam=0.0, temperature=1.0, dropout=0.0).eval()
+    fmap = torch.randn(2, 6, 4, 4)
+    # lam = 0: the mean of the score map = the linear classifier on the average-pooled map
+    pooled = head.norm(fmap).mean((2, 3))
+    expect = pooled @ head.score.weight.view(3, 6).T + head.score.bias
+    torch.testing.assert_close(head(fmap), expect)
+    # a very large temperature turns the attention term into max pooling of the score map
+    head.lam, head.temperature = 1.0, 1e4
+    s = head.score(head.norm(fmap)).flatten(2)
+    torch.testing.assert_close(head(fmap), s.mean(2) + s.amax(2))
+
+
+def test_class_attention_head_keeps_a_small_object_that_averaging_dilutes():
+    head = ClassAttentionHead(1, 1, lam=1.0, temperature=5.0, dropout=0.0).eval()
+    with torch.no_grad():
+        head.score.weight.fill_(1.0)
+        head.score.bias.zero_()
+    small = torch.zeros(1, 1, 9, 9)
+    small[0, 0, 4, 4] = 1.0  # one cell of 81 lights up
+    avg = head.score(head.norm(small)).mean()
+    assert head(small).item() > avg.item() + 0.5  # the attention term keeps the lit cell's score
+
+
+def test_attention_image_head_in_a_tagger():
+    torch.manual_seed(0)
+    images, ids, lengths = _inputs()
+    model = Tagger(_Img(), _Txt(), 3, hidden=8, aux_heads="ensemble", image_head="attention").eval()
+    out = model.forward_all(images, ids, lengths)
+    torch.testing.assert_close(out["image"], model.image_head(model.image_encoder.run_stages(images)))
+    model.image_input_stage = 1  # cached stage-0 activations: same logits
+    torch.testing.assert_close(model(model.image_encoder.run_stages(images, 0, 1), ids, lengths),
+                               out["logits"])
+    model.image_input_stage = 3  # pooled features have no map to attend over
+    with pytest.raises(ValueError, match="needs the feature map"):
+        model(torch.randn(4, 6), ids, lengths)
+    with pytest.raises(ValueError, match="unknown image_head"):
+        Tagger(_Img(), _Txt(), 3, aux_heads="ensemble", image_head="max")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_class_attention_head_is_finite_under_autocast(dtype):
+    torch.manual_seed(0)
+    head = ClassAttentionHead(8, 3, lam=1.0, temperature=1e4, dropout=0.0).eval()
+    fmap = torch.randn(2, 8, 5, 5) * 50
+    with torch.autocast("cpu", dtype=dtype):
+        out = head(fmap)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, head(fmap), rtol=0.05, atol=0.5)

@@ -83,8 +83,9 @@ def test_predict_names_a_missing_image_or_predicts_from_the_caption(run, demo, t
     assert len(res["caption_only"]) == 1 and len(read_csv(tmp_path / "p.csv")) == 8
 
 
-def test_resume_after_interruption_ends_like_an_uninterrupted_run(demo, tmp_path, monkeypatch):
-    cfg = load_config(None, [*TINY, "optim.epochs=3"])
+@pytest.mark.parametrize("ema", ["optim.ema=0", "optim.ema=0.9"])
+def test_resume_after_interruption_ends_like_an_uninterrupted_run(demo, tmp_path, monkeypatch, ema):
+    cfg = load_config(None, [*TINY, "optim.epochs=3", ema])
     loop.fit(cfg, demo, tmp_path / "full", progress=False)
 
     real = loop.train_one_epoch

@@ -71,6 +71,10 @@ class ModelConfig:
     aux_heads: str = "none"                    # per-modality heads: 'none', 'loss' (extra loss
                                                # terms), 'ensemble' (also averaged at prediction)
     aux_weight: float = 0.5                    # weight of each per-modality loss term
+    image_head: str = "linear"                 # image aux head: 'linear' on the pooled vector or
+                                               # 'attention' (class attention over the feature map)
+    attn_lambda: float = 0.2                   # attention head: weight of the attention term
+    attn_temperature: float = 1.0              # attention head: softmax temperature (large = max)
     dropout: float = 0.3
     max_size_mb: float = 100.0                 # saved inference model size limit
     fp16_storage: bool = False                 # store the inference model in fp16 (half the size)
@@ -86,6 +90,15 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
         _check(self.aux_heads in ("none", "loss", "ensemble"),
                "model.aux_heads must be one of ['ensemble', 'loss', 'none']")
+        _check(self.image_head in ("linear", "attention"),
+               "model.image_head must be one of ['attention', 'linear']")
+        _check(self.image_head == "linear" or self.aux_heads != "none",
+               "model.image_head='attention' is the per-modality image head: set model.aux_heads "
+               "to 'loss' or 'ensemble'")
+        _check(self.image_head == "linear" or "none" not in (self.image_encoder, self.text_encoder),
+               "model.image_head='attention' is a per-modality head of an image + caption model; "
+               "use 'linear' for a single-modality model")
+        _check(self.attn_temperature > 0, "model.attn_temperature must be > 0")
         _check(self.hidden >= 1 and self.lstm_hidden >= 1 and self.lstm_layers >= 1,
                "model.hidden, lstm_hidden and lstm_layers must be >= 1")
         _check(self.max_size_mb > 0, "model.max_size_mb must be > 0")
@@ -124,6 +137,9 @@ class OptimConfig:
     warmup_epochs: float = 0.0    # cosine: linear warm-up length in epochs
     grad_clip: float = 0.0        # max gradient norm; 0: off
     early_stopping: int = 0       # stop after N epochs without a better best_metric; 0: off
+    ema: float = 0.0              # decay of an exponential moving average of the weights per
+                                  # step (e.g. 0.999); validated and saved instead of the raw
+                                  # weights; 0: off
 
     def __post_init__(self) -> None:
         _check(self.name in ("adam", "adamw"), "optim.name must be one of ['adam', 'adamw']")
@@ -131,6 +147,7 @@ class OptimConfig:
                "optim.scheduler must be one of ['cosine', 'none', 'plateau']")
         _check(self.plateau_on in ("val_loss", "micro_f1"),
                "optim.plateau_on must be one of ['micro_f1', 'val_loss']")
+        _check(0.0 <= self.ema < 1.0, "optim.ema must be in [0, 1) (0: off)")
         _check(self.lr > 0 and self.epochs >= 1 and self.batch_size >= 1,
                "optim.lr must be > 0, epochs and batch_size >= 1")
 

@@ -16,6 +16,7 @@ once over the data and its outputs are stored on disk, one `.npy` file per image
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -74,9 +75,13 @@ class CacheSpec:
     flip: bool = False
     max_len: int = 0     # text: token length
     format: int = CACHE_FORMAT
+    precision: str = "fp32"  # autocast dtype of the extraction ('fp32': none)
 
     def folder_name(self) -> str:
-        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if fields["precision"] == "fp32":
+            del fields["precision"]  # keeps the names of caches written before it existed
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
         if self.kind == "image":
             return f"{self.encoder}-stage{self.stage}-{self.size}px{'-flip' if self.flip else ''}-{digest}"
         return f"{self.encoder}-text{self.max_len}-{digest}"
@@ -148,14 +153,18 @@ def image_digests(records: Sequence[Record], image_dir: Path, source: str) -> li
 def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Record], image_dir: Path,
                          transform_spec: ImageTransformSpec, *, root: Path | None = None,
                          flip: bool = True, batch_size: int = 32, num_workers: int = 0,
-                         progress: bool = False, source: str = "", _retry: bool = True) -> np.ndarray:
+                         progress: bool = False, source: str = "", dtype: torch.dtype | None = None,
+                         _retry: bool = True) -> np.ndarray:
     """(N, V, ...) float16 outputs of `encoder` stages [0, stage) (pooled when stage is
-    `num_stages + 1`) for every row, V = 2 with `flip` (original, flipped) else 1."""
+    `num_stages + 1`) for every row, V = 2 with `flip` (original, flipped) else 1. `dtype`
+    (e.g. torch.bfloat16) runs the encoder under CPU autocast, as the trained model's predictor
+    will (its `amp` setting), so cached and raw-image paths compute the same thing."""
     image_dir = Path(image_dir)
     pooled = stage == encoder.num_stages + 1
     end = encoder.num_stages if pooled else stage
     spec = CacheSpec("image", encoder.name, module_fingerprint(nn.ModuleList(encoder.stages[:end])),
-                     stage, transform_spec.size, transform_spec.normalisation, flip)
+                     stage, transform_spec.size, transform_spec.normalisation, flip,
+                     precision=_precision(dtype))
     store = FeatureStore(Path(root or default_cache_dir()) / spec.folder_name())
     digests = image_digests(records, image_dir, source)
     todo: dict[str, int] = {}
@@ -166,6 +175,7 @@ def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Recor
         log.info("caching %s features (stage %d%s, %d px) of %d images into %s", encoder.name,
                  stage, ", pooled" if pooled else "", transform_spec.size, len(todo), store.folder)
         fast = encoder.for_inference(channels_last=True)
+        dev = next(fast.parameters()).device
         idx = list(todo.values())
         ds = _Images([image_dir / records[i].image_id for i in idx],
                      [f"{source} line {records[i].line}, {records[i].image_id}" for i in idx],
@@ -179,9 +189,11 @@ def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Recor
         for x, pos in loader:
             views = [x, x.flip(-1)] if flip else [x]
             outs = []
-            for v in views:
-                y = fast.run_stages(v.contiguous(memory_format=torch.channels_last), 0, end)
-                outs.append(fast.pool(y) if pooled else y)
+            with _autocast(dev, dtype):
+                for v in views:
+                    v = v.to(dev).contiguous(memory_format=torch.channels_last)
+                    y = fast.run_stages(v, 0, end)
+                    outs.append((fast.pool(y.float()) if pooled else y.float()).cpu())
             feats = torch.stack(outs, 1).to(torch.float16).contiguous().numpy()  # (B, V, ...)
             for j, p in enumerate(pos.tolist()):
                 store.put(digests[idx[p]], feats[j])
@@ -202,8 +214,18 @@ def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Recor
             return cache_image_features(encoder, stage, records, image_dir, transform_spec,
                                         root=root, flip=flip, batch_size=batch_size,
                                         num_workers=num_workers, progress=progress,
-                                        source=source, _retry=False)
+                                        source=source, dtype=dtype, _retry=False)
         raise
+
+
+def _precision(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 class _CorruptEntry(RuntimeError):
@@ -228,13 +250,13 @@ def _load_all(store: FeatureStore, keys: Sequence[str], records: Sequence) -> np
 @torch.inference_mode()
 def cache_text_features(encoder: nn.Module, stage: int, ids: torch.Tensor, lengths: torch.Tensor,
                         captions: Sequence[str], *, root: Path | None = None,
-                        batch_size: int = 128) -> np.ndarray:
+                        batch_size: int = 128, dtype: torch.dtype | None = None) -> np.ndarray:
     """Float16 outputs of the frozen part of a caption encoder for token `ids` (N, T) and
     `lengths` (N,): token states (N, T, D) after `stage` layers, or pooled features (N, D) when
     `stage` is `num_layers + 1`; stored once per distinct caption text (and token length T)."""
     pooled = stage > encoder.num_layers
     spec = CacheSpec("text", type(encoder).__name__, module_fingerprint(encoder), stage,
-                     max_len=int(ids.shape[1]))
+                     max_len=int(ids.shape[1]), precision=_precision(dtype))
     store = FeatureStore(Path(root or default_cache_dir()) / spec.folder_name())
     keys = [hashlib.sha1(c.encode("utf-8")).hexdigest() for c in captions]
     todo: dict[str, int] = {}
@@ -243,14 +265,16 @@ def cache_text_features(encoder: nn.Module, stage: int, ids: torch.Tensor, lengt
             todo[k] = i
     if todo:
         encoder = encoder.eval()
+        dev = next(encoder.parameters()).device
         idx = list(todo.values())
         log.info("caching caption features of %d captions into %s", len(idx), store.folder)
         t0, last = time.time(), time.time()
         for s in range(0, len(idx), batch_size):
             chunk = torch.as_tensor(idx[s: s + batch_size])
-            out = encoder(ids[chunk], lengths[chunk]) if pooled else \
-                encoder.run_layers(ids[chunk], lengths[chunk], 0, stage)
-            feats = out.to(torch.float16).numpy()
+            x, n = ids[chunk].to(dev), lengths[chunk].to(dev)
+            with _autocast(dev, dtype):
+                out = encoder(x, n) if pooled else encoder.run_layers(x, n, 0, stage)
+            feats = out.float().to(torch.float16).cpu().numpy()
             for j, i in enumerate(chunk.tolist()):
                 store.put(keys[i], feats[j])
             if time.time() - last > 30:

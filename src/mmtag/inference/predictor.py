@@ -21,7 +21,7 @@ from mmtag.models.build import build_tagger, caption_encoder_from_dict
 from mmtag.training.checkpoint import load_checkpoint
 from mmtag.training.loop import _logits, encoder_normalisation, evaluate, image_spec
 from mmtag.training.metrics import multilabel_metrics
-from mmtag.training.runtime import amp_dtype, resolve_device
+from mmtag.training.runtime import amp_dtype, autocast, resolve_device
 from mmtag.training.thresholds import apply_thresholds
 
 log = logging.getLogger("mmtag.predict")
@@ -100,7 +100,7 @@ class Predictor:
             tok, n = self.caption_enc(caption)
             ids.append(torch.as_tensor(tok))
             lengths.append(n)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, amp_dtype(self.config.amp, self.device)):
             batch = torch.stack(images).to(self.device).contiguous(memory_format=torch.channels_last)
             logits = _logits(self.model, batch,
                              torch.stack(ids).to(self.device), torch.as_tensor(lengths),

@@ -30,12 +30,41 @@ class GatedFusion(nn.Module):
         return g * self.image_proj(img) + (1 - g) * self.text_proj(txt)  # (B, dim)
 
 
+class ClassAttentionHead(nn.Module):
+    """Per-class logits read off a spatial feature map: a 1x1 conv scores every position for every
+    class; each class's logit is the mean of its score map plus `lam` times an attention-weighted
+    sum in which positions where that class scores high count more (softmax over positions at
+    temperature `temperature`; very large = max pooling). Small objects fill a few cells of the map
+    and vanish in a global average; the attention term keeps them (class-specific residual
+    attention, Zhu & Wu, ICCV 2021)."""
+
+    def __init__(self, in_dim: int, num_classes: int, *, lam: float, temperature: float,
+                 dropout: float):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_dim)
+        self.drop = nn.Dropout(dropout)
+        self.score = nn.Conv2d(in_dim, num_classes, kernel_size=1)
+        self.lam = lam
+        self.temperature = temperature
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        # float32 from here: fp16 overflows at high temperatures, and CPU autocast would run the
+        # softmax in bf16
+        s = self.score(self.drop(self.norm(fmap))).flatten(2).float()  # (B, C, H*W)
+        attn = torch.softmax(s * self.temperature, dim=2)  # (B, C, H*W)
+        return s.mean(dim=2) + self.lam * (attn * s).sum(dim=2)  # (B, C)
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}, temperature={self.temperature}"
+
+
 class Tagger(nn.Module):
     """Fuses the pooled image and caption embeddings and predicts one logit per label."""
 
     def __init__(self, image_encoder: nn.Module | None, text_encoder: nn.Module | None,
                  num_classes: int, hidden: int = 512, dropout: float = 0.3, fusion: str = "concat",
-                 aux_heads: str = "none"):
+                 aux_heads: str = "none", image_head: str = "linear", attn_lambda: float = 0.2,
+                 attn_temperature: float = 1.0):
         super().__init__()
         if image_encoder is None and text_encoder is None:
             raise ValueError("a tagger needs an image encoder, a caption encoder, or both")
@@ -72,23 +101,41 @@ class Tagger(nn.Module):
         if aux_heads not in ("none", "loss", "ensemble"):
             raise ValueError(f"unknown aux_heads {aux_heads!r}; choose from ['ensemble', 'loss', 'none']")
         self.aux_heads = aux_heads if img_dim and txt_dim else "none"
+        # The image's own head reads the pooled vector ('linear') or the spatial map ('attention':
+        # ClassAttentionHead), which needs the map, so not pooled cached features.
+        if image_head not in ("linear", "attention"):
+            raise ValueError(f"unknown image_head {image_head!r}; choose from ['attention', 'linear']")
+        self.image_head_kind = image_head if self.aux_heads != "none" else "linear"
         if self.aux_heads != "none":
-            self.image_head = nn.Sequential(nn.BatchNorm1d(img_dim), nn.Dropout(dropout),
-                                            nn.Linear(img_dim, num_classes))
+            if image_head == "attention":
+                self.image_head = ClassAttentionHead(img_dim, num_classes, lam=attn_lambda,
+                                                     temperature=attn_temperature, dropout=dropout)
+            else:
+                self.image_head = nn.Sequential(nn.BatchNorm1d(img_dim), nn.Dropout(dropout),
+                                                nn.Linear(img_dim, num_classes))
             self.text_head = nn.Sequential(nn.BatchNorm1d(txt_dim), nn.Dropout(dropout),
                                            nn.Linear(txt_dim, num_classes))
 
     def embed(self, images: torch.Tensor | None, ids: torch.Tensor | None,
               lengths: torch.Tensor | None) -> list[torch.Tensor]:
         """Pooled embeddings of the modalities present: [(B, Di)] and/or [(B, Dt)]."""
+        return self._embed(images, ids, lengths)[0]
+
+    def _embed(self, images, ids, lengths) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """(pooled embeddings, the image feature map (B, Di, H', W') or None if not computed)."""
         parts = []
+        fmap = None
         enc = self.image_encoder
         if enc is not None:
             k = self.image_input_stage
             if k > enc.num_stages:
+                if self.image_head_kind == "attention":
+                    raise ValueError("an attention image head needs the feature map: cache image "
+                                     "stages before the last one, not pooled features")
                 parts.append(images.float())  # (B, Di) cached pooled features
             else:
-                parts.append(enc.pool(enc.run_stages(images, k)).float())  # (B, Di)
+                fmap = enc.run_stages(images, k).float()  # (B, Di, H', W')
+                parts.append(enc.pool(fmap).float())  # (B, Di)
         txt_enc = self.text_encoder
         if txt_enc is not None:
             k = self.text_input_stage
@@ -99,19 +146,20 @@ class Tagger(nn.Module):
             else:
                 txt = txt_enc.pool(txt_enc.run_layers(ids.float(), lengths, k), lengths)  # (B, Dt)
             parts.append(txt.float())
-        return parts
+        return parts, fmap
 
     def forward_all(self, images: torch.Tensor | None, ids: torch.Tensor | None,
                     lengths: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """{'logits': final (B, C)} plus 'fused', 'image', 'text' (B, C) logits with aux heads."""
-        parts = self.embed(images, ids, lengths)
+        parts, fmap = self._embed(images, ids, lengths)
         if self.fusion is not None:
             fused = self.fusion(parts[0], parts[1])  # (B, hidden)
         else:
             fused = torch.cat(parts, dim=1)  # (B, Di + Dt)
         out = {"fused": self.head(fused)}  # (B, C)
         if self.aux_heads != "none":
-            out["image"] = self.image_head(parts[0])  # (B, C)
+            img_in = fmap if self.image_head_kind == "attention" else parts[0]
+            out["image"] = self.image_head(img_in)  # (B, C)
             out["text"] = self.text_head(parts[1])  # (B, C)
         if self.aux_heads == "ensemble":
             out["logits"] = (out["fused"] + out["image"] + out["text"]) / 3

@@ -49,7 +49,8 @@ def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
     """(image input stage, caption input stage) for this model; (0, 0) for no cache.
 
     The frozen prefix of the image encoder is cached: stages [0, k) for k frozen stages, or the
-    pooled features when all are frozen. Likewise for MiniLM: the token states after its k frozen
+    pooled features when all are frozen (the last feature map instead when an attention image head
+    reads it). Likewise for MiniLM: the token states after its k frozen
     layers, or its pooled features when it is frozen whole.
     """
     if cfg.cache.enabled == "off":
@@ -57,7 +58,9 @@ def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
     stage = 0
     enc = model.image_encoder
     if enc is not None and enc.frozen_stages > 0:
-        stage = enc.num_stages + 1 if enc.frozen_stages == enc.num_stages else enc.frozen_stages
+        stage = enc.frozen_stages
+        if stage == enc.num_stages and getattr(model, "image_head_kind", "linear") != "attention":
+            stage = enc.num_stages + 1  # pooled features
     text_stage = 0
     txt = model.text_encoder
     if cfg.model.text_encoder == "minilm" and txt.freeze != "none":
@@ -66,8 +69,10 @@ def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
 
 
 def cached_datasets(cfg: TrainConfig, model, train_ds, val_ds, transform_spec, *, stage: int,
-                    text_stage: int, progress: bool) -> tuple[CachedDataset, CachedDataset]:
-    """Replace raw datasets (mmtag.data.dataset.TaggingDataset) by cached-feature datasets."""
+                    text_stage: int, progress: bool,
+                    dtype: torch.dtype | None = None) -> tuple[CachedDataset, CachedDataset]:
+    """Replace raw datasets (mmtag.data.dataset.TaggingDataset) by cached-feature datasets.
+    `dtype` is the autocast dtype the model predicts with (the frozen prefix runs under it)."""
     root = Path(cfg.cache.dir) if cfg.cache.dir else None
     out = []
     for ds, train in ((train_ds, True), (val_ds, False)):
@@ -76,12 +81,12 @@ def cached_datasets(cfg: TrainConfig, model, train_ds, val_ds, transform_spec, *
             image = cache_image_features(
                 model.image_encoder, stage, ds.records, ds.image_dir, transform_spec, root=root,
                 flip=cfg.cache.flip, batch_size=cfg.cache.batch_size,
-                num_workers=cfg.cache.num_workers, progress=progress, source=ds.source)
+                num_workers=cfg.cache.num_workers, progress=progress, source=ds.source, dtype=dtype)
         text = ds.tokens
         if text_stage:
             text = torch.from_numpy(cache_text_features(
                 model.text_encoder, text_stage, ds.tokens, ds.lengths,
-                [r.caption for r in ds.records], root=root))
+                [r.caption for r in ds.records], root=root, dtype=dtype))
         out.append(CachedDataset(image, text, ds.lengths, ds.targets, train=train))
     return out[0], out[1]
 

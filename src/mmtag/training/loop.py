@@ -17,6 +17,7 @@ import logging
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from mmtag.training.checkpoint import (
     load_checkpoint,
     state_dict_megabytes,
 )
+from mmtag.training.ema import EMA
 from mmtag.training.losses import build_loss, pos_weight_from_targets
 from mmtag.training.metrics import multilabel_metrics
 from mmtag.training.runtime import (
@@ -95,7 +97,7 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, device: torch.device,
                     *, dtype: torch.dtype | None = None, scaler=None, grad_clip: float = 0.0,
                     step_scheduler=None, channels_last: bool = False, progress: bool = False,
-                    aux_weight: float = 0.0,
+                    aux_weight: float = 0.0, ema=None,
                     desc: str = "train") -> tuple[float, np.ndarray, np.ndarray]:
     """One pass over `loader`; returns (mean loss, probabilities, targets) of the pass."""
     model.train()
@@ -127,6 +129,8 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, dev
             scaler.update()
         else:
             optimizer.step()
+        if ema is not None:
+            ema.update(model)
         if step_scheduler is not None:
             step_scheduler.step()
         n = target.shape[0]
@@ -351,7 +355,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                  if text_stage else "")
         train_ds, val_ds = cached_datasets(cfg, model, train_ds, val_ds,
                                            image_spec(cfg, norm), stage=stage,
-                                           text_stage=text_stage, progress=progress)
+                                           text_stage=text_stage, progress=progress, dtype=dtype)
         val_ds.both_views = cfg.tta_flip and stage > 0 and cfg.cache.flip
         model.image_input_stage, model.text_input_stage = stage, text_stage
         workers = 0  # features are in memory
@@ -384,6 +388,9 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
         log.info("resuming %s at epoch %d (best %s = %s at epoch %d)", run_dir, start_epoch,
                  cfg.best_metric, best_value, best_epoch)
 
+    ema = EMA(model, o.ema) if o.ema > 0 else None  # from the (resumed) weights
+    if ema is not None and resume and last.get("ema") is not None:
+        ema.load_state_dict(last["ema"])
     higher_better = cfg.best_metric != "val_loss"
     # flip TTA from raw images, or from cached flipped features when they exist
     val_tta = cfg.tta_flip and (stage == 0 or getattr(val_ds, "both_views", False))
@@ -404,15 +411,17 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                 model, train_loader, loss_fn, optimizer, device, dtype=dtype, scaler=scaler,
                 grad_clip=o.grad_clip, step_scheduler=scheduler if o.scheduler == "cosine" else None,
                 channels_last=channels_last, progress=progress, desc=f"epoch {epoch}/{o.epochs}",
-                aux_weight=cfg.model.aux_weight if cfg.model.aux_heads != "none" else 0.0)
+                aux_weight=cfg.model.aux_weight if cfg.model.aux_heads != "none" else 0.0,
+                ema=ema)
         except TrainingDivergedError as e:
             kept = "last.pt" if (run_dir / "last.pt").exists() else "no checkpoint yet"
             raise TrainingDivergedError(
                 f"{e}; training stopped, the last good checkpoint is kept ({kept}). Try a lower "
                 f"optim.lr, optim.grad_clip=1.0, or amp=none.") from None
-        va_loss, va_probs, va_targets = evaluate(model, val_loader, loss_fn, device, dtype=dtype,
-                                                 channels_last=channels_last, tta=val_tta,
-                                                 progress=progress, desc="validate")
+        with ema.applied(model) if ema is not None else nullcontext():
+            va_loss, va_probs, va_targets = evaluate(model, val_loader, loss_fn, device, dtype=dtype,
+                                                     channels_last=channels_last, tta=val_tta,
+                                                     progress=progress, desc="validate")
         row = {"epoch": epoch, "lr": lr, **_scores("train", tr_loss, tr_probs, tr_targets),
                **_scores("val", va_loss, va_probs, va_targets), "seconds": round(time.time() - t0, 2)}
         if scheduler is not None and o.scheduler == "plateau":
@@ -421,7 +430,8 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
         improved = best_value is None or (value > best_value if higher_better else value < best_value)
         if improved:
             best_value, best_epoch, bad_epochs = value, epoch, 0
-            atomic_save(best_payload(cfg, model, data, epoch, row), run_dir / "best.pt")
+            with ema.applied(model) if ema is not None else nullcontext():  # the validated weights
+                atomic_save(best_payload(cfg, model, data, epoch, row), run_dir / "best.pt")
         else:
             bad_epochs += 1
         _append_metrics(run_dir / "metrics.csv", {k: _round(v) for k, v in row.items()})
@@ -429,6 +439,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                      "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
                      "scaler": scaler.state_dict() if scaler is not None else None,
+                     "ema": ema.state_dict() if ema is not None else None,
                      "rng": rng_state(), "best_value": best_value, "best_epoch": best_epoch,
                      "bad_epochs": bad_epochs}, run_dir / "last.pt")
         log.info("epoch %d/%d  train loss %.4f F1 %.4f | val loss %.4f micro-F1 %.4f "
