@@ -155,3 +155,11 @@ def test_caption_only_and_image_only_models(demo, tmp_path):
         out = tmp_path / f"{name}.csv"
         predict_csv(tmp_path / name, demo / "test.csv", demo / "data", out)
         assert len(read_csv(out)) == 8
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(demo, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: False)
+    with caplog.at_level("WARNING"):
+        loop.fit(load_config(None, [*TINY, "optim.epochs=1", "amp=bf16", "device=cpu"]), demo,
+                 tmp_path / "bf16", progress=False)
+    assert "use --set amp=none" in caplog.text

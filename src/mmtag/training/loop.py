@@ -46,6 +46,7 @@ from mmtag.training.metrics import multilabel_metrics
 from mmtag.training.runtime import (
     amp_dtype,
     autocast,
+    cpu_has_fast_bf16,
     resolve_device,
     rng_state,
     seed_everything,
@@ -323,6 +324,9 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     device = resolve_device(cfg.device)
     dtype = amp_dtype(cfg.amp, device)
     channels_last = cfg.channels_last and device.type == "cuda"
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
+        log.warning("amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): it will run "
+                    "slower than fp32 here; use --set amp=none")
 
     data = prepare_data(cfg, data_dir, run_dir, resume)
     model = build_tagger(cfg.model, data.label_map.num_classes, data.caption_enc,
