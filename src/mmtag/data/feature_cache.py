@@ -16,7 +16,6 @@ once over the data and its outputs are stored on disk, one `.npy` file per image
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +32,7 @@ from torch import nn
 
 from mmtag.data.csv_io import Record
 from mmtag.data.images import ImageReadError, ImageTransformSpec, build_transform, load_image
+from mmtag.training.runtime import autocast
 
 log = logging.getLogger("mmtag.cache")
 
@@ -189,7 +189,7 @@ def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Recor
         for x, pos in loader:
             views = [x, x.flip(-1)] if flip else [x]
             outs = []
-            with _autocast(dev, dtype):
+            with autocast(dev, dtype):
                 for v in views:
                     v = v.to(dev).contiguous(memory_format=torch.channels_last)
                     y = fast.run_stages(v, 0, end)
@@ -220,12 +220,6 @@ def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Recor
 
 def _precision(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 class _CorruptEntry(RuntimeError):
@@ -272,7 +266,7 @@ def cache_text_features(encoder: nn.Module, stage: int, ids: torch.Tensor, lengt
         for s in range(0, len(idx), batch_size):
             chunk = torch.as_tensor(idx[s: s + batch_size])
             x, n = ids[chunk].to(dev), lengths[chunk].to(dev)
-            with _autocast(dev, dtype):
+            with autocast(dev, dtype):
                 out = encoder(x, n) if pooled else encoder.run_layers(x, n, 0, stage)
             feats = out.float().to(torch.float16).cpu().numpy()
             for j, i in enumerate(chunk.tolist()):
