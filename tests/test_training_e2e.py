@@ -163,3 +163,32 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(demo, tmp_path, monkeypatch, ca
         loop.fit(load_config(None, [*TINY, "optim.epochs=1", "amp=bf16", "device=cpu"]), demo,
                  tmp_path / "bf16", progress=False)
     assert "use --set amp=none" in caplog.text
+
+
+def test_evaluate_folds_batchnorm_on_a_copy_and_matches_the_model(run):
+    pred = Predictor.load(run)  # any trained tagger; rebuild one with its BatchNorms unfolded
+    from mmtag.models.build import build_tagger
+
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    model = build_tagger(pred.config.model, len(ckpt["thresholds"]), pred.caption_enc,
+                         load_pretrained=False)
+    model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+    model.eval()
+    torch.manual_seed(0)
+    images = torch.randn(6, 3, 32, 32)
+    ids = torch.randint(1, 5, (6, 4))
+    lengths = torch.full((6,), 4)
+    target = torch.zeros(6, len(ckpt["thresholds"]))
+    with torch.no_grad():
+        expected = torch.sigmoid(model(images, ids, lengths))
+    encoder = model.image_encoder
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
+    loader = [(images, ids, lengths, target)]
+    copies = []
+    encoder.for_inference = lambda **kw: copies.append(type(encoder).for_inference(encoder, **kw)) or copies[-1]
+    _, probs, _ = loop.evaluate(model, loader, None, torch.device("cpu"))
+    assert len(copies) == 1 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in copies[0].modules())
+    torch.testing.assert_close(torch.from_numpy(probs), expected, rtol=1e-4, atol=1e-5)
+    # the model keeps its own encoder, BatchNorms and all
+    assert model.image_encoder is encoder
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules()) == n_bn > 0

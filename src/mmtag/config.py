@@ -178,7 +178,7 @@ class TrainConfig:
     seed: int = 0                   # seeds torch, numpy and random
     device: str = "auto"            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
     amp: str = "auto"               # 'auto' (bf16 on CUDA, off on CPU), 'bf16', 'fp16', 'none'
-    channels_last: bool = True      # on CUDA: channels_last memory format for the image encoder
+    channels_last: bool = True      # channels_last memory format for the image encoder (faster on CPU and CUDA)
     deterministic: bool = False     # torch deterministic algorithms (slower)
     best_metric: str = "micro_f1"   # validation metric that picks the best checkpoint
     threshold_mode: str = "global"  # 'global' or 'per_class' decision thresholds
