@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from mmtag.training.metrics import format_per_class_table, multilabel_metrics
-from mmtag.training.thresholds import apply_thresholds, choose_thresholds, default_grid
+from mmtag.training.thresholds import (
+    apply_thresholds,
+    choose_thresholds,
+    decide,
+    default_grid,
+    expected_f1_sets,
+)
 
 # 4 images x 4 labels. Label 3 is neither true nor predicted anywhere; image 3 has no labels.
 Y_TRUE = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
@@ -187,3 +193,46 @@ def test_choose_thresholds_refuses_bad_options():
     with pytest.raises(ValueError, match="grid"):
         choose_thresholds(y, s, grid=[1.5])
     assert default_grid()[0] == 0.05 and default_grid()[-1] == 0.95 and len(default_grid()) == 91
+
+
+def _expected_f1_brute_force(p: np.ndarray, chosen: np.ndarray) -> float:
+    """E[F1(chosen, Y)] over every label vector Y, labels independent with probabilities p."""
+    c = len(p)
+    total = 0.0
+    for bits in range(2 ** c):
+        y = np.array([(bits >> j) & 1 for j in range(c)])
+        prob = np.prod(np.where(y == 1, p, 1 - p))
+        den = chosen.sum() + y.sum()
+        total += prob * (2 * (chosen & y).sum() / den if den else 1.0)
+    return total
+
+
+@pytest.mark.parametrize("at_least_one", [False, True])
+def test_expected_f1_sets_are_the_best_of_every_subset(at_least_one):
+    rng = np.random.default_rng(3)
+    probs = np.vstack([rng.random((6, 5)) ** 3, [[0.02, 0.01, 0.03, 0.01, 0.02]],
+                       [[0.9, 0.85, 0.5, 0.4, 0.1]]])
+    got = expected_f1_sets(probs, at_least_one)
+    subsets = [np.array([(s >> j) & 1 for j in range(5)]) for s in range(2 ** 5)]
+    if at_least_one:
+        subsets = subsets[1:]
+    for p, pred in zip(probs, got, strict=True):
+        best = max(_expected_f1_brute_force(p, s) for s in subsets)
+        assert _expected_f1_brute_force(p, pred) == pytest.approx(best, abs=1e-12)
+        assert pred.sum() >= (1 if at_least_one else 0)
+    # all labels improbable: the empty set is the best guess, unless a label is required
+    # (then, given that the image has one, casting a wider net pays: three labels here)
+    assert got[6].tolist() == ([1, 0, 1, 0, 1] if at_least_one else [0, 0, 0, 0, 0])
+
+
+def test_expected_f1_beats_every_global_threshold_on_samples_f1():
+    # labels drawn from the probabilities themselves: calibrated by construction
+    rng = np.random.default_rng(0)
+    probs = rng.beta(0.3, 2.0, size=(4000, 12))
+    y = (rng.random(probs.shape) < probs).astype(int)
+    ef1 = multilabel_metrics(y, decide(probs, None, rule="expected_f1"))["samples_f1"]
+    best_thr = max(multilabel_metrics(y, apply_thresholds(probs, t))["samples_f1"]
+                   for t in default_grid())
+    assert ef1 > best_thr + 0.005
+    with pytest.raises(ValueError, match="decision rule"):
+        decide(probs, 0.5, rule="top3")

@@ -192,3 +192,20 @@ def test_evaluate_folds_batchnorm_on_a_copy_and_matches_the_model(run):
     # the model keeps its own encoder, BatchNorms and all
     assert model.image_encoder is encoder
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules()) == n_bn > 0
+
+
+def test_expected_f1_decision_is_saved_and_used_everywhere(demo, tmp_path):
+    run = tmp_path / "ef1"
+    summary = loop.fit(load_config(None, [*TINY, "optim.epochs=1", "decision=expected_f1",
+                                          "at_least_one=true"]), demo, run, progress=False)
+    assert summary["decision"] == "expected_f1"
+    assert summary["val_crossfit_other_rule"]["decision"] == "threshold"
+    assert 0 <= summary["val_crossfit_other_rule"]["micro_f1"] <= 1
+    m = evaluate_run(run, data_dir=demo)
+    assert m["decision"] == "expected-F1 label sets"
+    assert m["samples_f1"] == pytest.approx(summary["val"]["samples_f1"], abs=1e-6)
+    out = tmp_path / "pred.csv"
+    predict_csv(run, demo / "test.csv", demo / "data", out)
+    assert all(r.labels for r in read_csv(out))  # at_least_one holds under this rule too
+    with pytest.raises(ValueError, match="decision must be one of"):
+        load_config(None, ["decision=top3"])

@@ -181,6 +181,10 @@ class TrainConfig:
     channels_last: bool = True      # channels_last memory format for the image encoder (faster on CPU and CUDA)
     deterministic: bool = False     # torch deterministic algorithms (slower)
     best_metric: str = "micro_f1"   # validation metric that picks the best checkpoint
+    # 'threshold': a label is predicted at or above its tuned threshold (micro-F1's best rule);
+    # 'expected_f1': per image, the label set with the highest expected F1 under the predicted
+    # probabilities (samples-F1's best rule, Kaggle's metric; nothing is tuned)
+    decision: str = "threshold"
     threshold_mode: str = "global"  # 'global' or 'per_class' decision thresholds
     threshold_metric: str = "micro_f1"  # 'micro_f1' or 'samples_f1'
     at_least_one: bool = False      # always predict at least one label per image
@@ -196,6 +200,8 @@ class TrainConfig:
                "threshold_mode must be one of ['global', 'per_class']")
         _check(self.threshold_metric in ("micro_f1", "samples_f1"),
                "threshold_metric must be one of ['micro_f1', 'samples_f1']")
+        _check(self.decision in ("threshold", "expected_f1"),
+               "decision must be one of ['expected_f1', 'threshold']")
 
     def to_dict(self) -> dict:
         return asdict(self)

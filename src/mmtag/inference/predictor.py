@@ -22,7 +22,7 @@ from mmtag.training.checkpoint import load_checkpoint
 from mmtag.training.loop import _logits, encoder_normalisation, evaluate, image_spec
 from mmtag.training.metrics import multilabel_metrics
 from mmtag.training.runtime import amp_dtype, autocast, resolve_device
-from mmtag.training.thresholds import apply_thresholds
+from mmtag.training.thresholds import apply_thresholds, decide
 
 log = logging.getLogger("mmtag.predict")
 
@@ -83,10 +83,12 @@ class Predictor:
 
     def decide(self, probs: np.ndarray, threshold: float | None = None,
                at_least_one: bool | None = None) -> np.ndarray:
-        """0/1 decisions with the saved thresholds (or one global `threshold`)."""
-        thr = self.thresholds if threshold is None else np.full(probs.shape[1], threshold)
+        """0/1 decisions by the run's rule (`decision` in its config: the saved thresholds, or
+        per-image expected-F1 label sets), or at one global `threshold` when given."""
         alo = self.at_least_one if at_least_one is None else at_least_one
-        return apply_thresholds(probs, thr, alo)
+        if threshold is not None:
+            return apply_thresholds(probs, np.full(probs.shape[1], threshold), alo)
+        return decide(probs, self.thresholds, at_least_one=alo, rule=self.config.decision)
 
     def predict(self, pairs: Sequence[tuple[Image.Image | str | Path, str]],
                 threshold: float | None = None) -> list[tuple[int, ...]]:
@@ -153,6 +155,9 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     m["source"] = source
     m["thresholds"] = (f"global {threshold:.3f}" if threshold is not None
                        else [round(float(t), 4) for t in pred.thresholds])
+    m["decision"] = (f"global threshold {threshold:.3f}" if threshold is not None
+                     else "expected-F1 label sets" if pred.config.decision == "expected_f1"
+                     else "the run's tuned thresholds")
     return m
 
 
