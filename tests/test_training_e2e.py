@@ -8,10 +8,13 @@ import torch
 
 from mmtag.config import load_config
 from mmtag.data.csv_io import read_csv
+from mmtag.data.dataset import Split
 from mmtag.data.demo import make_demo_data
 from mmtag.inference.predictor import Predictor, evaluate_run, predict_csv
 from mmtag.training import loop
 from mmtag.training.checkpoint import ModelTooLargeError
+from mmtag.training.metrics import multilabel_metrics
+from mmtag.training.thresholds import expected_f1_sets
 
 TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
         "model.image_encoder=efficientnet_lite0", "model.lstm_hidden=8", "model.hidden=16",
@@ -209,3 +212,22 @@ def test_expected_f1_decision_is_saved_and_used_everywhere(demo, tmp_path):
     assert all(r.labels for r in read_csv(out))  # at_least_one holds under this rule too
     with pytest.raises(ValueError, match="decision must be one of"):
         load_config(None, ["decision=top3"])
+
+
+def test_decision_rule_can_be_overridden_from_the_command_line(run, demo, tmp_path, capsys):
+    from mmtag.cli import main
+
+    assert main(["evaluate", str(run), "--data", str(demo), "--json",
+                 "--decision", "expected_f1"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["decision"] == "expected-F1 label sets"
+    pred = Predictor.load(run)
+    ds = pred.dataset(Split.load(run / "split.json").apply(read_csv(demo / "train.csv"))[1],
+                      demo / "data")
+    probs = pred.probabilities(ds)
+    want = multilabel_metrics(ds.targets.numpy().astype(int), expected_f1_sets(probs))
+    assert m["samples_f1"] == pytest.approx(want["samples_f1"], abs=1e-9)
+    out = tmp_path / "sub.csv"
+    assert main(["predict", str(run), "--csv", str(demo / "test.csv"), "--images",
+                 str(demo / "data"), "--out", str(out), "--decision", "expected_f1"]) == 0
+    assert len(read_csv(out)) == 8

@@ -83,7 +83,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mmtag.training.metrics import format_per_class_table
 
     m = evaluate_run(args.run, data_dir=args.data, csv_path=args.csv, images=args.images,
-                     threshold=args.threshold, batch_size=args.batch_size, device=args.device)
+                     threshold=args.threshold, decision=args.decision,
+                     batch_size=args.batch_size, device=args.device)
     if args.json:
         print(json.dumps(m))
         return 0
@@ -98,7 +99,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from mmtag.inference.predictor import predict_csv
 
     res = predict_csv(args.run, args.csv, args.images, args.out, probs_out=args.probs,
-                      threshold=args.threshold, caption_only_missing=args.caption_only_missing,
+                      threshold=args.threshold, decision=args.decision,
+                      caption_only_missing=args.caption_only_missing,
                       batch_size=args.batch_size, device=args.device)
     print(f"wrote {res['rows']} rows to {res['out']}" + (f" and probabilities to {res['probs']}"
                                                          if res["probs"] else ""))
@@ -175,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--csv", help="a labelled CSV instead of the validation split")
     c.add_argument("--images", help="image folder for --csv (default: data/ beside the CSV)")
     c.add_argument("--threshold", type=float, help="one global threshold instead of the saved ones")
+    c.add_argument("--decision", choices=["threshold", "expected_f1"],
+                   help="decision rule instead of the run's: its tuned thresholds, or per image "
+                        "the label set of highest expected F1 (samples-F1, Kaggle's metric)")
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--device", default="auto")
     c.add_argument("--json", action="store_true", help="print one JSON object")
@@ -187,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="Predicted_labels.csv", help="submission file (default %(default)s)")
     c.add_argument("--probs", help="also write per-class probabilities to this CSV")
     c.add_argument("--threshold", type=float, help="one global threshold instead of the saved ones")
+    c.add_argument("--decision", choices=["threshold", "expected_f1"],
+                   help="decision rule instead of the run's: its tuned thresholds, or per image "
+                        "the label set of highest expected F1 (samples-F1, Kaggle's metric)")
     c.add_argument("--caption-only-missing", action="store_true",
                    help="predict rows whose image is missing/corrupt from the caption alone (listed)")
     c.add_argument("--batch-size", type=int, default=64)

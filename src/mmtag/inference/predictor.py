@@ -82,13 +82,15 @@ class Predictor:
         return probs
 
     def decide(self, probs: np.ndarray, threshold: float | None = None,
-               at_least_one: bool | None = None) -> np.ndarray:
+               at_least_one: bool | None = None, decision: str | None = None) -> np.ndarray:
         """0/1 decisions by the run's rule (`decision` in its config: the saved thresholds, or
-        per-image expected-F1 label sets), or at one global `threshold` when given."""
+        per-image expected-F1 label sets) or the `decision` given, or at one global `threshold`
+        when given."""
         alo = self.at_least_one if at_least_one is None else at_least_one
         if threshold is not None:
             return apply_thresholds(probs, np.full(probs.shape[1], threshold), alo)
-        return decide(probs, self.thresholds, at_least_one=alo, rule=self.config.decision)
+        return decide(probs, self.thresholds, at_least_one=alo,
+                      rule=decision or self.config.decision)
 
     def predict(self, pairs: Sequence[tuple[Image.Image | str | Path, str]],
                 threshold: float | None = None) -> list[tuple[int, ...]]:
@@ -124,8 +126,8 @@ def find_missing_images(records: Sequence[Record], image_dir: Path, source: str)
 
 def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
                  csv_path: Path | str | None = None, images: Path | str | None = None,
-                 threshold: float | None = None, batch_size: int = 64, device: str = "auto",
-                 num_workers: int = 0) -> dict:
+                 threshold: float | None = None, decision: str | None = None,
+                 batch_size: int = 64, device: str = "auto", num_workers: int = 0) -> dict:
     """Metrics of a run on its saved validation split (`data_dir`) or on a labelled CSV."""
     pred = Predictor.load(run, device)
     if csv_path is not None:
@@ -149,22 +151,24 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     ds = pred.dataset(rows, image_dir, source)
     probs = pred.probabilities(ds, batch_size, num_workers)
     y = ds.targets.numpy().astype(int)
-    m = multilabel_metrics(y, pred.decide(probs, threshold),
+    m = multilabel_metrics(y, pred.decide(probs, threshold, decision=decision),
                            label_names=[str(lab) for lab in pred.label_map.labels])
     m["rows"] = len(rows)
     m["source"] = source
     m["thresholds"] = (f"global {threshold:.3f}" if threshold is not None
                        else [round(float(t), 4) for t in pred.thresholds])
+    rule = decision or pred.config.decision
     m["decision"] = (f"global threshold {threshold:.3f}" if threshold is not None
-                     else "expected-F1 label sets" if pred.config.decision == "expected_f1"
+                     else "expected-F1 label sets" if rule == "expected_f1"
                      else "the run's tuned thresholds")
     return m
 
 
 def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
                 out: Path | str = "Predicted_labels.csv", *, probs_out: Path | str | None = None,
-                threshold: float | None = None, caption_only_missing: bool = False,
-                batch_size: int = 64, device: str = "auto", num_workers: int = 0) -> dict:
+                threshold: float | None = None, decision: str | None = None,
+                caption_only_missing: bool = False, batch_size: int = 64, device: str = "auto",
+                num_workers: int = 0) -> dict:
     """Write the Kaggle submission for every row of `csv_path`, in order."""
     pred = Predictor.load(run, device)
     csv_path, images = Path(csv_path), Path(images)
@@ -180,7 +184,7 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
         log.warning("predicting from the caption alone: %s", msg)
     ds = pred.dataset(rows, images, str(csv_path), blank_missing_images=bool(bad))
     probs = pred.probabilities(ds, batch_size, num_workers)
-    decisions = pred.decide(probs, threshold)
+    decisions = pred.decide(probs, threshold, decision=decision)
     label_sets = [pred.label_map.decode(d) for d in decisions]
     write_submission(out, [r.image_id for r in rows], label_sets)
     if probs_out is not None:
