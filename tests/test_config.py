@@ -28,6 +28,8 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("model.image_head=attention", "set model.aux_heads to 'loss' or 'ensemble'"),
     ("model.image_head=attention model.aux_heads=loss model.text_encoder=none",
      "use 'linear' for a single-modality model"),
+    ("model.text_head=max", r"model.text_head must be one of \['attention', 'linear'\]"),
+    ("model.text_head=attention model.aux_heads=ensemble", "set model.text_encoder=minilm"),
 ])
 def test_bad_keys_and_values_say_what_is_valid(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -140,13 +140,19 @@ def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze, extra):
     assert json.loads((run / "summary.json").read_text())["val_rows"] == 8
 
 
-@pytest.mark.parametrize("image, freeze_text", [("none", "4"), ("efficientnet_lite0", "all")])
-def test_cached_caption_encoder_layers(demo, tmp_path, image, freeze_text):
+@pytest.mark.parametrize("image, freeze_text, extra", [
+    ("none", "4", []), ("efficientnet_lite0", "all", []),
+    # class attention over the caption's tokens: cached token states after the last layer (frozen
+    # whole) or after layer 4 (top layers train), never pooled features
+    ("efficientnet_lite0", "all", ["model.aux_heads=ensemble", "model.text_head=attention"]),
+    ("efficientnet_lite0", "4", ["model.aux_heads=ensemble", "model.text_head=attention"]),
+])
+def test_cached_caption_encoder_layers(demo, tmp_path, image, freeze_text, extra):
     cfg = load_config(None, [
         "data.image_size=32", "data.num_workers=0", f"model.image_encoder={image}",
         "model.freeze_image=all", "model.text_encoder=minilm", f"model.freeze_text={freeze_text}",
         "model.hidden=16", "optim.batch_size=8", "optim.epochs=1", "model.fp16_storage=true",
-        f"cache.dir={tmp_path / 'cache'}", "data.max_len=12"])
+        f"cache.dir={tmp_path / 'cache'}", "data.max_len=12", *extra])
     run = tmp_path / "run"
     summary = loop.fit(cfg, demo, run, progress=False)
     assert any(p.name.startswith("MiniLMEncoder") for p in (tmp_path / "cache").iterdir())

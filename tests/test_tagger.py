@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmtag.models.tagger import ClassAttentionHead, Tagger
+from mmtag.models.tagger import ClassAttentionHead, Tagger, TokenAttentionHead
 
 
 class _Img(nn.Module):
@@ -119,3 +119,22 @@ def test_class_attention_head_is_finite_under_autocast(dtype):
         out = head(fmap)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out, head(fmap), rtol=0.05, atol=0.5)
+
+
+def test_token_attention_head_reads_only_real_tokens():
+    torch.manual_seed(0)
+    head = TokenAttentionHead(8, 3, lam=0.5, temperature=1.0, dropout=0.0).eval()
+    tokens = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    out = head(tokens, mask)
+    padded = tokens.clone()
+    padded[0, 3:] = 100.0  # whatever sits in the padding must not matter
+    torch.testing.assert_close(head(padded, mask), out)
+    # lam = 0: the mean of the per-token scores over the real tokens only
+    head.lam = 0.0
+    scores = head.score(tokens[0, :3])  # (3, C)
+    torch.testing.assert_close(head(tokens, mask)[0], scores.mean(0))
+    # the attention-weighted sum favours high-scoring tokens, so it is never below the mean
+    head.lam = 0.5
+    mean = torch.stack([head.score(tokens[0, :3]).mean(0), head.score(tokens[1]).mean(0)])
+    assert (head(tokens, mask) >= 1.5 * mean - 1e-5).all()

@@ -73,6 +73,8 @@ class ModelConfig:
     aux_weight: float = 0.5                    # weight of each per-modality loss term
     image_head: str = "linear"                 # image aux head: 'linear' on the pooled vector or
                                                # 'attention' (class attention over the feature map)
+    text_head: str = "linear"                  # caption aux head: 'linear' on the pooled vector or
+                                               # 'attention' (class attention over MiniLM's tokens)
     attn_lambda: float = 0.2                   # attention head: weight of the attention term
     attn_temperature: float = 1.0              # attention head: softmax temperature (large = max)
     dropout: float = 0.3
@@ -98,6 +100,13 @@ class ModelConfig:
         _check(self.image_head == "linear" or "none" not in (self.image_encoder, self.text_encoder),
                "model.image_head='attention' is a per-modality head of an image + caption model; "
                "use 'linear' for a single-modality model")
+        _check(self.text_head in ("linear", "attention"),
+               "model.text_head must be one of ['attention', 'linear']")
+        _check(self.text_head == "linear" or (self.text_encoder == "minilm"
+                                              and self.image_encoder != "none"
+                                              and self.aux_heads != "none"),
+               "model.text_head='attention' is the per-modality caption head of an image + MiniLM "
+               "model: set model.text_encoder=minilm and model.aux_heads to 'loss' or 'ensemble'")
         _check(self.attn_temperature > 0, "model.attn_temperature must be > 0")
         _check(self.hidden >= 1 and self.lstm_hidden >= 1 and self.lstm_layers >= 1,
                "model.hidden, lstm_hidden and lstm_layers must be >= 1")

@@ -84,5 +84,6 @@ def build_tagger(cfg: ModelConfig, num_classes: int, caption_enc, *, load_pretra
         freeze = int(cfg.freeze_text) if cfg.freeze_text.isdigit() else cfg.freeze_text
         text = MiniLMEncoder(pretrained=pretrained, freeze=freeze)
     return Tagger(image, text, num_classes, hidden=cfg.hidden, dropout=cfg.dropout, fusion=cfg.fusion,
-                  aux_heads=cfg.aux_heads, image_head=cfg.image_head, attn_lambda=cfg.attn_lambda,
+                  aux_heads=cfg.aux_heads, image_head=cfg.image_head, text_head=cfg.text_head,
+                  attn_lambda=cfg.attn_lambda,
                   attn_temperature=cfg.attn_temperature)

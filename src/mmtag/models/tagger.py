@@ -60,12 +60,39 @@ class ClassAttentionHead(nn.Module):
         return f"lam={self.lam}, temperature={self.temperature}"
 
 
+class TokenAttentionHead(nn.Module):
+    """Per-class logits read off a caption's token states, the way `ClassAttentionHead` reads a
+    feature map: a linear layer scores every token for every class; each class's logit is the
+    mean of its scores over the real tokens plus `lam` times an attention-weighted sum in which
+    the tokens that score high for that class (the word that names the object) count more."""
+
+    def __init__(self, in_dim: int, num_classes: int, *, lam: float, temperature: float,
+                 dropout: float):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.score = nn.Linear(in_dim, num_classes)
+        self.lam = lam
+        self.temperature = temperature
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T, D), mask (B, T) bool (True = a real token) -> (B, C)."""
+        s = self.score(self.drop(tokens)).float()  # (B, T, C)
+        keep = mask.unsqueeze(-1)  # (B, T, 1)
+        mean = (s * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)  # (B, C)
+        attn = torch.softmax((s * self.temperature).masked_fill(~keep, float("-inf")), dim=1)
+        return mean + self.lam * (attn * s).sum(dim=1)  # (B, C)
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}, temperature={self.temperature}"
+
+
 class Tagger(nn.Module):
     """Fuses the pooled image and caption embeddings and predicts one logit per label."""
 
     def __init__(self, image_encoder: nn.Module | None, text_encoder: nn.Module | None,
                  num_classes: int, hidden: int = 512, dropout: float = 0.3, fusion: str = "concat",
-                 aux_heads: str = "none", image_head: str = "linear", attn_lambda: float = 0.2,
+                 aux_heads: str = "none", image_head: str = "linear", text_head: str = "linear",
+                 attn_lambda: float = 0.2,
                  attn_temperature: float = 1.0):
         super().__init__()
         if image_encoder is None and text_encoder is None:
@@ -108,6 +135,14 @@ class Tagger(nn.Module):
         if image_head not in ("linear", "attention"):
             raise ValueError(f"unknown image_head {image_head!r}; choose from ['attention', 'linear']")
         self.image_head_kind = image_head if self.aux_heads != "none" else "linear"
+        # The caption's own head likewise: 'attention' (TokenAttentionHead) needs MiniLM's tokens.
+        if text_head not in ("linear", "attention"):
+            raise ValueError(f"unknown text_head {text_head!r}; choose from ['attention', 'linear']")
+        has_tokens = hasattr(text_encoder, "run_layers")
+        if text_head == "attention" and self.aux_heads != "none" and not has_tokens:
+            raise ValueError("text_head='attention' reads token states: use the MiniLM caption "
+                             "encoder")
+        self.text_head_kind = text_head if self.aux_heads != "none" else "linear"
         if self.aux_heads != "none":
             if image_head == "attention":
                 self.image_head = ClassAttentionHead(img_dim, num_classes, lam=attn_lambda,
@@ -115,18 +150,23 @@ class Tagger(nn.Module):
             else:
                 self.image_head = nn.Sequential(nn.BatchNorm1d(img_dim), nn.Dropout(dropout),
                                                 nn.Linear(img_dim, num_classes))
-            self.text_head = nn.Sequential(nn.BatchNorm1d(txt_dim), nn.Dropout(dropout),
-                                           nn.Linear(txt_dim, num_classes))
+            if self.text_head_kind == "attention":
+                self.text_head = TokenAttentionHead(txt_dim, num_classes, lam=attn_lambda,
+                                                    temperature=attn_temperature, dropout=dropout)
+            else:
+                self.text_head = nn.Sequential(nn.BatchNorm1d(txt_dim), nn.Dropout(dropout),
+                                               nn.Linear(txt_dim, num_classes))
 
     def embed(self, images: torch.Tensor | None, ids: torch.Tensor | None,
               lengths: torch.Tensor | None) -> list[torch.Tensor]:
         """Pooled embeddings of the modalities present: [(B, Di)] and/or [(B, Dt)]."""
         return self._embed(images, ids, lengths)[0]
 
-    def _embed(self, images, ids, lengths) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """(pooled embeddings, the image feature map (B, Di, H', W') or None if not computed)."""
+    def _embed(self, images, ids, lengths):
+        """(pooled embeddings, the image feature map (B, Di, H', W') or None if not computed,
+        the caption's (token states (B, T, Dt), mask (B, T)) or None if not needed)."""
         parts = []
-        fmap = None
+        fmap = tokens = None
         enc = self.image_encoder
         if enc is not None:
             k = self.image_input_stage
@@ -141,19 +181,26 @@ class Tagger(nn.Module):
         txt_enc = self.text_encoder
         if txt_enc is not None:
             k = self.text_input_stage
-            if k == 0:
+            if self.text_head_kind == "attention":
+                if k > txt_enc.num_layers:
+                    raise ValueError("an attention caption head needs token states: cache them, "
+                                     "not pooled features")
+                states = txt_enc.run_layers(ids if k == 0 else ids.float(), lengths, k)  # (B, T, Dt)
+                txt = txt_enc.pool(states, lengths)  # (B, Dt)
+                tokens = (states, txt_enc.token_mask(lengths, states.shape[1], states.device))
+            elif k == 0:
                 txt = txt_enc(ids, lengths)  # (B, Dt) from token ids
             elif k > txt_enc.num_layers:
                 txt = ids  # (B, Dt) cached pooled features
             else:
                 txt = txt_enc.pool(txt_enc.run_layers(ids.float(), lengths, k), lengths)  # (B, Dt)
             parts.append(txt.float())
-        return parts, fmap
+        return parts, fmap, tokens
 
     def forward_all(self, images: torch.Tensor | None, ids: torch.Tensor | None,
                     lengths: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """{'logits': final (B, C)} plus 'fused', 'image', 'text' (B, C) logits with aux heads."""
-        parts, fmap = self._embed(images, ids, lengths)
+        parts, fmap, tokens = self._embed(images, ids, lengths)
         if self.fusion is not None:
             fused = self.fusion(parts[0], parts[1])  # (B, hidden)
         else:
@@ -162,7 +209,8 @@ class Tagger(nn.Module):
         if self.aux_heads != "none":
             img_in = fmap if self.image_head_kind == "attention" else parts[0]
             out["image"] = self.image_head(img_in)  # (B, C)
-            out["text"] = self.text_head(parts[1])  # (B, C)
+            out["text"] = (self.text_head(*tokens) if self.text_head_kind == "attention"
+                           else self.text_head(parts[1]))  # (B, C)
         if self.aux_heads == "ensemble":
             out["logits"] = (out["fused"] + out["image"] + out["text"]) / 3
         else:

@@ -205,13 +205,13 @@ class MiniLMEncoder(nn.Module):
         return len(self.transformer.encoder.layer)
 
     @staticmethod
-    def _mask(lengths: torch.Tensor, t: int, device) -> torch.Tensor:
+    def token_mask(lengths: torch.Tensor, t: int, device) -> torch.Tensor:
         positions = torch.arange(t, device=device)
         return positions[None, :] < lengths.to(device)[:, None]  # (B, T) bool
 
     def pool(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Mean of (B, T, D) token states over the real tokens -> (B, D)."""
-        weights = self._mask(lengths, hidden.shape[1], hidden.device).unsqueeze(-1).to(hidden.dtype)
+        weights = self.token_mask(lengths, hidden.shape[1], hidden.device).unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, D)
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
@@ -223,7 +223,7 @@ class MiniLMEncoder(nn.Module):
         end = self.num_layers if end is None else end
         if start == 0:
             x = self.transformer.embeddings(input_ids=x)  # (B, T, D)
-        mask = self._mask(lengths, x.shape[1], x.device)
+        mask = self.token_mask(lengths, x.shape[1], x.device)
         # additive mask (B, 1, 1, T): 0 keeps a key, a large negative value drops padding
         additive = (~mask)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
         for layer in self.transformer.encoder.layer[start:end]:
@@ -233,7 +233,7 @@ class MiniLMEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """ids (B, T) int64 (token ids, [CLS] first); lengths (B,) real tokens incl. [CLS]/[SEP]."""
-        mask = self._mask(lengths, ids.shape[1], ids.device)  # (B, T) bool
+        mask = self.token_mask(lengths, ids.shape[1], ids.device)  # (B, T) bool
         hidden = self.transformer(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         return self.pool(hidden, lengths)  # (B, D)
 

@@ -51,7 +51,8 @@ def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
     The frozen prefix of the image encoder is cached: stages [0, k) for k frozen stages, or the
     pooled features when all are frozen (the last feature map instead when an attention image head
     reads it). Likewise for MiniLM: the token states after its k frozen
-    layers, or its pooled features when it is frozen whole.
+    layers, or its pooled features when it is frozen whole (its last token states when an
+    attention caption head reads them).
     """
     if cfg.cache.enabled == "off":
         return 0, 0
@@ -65,6 +66,8 @@ def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
     txt = model.text_encoder
     if cfg.model.text_encoder == "minilm" and txt.freeze != "none":
         text_stage = txt.num_layers + 1 if txt.freeze == "all" else int(txt.freeze)
+        if text_stage > txt.num_layers and getattr(model, "text_head_kind", "linear") == "attention":
+            text_stage = txt.num_layers  # the token states after the last layer, not pooled
     return stage, text_stage
 
 
