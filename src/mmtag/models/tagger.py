@@ -92,8 +92,7 @@ class Tagger(nn.Module):
     def __init__(self, image_encoder: nn.Module | None, text_encoder: nn.Module | None,
                  num_classes: int, hidden: int = 512, dropout: float = 0.3, fusion: str = "concat",
                  aux_heads: str = "none", image_head: str = "linear", text_head: str = "linear",
-                 attn_lambda: float = 0.2,
-                 attn_temperature: float = 1.0):
+                 attn_lambda: float = 0.2, attn_temperature: float = 1.0):
         super().__init__()
         if image_encoder is None and text_encoder is None:
             raise ValueError("a tagger needs an image encoder, a caption encoder, or both")
