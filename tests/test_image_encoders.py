@@ -206,6 +206,7 @@ def test_inference_copy_folds_batchnorm_and_matches(name):
         torch.testing.assert_close(fast.run_stages(x, 0, 3), enc.run_stages(x, 0, 3), **TOL)
     assert any(isinstance(m, nn.BatchNorm2d) for m in enc.modules())  # the original is untouched
     assert enc.frozen_stages == 2
+    assert fast.for_inference() is fast  # folding twice is work for nothing (evaluate after load)
 
 
 def test_training_step_backpropagates_through_unfrozen_stages():

@@ -136,6 +136,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_decision_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--threshold", type=float, help="one global threshold instead of the saved ones")
+    c.add_argument("--decision", choices=["threshold", "expected_f1"],
+                   help="decision rule instead of the run's: its tuned thresholds, or per image "
+                        "the label set of highest expected F1 (samples-F1, Kaggle's metric)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmtag",
@@ -176,10 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", help="the Kaggle folder the run was trained on (uses its saved split)")
     c.add_argument("--csv", help="a labelled CSV instead of the validation split")
     c.add_argument("--images", help="image folder for --csv (default: data/ beside the CSV)")
-    c.add_argument("--threshold", type=float, help="one global threshold instead of the saved ones")
-    c.add_argument("--decision", choices=["threshold", "expected_f1"],
-                   help="decision rule instead of the run's: its tuned thresholds, or per image "
-                        "the label set of highest expected F1 (samples-F1, Kaggle's metric)")
+    _add_decision_args(c)
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--device", default="auto")
     c.add_argument("--json", action="store_true", help="print one JSON object")
@@ -191,10 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--images", required=True, help="image folder")
     c.add_argument("--out", default="Predicted_labels.csv", help="submission file (default %(default)s)")
     c.add_argument("--probs", help="also write per-class probabilities to this CSV")
-    c.add_argument("--threshold", type=float, help="one global threshold instead of the saved ones")
-    c.add_argument("--decision", choices=["threshold", "expected_f1"],
-                   help="decision rule instead of the run's: its tuned thresholds, or per image "
-                        "the label set of highest expected F1 (samples-F1, Kaggle's metric)")
+    _add_decision_args(c)
     c.add_argument("--caption-only-missing", action="store_true",
                    help="predict rows whose image is missing/corrupt from the caption alone (listed)")
     c.add_argument("--batch-size", type=int, default=64)

@@ -88,6 +88,7 @@ class ImageEncoder(nn.Module):
         self.normalisation = normalisation
         self.native_size = native_size
         self.frozen_stages = 0
+        self.is_inference_copy = False  # set on the copies `for_inference` makes
 
     @property
     def num_stages(self) -> int:
@@ -145,10 +146,14 @@ class ImageEncoder(nn.Module):
         Every BatchNorm is folded into the conv before it (using its running statistics, as in
         eval mode), the copy is in eval mode with no gradients and, by default, in channels_last
         memory format, which suits CPU convolutions best (feed it channels_last inputs too). The
-        outputs equal `self.eval()`'s up to float rounding; `self` is left unchanged.
+        outputs equal `self.eval()`'s up to float rounding; `self` is left unchanged. An encoder
+        that already is such a copy is returned as it is.
         """
+        if self.is_inference_copy:
+            return self
         fast = copy.deepcopy(self).eval().requires_grad_(False)
         fast.frozen_stages = 0  # nothing left to protect: it is never trained
+        fast.is_inference_copy = True
         with torch.no_grad():
             for module in list(fast.modules()):
                 _fold_batchnorms(module)
