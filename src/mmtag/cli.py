@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     # OpenMP threads that spin while waiting make torch many times slower when DataLoader
     # workers (or anything else) share a small machine's cores; must be set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from mmtag.allocator import keep_freed_memory
+
+    keep_freed_memory()  # large CPU tensors reuse heap memory instead of fresh page-faulted maps
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")

@@ -43,6 +43,7 @@ from mmtag.training.checkpoint import (
 from mmtag.training.ema import EMA
 from mmtag.training.losses import build_loss, pos_weight_from_targets
 from mmtag.training.metrics import multilabel_metrics
+from mmtag.allocator import keep_freed_memory
 from mmtag.training.runtime import (
     amp_dtype,
     autocast,
@@ -329,6 +330,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                               f"continue it with --resume {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
+    keep_freed_memory()  # a no-op when the CLI already did it
     seed_everything(cfg.seed)
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
