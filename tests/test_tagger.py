@@ -110,6 +110,45 @@ def test_attention_image_head_in_a_tagger():
         Tagger(_Img(), _Txt(), 3, aux_heads="ensemble", image_head="max")
 
 
+@pytest.mark.parametrize("aux,image_head", [("none", "linear"), ("ensemble", "linear"),
+                                            ("ensemble", "attention")])
+def test_avgmax_image_pool_feeds_average_and_maximum(aux, image_head):
+    torch.manual_seed(0)
+    images, ids, lengths = _inputs()
+    model = Tagger(_Img(), _Txt(), 3, hidden=8, aux_heads=aux, image_head=image_head,
+                   image_pool="avgmax").eval()
+    assert model(images, ids, lengths).shape == (4, 3)
+    assert model.head[0].num_features == 2 * 6 + 5  # [average, maximum] of 6 channels + caption
+    fmap = model.image_encoder.run_stages(images)
+    parts = model.embed(images, ids, lengths)
+    torch.testing.assert_close(parts[0], torch.cat([fmap.mean((2, 3)), fmap.amax((2, 3))], 1))
+    # the maximum sees a one-cell object that the average of an 8x8 map dilutes 64 times
+    spot = torch.zeros(1, 6, 8, 8)
+    spot[0, :, 3, 5] = 1.0
+    model.image_input_stage = 2
+    assert model.embed(spot, ids[:1], lengths[:1])[0][0, 6:].min().item() == 1.0
+    model.image_input_stage = 3  # pooled cached features have no maximum
+    with pytest.raises(ValueError, match="needs the feature map"):
+        model(torch.randn(4, 12), ids, lengths)
+    with pytest.raises(ValueError, match="unknown image_pool"):
+        Tagger(_Img(), _Txt(), 3, image_pool="gem")
+
+
+def test_plan_cache_keeps_the_map_for_max_pooling():
+    from types import SimpleNamespace
+
+    from mmtag.config import load_config
+    from mmtag.training.cached import plan_cache
+
+    cfg = load_config(None, ["model.text_encoder=none", "model.freeze_image=all"])
+    enc = SimpleNamespace(frozen_stages=2, num_stages=2)
+    model = SimpleNamespace(image_encoder=enc, text_encoder=None, image_head_kind="linear",
+                            image_pool="avg")
+    assert plan_cache(cfg, model) == (3, 0)  # pooled features
+    model.image_pool = "avgmax"
+    assert plan_cache(cfg, model) == (2, 0)  # the last feature map
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_class_attention_head_is_finite_under_autocast(dtype):
     torch.manual_seed(0)

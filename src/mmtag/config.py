@@ -75,6 +75,8 @@ class ModelConfig:
                                                # 'attention' (class attention over the feature map)
     text_head: str = "linear"                  # caption aux head: 'linear' on the pooled vector or
                                                # 'attention' (class attention over MiniLM's tokens)
+    image_pool: str = "avg"                    # the fused MLP's image vector: 'avg' (global average)
+                                               # or 'avgmax' (average and max, concatenated)
     attn_lambda: float = 0.2                   # attention head: weight of the attention term
     attn_temperature: float = 1.0              # attention head: softmax temperature (large = max)
     dropout: float = 0.3
@@ -92,6 +94,7 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
         _check(self.aux_heads in ("none", "loss", "ensemble"),
                "model.aux_heads must be one of ['ensemble', 'loss', 'none']")
+        _check(self.image_pool in ("avg", "avgmax"), "model.image_pool must be one of ['avg', 'avgmax']")
         _check(self.image_head in ("linear", "attention"),
                "model.image_head must be one of ['attention', 'linear']")
         _check(self.image_head == "linear" or self.aux_heads != "none",

@@ -85,5 +85,6 @@ def build_tagger(cfg: ModelConfig, num_classes: int, caption_enc, *, load_pretra
         text = MiniLMEncoder(pretrained=pretrained, freeze=freeze)
     return Tagger(image, text, num_classes, hidden=cfg.hidden, dropout=cfg.dropout, fusion=cfg.fusion,
                   aux_heads=cfg.aux_heads, image_head=cfg.image_head, text_head=cfg.text_head,
+                  image_pool=cfg.image_pool,
                   attn_lambda=cfg.attn_lambda,
                   attn_temperature=cfg.attn_temperature)

@@ -92,13 +92,20 @@ class Tagger(nn.Module):
     def __init__(self, image_encoder: nn.Module | None, text_encoder: nn.Module | None,
                  num_classes: int, hidden: int = 512, dropout: float = 0.3, fusion: str = "concat",
                  aux_heads: str = "none", image_head: str = "linear", text_head: str = "linear",
-                 attn_lambda: float = 0.2, attn_temperature: float = 1.0):
+                 image_pool: str = "avg", attn_lambda: float = 0.2, attn_temperature: float = 1.0):
         super().__init__()
         if image_encoder is None and text_encoder is None:
             raise ValueError("a tagger needs an image encoder, a caption encoder, or both")
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
-        img_dim = image_encoder.out_dim if image_encoder is not None else 0
+        img_dim = map_dim = image_encoder.out_dim if image_encoder is not None else 0
+        # 'avgmax': the image vector is the feature map's average and its maximum, concatenated;
+        # a small object lights up a few positions, which the maximum keeps and the average dilutes
+        if image_pool not in ("avg", "avgmax"):
+            raise ValueError(f"unknown image_pool {image_pool!r}; choose from ['avg', 'avgmax']")
+        self.image_pool = image_pool if image_encoder is not None else "avg"
+        if self.image_pool == "avgmax":
+            img_dim *= 2
         txt_dim = text_encoder.out_dim if text_encoder is not None else 0
         if fusion == "gated" and img_dim and txt_dim:
             self.fusion = GatedFusion(img_dim, txt_dim, hidden)
@@ -144,7 +151,7 @@ class Tagger(nn.Module):
         self.text_head_kind = text_head if self.aux_heads != "none" else "linear"
         if self.aux_heads != "none":
             if image_head == "attention":
-                self.image_head = ClassAttentionHead(img_dim, num_classes, lam=attn_lambda,
+                self.image_head = ClassAttentionHead(map_dim, num_classes, lam=attn_lambda,
                                                      temperature=attn_temperature, dropout=dropout)
             else:
                 self.image_head = nn.Sequential(nn.BatchNorm1d(img_dim), nn.Dropout(dropout),
@@ -173,10 +180,16 @@ class Tagger(nn.Module):
                 if self.image_head_kind == "attention":
                     raise ValueError("an attention image head needs the feature map: cache image "
                                      "stages before the last one, not pooled features")
+                if self.image_pool != "avg":
+                    raise ValueError("image_pool='avgmax' needs the feature map: cache image "
+                                     "stages before the last one, not pooled features")
                 parts.append(images.float())  # (B, Di) cached pooled features
             else:
-                fmap = enc.run_stages(images, k).float()  # (B, Di, H', W')
-                parts.append(enc.pool(fmap).float())  # (B, Di)
+                fmap = enc.run_stages(images, k).float()  # (B, D, H', W')
+                pooled = enc.pool(fmap).float()  # (B, D)
+                if self.image_pool == "avgmax":
+                    pooled = torch.cat([pooled, fmap.amax(dim=(2, 3))], dim=1)  # (B, 2D)
+                parts.append(pooled)  # (B, Di)
         txt_enc = self.text_encoder
         if txt_enc is not None:
             k = self.text_input_stage

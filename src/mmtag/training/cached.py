@@ -50,7 +50,7 @@ def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
 
     The frozen prefix of the image encoder is cached: stages [0, k) for k frozen stages, or the
     pooled features when all are frozen (the last feature map instead when an attention image head
-    reads it). Likewise for MiniLM: the token states after its k frozen
+    or max pooling reads it). Likewise for MiniLM: the token states after its k frozen
     layers, or its pooled features when it is frozen whole (its last token states when an
     attention caption head reads them).
     """
@@ -60,7 +60,9 @@ def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
     enc = model.image_encoder
     if enc is not None and enc.frozen_stages > 0:
         stage = enc.frozen_stages
-        if stage == enc.num_stages and getattr(model, "image_head_kind", "linear") != "attention":
+        needs_map = (getattr(model, "image_head_kind", "linear") == "attention"
+                     or getattr(model, "image_pool", "avg") != "avg")
+        if stage == enc.num_stages and not needs_map:
             stage = enc.num_stages + 1  # pooled features
     text_stage = 0
     txt = model.text_encoder
