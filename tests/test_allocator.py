@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+
 def _has_glibc_mallinfo2() -> bool:
     if not sys.platform.startswith("linux"):
         return False

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmtag.allocator import keep_freed_memory
 from mmtag.config import TrainConfig
 from mmtag.data.csv_io import Record, read_csv
 from mmtag.data.dataset import Split, TaggingDataset, make_loader
@@ -43,7 +44,6 @@ from mmtag.training.checkpoint import (
 from mmtag.training.ema import EMA
 from mmtag.training.losses import build_loss, pos_weight_from_targets
 from mmtag.training.metrics import multilabel_metrics
-from mmtag.allocator import keep_freed_memory
 from mmtag.training.runtime import (
     amp_dtype,
     autocast,
