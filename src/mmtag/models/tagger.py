@@ -177,12 +177,10 @@ class Tagger(nn.Module):
         if enc is not None:
             k = self.image_input_stage
             if k > enc.num_stages:
-                if self.image_head_kind == "attention":
-                    raise ValueError("an attention image head needs the feature map: cache image "
-                                     "stages before the last one, not pooled features")
-                if self.image_pool != "avg":
-                    raise ValueError("image_pool='avgmax' needs the feature map: cache image "
-                                     "stages before the last one, not pooled features")
+                if self.image_head_kind == "attention" or self.image_pool != "avg":
+                    raise ValueError("an attention image head or image_pool='avgmax' needs the "
+                                     "feature map: cache image stages before the last one, not "
+                                     "pooled features")
                 parts.append(images.float())  # (B, Di) cached pooled features
             else:
                 fmap = enc.run_stages(images, k).float()  # (B, D, H', W')
