@@ -1,3 +1,4 @@
+import pytest
 import torch
 from PIL import Image
 
@@ -16,6 +17,21 @@ def test_split_is_reproducible_and_saved(tmp_path):
     assert Split.make(ids, 0.8, seed=4) != a
     a.save(tmp_path / "split.json")
     assert Split.load(tmp_path / "split.json") == a
+
+
+def test_validation_blocks_are_disjoint_folds_and_block_0_is_the_default_split():
+    ids = [f"{i}.jpg" for i in range(100)]
+    blocks = [Split.make(ids, 0.75, seed=3, block=k) for k in range(4)]
+    assert blocks[0] == Split.make(ids, 0.75, seed=3)
+    vals = [set(b.val) for b in blocks]
+    assert all(len(v) == 25 for v in vals) and set().union(*vals) == set(ids)
+    for b in blocks:
+        assert set(b.train).isdisjoint(b.val) and len(b.train) == 75
+    # four blocks of 5 % tile the last 20 %: the 0.8 split's validation rows
+    fine = [set(Split.make(ids, 0.95, seed=3, block=k).val) for k in range(4)]
+    assert set().union(*fine) == set(Split.make(ids, 0.8, seed=3).val)
+    with pytest.raises(ValueError, match="block 4 does not exist"):
+        Split.make(ids, 0.75, seed=3, block=4)
 
 
 def test_dataset_and_loader_yield_the_four_tensors(tmp_path):

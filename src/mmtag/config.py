@@ -23,6 +23,8 @@ class DataConfig:
 
     train_prop: float = 0.8          # share of labelled rows used for training (report: TRAIN_VAL_PROP)
     split_seed: int = 0              # seed of the train/validation split (saved in split.json)
+    val_block: int = 0               # which validation-sized block of the seeded order validates
+                                     # (0: the last; 1: the one before, ...): folds for cross-validation
     limit_train: int | None = None   # use only the first N training rows (quick or subset runs)
     limit_val: int | None = None     # use only the first N validation rows
     image_size: int = 256            # square input size after resize
@@ -43,6 +45,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 < self.train_prop < 1.0, "data.train_prop must be in (0, 1)")
+        _check(self.val_block >= 0, "data.val_block must be >= 0")
         _check(self.image_size >= 16, "data.image_size must be >= 16")
         _check(self.normalisation in ("auto", "imagenet", "tf"),
                "data.normalisation must be one of ['auto', 'imagenet', 'tf']")

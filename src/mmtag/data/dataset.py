@@ -80,9 +80,11 @@ class Split:
     val: tuple[str, ...]
 
     @classmethod
-    def make(cls, image_ids: Sequence[str], train_prop: float, seed: int) -> Split:
+    def make(cls, image_ids: Sequence[str], train_prop: float, seed: int, block: int = 0) -> Split:
         """Random split by proportion (the report's TRAIN_VAL_PROP), reproducible for a seed;
-        both parts keep file order."""
+        both parts keep file order. The rows are put in a seeded random order and cut into
+        validation-sized blocks from the end: block 0 (the last) validates by default, block k is
+        the k-th before it, so blocks 0..K-1 of one seed are K disjoint folds."""
         if not 0.0 < train_prop <= 1.0:
             raise ValueError(f"train_prop must be in (0, 1], got {train_prop}")
         n = len(image_ids)
@@ -90,8 +92,14 @@ class Split:
         n_train = int(round(train_prop * n))
         if train_prop < 1.0:
             n_train = min(max(n_train, 1), n - 1)
-        tr = np.sort(perm[:n_train])
-        va = np.sort(perm[n_train:])
+        n_val = n - n_train
+        end = n - block * n_val
+        if block < 0 or (n_val and end - n_val < 0):
+            raise ValueError(f"validation block {block} does not exist: {n} rows hold "
+                             f"{n // max(n_val, 1)} blocks of {n_val} (train_prop {train_prop}); "
+                             f"use a block from 0 to {n // max(n_val, 1) - 1}")
+        va = np.sort(perm[end - n_val:end])
+        tr = np.sort(np.concatenate([perm[:end - n_val], perm[end:]]))
         return cls(train_prop, seed, tuple(image_ids[i] for i in tr), tuple(image_ids[i] for i in va))
 
     def apply(self, records: Sequence[Record]) -> tuple[list[Record], list[Record]]:

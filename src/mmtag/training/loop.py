@@ -225,7 +225,8 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool) 
         label_map = LabelMap.from_dict(json.loads((run_dir / "labels.json").read_text()))
         caption_enc = caption_encoder_from_dict(json.loads((run_dir / "vocab.json").read_text()))
     else:
-        split = Split.make([r.image_id for r in rows], cfg.data.train_prop, cfg.data.split_seed)
+        split = Split.make([r.image_id for r in rows], cfg.data.train_prop, cfg.data.split_seed,
+                           cfg.data.val_block)
         split.save(run_dir / "split.json")
     train_rows, val_rows = split.apply(rows)
     if cfg.data.limit_train:
