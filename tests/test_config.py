@@ -10,6 +10,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert cfg.optim.lr == 0.002 and cfg.optim.epochs == 3
     assert cfg.model.text_encoder == "none" and cfg.data.max_len is None
     assert cfg.model.freeze_image == "2"
+    assert load_config(f, ["model.freeze_image=6.4"]).model.freeze_image == "6.4"  # inside stage 6
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -20,6 +21,8 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("data.limit_train=1.5", "data.limit_train: expected int or null"),
     ("data.train_prop=1.2", r"train_prop must be in \(0, 1\)"),
     ("model.freeze_image=some", "model.freeze_image must be"),
+    ("model.freeze_image=6.0", "model.freeze_image must be"),
+    ("data.val_block=-1", "data.val_block must be >= 0"),
     ("nosection.x=1", "unknown config key"),
     ("cache.enabled=on", r"cache.enabled must be one of \[.auto., .off.\]"),
     ("optim=3", "optim must be a mapping"),
@@ -49,3 +52,10 @@ def test_builtin_recipes_load():
 
 def test_bare_off_is_read_as_the_word_off():
     assert load_config(None, ["cache.enabled=off"]).cache.enabled == "off"
+
+
+def test_expected_f1_sets_with_a_loss_that_skews_probabilities_warn():
+    assert load_config(None, ["decision=expected_f1", "loss.name=bce"]).warnings() == []
+    assert load_config(None, ["decision=threshold", "loss.name=asl"]).warnings() == []
+    (w,) = load_config(None, ["decision=expected_f1", "loss.name=asl"]).warnings()
+    assert "loss.name=asl skews the probabilities" in w and "use loss.name=bce" in w

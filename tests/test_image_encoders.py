@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import io
 import urllib.error
 
@@ -111,6 +112,50 @@ def test_freeze_semantics():
     for bad in (-1, enc.num_stages + 1, "some", True, 1.5):
         with pytest.raises(ValueError, match="freeze"):
             enc.freeze(bad)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+def test_freezing_inside_a_stage_splits_it_and_computes_the_same(name):
+    whole = build_image_encoder(name, pretrained=False, freeze="none").eval()
+    k = whole.num_stages - 3  # a stage with at least two blocks in both families
+    n = len(getattr(whole.stages[k], "blocks", whole.stages[k]))
+    split = copy.deepcopy(whole)
+    split.split_stage(k, n - 1)
+    split.freeze(k + 1)
+    assert split.num_stages == whole.num_stages + 1
+    x = _images(64)
+    with torch.no_grad():
+        torch.testing.assert_close(split.eval()(x), whole(x), rtol=0, atol=0)
+        torch.testing.assert_close(split.run_stages(split.run_stages(x, 0, k + 1), k + 1),
+                                   whole.forward_features(x), rtol=0, atol=0)
+    # the config spelling builds the same layout: only the last block of stage k and later train
+    built = build_image_encoder(name, pretrained=False, freeze=f"{k}.{n - 1}")
+    assert built.frozen_stages == k + 1 and built.state_dict().keys() == split.state_dict().keys()
+    built.train()
+    assert not any(p.requires_grad for p in built.stages[k].parameters())
+    assert all(p.requires_grad for p in built.stages[k + 1].parameters())
+    assert not built.stages[k].training and built.stages[k + 1].training
+    with pytest.raises(ValueError, match="split it after 1 to"):
+        build_image_encoder(name, pretrained=False, freeze=f"{k}.{n}")
+    with pytest.raises(ValueError, match="has no blocks to split|does not exist"):
+        build_image_encoder(name, pretrained=False, freeze=f"{whole.num_stages}.1")
+
+
+def test_depthwise_kernels_can_stay_pretrained_while_their_stage_trains():
+    enc = build_image_encoder("efficientnet_lite0", pretrained=False, freeze=6, train_depthwise=False)
+    dw = [m for m in enc.stages[6:].modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    pw = [m for m in enc.stages[6:].modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    assert dw and pw and not any(m.weight.requires_grad for m in dw)
+    assert all(m.weight.requires_grad for m in pw)
+    before = [m.weight.clone() for m in dw]
+    enc.train()
+    opt = torch.optim.SGD([p for p in enc.parameters() if p.requires_grad], lr=0.1)
+    enc(_images(64)).sum().backward()
+    opt.step()
+    assert all(torch.equal(m.weight, b) for m, b in zip(dw, before, strict=True))
+    assert all(m.weight.grad is not None for m in pw)  # the gradient still reaches them
+    assert all(p.requires_grad for p in build_image_encoder(
+        "efficientnet_lite0", pretrained=False, freeze=6).stages[6].parameters())
 
 
 def test_frozen_stages_are_deterministic_and_drop_path_is_configurable():

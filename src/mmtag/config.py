@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-IMAGE_FREEZE_HELP = "'none' (train all), 'all', or an int k: freeze the first k stages"
+IMAGE_FREEZE_HELP = ("'none' (train all), 'all', an int k: freeze the first k stages, or 'k.j': "
+                     "freeze the first k stages and the first j blocks of stage k")
 
 
 @dataclass
@@ -63,6 +64,8 @@ class ModelConfig:
     pretrained: bool = True                    # ImageNet / pretrained text weights; false = random init
     freeze_image: str = "none"                 # IMAGE_FREEZE_HELP
     drop_path: float | None = None             # image stochastic depth (None: backbone default)
+    train_depthwise: bool = True               # false: depthwise kernels of trainable image stages stay
+                                               # pretrained (their bf16 weight gradient is slow on CPU)
     text_encoder: str = "glove_lstm"           # 'glove_lstm', 'minilm', or 'none'
     freeze_embeddings: bool = True             # keep GloVe vectors fixed
     lstm_hidden: int = 128
@@ -92,7 +95,8 @@ class ModelConfig:
         _check(self.text_encoder in ("glove_lstm", "minilm", "none"),
                "model.text_encoder must be one of ['glove_lstm', 'minilm', 'none']")
         _check(self.fusion in ("concat", "gated"), "model.fusion must be one of ['concat', 'gated']")
-        _check(_is_freeze(self.freeze_image), f"model.freeze_image must be {IMAGE_FREEZE_HELP}")
+        _check(_is_freeze(self.freeze_image) or _is_block_freeze(self.freeze_image),
+               f"model.freeze_image must be {IMAGE_FREEZE_HELP}")
         _check(_is_freeze(self.freeze_text), "model.freeze_text must be 'none', 'all' or an int")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
         _check(self.aux_heads in ("none", "loss", "ensemble"),
@@ -228,6 +232,16 @@ class TrainConfig:
     def save(self, path: Path | str) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
+    def warnings(self) -> list[str]:
+        """Valid but unwise combinations, each as a sentence saying what to do instead."""
+        out = []
+        if self.decision == "expected_f1" and self.loss.name != "bce":
+            out.append(f"decision=expected_f1 reads each probability as the chance that the label "
+                       f"is present, but loss.name={self.loss.name} skews the probabilities "
+                       f"(measured: asl scored samples-F1 0.819 instead of 0.896, docs/quality.md); "
+                       f"use loss.name=bce, or decision=threshold with this loss")
+        return out
+
 
 class ConfigError(ValueError):
     """A config key or value is not valid; the message says what is."""
@@ -240,6 +254,11 @@ def _check(ok: bool, msg: str) -> None:
 
 def _is_freeze(v: str) -> bool:
     return v in ("none", "all") or v.lstrip("-").isdigit() and int(v) >= 0
+
+
+def _is_block_freeze(v: str) -> bool:
+    k, _, j = v.partition(".")
+    return k.isdigit() and j.isdigit() and int(j) >= 1
 
 
 def _build(cls, d: dict, prefix: str):

@@ -69,7 +69,7 @@ def build_tagger(cfg: ModelConfig, num_classes: int, caption_enc, *, load_pretra
 
         freeze = int(cfg.freeze_image) if cfg.freeze_image.isdigit() else cfg.freeze_image
         image = build_image_encoder(cfg.image_encoder, pretrained=pretrained, freeze=freeze,
-                                    drop_path=cfg.drop_path)
+                                    drop_path=cfg.drop_path, train_depthwise=cfg.train_depthwise)
     text = None
     if cfg.text_encoder == "glove_lstm":
         from mmtag.models.text_encoders import GloveLSTMEncoder

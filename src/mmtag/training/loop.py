@@ -341,6 +341,9 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
         log.warning("amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): it will run "
                     "slower than fp32 here; use --set amp=none")
 
+    for warning in cfg.warnings():
+        log.warning(warning)
+
     data = prepare_data(cfg, data_dir, run_dir, resume)
     model = build_tagger(cfg.model, data.label_map.num_classes, data.caption_enc,
                          load_pretrained=not resume)
