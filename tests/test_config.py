@@ -32,6 +32,9 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("model.image_head=attention model.aux_heads=loss model.text_encoder=none",
      "use 'linear' for a single-modality model"),
     ("model.text_head=max", r"model.text_head must be one of \['attention', 'linear'\]"),
+    ("model.fusion=attn", r"model.fusion must be one of \['concat', 'gated', 'query'\]"),
+    ("model.query_dim=100 model.query_heads=8", "positive multiple of model.query_heads"),
+    ("model.query_dropout=1.0", r"model.query_dropout must be in \[0, 1\)"),
     ("model.text_head=attention model.aux_heads=ensemble", "set model.text_encoder=minilm"),
 ])
 def test_bad_keys_and_values_say_what_is_valid(override, message):

@@ -146,6 +146,11 @@ def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze, extra):
     # whole) or after layer 4 (top layers train), never pooled features
     ("efficientnet_lite0", "all", ["model.aux_heads=ensemble", "model.text_head=attention"]),
     ("efficientnet_lite0", "4", ["model.aux_heads=ensemble", "model.text_head=attention"]),
+    # label queries read the image's feature map (here the last block stage's: the conv head is
+    # dropped) and the caption's token states
+    ("efficientnet_lite0", "all", ["model.fusion=query", "model.query_dim=16",
+                                   "model.query_heads=2", "model.image_conv_head=false",
+                                   "model.aux_heads=ensemble", "model.image_head=attention"]),
 ])
 def test_cached_caption_encoder_layers(demo, tmp_path, image, freeze_text, extra):
     cfg = load_config(None, [

@@ -259,3 +259,20 @@ def test_training_step_backpropagates_through_unfrozen_stages():
     enc(_images(64)).sum().backward()  # in-place activations must not break autograd
     assert all(p.grad is None for p in enc.stages[:4].parameters())
     assert all(p.grad is not None for p in enc.stages[4:].parameters())
+
+
+def test_conv_head_can_be_dropped_and_the_rest_is_unchanged():
+    torch.manual_seed(0)
+    whole = build_image_encoder("efficientnet_lite0", pretrained=False).eval()
+    cut = build_image_encoder("efficientnet_lite0", pretrained=False, freeze=7, conv_head=False)
+    cut.load_state_dict({k: v for k, v in whole.state_dict().items() if not k.startswith("stages.8.")})
+    cut.eval()
+    assert (cut.num_stages, cut.out_dim) == (whole.num_stages - 1, 320)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(cut.forward_features(x), whole.run_stages(x, 0, 8))
+        assert cut(x).shape == (2, 320)
+    # freeze=7 now leaves only the last block stage trainable
+    assert [any(p.requires_grad for p in s.parameters()) for s in cut.stages] == [False] * 7 + [True]
+    with pytest.raises(ValueError, match="no 1x1 conv head"):
+        build_image_encoder("resnet18", pretrained=False, conv_head=False)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmtag.models.tagger import ClassAttentionHead, Tagger, TokenAttentionHead
+from mmtag.models.tagger import ClassAttentionHead, LabelQueryDecoder, Tagger, TokenAttentionHead
 
 
 class _Img(nn.Module):
@@ -177,3 +177,109 @@ def test_token_attention_head_reads_only_real_tokens():
     head.lam = 0.5
     mean = torch.stack([head.score(tokens[0, :3]).mean(0), head.score(tokens[1]).mean(0)])
     assert (head(tokens, mask) >= 1.5 * mean - 1e-5).all()
+
+
+class _TokTxt(nn.Module):
+    """Stand-in caption encoder with MiniLM's token-state interface."""
+
+    out_dim, num_layers = 5, 2
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 5)
+        self.layers = nn.ModuleList([nn.Linear(5, 5), nn.Linear(5, 5)])
+
+    @staticmethod
+    def token_mask(lengths, t, device):
+        return torch.arange(t, device=device)[None, :] < lengths.to(device)[:, None]
+
+    def run_layers(self, x, lengths, start=0, end=None):
+        if start == 0:
+            x = self.emb(x)
+        for layer in self.layers[start:end]:
+            x = torch.tanh(layer(x))
+        return x
+
+    def pool(self, states, lengths):
+        m = self.token_mask(lengths, states.shape[1], states.device).unsqueeze(-1).float()
+        return (states * m).sum(1) / m.sum(1)
+
+
+def test_label_query_decoder_ignores_padding_and_scores_each_label_with_its_own_vector():
+    torch.manual_seed(0)
+    dec = LabelQueryDecoder([6, 5], 3, dim=8, layers=2, heads=2, dropout=0.0).eval()
+    img, txt = torch.randn(2, 9, 6), torch.randn(2, 4, 5)
+    masks = [torch.ones(2, 9, dtype=torch.bool), torch.tensor([[True, True, False, False]] + [[True] * 4])]
+    out = dec([img, txt], masks)
+    assert out.shape == (2, 3)
+    padded = txt.clone()
+    padded[0, 2:] = 50.0  # padding must not matter
+    torch.testing.assert_close(dec([img, padded], masks), out)
+    # the caption's real tokens do matter
+    changed = txt.clone()
+    changed[0, 0] += 5.0
+    assert not torch.allclose(dec([img, changed], masks)[0], out[0])
+    # a label's logit is its own weight vector times its query's output, plus its bias
+    dec.out_weight.data[1] = 0.0
+    assert torch.allclose(dec([img, txt], masks)[:, 1], dec.out_bias[1].expand(2))
+
+
+@pytest.mark.parametrize("aux", ["none", "ensemble"])
+def test_query_fusion_reads_feature_map_and_caption_tokens(aux):
+    torch.manual_seed(0)
+    images, ids, lengths = _inputs()
+    lengths = torch.tensor([7, 3, 5, 2])
+    model = Tagger(_Img(), _TokTxt(), 3, fusion="query", aux_heads=aux, query_dim=8,
+                   query_heads=2).eval()
+    out = model.forward_all(images, ids, lengths)
+    assert out["fused"].shape == (4, 3)
+    if aux == "ensemble":
+        torch.testing.assert_close(out["logits"], (out["fused"] + out["image"] + out["text"]) / 3)
+    # token ids past a caption's length are padding
+    ids2 = ids.clone()
+    ids2[1, 3:] = (ids2[1, 3:] + 1) % 10
+    torch.testing.assert_close(model(images, ids2, lengths), out["logits"])
+    # cached inputs (the image's stage-0 output, the caption's layer-1 states) give the same logits
+    model.image_input_stage, model.text_input_stage = 1, 1
+    cached = model(model.image_encoder.run_stages(images, 0, 1),
+                   model.text_encoder.run_layers(ids, lengths, 0, 1), lengths)
+    torch.testing.assert_close(cached, out["logits"])
+    model.image_input_stage = 3  # pooled features: no positions to attend over
+    with pytest.raises(ValueError, match="needs the feature map"):
+        model(torch.randn(4, 6), ids, lengths)
+    model.image_input_stage, model.text_input_stage = 0, 3  # pooled caption: no tokens
+    with pytest.raises(ValueError, match="needs token states"):
+        model(images, torch.randn(4, 5), lengths)
+
+
+def test_query_fusion_with_one_modality_or_a_pooled_caption():
+    torch.manual_seed(0)
+    images, ids, lengths = _inputs()
+    assert Tagger(_Img(), None, 3, fusion="query", query_dim=8, query_heads=2).eval()(
+        images, None, None).shape == (4, 3)
+    assert Tagger(None, _TokTxt(), 3, fusion="query", query_dim=8, query_heads=2).eval()(
+        None, ids, lengths).shape == (4, 3)
+    # a caption encoder without token states (GloVe + LSTM) is one token: its pooled vector
+    model = Tagger(_Img(), _Txt(), 3, fusion="query", query_dim=8, query_heads=2).eval()
+    parts, fmap, tokens, qmap = model._embed(images, ids, lengths)
+    seqs, masks = model._memory(parts, qmap, tokens)
+    assert [s.shape for s in seqs] == [(4, 64, 6), (4, 1, 5)] and all(m.all() for m in masks)
+    assert model(images, ids, lengths).shape == (4, 3)
+
+
+def test_query_fusion_can_read_the_map_before_the_conv_head():
+    torch.manual_seed(0)
+    images, ids, lengths = _inputs()
+    model = Tagger(_Img(), _TokTxt(), 3, fusion="query", aux_heads="ensemble",
+                   image_head="attention", query_dim=8, query_heads=2, query_pre_head=True).eval()
+    assert model.head.proj[0][0].in_features == 4  # the stand-in's stage 0 output, not 6
+    parts, fmap, tokens, qmap = model._embed(images, ids, lengths)
+    torch.testing.assert_close(qmap, model.image_encoder.run_stages(images, 0, 1))
+    torch.testing.assert_close(fmap, model.image_encoder.run_stages(images))
+    out = model(images, ids, lengths)
+    model.image_input_stage = 1  # cached stage-0 output: the same logits
+    torch.testing.assert_close(model(qmap, ids, lengths), out)
+    img = _Img()
+    img.stages[1] = nn.Conv2d(4, 6, 3, padding=1)  # no 1x1 conv head to read before
+    with pytest.raises(ValueError, match="1x1 conv head"):
+        Tagger(img, _TokTxt(), 3, fusion="query", query_pre_head=True)

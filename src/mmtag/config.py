@@ -64,6 +64,8 @@ class ModelConfig:
     pretrained: bool = True                    # ImageNet / pretrained text weights; false = random init
     freeze_image: str = "none"                 # IMAGE_FREEZE_HELP
     drop_path: float | None = None             # image stochastic depth (None: backbone default)
+    image_conv_head: bool = True               # false: drop the backbone's 1x1 conv head; the heads read
+                                               # the last block stage's map (Lite2: 352 ch, not 1280)
     train_depthwise: bool = True               # false: depthwise kernels of trainable image stages stay
                                                # pretrained (their bf16 weight gradient is slow on CPU)
     text_encoder: str = "glove_lstm"           # 'glove_lstm', 'minilm', or 'none'
@@ -72,8 +74,15 @@ class ModelConfig:
     lstm_layers: int = 1
     bidirectional: bool = True
     freeze_text: str = "none"                  # MiniLM: 'none', 'all', or first k layers
-    fusion: str = "concat"                     # 'concat' or 'gated'
-    hidden: int = 512                          # fusion MLP width
+    fusion: str = "concat"                     # 'concat', 'gated' or 'query' (label queries
+                                               # attend over image positions + caption tokens)
+    hidden: int = 512                          # fusion MLP width ('concat', 'gated')
+    query_dim: int = 256                       # 'query' fusion: width of the label-query decoder
+    query_layers: int = 1                      # 'query' fusion: decoder layers
+    query_heads: int = 8                       # 'query' fusion: attention heads
+    query_dropout: float = 0.1                 # 'query' fusion: dropout inside the decoder
+    query_pre_head: bool = False               # 'query' fusion: read the image map before the
+                                               # encoder's 1x1 conv head (fewer channels, cheaper)
     aux_heads: str = "none"                    # per-modality heads: 'none', 'loss' (extra loss
                                                # terms), 'ensemble' (also averaged at prediction)
     aux_weight: float = 0.5                    # weight of each per-modality loss term
@@ -94,7 +103,13 @@ class ModelConfig:
                "model.image_encoder and model.text_encoder cannot both be 'none'")
         _check(self.text_encoder in ("glove_lstm", "minilm", "none"),
                "model.text_encoder must be one of ['glove_lstm', 'minilm', 'none']")
-        _check(self.fusion in ("concat", "gated"), "model.fusion must be one of ['concat', 'gated']")
+        _check(self.fusion in ("concat", "gated", "query"),
+               "model.fusion must be one of ['concat', 'gated', 'query']")
+        _check(self.query_dim >= 1 and self.query_layers >= 1 and self.query_heads >= 1
+               and self.query_dim % self.query_heads == 0,
+               "model.query_dim must be a positive multiple of model.query_heads (both >= 1), "
+               "model.query_layers >= 1")
+        _check(0.0 <= self.query_dropout < 1.0, "model.query_dropout must be in [0, 1)")
         _check(_is_freeze(self.freeze_image) or _is_block_freeze(self.freeze_image),
                f"model.freeze_image must be {IMAGE_FREEZE_HELP}")
         _check(_is_freeze(self.freeze_text), "model.freeze_text must be 'none', 'all' or an int")

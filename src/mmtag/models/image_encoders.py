@@ -137,6 +137,17 @@ class ImageEncoder(nn.Module):
         self.pool_norm.requires_grad_(k < self.num_stages)
         self.train(self.training)
 
+    def drop_conv_head(self) -> None:
+        """Remove the last stage when it is a 1x1 conv head; the encoder then ends with its last
+        block stage and `out_dim` is that stage's width."""
+        first = next(iter(self.stages[-1].children()), None)  # a head is conv -> norm -> act
+        if not (isinstance(first, nn.Conv2d) and first.kernel_size == (1, 1)
+                and len(self.stages) > 1):
+            raise ValueError(f"{self.name} has no 1x1 conv head to drop; keep model.image_conv_head "
+                             f"true for it")
+        self.out_dim = first.in_channels
+        del self.stages[-1]
+
     def split_stage(self, k: int, j: int) -> None:
         """Cut stage k after its first j blocks into two stages (k and k + 1; later stages move
         up by one), so that freezing can stop inside a stage: `freeze(k + 1)` then trains the
@@ -252,6 +263,7 @@ def build_image_encoder(
     freeze: str | int = "none",
     drop_path: float | None = None,
     train_depthwise: bool = True,
+    conv_head: bool = True,
 ) -> ImageEncoder:
     """Build the image encoder `name` (one of `IMAGE_ENCODERS`).
 
@@ -268,6 +280,9 @@ def build_image_encoder(
         train_depthwise: False keeps the depthwise conv kernels of the trainable stages at their
             pretrained values (the rest of those stages trains). On CPUs the weight gradient of a
             5x5 depthwise conv under bf16 is the slowest op of a training step (docs/quality.md).
+        conv_head: False drops the backbone's final 1x1 conv head (EfficientNet, MobileNetV3):
+            the encoder ends with its last block stage (352 channels for Lite2 instead of 1280),
+            which makes every head reading its map cheaper. An error for backbones without one.
     """
     if name not in IMAGE_ENCODERS:
         raise ValueError(f"unknown image encoder {name!r}; choose from {list(IMAGE_ENCODERS)}")
@@ -277,6 +292,8 @@ def build_image_encoder(
         encoder = _build_lite(name, pretrained=pretrained, drop_path=drop_path)
     else:
         encoder = _build_torchvision(name, pretrained=pretrained, drop_path=drop_path)
+    if not conv_head:
+        encoder.drop_conv_head()
     if isinstance(freeze, str) and "." in freeze:
         k, _, j = freeze.partition(".")
         if not (k.isdigit() and j.isdigit()):

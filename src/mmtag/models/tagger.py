@@ -4,6 +4,9 @@
                                                      fuse -> BatchNorm -> Dropout -> MLP -> (B, C)
     ids (B, T), lengths (B,) --TextEncoder--> (B, Dt) --/
 
+With fusion='query' the MLP is replaced by `LabelQueryDecoder`: one query per label attends over
+the image's feature-map positions and the caption's token states.
+
 Either encoder may be absent (image-only or caption-only models). Sigmoid is applied at inference,
 never inside the model, so the losses get logits.
 """
@@ -86,13 +89,100 @@ class TokenAttentionHead(nn.Module):
         return f"lam={self.lam}, temperature={self.temperature}"
 
 
+class _QueryLayer(nn.Module):
+    """One pre-norm decoder layer for label queries: self-attention among the queries, their
+    cross-attention over the memory, a feed-forward block. Written out (not
+    nn.TransformerDecoderLayer) so that the first layer's self-attention, which sees only the
+    learned queries, runs once instead of once per sample, and so that the cross-attention's small
+    (queries x positions) products avoid the fused CPU kernel, whose backward pass was half of
+    the decoder's time here (docs/quality.md, session 6)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout),
+                                nn.Linear(2 * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """x (b, C, dim) with b = 1 (the same queries for every sample) or B; memory (B, N, dim);
+        pad (B, N) True = ignore -> (B, C, dim)."""
+        h = self.norm_self(x)
+        x = x + self.drop(self.self_attn(h, h, h, need_weights=False)[0])
+        b, c, dim = x.shape
+        n_batch, n, heads = memory.shape[0], memory.shape[1], self.heads
+        q = self.q(self.norm_cross(x)).view(b, c, heads, -1).transpose(1, 2)  # (b, h, C, dh)
+        k, v = self.kv(memory).view(n_batch, n, 2, heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, N, dh)
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, h, C, N)
+        scores = scores.float().masked_fill(pad[:, None, None, :], float("-inf"))
+        attn = torch.softmax(scores, dim=-1).to(v.dtype)
+        read = (attn @ v).transpose(1, 2).reshape(n_batch, c, dim)  # (B, C, dim)
+        x = x + self.drop(self.out(read))
+        return x + self.drop(self.ff(self.norm_ff(x)))
+
+
+class LabelQueryDecoder(nn.Module):
+    """Fusion by label queries (Query2Label, Liu et al. 2021; ML-Decoder, Ridnik et al. 2023):
+    one learned query per label cross-attends over the image's feature-map positions and the
+    caption's token states together, so each label looks for its own evidence wherever it is
+    (a small car in one corner, the word that names it); from the second layer on the queries
+    also attend to each other (labels that go together). Each query's output is scored by that
+    label's own weight vector.
+
+    tokens: [(B, N_i, D_i)] per modality with masks [(B, N_i) bool, True = real] -> (B, C)."""
+
+    def __init__(self, in_dims: list[int], num_classes: int, *, dim: int, layers: int,
+                 heads: int, dropout: float):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim))
+                                  for d in in_dims)
+        self.modality = nn.Parameter(torch.zeros(len(in_dims), dim))  # which modality a token is
+        self.queries = nn.Parameter(torch.randn(num_classes, dim) * 0.02)  # (C, dim)
+        self.layers = nn.ModuleList(_QueryLayer(dim, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.out_weight = nn.Parameter(torch.randn(num_classes, dim) * dim ** -0.5)  # (C, dim)
+        self.out_bias = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, tokens: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+        memory = torch.cat([proj(t) + self.modality[i]
+                            for i, (proj, t) in enumerate(zip(self.proj, tokens, strict=True))],
+                           dim=1)
+        pad = ~torch.cat(masks, dim=1)  # (B, N) True = padding, ignored by the attention
+        x = self.queries.unsqueeze(0)  # (1, C, dim): broadcast over the batch by the first layer
+        for layer in self.layers:
+            x = layer(x, memory, pad)  # (B, C, dim)
+        out = self.norm(x).float()
+        return (out * self.out_weight).sum(-1) + self.out_bias  # (B, C)
+
+
+def _pre_head_channels(encoder: nn.Module) -> int:
+    """Input channels of an image encoder's last stage when that stage is a 1x1 conv head."""
+    head = encoder.stages[-1] if hasattr(encoder, "stages") else None
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)] if head is not None else []
+    if (not convs or convs[0].kernel_size != (1, 1)
+            or getattr(encoder, "frozen_stages", 0) >= encoder.num_stages):
+        raise ValueError("model.query_pre_head needs an image encoder whose last stage is a 1x1 "
+                         "conv head (EfficientNet, MobileNet), not frozen whole")
+    return convs[0].in_channels
+
+
 class Tagger(nn.Module):
-    """Fuses the pooled image and caption embeddings and predicts one logit per label."""
+    """Fuses the image and caption embeddings (pooled vectors -> MLP, or label queries over the
+    image map and caption tokens) and predicts one logit per label."""
 
     def __init__(self, image_encoder: nn.Module | None, text_encoder: nn.Module | None,
                  num_classes: int, hidden: int = 512, dropout: float = 0.3, fusion: str = "concat",
                  aux_heads: str = "none", image_head: str = "linear", text_head: str = "linear",
-                 image_pool: str = "avg", attn_lambda: float = 0.2, attn_temperature: float = 1.0):
+                 image_pool: str = "avg", attn_lambda: float = 0.2, attn_temperature: float = 1.0,
+                 query_dim: int = 256, query_layers: int = 1, query_heads: int = 8,
+                 query_dropout: float = 0.1, query_pre_head: bool = False):
         super().__init__()
         if image_encoder is None and text_encoder is None:
             raise ValueError("a tagger needs an image encoder, a caption encoder, or both")
@@ -110,11 +200,12 @@ class Tagger(nn.Module):
         if fusion == "gated" and img_dim and txt_dim:
             self.fusion = GatedFusion(img_dim, txt_dim, hidden)
             fused_dim = hidden
-        elif fusion in ("concat", "gated"):  # gated with one modality is just that modality
+        elif fusion in ("concat", "gated", "query"):  # gated with one modality: that modality
             self.fusion = None
             fused_dim = img_dim + txt_dim
         else:
-            raise ValueError(f"unknown fusion {fusion!r}; choose from ['concat', 'gated']")
+            raise ValueError(f"unknown fusion {fusion!r}; choose from ['concat', 'gated', 'query']")
+        self.fusion_kind = fusion
         # Inputs other than raw data, for training on cached features (mmtag.data.feature_cache):
         # image_input_stage k > 0 means `images` are the outputs of image stages [0, k)
         # (num_stages + 1: already pooled); likewise text_input_stage k > 0 means `ids` are the
@@ -122,14 +213,25 @@ class Tagger(nn.Module):
         # Plain attributes, not saved: a loaded model always takes raw images and token ids.
         self.image_input_stage = 0
         self.text_input_stage = 0
-        self.head = nn.Sequential(
-            nn.BatchNorm1d(fused_dim),
-            nn.Dropout(dropout),
-            nn.Linear(fused_dim, hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, num_classes),
-        )
+        # query_pre_head: the label queries read the image map before the encoder's 1x1 conv
+        # head (352 channels for Lite2 instead of 1280: a 3.6x cheaper projection)
+        self.query_pre_head = bool(query_pre_head and fusion == "query" and image_encoder is not None)
+        query_map_dim = _pre_head_channels(image_encoder) if self.query_pre_head else map_dim
+        if fusion == "query":
+            # the image's feature-map positions and the caption's tokens (MiniLM) or its pooled
+            # vector (one token) are the memory the label queries read
+            self.head = LabelQueryDecoder([d for d in (query_map_dim, txt_dim) if d], num_classes,
+                                          dim=query_dim, layers=query_layers, heads=query_heads,
+                                          dropout=query_dropout)
+        else:
+            self.head = nn.Sequential(
+                nn.BatchNorm1d(fused_dim),
+                nn.Dropout(dropout),
+                nn.Linear(fused_dim, hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, num_classes),
+            )
         # Per-modality heads: 'loss' trains each modality to classify on its own as well (a
         # regulariser: the fused MLP otherwise leans on whichever modality learns fastest);
         # 'ensemble' also averages their logits with the fused ones at prediction time.
@@ -170,20 +272,28 @@ class Tagger(nn.Module):
 
     def _embed(self, images, ids, lengths):
         """(pooled embeddings, the image feature map (B, Di, H', W') or None if not computed,
-        the caption's (token states (B, T, Dt), mask (B, T)) or None if not needed)."""
+        the caption's (token states (B, T, Dt), mask (B, T)) or None if not needed, the map the
+        label queries read: the feature map, or the one before the conv head)."""
         parts = []
-        fmap = tokens = None
+        fmap = qmap = tokens = None
         enc = self.image_encoder
         if enc is not None:
             k = self.image_input_stage
             if k > enc.num_stages:
-                if self.image_head_kind == "attention" or self.image_pool != "avg":
-                    raise ValueError("an attention image head or image_pool='avgmax' needs the "
-                                     "feature map: cache image stages before the last one, not "
-                                     "pooled features")
+                if (self.image_head_kind == "attention" or self.image_pool != "avg"
+                        or self.fusion_kind == "query"):
+                    raise ValueError("an attention image head, query fusion or image_pool='avgmax' "
+                                     "needs the feature map: cache image stages before the last "
+                                     "one, not pooled features")
                 parts.append(images.float())  # (B, Di) cached pooled features
             else:
-                fmap = enc.run_stages(images, k).float()  # (B, D, H', W')
+                if self.query_pre_head:
+                    # the label queries read the map before the 1x1 conv head (fewer channels)
+                    qmap = enc.run_stages(images, k, enc.num_stages - 1)  # (B, Dq, H', W')
+                    fmap = enc.run_stages(qmap, enc.num_stages - 1).float()  # (B, D, H', W')
+                    qmap = qmap.float()
+                else:
+                    fmap = qmap = enc.run_stages(images, k).float()  # (B, D, H', W')
                 pooled = enc.pool(fmap).float()  # (B, D)
                 if self.image_pool == "avgmax":
                     pooled = torch.cat([pooled, fmap.amax(dim=(2, 3))], dim=1)  # (B, 2D)
@@ -191,10 +301,12 @@ class Tagger(nn.Module):
         txt_enc = self.text_encoder
         if txt_enc is not None:
             k = self.text_input_stage
-            if self.text_head_kind == "attention":
+            wants_tokens = (self.text_head_kind == "attention"
+                            or (self.fusion_kind == "query" and hasattr(txt_enc, "run_layers")))
+            if wants_tokens:
                 if k > txt_enc.num_layers:
-                    raise ValueError("an attention caption head needs token states: cache them, "
-                                     "not pooled features")
+                    raise ValueError("an attention caption head or query fusion needs token "
+                                     "states: cache them, not pooled features")
                 states = txt_enc.run_layers(ids if k == 0 else ids.float(), lengths, k)  # (B, T, Dt)
                 txt = txt_enc.pool(states, lengths)  # (B, Dt)
                 tokens = (states, txt_enc.token_mask(lengths, states.shape[1], states.device))
@@ -205,27 +317,44 @@ class Tagger(nn.Module):
             else:
                 txt = txt_enc.pool(txt_enc.run_layers(ids.float(), lengths, k), lengths)  # (B, Dt)
             parts.append(txt.float())
-        return parts, fmap, tokens
+        return parts, fmap, tokens, qmap
 
     def forward_all(self, images: torch.Tensor | None, ids: torch.Tensor | None,
                     lengths: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """{'logits': final (B, C)} plus 'fused', 'image', 'text' (B, C) logits with aux heads."""
-        parts, fmap, tokens = self._embed(images, ids, lengths)
-        if self.fusion is not None:
-            fused = self.fusion(parts[0], parts[1])  # (B, hidden)
+        parts, fmap, tokens, qmap = self._embed(images, ids, lengths)
+        if self.fusion_kind == "query":
+            out = {"fused": self.head(*self._memory(parts, qmap, tokens))}  # (B, C)
         else:
-            fused = torch.cat(parts, dim=1)  # (B, Di + Dt)
-        out = {"fused": self.head(fused)}  # (B, C)
+            if self.fusion is not None:
+                fused = self.fusion(parts[0], parts[1])  # (B, hidden)
+            else:
+                fused = torch.cat(parts, dim=1)  # (B, Di + Dt)
+            out = {"fused": self.head(fused)}  # (B, C)
         if self.aux_heads != "none":
             img_in = fmap if self.image_head_kind == "attention" else parts[0]
             out["image"] = self.image_head(img_in)  # (B, C)
             out["text"] = (self.text_head(*tokens) if self.text_head_kind == "attention"
-                           else self.text_head(parts[1]))  # (B, C)
+                           else self.text_head(parts[-1]))  # (B, C)
         if self.aux_heads == "ensemble":
             out["logits"] = (out["fused"] + out["image"] + out["text"]) / 3
         else:
             out["logits"] = out["fused"]
         return out
+
+    def _memory(self, parts, fmap, tokens) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The label queries' memory: per modality (B, N, D) tokens and (B, N) masks. `fmap` is
+        the image map they read (see `_embed`)."""
+        seqs, masks = [], []
+        if fmap is not None:
+            seqs.append(fmap.flatten(2).transpose(1, 2))  # (B, H'*W', Di)
+        if self.text_encoder is not None:
+            seqs.append(tokens[0] if tokens is not None else parts[-1].unsqueeze(1))  # (B, T, Dt)
+        for i, t in enumerate(seqs):
+            real = tokens[1] if (i == len(seqs) - 1 and tokens is not None) else None
+            masks.append(real if real is not None
+                         else torch.ones(t.shape[:2], dtype=torch.bool, device=t.device))
+        return seqs, masks
 
     def forward(self, images: torch.Tensor | None, ids: torch.Tensor | None,
                 lengths: torch.Tensor | None) -> torch.Tensor:

@@ -50,9 +50,9 @@ def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
 
     The frozen prefix of the image encoder is cached: stages [0, k) for k frozen stages, or the
     pooled features when all are frozen (the last feature map instead when an attention image head
-    or max pooling reads it). Likewise for MiniLM: the token states after its k frozen
+    max pooling or query fusion reads it). Likewise for MiniLM: the token states after its k frozen
     layers, or its pooled features when it is frozen whole (its last token states when an
-    attention caption head reads them).
+    attention caption head or query fusion reads them).
     """
     if cfg.cache.enabled == "off":
         return 0, 0
@@ -61,14 +61,17 @@ def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
     if enc is not None and enc.frozen_stages > 0:
         stage = enc.frozen_stages
         needs_map = (getattr(model, "image_head_kind", "linear") == "attention"
-                     or getattr(model, "image_pool", "avg") != "avg")
+                     or getattr(model, "image_pool", "avg") != "avg"
+                     or getattr(model, "fusion_kind", "concat") == "query")
         if stage == enc.num_stages and not needs_map:
             stage = enc.num_stages + 1  # pooled features
     text_stage = 0
     txt = model.text_encoder
     if cfg.model.text_encoder == "minilm" and txt.freeze != "none":
         text_stage = txt.num_layers + 1 if txt.freeze == "all" else int(txt.freeze)
-        if text_stage > txt.num_layers and getattr(model, "text_head_kind", "linear") == "attention":
+        reads_tokens = (getattr(model, "text_head_kind", "linear") == "attention"
+                        or getattr(model, "fusion_kind", "concat") == "query")
+        if text_stage > txt.num_layers and reads_tokens:
             text_stage = txt.num_layers  # the token states after the last layer, not pooled
     return stage, text_stage
 
