@@ -49,8 +49,8 @@ def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
     """(image input stage, caption input stage) for this model; (0, 0) for no cache.
 
     The frozen prefix of the image encoder is cached: stages [0, k) for k frozen stages, or the
-    pooled features when all are frozen (the last feature map instead when an attention image head
-    max pooling or query fusion reads it). Likewise for MiniLM: the token states after its k frozen
+    pooled features when all are frozen (the last feature map instead when an attention image
+    head, max pooling or query fusion reads it). Likewise for MiniLM: the token states after its k frozen
     layers, or its pooled features when it is frozen whole (its last token states when an
     attention caption head or query fusion reads them).
     """
