@@ -140,12 +140,11 @@ class ImageEncoder(nn.Module):
     def drop_conv_head(self) -> None:
         """Remove the last stage when it is a 1x1 conv head; the encoder then ends with its last
         block stage and `out_dim` is that stage's width."""
-        first = next(iter(self.stages[-1].children()), None)  # a head is conv -> norm -> act
-        if not (isinstance(first, nn.Conv2d) and first.kernel_size == (1, 1)
-                and len(self.stages) > 1):
+        channels = conv_head_in_channels(self.stages)
+        if channels is None:
             raise ValueError(f"{self.name} has no 1x1 conv head to drop; keep model.image_conv_head "
                              f"true for it")
-        self.out_dim = first.in_channels
+        self.out_dim = channels
         del self.stages[-1]
 
     def split_stage(self, k: int, j: int) -> None:
@@ -232,6 +231,19 @@ def _fold_batchnorms(module: nn.Module) -> None:
         conv.weight = nn.Parameter(conv.weight * scale[:, None, None, None], requires_grad=False)
         conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
         setattr(module, bn_name, nn.Identity())
+
+
+def conv_head_in_channels(stages: Sequence[nn.Module]) -> int | None:
+    """Input channels of the last stage when it is a 1x1 conv head (a 1x1 conv, or one followed
+    by norm and activation), else None. ResNet's last stage starts with a bottleneck block, not
+    a conv, so it has none."""
+    if len(stages) < 2:
+        return None
+    head = stages[-1]
+    first = head if isinstance(head, nn.Conv2d) else next(iter(head.children()), None)
+    if isinstance(first, nn.Conv2d) and first.kernel_size == (1, 1):
+        return first.in_channels
+    return None
 
 
 def _is_depthwise(m: nn.Module) -> bool:

@@ -94,8 +94,8 @@ class _QueryLayer(nn.Module):
     cross-attention over the memory, a feed-forward block. Written out (not
     nn.TransformerDecoderLayer) so that the first layer's self-attention, which sees only the
     learned queries, runs once instead of once per sample, and so that the cross-attention's small
-    (queries x positions) products avoid the fused CPU kernel, whose backward pass was half of
-    the decoder's time here (docs/quality.md, session 6)."""
+    (queries x positions) products avoid the fused CPU kernel, whose backward pass was a third
+    of the decoder's time here (docs/quality.md, session 6)."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
@@ -163,14 +163,15 @@ class LabelQueryDecoder(nn.Module):
 
 
 def _pre_head_channels(encoder: nn.Module) -> int:
-    """Input channels of an image encoder's last stage when that stage is a 1x1 conv head."""
-    head = encoder.stages[-1] if hasattr(encoder, "stages") else None
-    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)] if head is not None else []
-    if (not convs or convs[0].kernel_size != (1, 1)
-            or getattr(encoder, "frozen_stages", 0) >= encoder.num_stages):
+    """Input channels of an image encoder's last stage when that stage is a trainable 1x1 conv
+    head."""
+    from mmtag.models.image_encoders import conv_head_in_channels
+
+    channels = conv_head_in_channels(encoder.stages)
+    if channels is None or getattr(encoder, "frozen_stages", 0) >= encoder.num_stages:
         raise ValueError("model.query_pre_head needs an image encoder whose last stage is a 1x1 "
                          "conv head (EfficientNet, MobileNet), not frozen whole")
-    return convs[0].in_channels
+    return channels
 
 
 class Tagger(nn.Module):
@@ -291,7 +292,6 @@ class Tagger(nn.Module):
                     # the label queries read the map before the 1x1 conv head (fewer channels)
                     qmap = enc.run_stages(images, k, enc.num_stages - 1)  # (B, Dq, H', W')
                     fmap = enc.run_stages(qmap, enc.num_stages - 1).float()  # (B, D, H', W')
-                    qmap = qmap.float()
                 else:
                     fmap = qmap = enc.run_stages(images, k).float()  # (B, D, H', W')
                 pooled = enc.pool(fmap).float()  # (B, D)
@@ -347,13 +347,14 @@ class Tagger(nn.Module):
         the image map they read (see `_embed`)."""
         seqs, masks = [], []
         if fmap is not None:
-            seqs.append(fmap.flatten(2).transpose(1, 2))  # (B, H'*W', Di)
-        if self.text_encoder is not None:
-            seqs.append(tokens[0] if tokens is not None else parts[-1].unsqueeze(1))  # (B, T, Dt)
-        for i, t in enumerate(seqs):
-            real = tokens[1] if (i == len(seqs) - 1 and tokens is not None) else None
-            masks.append(real if real is not None
-                         else torch.ones(t.shape[:2], dtype=torch.bool, device=t.device))
+            seqs.append(fmap.flatten(2).transpose(1, 2))  # (B, H'*W', Di): every position is real
+            masks.append(torch.ones(seqs[-1].shape[:2], dtype=torch.bool, device=fmap.device))
+        if tokens is not None:
+            seqs.append(tokens[0])  # (B, T, Dt) token states, padding masked
+            masks.append(tokens[1])
+        elif self.text_encoder is not None:
+            seqs.append(parts[-1].unsqueeze(1))  # (B, 1, Dt): a pooled caption is one token
+            masks.append(torch.ones(seqs[-1].shape[:2], dtype=torch.bool, device=seqs[-1].device))
         return seqs, masks
 
     def forward(self, images: torch.Tensor | None, ids: torch.Tensor | None,
