@@ -35,6 +35,8 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("model.fusion=attn", r"model.fusion must be one of \['concat', 'gated', 'query'\]"),
     ("model.query_dim=100 model.query_heads=8", "positive multiple of model.query_heads"),
     ("model.query_dropout=1.0", r"model.query_dropout must be in \[0, 1\)"),
+    ("model.query_memory_drop=-0.1", r"model.query_memory_drop must be in \[0, 1\)"),
+    ("cache.crop=0", r"cache.crop must be in \(0, 1\]"),
     ("model.text_head=attention model.aux_heads=ensemble", "set model.text_encoder=minilm"),
 ])
 def test_bad_keys_and_values_say_what_is_valid(override, message):

@@ -17,6 +17,7 @@ from mmtag.data.images import ImageTransformSpec
 from mmtag.inference.predictor import Predictor, evaluate_run
 from mmtag.models.image_encoders import build_image_encoder
 from mmtag.training import loop
+from mmtag.training.cached import CachedDataset
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,27 @@ def test_killed_extraction_resumes_without_corrupt_entries(demo, tmp_path, monke
     np.testing.assert_array_equal(again, feats)
 
 
+def test_cached_maps_train_on_random_windows_and_validate_whole():
+    torch.manual_seed(0)
+    maps = np.random.default_rng(0).standard_normal((3, 2, 4, 12, 12)).astype(np.float16)
+    text, lengths, targets = torch.zeros(3, 5), torch.full((3,), 5), torch.zeros(3, 2)
+    train = CachedDataset(maps, text, lengths, targets, train=True, crop=0.84)
+    corners = set()
+    for _ in range(200):
+        img = train[1][0]
+        assert img.shape == (4, 10, 10)  # round(0.84 * 12)
+        # a window of one of the two cached views, at some offset
+        found = [(v, t, c) for v in range(2) for t in range(3) for c in range(3)
+                 if torch.equal(img, torch.from_numpy(maps[1, v, :, t:t + 10, c:c + 10]).float())]
+        assert len(found) == 1
+        corners.add(found[0][1:])
+    assert len(corners) == 9  # every offset is drawn
+    val = CachedDataset(maps, text, lengths, targets, train=False, crop=0.84)
+    torch.testing.assert_close(val[1][0], torch.from_numpy(maps[1, 0]).float())
+    pooled = CachedDataset(maps[:, :, :, 0, 0], text, lengths, targets, train=True, crop=0.5)
+    assert pooled[0][0].shape == (4,)  # pooled features are never cropped
+
+
 @pytest.mark.parametrize("freeze, extra", [
     ("5", []), ("all", []),
     # the cpu recipe's pieces: class-attention image head (on the cached last map when all is
@@ -114,6 +136,9 @@ def test_killed_extraction_resumes_without_corrupt_entries(demo, tmp_path, monke
     ("all", ["model.aux_heads=ensemble", "model.image_head=attention"]),
     ("5", ["model.aux_heads=ensemble", "model.image_head=attention", "amp=bf16", "optim.ema=0.9",
              "optim.epochs=1"]),
+    # label queries with hidden memory tokens, trained on random windows of the cached 2x2 map
+    ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2",
+           "model.query_memory_drop=0.3", "cache.crop=0.5"]),
 ])
 def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze, extra):
     cfg = load_config(None, [

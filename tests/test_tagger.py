@@ -2,7 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from mmtag.models.tagger import ClassAttentionHead, LabelQueryDecoder, Tagger, TokenAttentionHead
+from mmtag.models.tagger import (
+    ClassAttentionHead,
+    LabelQueryDecoder,
+    Tagger,
+    TokenAttentionHead,
+    hide_tokens,
+)
 
 
 class _Img(nn.Module):
@@ -222,6 +228,28 @@ def test_label_query_decoder_ignores_padding_and_scores_each_label_with_its_own_
     # a label's logit is its own weight vector times its query's output, plus its bias
     dec.out_weight.data[1] = 0.0
     assert torch.allclose(dec([img, txt], masks)[:, 1], dec.out_bias[1].expand(2))
+
+
+def test_hide_tokens_only_adds_to_the_mask_and_never_hides_a_whole_sample():
+    torch.manual_seed(0)
+    pad = torch.zeros(2000, 10, dtype=torch.bool)
+    pad[:, 7:] = True  # 3 padding tokens per sample
+    out = hide_tokens(pad, 0.3)
+    assert out[pad].all()  # padding stays hidden
+    assert (~out).any(dim=1).all()  # every sample keeps a token
+    assert abs(out[:, :7].float().mean().item() - 0.3) < 0.02
+    # where every real token would be hidden, the sample keeps its own mask
+    torch.testing.assert_close(hide_tokens(pad[:5], 0.999999), pad[:5])
+
+
+def test_memory_drop_acts_in_training_only():
+    torch.manual_seed(0)
+    dec = LabelQueryDecoder([6], 3, dim=8, layers=1, heads=2, dropout=0.0, memory_drop=0.5)
+    img, masks = torch.randn(4, 9, 6), [torch.ones(4, 9, dtype=torch.bool)]
+    dec.eval()
+    torch.testing.assert_close(dec([img], masks), dec([img], masks))
+    dec.train()
+    assert not torch.allclose(dec([img], masks), dec([img], masks))
 
 
 @pytest.mark.parametrize("aux", ["none", "ensemble"])

@@ -83,6 +83,8 @@ class ModelConfig:
     query_dropout: float = 0.1                 # 'query' fusion: dropout inside the decoder
     query_pre_head: bool = False               # 'query' fusion: read the image map before the
                                                # encoder's 1x1 conv head (fewer channels, cheaper)
+    query_memory_drop: float = 0.0             # 'query' fusion, training only: the chance that
+                                               # an image position / caption token is hidden
     aux_heads: str = "none"                    # per-modality heads: 'none', 'loss' (extra loss
                                                # terms), 'ensemble' (also averaged at prediction)
     aux_weight: float = 0.5                    # weight of each per-modality loss term
@@ -110,6 +112,7 @@ class ModelConfig:
                "model.query_dim must be a positive multiple of model.query_heads (both >= 1), "
                "model.query_layers >= 1")
         _check(0.0 <= self.query_dropout < 1.0, "model.query_dropout must be in [0, 1)")
+        _check(0.0 <= self.query_memory_drop < 1.0, "model.query_memory_drop must be in [0, 1)")
         _check(_is_freeze(self.freeze_image) or _is_block_freeze(self.freeze_image),
                f"model.freeze_image must be {IMAGE_FREEZE_HELP}")
         _check(_is_freeze(self.freeze_text), "model.freeze_text must be 'none', 'all' or an int")
@@ -195,9 +198,13 @@ class CacheConfig:
     flip: bool = True         # also cache flipped images: flip augmentation and flip TTA
     batch_size: int = 32      # extraction batch size
     num_workers: int = 1      # extraction image decoding processes
+    crop: float = 1.0         # training on cached feature maps: each sample is a random window of
+                              # this fraction of the map's side (1.0: the whole map), a crop
+                              # augmentation without the raw pixels
 
     def __post_init__(self) -> None:
         _check(self.enabled in ("auto", "off"), "cache.enabled must be one of ['auto', 'off']")
+        _check(0.0 < self.crop <= 1.0, "cache.crop must be in (0, 1]")
 
 
 @dataclass

@@ -128,6 +128,13 @@ class _QueryLayer(nn.Module):
         return x + self.drop(self.ff(self.norm_ff(x)))
 
 
+def hide_tokens(pad: torch.Tensor, chance: float) -> torch.Tensor:
+    """pad (B, N) True = ignored -> the same with each other token also hidden with `chance`; a
+    sample whose every token would be hidden keeps its own mask."""
+    hidden = pad | (torch.rand(pad.shape, device=pad.device) < chance)
+    return torch.where(hidden.all(dim=1, keepdim=True), pad, hidden)
+
+
 class LabelQueryDecoder(nn.Module):
     """Fusion by label queries (Query2Label, Liu et al. 2021; ML-Decoder, Ridnik et al. 2023):
     one learned query per label cross-attends over the image's feature-map positions and the
@@ -136,11 +143,16 @@ class LabelQueryDecoder(nn.Module):
     also attend to each other (labels that go together). Each query's output is scored by that
     label's own weight vector.
 
+    In training, `memory_drop` hides each memory token (an image position, a caption token) from
+    the queries with that chance, so that no label leans on one position or word alone (a sample
+    keeps its full memory in the rare case that every token would be hidden).
+
     tokens: [(B, N_i, D_i)] per modality with masks [(B, N_i) bool, True = real] -> (B, C)."""
 
     def __init__(self, in_dims: list[int], num_classes: int, *, dim: int, layers: int,
-                 heads: int, dropout: float):
+                 heads: int, dropout: float, memory_drop: float = 0.0):
         super().__init__()
+        self.memory_drop = memory_drop
         self.proj = nn.ModuleList(nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim))
                                   for d in in_dims)
         self.modality = nn.Parameter(torch.zeros(len(in_dims), dim))  # which modality a token is
@@ -155,6 +167,8 @@ class LabelQueryDecoder(nn.Module):
                             for i, (proj, t) in enumerate(zip(self.proj, tokens, strict=True))],
                            dim=1)
         pad = ~torch.cat(masks, dim=1)  # (B, N) True = padding, ignored by the attention
+        if self.training and self.memory_drop > 0:
+            pad = hide_tokens(pad, self.memory_drop)
         x = self.queries.unsqueeze(0)  # (1, C, dim): broadcast over the batch by the first layer
         for layer in self.layers:
             x = layer(x, memory, pad)  # (B, C, dim)
@@ -183,7 +197,8 @@ class Tagger(nn.Module):
                  aux_heads: str = "none", image_head: str = "linear", text_head: str = "linear",
                  image_pool: str = "avg", attn_lambda: float = 0.2, attn_temperature: float = 1.0,
                  query_dim: int = 256, query_layers: int = 1, query_heads: int = 8,
-                 query_dropout: float = 0.1, query_pre_head: bool = False):
+                 query_dropout: float = 0.1, query_pre_head: bool = False,
+                 query_memory_drop: float = 0.0):
         super().__init__()
         if image_encoder is None and text_encoder is None:
             raise ValueError("a tagger needs an image encoder, a caption encoder, or both")
@@ -223,7 +238,8 @@ class Tagger(nn.Module):
             # vector (one token) are the memory the label queries read
             self.head = LabelQueryDecoder([d for d in (query_map_dim, txt_dim) if d], num_classes,
                                           dim=query_dim, layers=query_layers, heads=query_heads,
-                                          dropout=query_dropout)
+                                          dropout=query_dropout,
+                                          memory_drop=query_memory_drop)
         else:
             self.head = nn.Sequential(
                 nn.BatchNorm1d(fused_dim),

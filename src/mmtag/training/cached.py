@@ -19,15 +19,20 @@ class CachedDataset(Dataset):
     """(image features, caption ids or features, caption length, target) per row.
 
     `image` is (N, V, ...) with V views (original, flipped): training draws a view at random,
-    evaluation takes view 0, or both (stacked) when `both_views`.
+    evaluation takes view 0, or both (stacked) when `both_views`. With `crop` < 1 and feature maps
+    (N, V, C, H, W), training also takes a random window of that fraction of each side.
     """
 
     def __init__(self, image: np.ndarray | None, text: torch.Tensor, lengths: torch.Tensor,
-                 targets: torch.Tensor, *, train: bool):
+                 targets: torch.Tensor, *, train: bool, crop: float = 1.0):
         self.image = torch.from_numpy(image) if image is not None else None
         self.text, self.lengths, self.targets = text, lengths, targets
         self.train = train
         self.both_views = False
+        self.window = None  # (h, w) of the training crop, None = the whole map
+        if crop < 1.0 and self.image is not None and self.image.ndim == 5:
+            h, w = self.image.shape[-2:]
+            self.window = (max(1, round(crop * h)), max(1, round(crop * w)))
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -38,7 +43,12 @@ class CachedDataset(Dataset):
         elif self.both_views:
             img = self.image[i].float()  # (V, ...)
         elif self.train and self.image.shape[1] > 1:
-            img = self.image[i, int(torch.randint(self.image.shape[1], ()))].float()
+            img = self.image[i, int(torch.randint(self.image.shape[1], ()))]
+            if self.window is not None:
+                (h, w), (wh, ww) = img.shape[-2:], self.window
+                top, left = (int(torch.randint(n + 1, ())) for n in (h - wh, w - ww))
+                img = img[:, top:top + wh, left:left + ww]
+            img = img.float()
         else:
             img = self.image[i, 0].float()
         text = self.text[i]
@@ -95,6 +105,7 @@ def cached_datasets(cfg: TrainConfig, model, train_ds, val_ds, transform_spec, *
             text = torch.from_numpy(cache_text_features(
                 model.text_encoder, text_stage, ds.tokens, ds.lengths,
                 [r.caption for r in ds.records], root=root, dtype=dtype))
-        out.append(CachedDataset(image, text, ds.lengths, ds.targets, train=train))
+        out.append(CachedDataset(image, text, ds.lengths, ds.targets, train=train,
+                                 crop=cfg.cache.crop))
     return out[0], out[1]
 

@@ -368,11 +368,13 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     workers = cfg.data.num_workers
     stage, text_stage = plan_cache(cfg, model)
     if stage > 0 or (text_stage and model.image_encoder is None):
-        log.info("cached-feature path: %s%s; only the rest trains. Cached images get flip "
+        crops = (f" and random windows of {cfg.cache.crop:g} of the map's side"
+                 if cfg.cache.crop < 1 and 0 < stage <= model.image_encoder.num_stages else "")
+        log.info("cached-feature path: %s%s; only the rest trains. Cached images get flip%s "
                  "augmentation only (colour jitter and affine need the raw pixels).",
                  f"image stages [0, {min(stage, model.image_encoder.num_stages)}) cached"
                  if stage else "no image", f", caption encoder layers [0, {text_stage}) cached"
-                 if text_stage else "")
+                 if text_stage else "", crops)
         train_ds, val_ds = cached_datasets(cfg, model, train_ds, val_ds,
                                            image_spec(cfg, norm), stage=stage,
                                            text_stage=text_stage, progress=progress, dtype=dtype)
