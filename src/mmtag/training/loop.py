@@ -368,7 +368,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     workers = cfg.data.num_workers
     stage, text_stage = plan_cache(cfg, model)
     if stage > 0 or (text_stage and model.image_encoder is None):
-        crops = (f" and random windows of {cfg.cache.crop:g} of the map's side"
+        crops = (f" and random-window (cache.crop={cfg.cache.crop:g})"
                  if cfg.cache.crop < 1 and 0 < stage <= model.image_encoder.num_stages else "")
         log.info("cached-feature path: %s%s; only the rest trains. Cached images get flip%s "
                  "augmentation only (colour jitter and affine need the raw pixels).",
