@@ -64,3 +64,15 @@ def test_expected_f1_sets_with_a_loss_that_skews_probabilities_warn():
     assert load_config(None, ["decision=threshold", "loss.name=asl"]).warnings() == []
     (w,) = load_config(None, ["decision=expected_f1", "loss.name=asl"]).warnings()
     assert "loss.name=asl skews the probabilities" in w and "use loss.name=bce" in w
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model.query_memory_drop=0.2", "model.fusion=concat"], "model.query_memory_drop acts on label queries only"),
+    (["cache.crop=0.8", "cache.enabled=off", "model.freeze_image=6"], "cache.crop crops cached feature maps"),
+    (["cache.crop=0.8", "model.freeze_image=none"], "cache.crop crops cached feature maps"),
+])
+def test_options_that_would_do_nothing_are_warned_about(overrides, expected):
+    (w,) = load_config(None, overrides).warnings()
+    assert expected in w
+    assert load_config(None, ["model.query_memory_drop=0.2", "model.fusion=query", "cache.crop=0.8",
+                              "model.freeze_image=6"]).warnings() == []

@@ -262,6 +262,13 @@ class TrainConfig:
                        f"is present, but loss.name={self.loss.name} skews the probabilities "
                        f"(measured: asl scored samples-F1 0.819 instead of 0.896, docs/quality.md); "
                        f"use loss.name=bce, or decision=threshold with this loss")
+        if self.model.query_memory_drop > 0 and self.model.fusion != "query":
+            out.append("model.query_memory_drop acts on label queries only: it does nothing with "
+                       f"model.fusion={self.model.fusion}; set model.fusion=query or leave it at 0")
+        if self.cache.crop < 1 and (self.cache.enabled == "off"
+                                    or self.model.freeze_image in ("none", "0")):
+            out.append("cache.crop crops cached feature maps, and this run caches none "
+                       "(cache.enabled=off or no frozen image stages): it does nothing here")
         return out
 
 
