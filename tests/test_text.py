@@ -57,3 +57,12 @@ def test_glove_subset_and_encoder_round_trip():
 def test_missing_wordnet_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(text.WordNetMissingError, match="wordnet-base"):
         text.setup_wordnet(tmp_path / "nltk", source=tmp_path / "nowhere", allow_apt=False)
+
+
+def test_wordnet_without_the_sense_index_names_the_package_to_install(tmp_path):
+    source = tmp_path / "debian"
+    source.mkdir()
+    (source / "index.noun").write_text("")  # wordnet-base alone: NLTK 3.10 also opens index.sense
+    with pytest.raises(text.WordNetMissingError, match=r"index\.sense.*wordnet-sense-index"):
+        text.setup_wordnet(tmp_path / "nltk", source=source, allow_apt=False)
+    assert not (tmp_path / "nltk").exists()

@@ -49,6 +49,8 @@ _LEXNAMES = [
     ("verb.social", 2), ("verb.stative", 2), ("verb.weather", 2), ("adj.ppl", 3),
 ]
 _DEBIAN_WORDNET = Path("/usr/share/wordnet")
+_WORDNET_PACKAGES = ("wordnet-base", "wordnet-sense-index")
+_WORDNET_FILES = ("index.noun", "index.sense")  # one file of each package
 
 
 class WordNetMissingError(RuntimeError):
@@ -65,23 +67,26 @@ def setup_wordnet(target: Path | None = None, source: Path = _DEBIAN_WORDNET,
                   allow_apt: bool = True) -> Path:
     """Install WordNet 3.0 for NLTK without `nltk.download`; returns the wordnet folder.
 
-    Copies Debian's WordNet files (package `wordnet-base`) into `<target>/corpora/wordnet/` as
-    real files (NLTK rejects symlinks that leave its folder) and adds the `lexnames` file. When
-    the files are absent and we are root with apt-get, installs the package first.
+    Copies Debian's WordNet files (packages `wordnet-base`, and `wordnet-sense-index` for the
+    `index.sense` file that NLTK 3.10 opens too) into `<target>/corpora/wordnet/` as real files
+    (NLTK rejects symlinks that leave its folder) and adds the `lexnames` file. When the files
+    are absent and we are root with apt-get, installs the packages first.
     """
     target = Path(target) if target else nltk_data_dir()
     dest = target / "corpora" / "wordnet"
-    if (dest / "index.noun").exists() and (dest / "lexnames").exists():
+    if all((dest / f).exists() for f in (*_WORDNET_FILES, "lexnames")):
         return dest
-    if not (source / "index.noun").exists():
+    if not all((source / f).exists() for f in _WORDNET_FILES):
         if allow_apt and shutil.which("apt-get") and os.geteuid() == 0:
-            subprocess.run(["apt-get", "install", "-y", "-qq", "wordnet-base"], check=False,
+            subprocess.run(["apt-get", "install", "-y", "-qq", *_WORDNET_PACKAGES], check=False,
                            stdout=subprocess.DEVNULL)
-        if not (source / "index.noun").exists():
+        missing = [f for f in _WORDNET_FILES if not (source / f).exists()]
+        if missing:
             raise WordNetMissingError(
-                f"WordNet files not found in {source}. Install Debian's `wordnet-base` package "
-                f"(sudo apt-get install wordnet-base) and rerun `mmtag setup-wordnet`, or put an "
-                f"NLTK data folder with corpora/wordnet in $MMTAG_NLTK_DATA.")
+                f"WordNet files {missing} not found in {source}. Install Debian's packages "
+                f"(sudo apt-get install {' '.join(_WORDNET_PACKAGES)}) and rerun `mmtag "
+                f"setup-wordnet`, or put an NLTK data folder with corpora/wordnet in "
+                f"$MMTAG_NLTK_DATA.")
     dest.mkdir(parents=True, exist_ok=True)
     for f in source.iterdir():
         if f.is_file():
@@ -102,7 +107,7 @@ def _wordnet_lemmatizer():
     lem = WordNetLemmatizer()
     try:
         lem.lemmatize("dogs")
-    except LookupError:
+    except (LookupError, OSError):  # OSError: a file of the WordNet folder is missing
         raise WordNetMissingError(
             f"NLTK's WordNet data is missing (looked in {nltk.data.path[:3]}...). Run "
             f"`mmtag setup-wordnet` (or `make test`/`make demo`, which run it), or set "
