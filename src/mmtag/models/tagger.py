@@ -307,7 +307,10 @@ class Tagger(nn.Module):
                 if self.query_pre_head:
                     # the label queries read the map before the 1x1 conv head (fewer channels)
                     qmap = enc.run_stages(images, k, enc.num_stages - 1)  # (B, Dq, H', W')
-                    fmap = enc.run_stages(qmap, enc.num_stages - 1).float()  # (B, D, H', W')
+                    # left in the autocast dtype: the class-attention head's BatchNorm, channel
+                    # dropout and 1x1 conv read this 1280-channel map at half the bytes (a cpu
+                    # recipe step 0.488 -> 0.470 s, docs/quality.md session 8)
+                    fmap = enc.run_stages(qmap, enc.num_stages - 1)  # (B, D, H', W')
                 else:
                     fmap = qmap = enc.run_stages(images, k).float()  # (B, D, H', W')
                 pooled = enc.pool(fmap).float()  # (B, D)
