@@ -38,6 +38,10 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("model.query_memory_drop=-0.1", r"model.query_memory_drop must be in \[0, 1\)"),
     ("cache.crop=0", r"cache.crop must be in \(0, 1\]"),
     ("model.text_head=attention model.aux_heads=ensemble", "set model.text_encoder=minilm"),
+    ("tta_sizes=[384,big]", r"tta_sizes\[1\]: expected int, got 'big'"),
+    ("tta_sizes=[16]", r"tta_sizes must be image sizes in px \(>= 32\)"),
+    ("data.image_size=448 tta_sizes=[448,512]", r"data.image_size \(448\) is always used"),
+    ("tta_sizes=[384,384]", "tta_sizes has a size twice"),
 ])
 def test_bad_keys_and_values_say_what_is_valid(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -76,3 +80,14 @@ def test_options_that_would_do_nothing_are_warned_about(overrides, expected):
     assert expected in w
     assert load_config(None, ["model.query_memory_drop=0.2", "model.fusion=query", "cache.crop=0.8",
                               "model.freeze_image=6"]).warnings() == []
+
+
+def test_tta_sizes_from_yaml_and_the_command_line(tmp_path):
+    assert load_config(None, []).tta_sizes == []
+    cfg = load_config(None, ["data.image_size=448", "tta_sizes=[384,512]"])
+    assert cfg.tta_sizes == [384, 512] and cfg.image_sizes == [448, 384, 512]
+    assert load_config(None, ["tta_sizes=384"]).tta_sizes == [384]  # one size needs no brackets
+    assert load_config(None, ["tta_sizes=[]"]).tta_sizes == []
+    f = tmp_path / "c.yaml"
+    f.write_text("tta_sizes: [320]\n")
+    assert TrainConfig.from_dict(load_config(f).to_dict()).tta_sizes == [320]

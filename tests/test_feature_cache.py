@@ -139,6 +139,10 @@ def test_cached_maps_train_on_random_windows_and_validate_whole():
     # label queries with hidden memory tokens, trained on random windows of the cached 2x2 map
     ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2",
            "model.query_memory_drop=0.3", "cache.crop=0.5"]),
+    # multi-scale TTA: the validation rows are also cached at the other sizes; the final
+    # figures average the three sizes' probabilities, as evaluate and predict do from raw images
+    ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2",
+           "model.aux_heads=ensemble", "model.image_head=attention", "tta_sizes=[48,40]"]),
 ])
 def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze, extra):
     cfg = load_config(None, [
@@ -149,6 +153,9 @@ def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze, extra):
     run = tmp_path / "run"
     summary = loop.fit(cfg, demo, run, progress=False)
     assert any((tmp_path / "cache").rglob("*.npy"))
+    assert summary["tta"] == {"flip": True, "sizes": cfg.image_sizes}
+    for size in cfg.image_sizes:
+        assert any(f"-{size}px-" in p.name for p in (tmp_path / "cache").iterdir()), size
     # evaluate from raw images (the saved model is the whole network) agrees with the cached path
     m = evaluate_run(run, data_dir=demo)
     for k in ("micro_f1", "samples_f1"):

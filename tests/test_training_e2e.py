@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -244,3 +245,26 @@ def test_decision_rule_can_be_overridden_from_the_command_line(run, demo, tmp_pa
     assert main(["predict", str(run), "--csv", str(demo / "test.csv"), "--images",
                  str(demo / "data"), "--out", str(out), "--decision", "expected_f1"]) == 0
     assert len(read_csv(out)) == 8
+
+
+def test_multi_scale_tta_averages_each_sizes_probabilities(run, demo, capsys):
+    from mmtag.cli import main
+
+    rows, images = read_csv(demo / "train.csv")[:6], demo / "data"
+    multi = Predictor.load(run, tta_sizes=[40, 48])
+    assert multi.image_sizes == [32, 40, 48]
+    p_multi = multi.probabilities(multi.dataset(rows, images))
+    per_size = []
+    for size in (32, 40, 48):
+        one = Predictor.load(run, tta_sizes=[])
+        one.config.data.image_size = size
+        per_size.append(one.probabilities(one.dataset(rows, images)))
+    np.testing.assert_allclose(p_multi, np.mean(per_size, axis=0), rtol=0, atol=1e-7)
+    # (a tiny model: the sizes' probabilities differ by ~1e-5, far above the rounding above)
+    assert np.abs(p_multi - per_size[0]).max() > 1e-6
+    pairs = [(images / r.image_id, r.caption) for r in rows]  # the API path: the same decisions
+    assert multi.predict(pairs) == [multi.label_map.decode(d) for d in multi.decide(p_multi)]
+    assert main(["evaluate", str(run), "--data", str(demo), "--tta-sizes", "40,48"]) == 0
+    assert "images at 32+40+48 px" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--data", str(demo), "--tta-sizes", "32"]) == 2
+    assert "data.image_size (32) is always used" in capsys.readouterr().err

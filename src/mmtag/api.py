@@ -29,8 +29,9 @@ def train(data_dir: Path | str, out: Path | str, config: TrainConfig | str | Pat
     return fit(cfg, data_dir, out, resume=resume, progress=progress)
 
 
-def load_run(run: Path | str, device: str = "auto"):
-    """A `mmtag.inference.predictor.Predictor` for a run folder or a best.pt file."""
+def load_run(run: Path | str, device: str = "auto", tta_sizes: list[int] | None = None):
+    """A `mmtag.inference.predictor.Predictor` for a run folder or a best.pt file; `tta_sizes`
+    replaces the run's extra sizes of multi-scale TTA ([]: one size, the fastest)."""
     from mmtag.inference.predictor import Predictor
 
-    return Predictor.load(run, device)
+    return Predictor.load(run, device, tta_sizes)

@@ -84,11 +84,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     m = evaluate_run(args.run, data_dir=args.data, csv_path=args.csv, images=args.images,
                      threshold=args.threshold, decision=args.decision,
-                     batch_size=args.batch_size, device=args.device)
+                     batch_size=args.batch_size, device=args.device, tta_sizes=args.tta_sizes)
     if args.json:
         print(json.dumps(m))
         return 0
-    print(f"{m['source']}: {m['rows']} rows; decision: {m['decision']}")
+    print(f"{m['source']}: {m['rows']} rows; decision: {m['decision']}; images at "
+          f"{'+'.join(map(str, m['image_sizes']))} px")
     for k in ("precision", "recall", "micro_f1", "macro_f1", "samples_f1"):
         print(f"  {k:<11} {m[k]:.4f}")
     print(format_per_class_table(m))
@@ -101,7 +102,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     res = predict_csv(args.run, args.csv, args.images, args.out, probs_out=args.probs,
                       threshold=args.threshold, decision=args.decision,
                       caption_only_missing=args.caption_only_missing,
-                      batch_size=args.batch_size, device=args.device)
+                      batch_size=args.batch_size, device=args.device, tta_sizes=args.tta_sizes)
     print(f"wrote {res['rows']} rows to {res['out']}" + (f" and probabilities to {res['probs']}"
                                                          if res["probs"] else ""))
     if res["caption_only"]:
@@ -115,12 +116,14 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from mmtag.inference.benchmark import benchmark
 
     res = benchmark(args.run, args.csv, args.images, n=args.n, batch_size=args.batch_size,
-                    single=args.single, num_workers=args.workers, device=args.device)
+                    single=args.single, num_workers=args.workers, device=args.device,
+                    tta_sizes=args.tta_sizes)
     if args.json:
         print(json.dumps(res))
     else:
         print(f"{res['rows']} samples, batch {res['batch_size']}, {res['threads']} threads on "
-              f"{res['device']} (flip TTA: {res['tta_flip']}):\n"
+              f"{res['device']} (flip TTA: {res['tta_flip']}; images at "
+              f"{'+'.join(map(str, res['image_sizes']))} px):\n"
               f"  batch prediction   {res['samples_per_second']:.1f} samples/s "
               f"(JPEG decoding and preprocessing included)\n"
               f"  single sample      {res['single_latency_ms_median']:.1f} ms median, "
@@ -134,6 +137,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(Path(args.out), n=args.n, seed=args.seed, epochs=args.epochs)
     return 0
+
+
+def _sizes(text: str) -> list[int]:
+    """--tta-sizes: 'none' or comma-separated sizes in px."""
+    if text.strip().lower() in ("none", ""):
+        return []
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated sizes in px (e.g. 384,512) or 'none', got {text!r}") from None
+
+
+def _add_tta_arg(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--tta-sizes", type=_sizes, default=None, metavar="SIZES",
+                   help="extra image sizes of multi-scale TTA instead of the run's (tta_sizes): "
+                        "'none' predicts at the training size alone (fastest), '384,512' at "
+                        "those too, averaged")
 
 
 def _add_decision_args(c: argparse.ArgumentParser) -> None:
@@ -187,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--device", default="auto")
     c.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_tta_arg(c)
     c.set_defaults(func=_cmd_evaluate)
 
     c = sub.add_parser("predict", help="write the Kaggle submission for a CSV of images + captions")
@@ -200,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predict rows whose image is missing/corrupt from the caption alone (listed)")
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--device", default="auto")
+    _add_tta_arg(c)
     c.set_defaults(func=_cmd_predict)
 
     c = sub.add_parser("benchmark", help="prediction speed of a run: samples/s and latency")
@@ -212,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=1, help="DataLoader decoding processes")
     c.add_argument("--device", default="auto")
     c.add_argument("--json", action="store_true")
+    _add_tta_arg(c)
     c.set_defaults(func=_cmd_benchmark)
 
     c = sub.add_parser("demo", help="generate the demo dataset, train, evaluate and predict on it")

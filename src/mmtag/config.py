@@ -231,6 +231,10 @@ class TrainConfig:
     at_least_one: bool = False      # always predict at least one label per image
     min_support: int = 20           # per-class thresholds only for classes with this many positives
     tta_flip: bool = False          # average predictions of the image and its mirror image
+    # multi-scale test-time augmentation: extra image sizes (px) whose predictions are averaged
+    # with data.image_size's (probabilities averaged; each size with its mirror image too when
+    # tta_flip); prediction costs about sum((size / image_size)^2) times one size's
+    tta_sizes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(self.amp in ("auto", "bf16", "fp16", "none"),
@@ -243,6 +247,18 @@ class TrainConfig:
                "threshold_metric must be one of ['micro_f1', 'samples_f1']")
         _check(self.decision in ("threshold", "expected_f1"),
                "decision must be one of ['expected_f1', 'threshold']")
+        _check(all(s >= 32 for s in self.tta_sizes),
+               f"tta_sizes must be image sizes in px (>= 32), got {self.tta_sizes}")
+        _check(self.data.image_size not in self.tta_sizes,
+               f"tta_sizes lists extra sizes: data.image_size ({self.data.image_size}) is always "
+               f"used, leave it out of {self.tta_sizes}")
+        _check(len(set(self.tta_sizes)) == len(self.tta_sizes),
+               f"tta_sizes has a size twice: {self.tta_sizes}")
+
+    @property
+    def image_sizes(self) -> list[int]:
+        """The sizes a prediction reads each image at: data.image_size, then tta_sizes."""
+        return [self.data.image_size, *self.tta_sizes]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -318,6 +334,10 @@ def _coerce(value, tp, key: str):
                              and optional and str not in args):
             return None
         tp = next(a for a in args if a is not type(None))
+    if typing.get_origin(tp) is list:
+        # a YAML list, or one value (YAML: `tta_sizes: 384`; command line: tta_sizes=384)
+        items = value if isinstance(value, list) else [] if value in (None, "") else [value]
+        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(items)]
     try:
         if tp is bool:
             if isinstance(value, bool):

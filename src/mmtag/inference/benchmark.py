@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from mmtag.inference.predictor import Predictor
 
 def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: int = 512,
               batch_size: int = 64, single: int = 30, num_workers: int = 1,
-              device: str = "auto") -> dict:
+              device: str = "auto", tta_sizes: Sequence[int] | None = None) -> dict:
     """Batch throughput (JPEG decoding and preprocessing included) over the first `n` rows
     whose images exist, and single-sample latency (median of `single` calls)."""
     images = Path(images)
@@ -22,7 +23,7 @@ def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: i
     if not rows:
         raise ValueError(f"no row of {csv_path} has an image in {images}")
     t_load = time.perf_counter()
-    pred = Predictor.load(run, device)
+    pred = Predictor.load(run, device, tta_sizes)
     load_s = time.perf_counter() - t_load
     ds = pred.dataset(rows[: min(len(rows), batch_size)], images)
     pred.probabilities(ds, batch_size, 0)  # warm-up
@@ -42,4 +43,4 @@ def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: i
             "samples_per_second": round(len(rows) / batch_s, 1),
             "single_latency_ms_median": round(1000 * statistics.median(lat), 1),
             "single_latency_ms_p90": round(1000 * sorted(lat)[int(0.9 * (len(lat) - 1))], 1),
-            "tta_flip": pred.config.tta_flip}
+            "tta_flip": pred.config.tta_flip, "image_sizes": pred.image_sizes}

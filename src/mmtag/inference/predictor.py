@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 from collections.abc import Sequence
@@ -45,10 +46,15 @@ class Predictor:
     device: torch.device
 
     @classmethod
-    def load(cls, run: Path | str, device: str = "auto") -> Predictor:
-        """From a run folder (its best.pt) or a checkpoint file."""
+    def load(cls, run: Path | str, device: str = "auto",
+             tta_sizes: Sequence[int] | None = None) -> Predictor:
+        """From a run folder (its best.pt) or a checkpoint file. `tta_sizes` replaces the run's
+        extra sizes of multi-scale TTA ([]: data.image_size alone, the fastest)."""
         ckpt = load_checkpoint(_checkpoint_path(run))
-        cfg = TrainConfig.from_dict(ckpt["config"])
+        cfg = ckpt["config"]
+        if tta_sizes is not None:
+            cfg = {**cfg, "tta_sizes": list(tta_sizes)}
+        cfg = TrainConfig.from_dict(cfg)
         label_map = LabelMap.from_dict(ckpt["labels"])
         caption_enc = caption_encoder_from_dict(ckpt["caption"])
         model = build_tagger(cfg.model, label_map.num_classes, caption_enc, load_pretrained=False)
@@ -62,8 +68,16 @@ class Predictor:
         return cls(model, cfg, label_map, caption_enc, np.asarray(ckpt["thresholds"], dtype=float),
                    bool(ckpt["at_least_one"]), dev)
 
-    def transform(self):
-        return build_transform(image_spec(self.config, encoder_normalisation(self.model)), train=False)
+    @property
+    def image_sizes(self) -> list[int | None]:
+        """The sizes each image is read at (multi-scale TTA: data.image_size, then tta_sizes);
+        [None] for a caption-only model."""
+        return self.config.image_sizes if self.model.image_encoder is not None else [None]
+
+    def transform(self, size: int | None = None):
+        """Validation preprocessing at data.image_size, or at `size`."""
+        return build_transform(image_spec(self.config, encoder_normalisation(self.model), size),
+                               train=False)
 
     def dataset(self, records: Sequence[Record], image_dir: Path | str, source: str = "",
                 blank_missing_images: bool = False) -> TaggingDataset:
@@ -74,11 +88,18 @@ class Predictor:
 
     def probabilities(self, dataset: TaggingDataset, batch_size: int = 64,
                       num_workers: int = 0) -> np.ndarray:
-        """(N, C) sigmoid probabilities, in dataset order."""
-        loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
-        _, probs, _ = evaluate(self.model, loader, None, self.device,
+        """(N, C) sigmoid probabilities, in dataset order: averaged over the sizes of
+        `image_sizes` (each a pass over `dataset` with that size's preprocessing)."""
+        probs = 0.0
+        for size in self.image_sizes:
+            ds = copy.copy(dataset)  # the caller's dataset keeps its transform
+            if size is not None:
+                ds.transform = self.transform(size)
+            loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers)
+            _, p, _ = evaluate(self.model, loader, None, self.device,
                                dtype=amp_dtype(self.config.amp, self.device),
                                tta=self.config.tta_flip, channels_last=True)
+            probs = probs + p / len(self.image_sizes)
         return probs
 
     def decide(self, probs: np.ndarray, threshold: float | None = None,
@@ -95,21 +116,24 @@ class Predictor:
     def predict(self, pairs: Sequence[tuple[Image.Image | str | Path, str]],
                 threshold: float | None = None) -> list[tuple[int, ...]]:
         """Label ids for (image or image path, caption) pairs."""
-        tf = self.transform()
-        images, ids, lengths = [], [], []
+        pil, ids, lengths = [], [], []
         for i, (img, caption) in enumerate(pairs):
             if not isinstance(img, Image.Image):
                 img = load_image(img, f"pair {i}")
-            images.append(tf(img.convert("RGB")))
+            pil.append(img.convert("RGB"))
             tok, n = self.caption_enc(caption)
             ids.append(torch.as_tensor(tok))
             lengths.append(n)
-        with torch.inference_mode(), autocast(self.device, amp_dtype(self.config.amp, self.device)):
-            batch = torch.stack(images).to(self.device).contiguous(memory_format=torch.channels_last)
-            logits = _logits(self.model, batch,
-                             torch.stack(ids).to(self.device), torch.as_tensor(lengths),
-                             self.config.tta_flip)
-        probs = torch.sigmoid(logits.float()).cpu().numpy()
+        ids, lengths = torch.stack(ids).to(self.device), torch.as_tensor(lengths)
+        probs = 0.0
+        for size in self.image_sizes:
+            tf = self.transform(size)
+            with torch.inference_mode(), autocast(self.device,
+                                                  amp_dtype(self.config.amp, self.device)):
+                batch = torch.stack([tf(img) for img in pil]).to(self.device)
+                logits = _logits(self.model, batch.contiguous(memory_format=torch.channels_last),
+                                 ids, lengths, self.config.tta_flip)
+            probs = probs + torch.sigmoid(logits.float()).cpu().numpy() / len(self.image_sizes)
         return [self.label_map.decode(row) for row in self.decide(probs, threshold)]
 
 
@@ -127,9 +151,10 @@ def find_missing_images(records: Sequence[Record], image_dir: Path, source: str)
 def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
                  csv_path: Path | str | None = None, images: Path | str | None = None,
                  threshold: float | None = None, decision: str | None = None,
-                 batch_size: int = 64, device: str = "auto", num_workers: int = 0) -> dict:
+                 batch_size: int = 64, device: str = "auto", num_workers: int = 0,
+                 tta_sizes: Sequence[int] | None = None) -> dict:
     """Metrics of a run on its saved validation split (`data_dir`) or on a labelled CSV."""
-    pred = Predictor.load(run, device)
+    pred = Predictor.load(run, device, tta_sizes)
     if csv_path is not None:
         csv_path = Path(csv_path)
         rows = read_csv(csv_path)
@@ -155,6 +180,7 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
                            label_names=[str(lab) for lab in pred.label_map.labels])
     m["rows"] = len(rows)
     m["source"] = source
+    m["image_sizes"] = pred.image_sizes
     m["thresholds"] = (f"global {threshold:.3f}" if threshold is not None
                        else [round(float(t), 4) for t in pred.thresholds])
     rule = decision or pred.config.decision
@@ -168,9 +194,9 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
                 out: Path | str = "Predicted_labels.csv", *, probs_out: Path | str | None = None,
                 threshold: float | None = None, decision: str | None = None,
                 caption_only_missing: bool = False, batch_size: int = 64, device: str = "auto",
-                num_workers: int = 0) -> dict:
+                num_workers: int = 0, tta_sizes: Sequence[int] | None = None) -> dict:
     """Write the Kaggle submission for every row of `csv_path`, in order."""
-    pred = Predictor.load(run, device)
+    pred = Predictor.load(run, device, tta_sizes)
     csv_path, images = Path(csv_path), Path(images)
     rows = read_csv(csv_path)
     bad = find_missing_images(rows, images, str(csv_path)) if pred.model.image_encoder else []

@@ -86,26 +86,31 @@ def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
     return stage, text_stage
 
 
+def cached_dataset(cfg: TrainConfig, model, ds, transform_spec, *, train: bool, stage: int,
+                   text_stage: int, progress: bool,
+                   dtype: torch.dtype | None = None) -> CachedDataset:
+    """Replace one raw dataset (mmtag.data.dataset.TaggingDataset) by its cached features, the
+    images read through `transform_spec`. `dtype` is the autocast dtype the model predicts with
+    (the frozen prefix runs under it)."""
+    root = Path(cfg.cache.dir) if cfg.cache.dir else None
+    image = None
+    if stage > 0:
+        image = cache_image_features(
+            model.image_encoder, stage, ds.records, ds.image_dir, transform_spec, root=root,
+            flip=cfg.cache.flip, batch_size=cfg.cache.batch_size,
+            num_workers=cfg.cache.num_workers, progress=progress, source=ds.source, dtype=dtype)
+    text = ds.tokens
+    if text_stage:
+        text = torch.from_numpy(cache_text_features(
+            model.text_encoder, text_stage, ds.tokens, ds.lengths,
+            [r.caption for r in ds.records], root=root, dtype=dtype))
+    return CachedDataset(image, text, ds.lengths, ds.targets, train=train, crop=cfg.cache.crop)
+
+
 def cached_datasets(cfg: TrainConfig, model, train_ds, val_ds, transform_spec, *, stage: int,
                     text_stage: int, progress: bool,
                     dtype: torch.dtype | None = None) -> tuple[CachedDataset, CachedDataset]:
-    """Replace raw datasets (mmtag.data.dataset.TaggingDataset) by cached-feature datasets.
-    `dtype` is the autocast dtype the model predicts with (the frozen prefix runs under it)."""
-    root = Path(cfg.cache.dir) if cfg.cache.dir else None
-    out = []
-    for ds, train in ((train_ds, True), (val_ds, False)):
-        image = None
-        if stage > 0:
-            image = cache_image_features(
-                model.image_encoder, stage, ds.records, ds.image_dir, transform_spec, root=root,
-                flip=cfg.cache.flip, batch_size=cfg.cache.batch_size,
-                num_workers=cfg.cache.num_workers, progress=progress, source=ds.source, dtype=dtype)
-        text = ds.tokens
-        if text_stage:
-            text = torch.from_numpy(cache_text_features(
-                model.text_encoder, text_stage, ds.tokens, ds.lengths,
-                [r.caption for r in ds.records], root=root, dtype=dtype))
-        out.append(CachedDataset(image, text, ds.lengths, ds.targets, train=train,
-                                 crop=cfg.cache.crop))
-    return out[0], out[1]
-
+    """The training and validation datasets as cached features (`cached_dataset`)."""
+    return tuple(cached_dataset(cfg, model, ds, transform_spec, train=train, stage=stage,
+                                text_stage=text_stage, progress=progress, dtype=dtype)
+                 for ds, train in ((train_ds, True), (val_ds, False)))

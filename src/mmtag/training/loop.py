@@ -32,7 +32,7 @@ from mmtag.data.dataset import Split, TaggingDataset, make_loader
 from mmtag.data.images import ImageTransformSpec, build_transform
 from mmtag.data.labels import LabelMap
 from mmtag.models.build import build_tagger, caption_encoder_to_dict, fit_caption_encoder
-from mmtag.training.cached import cached_datasets, plan_cache
+from mmtag.training.cached import cached_dataset, cached_datasets, plan_cache
 from mmtag.training.checkpoint import (
     FORMAT_VERSION,
     atomic_save,
@@ -65,11 +65,12 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def image_spec(cfg: TrainConfig, normalisation: str) -> ImageTransformSpec:
-    """The image pipeline's parameters; 'auto' normalisation is what the encoder expects."""
+def image_spec(cfg: TrainConfig, normalisation: str, size: int | None = None) -> ImageTransformSpec:
+    """The image pipeline's parameters; 'auto' normalisation is what the encoder expects.
+    `size` replaces data.image_size (the other sizes of multi-scale TTA)."""
     d = cfg.data
     norm = normalisation if d.normalisation == "auto" else d.normalisation
-    return ImageTransformSpec(size=d.image_size, normalisation=norm, hflip=d.hflip,
+    return ImageTransformSpec(size=size or d.image_size, normalisation=norm, hflip=d.hflip,
                               jitter=d.jitter, hue=d.hue, degrees=d.degrees,
                               translate=d.translate, scale=(d.scale_min, d.scale_max))
 
@@ -383,9 +384,18 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                  f"image stages [0, {min(stage, model.image_encoder.num_stages)}) cached"
                  if stage else "no image", f", caption encoder layers [0, {text_stage}) cached"
                  if text_stage else "", crops)
+    # the validation rows at the other sizes of multi-scale TTA (final evaluation only)
+    tta_sizes = cfg.tta_sizes if has_image else []
+    extra_val = [TaggingDataset(data.val_rows, data.image_dir, data.caption_enc, data.label_map,
+                                build_transform(image_spec(cfg, norm, size), train=False),
+                                source="train.csv") for size in tta_sizes]
+    if stage > 0 or (text_stage and model.image_encoder is None):
         train_ds, val_ds = cached_datasets(cfg, model, train_ds, val_ds,
                                            image_spec(cfg, norm), stage=stage,
                                            text_stage=text_stage, progress=progress, dtype=dtype)
+        extra_val = [cached_dataset(cfg, model, ds, image_spec(cfg, norm, size), train=False,
+                                    stage=stage, text_stage=text_stage, progress=progress,
+                                    dtype=dtype) for ds, size in zip(extra_val, tta_sizes, strict=True)]
         model.image_input_stage, model.text_input_stage = stage, text_stage
         workers = 0  # features are in memory
     val_loader = make_loader(val_ds, o.batch_size * 2, shuffle=False, num_workers=workers,
@@ -478,9 +488,15 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                  row["train_micro_f1"], va_loss, row["val_micro_f1"], row["val_samples_f1"], lr,
                  row["seconds"], "  *best*" if improved else "")
 
+    val_loaders = [val_loader]
+    for ds in extra_val:
+        val_loaders.append(make_loader(ds, o.batch_size * 2, shuffle=False, num_workers=workers,
+                                       pin_memory=pin))
     if final_tta and stage > 0:
-        val_ds.both_views = True  # the loader reads the dataset afresh
-    summary = finalize(cfg, run_dir, data, model, val_loader, device, dtype, channels_last, final_tta)
+        for ds in (val_ds, *extra_val):
+            ds.both_views = True  # the loader reads the dataset afresh
+    summary = finalize(cfg, run_dir, data, model, val_loaders, device, dtype, channels_last,
+                       final_tta)
     summary["model_mb"] = size_mb
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
@@ -492,15 +508,19 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     return summary
 
 
-def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, val_loader,
+def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, val_loaders,
              device: torch.device, dtype, channels_last: bool, tta: bool) -> dict:
     """Reload the best weights, choose decision thresholds on the validation split, and store
-    them in best.pt."""
+    them in best.pt. `val_loaders`: the validation rows at each size of cfg.image_sizes (their
+    probabilities are averaged, as predict does)."""
     best = load_checkpoint(run_dir / "best.pt")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v
                            for k, v in best["model"].items()})
-    _, probs, targets = evaluate(model, val_loader, None, device, dtype=dtype,
+    probs = 0.0
+    for loader in val_loaders:
+        _, p, targets = evaluate(model, loader, None, device, dtype=dtype,
                                  channels_last=channels_last, tta=tta)
+        probs = probs + p / len(val_loaders)
     y = targets.astype(int)
     thr = choose_thresholds(y, probs, mode=cfg.threshold_mode, metric=cfg.threshold_metric,
                             at_least_one=cfg.at_least_one, min_support=cfg.min_support)
@@ -517,11 +537,13 @@ def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, v
     mb = state_dict_megabytes(model, cfg.model.fp16_storage)
     rule = ("expected-F1 label sets" if cfg.decision == "expected_f1"
             else f"thresholds ({cfg.threshold_mode}, {cfg.threshold_metric})")
-    log.info("best epoch %d; %s: val micro-F1 %.4f samples-F1 %.4f "
+    sizes = cfg.image_sizes[:len(val_loaders)]
+    log.info("best epoch %d; %s%s: val micro-F1 %.4f samples-F1 %.4f "
              "(at 0.5: %.4f / %.4f); saved model %.1f MB", best["epoch"], rule,
-             tuned["micro_f1"], tuned["samples_f1"], at05["micro_f1"],
-             at05["samples_f1"], mb)
+             f", images at {'+'.join(map(str, sizes))} px" if len(sizes) > 1 else "",
+             tuned["micro_f1"], tuned["samples_f1"], at05["micro_f1"], at05["samples_f1"], mb)
     return {"best_epoch": best["epoch"], "decision": cfg.decision, "thresholds": best["thresholds"],
+            "tta": {"flip": bool(tta), "sizes": sizes},
             "val_at_0.5": {k: at05[k] for k in METRIC_COLUMNS[1:]},
             "val": {k: tuned[k] for k in METRIC_COLUMNS[1:]},
             "val_crossfit": crossfit,
