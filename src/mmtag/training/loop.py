@@ -11,6 +11,7 @@ A run folder holds:
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -384,11 +385,13 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                  f"image stages [0, {min(stage, model.image_encoder.num_stages)}) cached"
                  if stage else "no image", f", caption encoder layers [0, {text_stage}) cached"
                  if text_stage else "", crops)
-    # the validation rows at the other sizes of multi-scale TTA (final evaluation only)
+    # the validation rows at the other sizes of multi-scale TTA (final evaluation only): copies
+    # of val_ds with another size's preprocessing (the captions stay encoded once)
     tta_sizes = cfg.tta_sizes if has_image else []
-    extra_val = [TaggingDataset(data.val_rows, data.image_dir, data.caption_enc, data.label_map,
-                                build_transform(image_spec(cfg, norm, size), train=False),
-                                source="train.csv") for size in tta_sizes]
+    extra_val = []
+    for size in tta_sizes:
+        extra_val.append(copy.copy(val_ds))
+        extra_val[-1].transform = build_transform(image_spec(cfg, norm, size), train=False)
     if stage > 0 or (text_stage and model.image_encoder is None):
         train_ds, val_ds = cached_datasets(cfg, model, train_ds, val_ds,
                                            image_spec(cfg, norm), stage=stage,
