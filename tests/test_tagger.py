@@ -289,7 +289,7 @@ def test_query_fusion_with_one_modality_or_a_pooled_caption():
         None, ids, lengths).shape == (4, 3)
     # a caption encoder without token states (GloVe + LSTM) is one token: its pooled vector
     model = Tagger(_Img(), _Txt(), 3, fusion="query", query_dim=8, query_heads=2).eval()
-    parts, fmap, tokens, qmap = model._embed(images, ids, lengths)
+    parts, fmap, tokens, qmap, _ = model._embed(images, ids, lengths)
     seqs, masks = model._memory(parts, qmap, tokens)
     assert [s.shape for s in seqs] == [(4, 64, 6), (4, 1, 5)] and all(m.all() for m in masks)
     assert model(images, ids, lengths).shape == (4, 3)
@@ -301,7 +301,8 @@ def test_query_fusion_can_read_the_map_before_the_conv_head():
     model = Tagger(_Img(), _TokTxt(), 3, fusion="query", aux_heads="ensemble",
                    image_head="attention", query_dim=8, query_heads=2, query_pre_head=True).eval()
     assert model.head.proj[0][0].in_features == 4  # the stand-in's stage 0 output, not 6
-    parts, fmap, tokens, qmap = model._embed(images, ids, lengths)
+    parts, fmap, tokens, qmap, extra = model._embed(images, ids, lengths)
+    assert extra is None
     torch.testing.assert_close(qmap, model.image_encoder.run_stages(images, 0, 1))
     torch.testing.assert_close(fmap, model.image_encoder.run_stages(images))
     out = model(images, ids, lengths)
@@ -311,3 +312,36 @@ def test_query_fusion_can_read_the_map_before_the_conv_head():
     img.stages[1] = nn.Conv2d(4, 6, 3, padding=1)  # no 1x1 conv head to read before
     with pytest.raises(ValueError, match="1x1 conv head"):
         Tagger(img, _TokTxt(), 3, fusion="query", query_pre_head=True)
+
+
+def test_query_fusion_can_also_read_a_finer_map():
+    from mmtag.models.image_encoders import build_image_encoder
+    from mmtag.models.tagger import stage_out_channels
+
+    torch.manual_seed(0)
+    enc = build_image_encoder("efficientnet_lite0", pretrained=False, freeze=5)
+    for k in range(1, enc.num_stages + 1):  # the width read off the modules is the real one
+        assert stage_out_channels(enc, k) == enc.eval().run_stages(torch.zeros(1, 3, 32, 32),
+                                                                    0, k).shape[1]
+    images, ids, lengths = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2, 7)), torch.full((2,), 7)
+    model = Tagger(enc, _TokTxt(), 3, fusion="query", aux_heads="ensemble", image_head="attention",
+                   query_dim=8, query_heads=2, query_pre_head=True, query_extra_stage=4).eval()
+    # memory: the last block stage's 2x2 map, the stride-8 8x8 map of stages [0, 4), the caption
+    assert [p[0].in_features for p in model.head.proj] == [320, 40, 5]
+    parts, fmap, tokens, qmap, extra = model._embed(images, ids, lengths)
+    torch.testing.assert_close(extra, enc.run_stages(images, 0, 4))
+    seqs, _ = model._memory(parts, qmap, tokens, extra)
+    assert [x.shape[1] for x in seqs] == [4, 64, 7]
+    out = model(images, ids, lengths)
+    # cached inputs: stage 5's input with the finer map beside it give the same logits
+    model.image_input_stage = 5
+    torch.testing.assert_close(model((enc.run_stages(images, 0, 5), extra), ids, lengths), out)
+    model.image_input_stage = 2  # a cache before the extra stage: the model runs on to it
+    torch.testing.assert_close(model(enc.run_stages(images, 0, 2), ids, lengths), out)
+    # the extra map changes what the queries read
+    plain = Tagger(enc, _TokTxt(), 3, fusion="query", query_dim=8, query_heads=2)
+    assert len(plain.head.proj) == 2
+    with pytest.raises(ValueError, match="needs model.fusion=query"):
+        Tagger(enc, _TokTxt(), 3, fusion="concat", query_extra_stage=4)
+    with pytest.raises(ValueError, match="choose k in 1..7"):
+        Tagger(enc, _TokTxt(), 3, fusion="query", query_pre_head=True, query_extra_stage=8)

@@ -85,6 +85,9 @@ class ModelConfig:
                                                # encoder's 1x1 conv head (fewer channels, cheaper)
     query_memory_drop: float = 0.0             # 'query' fusion, training only: the chance that
                                                # an image position / caption token is hidden
+    query_extra_stage: int = 0                 # 'query' fusion: the queries also read the output
+                                               # of image stages [0, k), a finer map (Lite2: k=6
+                                               # is stride 16, 28x28 at 448 px); 0 = off
     aux_heads: str = "none"                    # per-modality heads: 'none', 'loss' (extra loss
                                                # terms), 'ensemble' (also averaged at prediction)
     aux_weight: float = 0.5                    # weight of each per-modality loss term
@@ -113,6 +116,8 @@ class ModelConfig:
                "model.query_layers >= 1")
         _check(0.0 <= self.query_dropout < 1.0, "model.query_dropout must be in [0, 1)")
         _check(0.0 <= self.query_memory_drop < 1.0, "model.query_memory_drop must be in [0, 1)")
+        _check(self.query_extra_stage >= 0, "model.query_extra_stage must be 0 (off) or a stage "
+               "index k >= 1 (the queries also read the output of image stages [0, k))")
         _check(_is_freeze(self.freeze_image) or _is_block_freeze(self.freeze_image),
                f"model.freeze_image must be {IMAGE_FREEZE_HELP}")
         _check(_is_freeze(self.freeze_text), "model.freeze_text must be 'none', 'all' or an int")

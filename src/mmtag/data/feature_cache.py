@@ -150,30 +150,39 @@ def image_digests(records: Sequence[Record], image_dir: Path, source: str) -> li
 
 
 @torch.inference_mode()
-def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Record], image_dir: Path,
-                         transform_spec: ImageTransformSpec, *, root: Path | None = None,
-                         flip: bool = True, batch_size: int = 32, num_workers: int = 0,
-                         progress: bool = False, source: str = "", dtype: torch.dtype | None = None,
-                         _retry: bool = True) -> np.ndarray:
+def cache_image_features(encoder: nn.Module, stage: int | Sequence[int], records: Sequence[Record],
+                         image_dir: Path, transform_spec: ImageTransformSpec, *,
+                         root: Path | None = None, flip: bool = True, batch_size: int = 32,
+                         num_workers: int = 0, progress: bool = False, source: str = "",
+                         dtype: torch.dtype | None = None,
+                         _retry: bool = True) -> np.ndarray | list[np.ndarray]:
     """(N, V, ...) float16 outputs of `encoder` stages [0, stage) (pooled when stage is
     `num_stages + 1`) for every row, V = 2 with `flip` (original, flipped) else 1. `dtype`
     (e.g. torch.bfloat16) runs the encoder under CPU autocast, as the trained model's predictor
-    will (its `amp` setting), so cached and raw-image paths compute the same thing."""
+    will (its `amp` setting), so cached and raw-image paths compute the same thing.
+
+    Several stages (a list) are extracted in one pass over the images, each into its own store
+    (the same one a single stage would use), and a list of arrays in that order is returned."""
     image_dir = Path(image_dir)
-    pooled = stage == encoder.num_stages + 1
-    end = encoder.num_stages if pooled else stage
-    spec = CacheSpec("image", encoder.name, module_fingerprint(nn.ModuleList(encoder.stages[:end])),
-                     stage, transform_spec.size, transform_spec.normalisation, flip,
-                     precision=_precision(dtype))
-    store = FeatureStore(Path(root or default_cache_dir()) / spec.folder_name())
+    stages = [stage] if isinstance(stage, int) else [int(k) for k in stage]
+    ends = {k: encoder.num_stages if k == encoder.num_stages + 1 else k for k in stages}
+    stores = {}
+    for k in stages:
+        spec = CacheSpec("image", encoder.name,
+                         module_fingerprint(nn.ModuleList(encoder.stages[:ends[k]])), k,
+                         transform_spec.size, transform_spec.normalisation, flip,
+                         precision=_precision(dtype))
+        stores[k] = FeatureStore(Path(root or default_cache_dir()) / spec.folder_name())
     digests = image_digests(records, image_dir, source)
     todo: dict[str, int] = {}
     for i, d in enumerate(digests):
-        if d not in todo and not store.path(d).exists():
+        if d not in todo and any(not st.path(d).exists() for st in stores.values()):
             todo[d] = i
     if todo:
-        log.info("caching %s features (stage %d%s, %d px) of %d images into %s", encoder.name,
-                 stage, ", pooled" if pooled else "", transform_spec.size, len(todo), store.folder)
+        log.info("caching %s features (stage%s %s, %d px) of %d images into %s", encoder.name,
+                 "s" if len(stages) > 1 else "",
+                 ", ".join(f"{k}{' pooled' if k > ends[k] else ''}" for k in stages),
+                 transform_spec.size, len(todo), ", ".join(str(st.folder) for st in stores.values()))
         fast = encoder.for_inference(channels_last=True)
         dev = next(fast.parameters()).device
         idx = list(todo.values())
@@ -186,17 +195,21 @@ def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Recor
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=len(idx), desc="caching image features", unit="img", leave=False)
+        order = sorted(stages, key=lambda k: (ends[k], k))
         for x, pos in loader:
             views = [x, x.flip(-1)] if flip else [x]
-            outs = []
+            outs: dict[int, list[torch.Tensor]] = {k: [] for k in stages}
             with autocast(dev, dtype):
                 for v in views:
-                    v = v.to(dev).contiguous(memory_format=torch.channels_last)
-                    y = fast.run_stages(v, 0, end)
-                    outs.append((fast.pool(y.float()) if pooled else y.float()).cpu())
-            feats = torch.stack(outs, 1).to(torch.float16).contiguous().numpy()  # (B, V, ...)
-            for j, p in enumerate(pos.tolist()):
-                store.put(digests[idx[p]], feats[j])
+                    y, at = v.to(dev).contiguous(memory_format=torch.channels_last), 0
+                    for k in order:  # run on from the previous stage's output
+                        y, at = fast.run_stages(y, at, ends[k]), ends[k]
+                        outs[k].append((fast.pool(y.float()) if k > ends[k] else y.float()).cpu())
+            for k in stages:
+                feats = torch.stack(outs[k], 1).to(torch.float16).contiguous().numpy()  # (B, V, ...)
+                for j, p in enumerate(pos.tolist()):
+                    if not stores[k].path(digests[idx[p]]).exists():
+                        stores[k].put(digests[idx[p]], feats[j])
             done += len(pos)
             if bar is not None:
                 bar.update(len(pos))
@@ -208,7 +221,7 @@ def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Recor
         log.info("cached %d images in %.0f s (%.1f images/s)", len(idx), time.time() - t0,
                  len(idx) / max(time.time() - t0, 1e-9))
     try:
-        return _load_all(store, digests, records)
+        arrays = [_load_all(stores[k], digests, records) for k in stages]
     except _CorruptEntry:
         if _retry:  # the bad entry was deleted: extract it again, once
             return cache_image_features(encoder, stage, records, image_dir, transform_spec,
@@ -216,6 +229,7 @@ def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Recor
                                         num_workers=num_workers, progress=progress,
                                         source=source, dtype=dtype, _retry=False)
         raise
+    return arrays[0] if isinstance(stage, int) else arrays
 
 
 def _precision(dtype: torch.dtype | None) -> str:

@@ -188,6 +188,17 @@ def _pre_head_channels(encoder: nn.Module) -> int:
     return channels
 
 
+def stage_out_channels(encoder: nn.Module, k: int) -> int:
+    """Channels of the output of image stages [0, k): those of the last convolution or
+    BatchNorm in stage k - 1."""
+    for m in reversed(list(encoder.stages[k - 1].modules())):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return m.num_features
+        if isinstance(m, nn.Conv2d):
+            return m.out_channels
+    raise ValueError(f"stage {k - 1} of {encoder.name} has no convolution to read its width from")
+
+
 class Tagger(nn.Module):
     """Fuses the image and caption embeddings (pooled vectors -> MLP, or label queries over the
     image map and caption tokens) and predicts one logit per label."""
@@ -198,7 +209,7 @@ class Tagger(nn.Module):
                  image_pool: str = "avg", attn_lambda: float = 0.2, attn_temperature: float = 1.0,
                  query_dim: int = 256, query_layers: int = 1, query_heads: int = 8,
                  query_dropout: float = 0.1, query_pre_head: bool = False,
-                 query_memory_drop: float = 0.0):
+                 query_memory_drop: float = 0.0, query_extra_stage: int = 0):
         super().__init__()
         if image_encoder is None and text_encoder is None:
             raise ValueError("a tagger needs an image encoder, a caption encoder, or both")
@@ -233,10 +244,27 @@ class Tagger(nn.Module):
         # head (352 channels for Lite2 instead of 1280: a 3.6x cheaper projection)
         self.query_pre_head = bool(query_pre_head and fusion == "query" and image_encoder is not None)
         query_map_dim = _pre_head_channels(image_encoder) if self.query_pre_head else map_dim
+        # query_extra_stage k: the queries also read the output of image stages [0, k), a map at
+        # a finer stride than the last one (small objects cover more of its positions)
+        self.query_extra_stage = int(query_extra_stage)
+        extra_dim = 0
+        if self.query_extra_stage:
+            last = image_encoder.num_stages - (2 if self.query_pre_head else 1) if image_encoder else 0
+            if fusion != "query" or image_encoder is None:
+                raise ValueError("model.query_extra_stage adds a map for the label queries to "
+                                 "read: it needs model.fusion=query and an image encoder")
+            if not 1 <= self.query_extra_stage <= last:
+                raise ValueError(f"model.query_extra_stage={self.query_extra_stage}: "
+                                 f"{image_encoder.name} has stages 0..{image_encoder.num_stages - 1}"
+                                 f"; choose k in 1..{last} (the output of stages [0, k) is read "
+                                 f"besides the last map)")
+            extra_dim = stage_out_channels(image_encoder, self.query_extra_stage)
         if fusion == "query":
-            # the image's feature-map positions and the caption's tokens (MiniLM) or its pooled
-            # vector (one token) are the memory the label queries read
-            self.head = LabelQueryDecoder([d for d in (query_map_dim, txt_dim) if d], num_classes,
+            # the image's feature-map positions (and those of the finer extra map) and the
+            # caption's tokens (MiniLM) or its pooled vector (one token) are the memory the label
+            # queries read
+            self.head = LabelQueryDecoder([d for d in (query_map_dim, extra_dim, txt_dim) if d],
+                                          num_classes,
                                           dim=query_dim, layers=query_layers, heads=query_heads,
                                           dropout=query_dropout,
                                           memory_drop=query_memory_drop)
@@ -290,12 +318,22 @@ class Tagger(nn.Module):
     def _embed(self, images, ids, lengths):
         """(pooled embeddings, the image feature map (B, Di, H', W') or None if not computed,
         the caption's (token states (B, T, Dt), mask (B, T)) or None if not needed, the map the
-        label queries read: the feature map, or the one before the conv head)."""
+        label queries read: the feature map, or the one before the conv head, and the finer map
+        they also read with `query_extra_stage`, else None).
+
+        With `query_extra_stage` s and cached inputs from a stage k > s, `images` is the pair
+        (input of stage k, output of stages [0, s))."""
         parts = []
-        fmap = qmap = tokens = None
+        fmap = qmap = tokens = extra = None
         enc = self.image_encoder
         if enc is not None:
             k = self.image_input_stage
+            s = self.query_extra_stage
+            if s and k > s:  # cached: (input of stage k, output of stages [0, s))
+                images, extra = images
+            elif s:
+                extra = images = enc.run_stages(images, k, s)  # (B, De, H'', W'')
+                k = s
             if k > enc.num_stages:
                 if (self.image_head_kind == "attention" or self.image_pool != "avg"
                         or self.fusion_kind == "query"):
@@ -336,14 +374,14 @@ class Tagger(nn.Module):
             else:
                 txt = txt_enc.pool(txt_enc.run_layers(ids.float(), lengths, k), lengths)  # (B, Dt)
             parts.append(txt.float())
-        return parts, fmap, tokens, qmap
+        return parts, fmap, tokens, qmap, extra
 
     def forward_all(self, images: torch.Tensor | None, ids: torch.Tensor | None,
                     lengths: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """{'logits': final (B, C)} plus 'fused', 'image', 'text' (B, C) logits with aux heads."""
-        parts, fmap, tokens, qmap = self._embed(images, ids, lengths)
+        parts, fmap, tokens, qmap, extra = self._embed(images, ids, lengths)
         if self.fusion_kind == "query":
-            out = {"fused": self.head(*self._memory(parts, qmap, tokens))}  # (B, C)
+            out = {"fused": self.head(*self._memory(parts, qmap, tokens, extra))}  # (B, C)
         else:
             if self.fusion is not None:
                 fused = self.fusion(parts[0], parts[1])  # (B, hidden)
@@ -361,13 +399,14 @@ class Tagger(nn.Module):
             out["logits"] = out["fused"]
         return out
 
-    def _memory(self, parts, fmap, tokens) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _memory(self, parts, fmap, tokens, extra=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The label queries' memory: per modality (B, N, D) tokens and (B, N) masks. `fmap` is
-        the image map they read (see `_embed`)."""
+        the image map they read, `extra` the finer one (see `_embed`)."""
         seqs, masks = [], []
-        if fmap is not None:
-            seqs.append(fmap.flatten(2).transpose(1, 2))  # (B, H'*W', Di): every position is real
-            masks.append(torch.ones(seqs[-1].shape[:2], dtype=torch.bool, device=fmap.device))
+        for m in (fmap, extra):
+            if m is not None:
+                seqs.append(m.flatten(2).transpose(1, 2))  # (B, H'*W', D): every position is real
+                masks.append(torch.ones(seqs[-1].shape[:2], dtype=torch.bool, device=m.device))
         if tokens is not None:
             seqs.append(tokens[0])  # (B, T, Dt) token states, padding masked
             masks.append(tokens[1])

@@ -83,11 +83,19 @@ def encoder_normalisation(model: nn.Module) -> str:
 
 def _batch_to(batch, device: torch.device, channels_last: bool):
     images, ids, lengths, targets = batch
+    if isinstance(images, (tuple, list)):  # cached maps of two stages (model.query_extra_stage)
+        images = tuple(_images_to(x, device, channels_last) for x in images)
+    else:
+        images = _images_to(images, device, channels_last)
+    # lengths stay on the CPU: pack_padded_sequence wants them there
+    return images, ids.to(device, non_blocking=True), lengths, targets.to(device, non_blocking=True)
+
+
+def _images_to(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     images = images.to(device, non_blocking=True)
     if channels_last and images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)
-    # lengths stay on the CPU: pack_padded_sequence wants them there
-    return images, ids.to(device, non_blocking=True), lengths, targets.to(device, non_blocking=True)
+    return images
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -155,7 +163,9 @@ def _logits(model: nn.Module, images, ids, lengths, tta: bool) -> torch.Tensor:
     flipped here; cached features arrive as (B, V, ...) views)."""
     if not tta or getattr(model, "image_encoder", None) is None:
         return model(images, ids, lengths).float()
-    if model.image_input_stage > 0:
+    if model.image_input_stage > 0 and isinstance(images, tuple):  # maps of two stages
+        views = [tuple(x[:, v] for x in images) for v in range(images[0].shape[1])]
+    elif model.image_input_stage > 0:
         views = [images[:, v] for v in range(images.shape[1])]
     else:
         views = [images, images.flip(-1)]
