@@ -148,12 +148,6 @@ def test_cached_maps_train_on_random_windows_and_validate_whole():
     ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2",
            "model.query_pre_head=true", "model.query_extra_stage=3", "model.aux_heads=ensemble",
            "model.image_head=attention", "tta_sizes=[48]"]),
-    # and a second, frozen backbone's last block map (its own cache folder), both extra maps
-    # in one run
-    ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2",
-           "model.query_pre_head=true", "model.query_extra_stage=3",
-           "model.image_encoder2=efficientnet_lite0", "model.aux_heads=ensemble",
-           "model.image_head=attention"]),
 ])
 def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze, extra):
     cfg = load_config(None, [
@@ -169,8 +163,6 @@ def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze, extra):
         assert any(f"-{size}px-" in p.name for p in (tmp_path / "cache").iterdir()), size
         if cfg.model.query_extra_stage:
             assert any(f"-stage3-{size}px-" in p.name for p in (tmp_path / "cache").iterdir())
-        if cfg.model.image_encoder2 != "none":  # Lite0 without its conv head: stages [0, 8)
-            assert any(f"-stage8-{size}px-" in p.name for p in (tmp_path / "cache").iterdir())
     # evaluate from raw images (the saved model is the whole network) agrees with the cached path
     m = evaluate_run(run, data_dir=demo)
     for k in ("micro_f1", "samples_f1"):
@@ -243,7 +235,7 @@ def test_cached_dataset_draws_the_same_view_of_both_maps():
     maps = np.random.default_rng(0).standard_normal((n, 2, 4, 2, 2)).astype(np.float16)
     fine = np.random.default_rng(1).standard_normal((n, 2, 3, 4, 4)).astype(np.float16)
     text, lengths, targets = torch.zeros(n, 5, dtype=torch.long), torch.full((n,), 5), torch.zeros(n, 2)
-    ds = CachedDataset(maps, text, lengths, targets, train=True, extras=[fine])
+    ds = CachedDataset(maps, text, lengths, targets, train=True, extra=fine)
     seen = set()
     for _ in range(30):
         (img, ext), *_ = ds[1]
@@ -251,11 +243,11 @@ def test_cached_dataset_draws_the_same_view_of_both_maps():
         assert len(v) == 1 and torch.equal(ext, torch.from_numpy(fine[1, v[0]]).float())
         seen.add(v[0])
     assert seen == {0, 1}
-    val = CachedDataset(maps, text, lengths, targets, train=False, extras=[fine])
+    val = CachedDataset(maps, text, lengths, targets, train=False, extra=fine)
     (img, ext), *_ = val[2]
     assert torch.equal(ext, torch.from_numpy(fine[2, 0]).float())
     val.both_views = True
     (img, ext), *_ = val[2]
     assert img.shape == (2, 4, 2, 2) and ext.shape == (2, 3, 4, 4)
     with pytest.raises(ValueError, match="leave cache.crop at 1"):
-        CachedDataset(maps, text, lengths, targets, train=True, crop=0.5, extras=[fine])
+        CachedDataset(maps, text, lengths, targets, train=True, crop=0.5, extra=fine)

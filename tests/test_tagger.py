@@ -301,8 +301,8 @@ def test_query_fusion_can_read_the_map_before_the_conv_head():
     model = Tagger(_Img(), _TokTxt(), 3, fusion="query", aux_heads="ensemble",
                    image_head="attention", query_dim=8, query_heads=2, query_pre_head=True).eval()
     assert model.head.proj[0][0].in_features == 4  # the stand-in's stage 0 output, not 6
-    parts, fmap, tokens, qmap, extras = model._embed(images, ids, lengths)
-    assert extras == []
+    parts, fmap, tokens, qmap, extra = model._embed(images, ids, lengths)
+    assert extra is None
     torch.testing.assert_close(qmap, model.image_encoder.run_stages(images, 0, 1))
     torch.testing.assert_close(fmap, model.image_encoder.run_stages(images))
     out = model(images, ids, lengths)
@@ -328,10 +328,9 @@ def test_query_fusion_can_also_read_a_finer_map():
                    query_dim=8, query_heads=2, query_pre_head=True, query_extra_stage=4).eval()
     # memory: the last block stage's 2x2 map, the stride-8 8x8 map of stages [0, 4), the caption
     assert [p[0].in_features for p in model.head.proj] == [320, 40, 5]
-    parts, fmap, tokens, qmap, extras = model._embed(images, ids, lengths)
-    extra, = extras
+    parts, fmap, tokens, qmap, extra = model._embed(images, ids, lengths)
     torch.testing.assert_close(extra, enc.run_stages(images, 0, 4))
-    seqs, _ = model._memory(parts, qmap, tokens, extras)
+    seqs, _ = model._memory(parts, qmap, tokens, extra)
     assert [x.shape[1] for x in seqs] == [4, 64, 7]
     out = model(images, ids, lengths)
     # cached inputs: stage 5's input with the finer map beside it give the same logits
@@ -346,41 +345,3 @@ def test_query_fusion_can_also_read_a_finer_map():
         Tagger(enc, _TokTxt(), 3, fusion="concat", query_extra_stage=4)
     with pytest.raises(ValueError, match="choose k in 1..7"):
         Tagger(enc, _TokTxt(), 3, fusion="query", query_pre_head=True, query_extra_stage=8)
-
-
-def test_query_fusion_can_also_read_a_second_frozen_backbone():
-    from mmtag.models.image_encoders import build_image_encoder
-
-    torch.manual_seed(0)
-    enc = build_image_encoder("efficientnet_lite0", pretrained=False, freeze=5)
-    enc2 = build_image_encoder("efficientnet_lite1", pretrained=False)
-    enc2.drop_conv_head()
-    images, ids, lengths = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2, 7)), torch.full((2,), 7)
-    model = Tagger(enc, _TokTxt(), 3, fusion="query", aux_heads="ensemble", image_head="attention",
-                   query_dim=8, query_heads=2, query_pre_head=True, query_extra_stage=4,
-                   image_encoder2=enc2)
-    # frozen whole, and kept in eval mode (fixed BatchNorm statistics) while the rest trains
-    assert not any(p.requires_grad for p in enc2.parameters())
-    model.train()
-    assert not any(m.training for st in enc2.stages for m in st.modules()) and model.head.training
-    model.eval()
-    # memory: Lite0's last block map, its stride-8 map, Lite1's last block map, the caption
-    assert [p[0].in_features for p in model.head.proj] == [320, 40, 320, 5]
-    parts, fmap, tokens, qmap, extras = model._embed(images, ids, lengths)
-    torch.testing.assert_close(extras[1], enc2.run_stages(images))
-    out = model(images, ids, lengths)
-    model.image_input_stage = 5  # cached: (stage 5's input, the stride-8 map, Lite1's map)
-    cached = (enc.run_stages(images, 0, 5), extras[0], extras[1])
-    torch.testing.assert_close(model(cached, ids, lengths), out)
-    with pytest.raises(ValueError, match="own cached map"):
-        model((cached[0], cached[2]), ids, lengths)  # a map missing
-    with pytest.raises(ValueError, match="more cached image maps"):
-        model((*cached, cached[2]), ids, lengths)
-    with pytest.raises(ValueError, match="its own cached map"):
-        model(cached[0], ids, lengths)
-    other = build_image_encoder("efficientnet_lite0", pretrained=False)
-    other.normalisation = "imagenet"  # e.g. a torchvision backbone
-    with pytest.raises(ValueError, match="the same family"):
-        Tagger(enc, _TokTxt(), 3, fusion="query", image_encoder2=other)
-    with pytest.raises(ValueError, match="needs model.fusion=query"):
-        Tagger(enc, _TokTxt(), 3, fusion="concat", image_encoder2=enc2)

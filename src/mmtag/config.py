@@ -88,9 +88,6 @@ class ModelConfig:
     query_extra_stage: int = 0                 # 'query' fusion: the queries also read the output
                                                # of image stages [0, k), a finer map (Lite2: k=6
                                                # is stride 16, 28x28 at 448 px); 0 = off
-    image_encoder2: str = "none"               # 'query' fusion: a second image backbone, frozen
-                                               # whole, whose last block map the queries also read
-                                               # (another network's view of the same pixels)
     aux_heads: str = "none"                    # per-modality heads: 'none', 'loss' (extra loss
                                                # terms), 'ensemble' (also averaged at prediction)
     aux_weight: float = 0.5                    # weight of each per-modality loss term
@@ -119,10 +116,6 @@ class ModelConfig:
                "model.query_layers >= 1")
         _check(0.0 <= self.query_dropout < 1.0, "model.query_dropout must be in [0, 1)")
         _check(0.0 <= self.query_memory_drop < 1.0, "model.query_memory_drop must be in [0, 1)")
-        _check(self.image_encoder2 == "none" or (self.fusion == "query"
-                                                 and self.image_encoder != "none"),
-               "model.image_encoder2 adds a map for the label queries to read: it needs "
-               "model.fusion=query and a model.image_encoder")
         _check(self.query_extra_stage >= 0, "model.query_extra_stage must be 0 (off) or a stage "
                "index k >= 1 (the queries also read the output of image stages [0, k))")
         _check(_is_freeze(self.freeze_image) or _is_block_freeze(self.freeze_image),

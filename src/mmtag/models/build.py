@@ -71,13 +71,6 @@ def build_tagger(cfg: ModelConfig, num_classes: int, caption_enc, *, load_pretra
         image = build_image_encoder(cfg.image_encoder, pretrained=pretrained, freeze=freeze,
                                     drop_path=cfg.drop_path, train_depthwise=cfg.train_depthwise,
                                     conv_head=cfg.image_conv_head)
-    image2 = None
-    if cfg.image_encoder2 != "none":
-        from mmtag.models.image_encoders import build_image_encoder, conv_head_in_channels
-
-        image2 = build_image_encoder(cfg.image_encoder2, pretrained=pretrained, freeze="all")
-        if conv_head_in_channels(image2.stages) is not None:
-            image2.drop_conv_head()  # the queries read its last block stage (fewer channels)
     text = None
     if cfg.text_encoder == "glove_lstm":
         from mmtag.models.text_encoders import GloveLSTMEncoder
@@ -99,4 +92,4 @@ def build_tagger(cfg: ModelConfig, num_classes: int, caption_enc, *, load_pretra
                   query_dim=cfg.query_dim, query_layers=cfg.query_layers,
                   query_heads=cfg.query_heads, query_dropout=cfg.query_dropout,
                   query_pre_head=cfg.query_pre_head, query_memory_drop=cfg.query_memory_drop,
-                  query_extra_stage=cfg.query_extra_stage, image_encoder2=image2)
+                  query_extra_stage=cfg.query_extra_stage)

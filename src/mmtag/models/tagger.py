@@ -209,8 +209,7 @@ class Tagger(nn.Module):
                  image_pool: str = "avg", attn_lambda: float = 0.2, attn_temperature: float = 1.0,
                  query_dim: int = 256, query_layers: int = 1, query_heads: int = 8,
                  query_dropout: float = 0.1, query_pre_head: bool = False,
-                 query_memory_drop: float = 0.0, query_extra_stage: int = 0,
-                 image_encoder2: nn.Module | None = None):
+                 query_memory_drop: float = 0.0, query_extra_stage: int = 0):
         super().__init__()
         if image_encoder is None and text_encoder is None:
             raise ValueError("a tagger needs an image encoder, a caption encoder, or both")
@@ -260,27 +259,11 @@ class Tagger(nn.Module):
                                  f"; choose k in 1..{last} (the output of stages [0, k) is read "
                                  f"besides the last map)")
             extra_dim = stage_out_channels(image_encoder, self.query_extra_stage)
-        # image_encoder2: a second backbone, frozen whole, whose last map the queries also read
-        self.image_encoder2 = image_encoder2
-        map2_dim = 0
-        if image_encoder2 is not None:
-            if fusion != "query" or image_encoder is None:
-                raise ValueError("model.image_encoder2 adds a map for the label queries to read: "
-                                 "it needs model.fusion=query and a model.image_encoder")
-            if image_encoder2.normalisation != image_encoder.normalisation:
-                raise ValueError(f"model.image_encoder2={image_encoder2.name} expects "
-                                 f"{image_encoder2.normalisation!r} input normalisation, "
-                                 f"{image_encoder.name} {image_encoder.normalisation!r}: both read "
-                                 f"the same preprocessed pixels, so pick two of the same family "
-                                 f"(efficientnet_lite0/1/2, or torchvision backbones)")
-            image_encoder2.freeze("all")
-            map2_dim = image_encoder2.out_dim
         if fusion == "query":
             # the image's feature-map positions (and those of the finer extra map) and the
             # caption's tokens (MiniLM) or its pooled vector (one token) are the memory the label
             # queries read
-            self.head = LabelQueryDecoder([d for d in (query_map_dim, extra_dim, map2_dim, txt_dim)
-                                           if d],
+            self.head = LabelQueryDecoder([d for d in (query_map_dim, extra_dim, txt_dim) if d],
                                           num_classes,
                                           dim=query_dim, layers=query_layers, heads=query_heads,
                                           dropout=query_dropout,
@@ -335,40 +318,22 @@ class Tagger(nn.Module):
     def _embed(self, images, ids, lengths):
         """(pooled embeddings, the image feature map (B, Di, H', W') or None if not computed,
         the caption's (token states (B, T, Dt), mask (B, T)) or None if not needed, the map the
-        label queries read: the feature map, or the one before the conv head, and the list of
-        other maps they also read: the finer one of `query_extra_stage`, then the map of
-        `image_encoder2`).
+        label queries read: the feature map, or the one before the conv head, and the finer map
+        they also read with `query_extra_stage`, else None).
 
-        Cached inputs (image_input_stage k > 0) with other maps to read come as a tuple: (input
-        of stage k, the output of stages [0, s) if `query_extra_stage` s < k, the map of
-        `image_encoder2` if there is one)."""
-        parts, extras = [], []
-        fmap = qmap = tokens = None
+        With `query_extra_stage` s and cached inputs from a stage k > s, `images` is the pair
+        (input of stage k, output of stages [0, s))."""
+        parts = []
+        fmap = qmap = tokens = extra = None
         enc = self.image_encoder
         if enc is not None:
             k = self.image_input_stage
             s = self.query_extra_stage
-            extra = map2 = None
-            if isinstance(images, (tuple, list)):  # cached maps (see the docstring)
-                images, *side = images
-                if s and k > s:
-                    extra = side.pop(0)
-                if self.image_encoder2 is not None and side:
-                    map2 = side.pop(0)
-                if side:
-                    raise ValueError(f"{len(side)} more cached image maps than this model reads")
-            if self.image_encoder2 is not None and map2 is None:
-                if k:
-                    raise ValueError("model.image_encoder2 reads raw images or its own cached map: "
-                                     "pass (cached input, ..., its map) together")
-                map2 = self.image_encoder2.run_stages(images)  # (B, D2, H', W')
-            if s and k <= s:
+            if s and k > s:  # cached: (input of stage k, output of stages [0, s))
+                images, extra = images
+            elif s:
                 extra = images = enc.run_stages(images, k, s)  # (B, De, H'', W'')
                 k = s
-            elif s and extra is None:
-                raise ValueError(f"model.query_extra_stage={s} reads the output of stages "
-                                 f"[0, {s}): pass it beside the cached input of stage {k}")
-            extras = [m for m in (extra, map2) if m is not None]
             if k > enc.num_stages:
                 if (self.image_head_kind == "attention" or self.image_pool != "avg"
                         or self.fusion_kind == "query"):
@@ -409,14 +374,14 @@ class Tagger(nn.Module):
             else:
                 txt = txt_enc.pool(txt_enc.run_layers(ids.float(), lengths, k), lengths)  # (B, Dt)
             parts.append(txt.float())
-        return parts, fmap, tokens, qmap, extras
+        return parts, fmap, tokens, qmap, extra
 
     def forward_all(self, images: torch.Tensor | None, ids: torch.Tensor | None,
                     lengths: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """{'logits': final (B, C)} plus 'fused', 'image', 'text' (B, C) logits with aux heads."""
-        parts, fmap, tokens, qmap, extras = self._embed(images, ids, lengths)
+        parts, fmap, tokens, qmap, extra = self._embed(images, ids, lengths)
         if self.fusion_kind == "query":
-            out = {"fused": self.head(*self._memory(parts, qmap, tokens, extras))}  # (B, C)
+            out = {"fused": self.head(*self._memory(parts, qmap, tokens, extra))}  # (B, C)
         else:
             if self.fusion is not None:
                 fused = self.fusion(parts[0], parts[1])  # (B, hidden)
@@ -434,11 +399,11 @@ class Tagger(nn.Module):
             out["logits"] = out["fused"]
         return out
 
-    def _memory(self, parts, fmap, tokens, extras=()) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _memory(self, parts, fmap, tokens, extra=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The label queries' memory: per modality (B, N, D) tokens and (B, N) masks. `fmap` is
-        the image map they read, `extras` the other maps (see `_embed`)."""
+        the image map they read, `extra` the finer one (see `_embed`)."""
         seqs, masks = [], []
-        for m in (fmap, *extras):
+        for m in (fmap, extra):
             if m is not None:
                 seqs.append(m.flatten(2).transpose(1, 2))  # (B, H'*W', D): every position is real
                 masks.append(torch.ones(seqs[-1].shape[:2], dtype=torch.bool, device=m.device))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +21,22 @@ class CachedDataset(Dataset):
     `image` is (N, V, ...) with V views (original, flipped): training draws a view at random,
     evaluation takes view 0, or both (stacked) when `both_views`. With `crop` < 1 and feature maps
     (N, V, C, H, W), training also takes a random window of that fraction of each side.
-    `extras` [(N, V, ...)], the other maps the label queries read (`model.query_extra_stage`,
-    `model.image_encoder2`), come with the same view: an item's image is then the tuple
-    (image, *extras).
+    `extra` (N, V, ...), the finer map of `model.query_extra_stage`, comes with the same view: an
+    item's image is then the pair (image, extra).
     """
 
     def __init__(self, image: np.ndarray | None, text: torch.Tensor, lengths: torch.Tensor,
                  targets: torch.Tensor, *, train: bool, crop: float = 1.0,
-                 extras: Sequence[np.ndarray] = ()):
+                 extra: np.ndarray | None = None):
         self.image = torch.from_numpy(image) if image is not None else None
-        self.extras = [torch.from_numpy(e) for e in extras]
+        self.extra = torch.from_numpy(extra) if extra is not None else None
         self.text, self.lengths, self.targets = text, lengths, targets
         self.train = train
         self.both_views = False
         self.window = None  # (h, w) of the training crop, None = the whole map
-        if crop < 1.0 and self.extras:
+        if crop < 1.0 and self.extra is not None:
             raise ValueError("cache.crop < 1 crops one cached map; with model.query_extra_stage "
-                             "or model.image_encoder2 several are read: leave cache.crop at 1")
+                             "two are read: leave cache.crop at 1")
         if crop < 1.0 and self.image is not None and self.image.ndim == 5:
             h, w = self.image.shape[-2:]
             self.window = (max(1, round(crop * h)), max(1, round(crop * w)))
@@ -51,8 +49,8 @@ class CachedDataset(Dataset):
             img = torch.zeros(1)
         elif self.both_views:
             img = self.image[i].float()  # (V, ...)
-            if self.extras:
-                img = (img, *(e[i].float() for e in self.extras))
+            if self.extra is not None:
+                img = (img, self.extra[i].float())
         elif self.train and self.image.shape[1] > 1:
             v = int(torch.randint(self.image.shape[1], ()))
             img = self.image[i, v]
@@ -61,12 +59,12 @@ class CachedDataset(Dataset):
                 top, left = (int(torch.randint(n + 1, ())) for n in (h - wh, w - ww))
                 img = img[:, top:top + wh, left:left + ww]
             img = img.float()
-            if self.extras:
-                img = (img, *(e[i, v].float() for e in self.extras))
+            if self.extra is not None:
+                img = (img, self.extra[i, v].float())
         else:
             img = self.image[i, 0].float()
-            if self.extras:
-                img = (img, *(e[i, 0].float() for e in self.extras))
+            if self.extra is not None:
+                img = (img, self.extra[i, 0].float())
         text = self.text[i]
         return img, text.float() if text.is_floating_point() else text, self.lengths[i], self.targets[i]
 
@@ -109,27 +107,23 @@ def cached_dataset(cfg: TrainConfig, model, ds, transform_spec, *, train: bool, 
     images read through `transform_spec`. `dtype` is the autocast dtype the model predicts with
     (the frozen prefix runs under it)."""
     root = Path(cfg.cache.dir) if cfg.cache.dir else None
-    image, extras = None, []
+    image = extra = None
     if stage > 0:
         # the finer map of query_extra_stage s is cached too when s < stage (one pass for both)
         s = getattr(model, "query_extra_stage", 0)
         stages = [stage, s] if 0 < s < stage else [stage]
-        common = dict(root=root, flip=cfg.cache.flip, batch_size=cfg.cache.batch_size,
-                      num_workers=cfg.cache.num_workers, progress=progress, source=ds.source,
-                      dtype=dtype)
-        image, *extras = cache_image_features(model.image_encoder, stages, ds.records,
-                                              ds.image_dir, transform_spec, **common)
-        enc2 = getattr(model, "image_encoder2", None)
-        if enc2 is not None:  # frozen whole: its last map
-            extras.append(cache_image_features(enc2, enc2.num_stages, ds.records, ds.image_dir,
-                                               transform_spec, **common))
+        image, *rest = cache_image_features(
+            model.image_encoder, stages, ds.records, ds.image_dir, transform_spec, root=root,
+            flip=cfg.cache.flip, batch_size=cfg.cache.batch_size,
+            num_workers=cfg.cache.num_workers, progress=progress, source=ds.source, dtype=dtype)
+        extra = rest[0] if rest else None
     text = ds.tokens
     if text_stage:
         text = torch.from_numpy(cache_text_features(
             model.text_encoder, text_stage, ds.tokens, ds.lengths,
             [r.caption for r in ds.records], root=root, dtype=dtype))
     return CachedDataset(image, text, ds.lengths, ds.targets, train=train, crop=cfg.cache.crop,
-                         extras=extras)
+                         extra=extra)
 
 
 def cached_datasets(cfg: TrainConfig, model, train_ds, val_ds, transform_spec, *, stage: int,

@@ -183,10 +183,9 @@ def evaluate(model: nn.Module, loader, loss_fn: nn.Module | None, device: torch.
     model.eval()
     total, count = 0.0, 0
     probs, targets = [], []
-    encoders = {name: getattr(model, name, None) for name in ("image_encoder", "image_encoder2")}
-    for name, encoder in encoders.items():
-        if encoder is not None:
-            setattr(model, name, encoder.for_inference(channels_last=channels_last))
+    encoder = getattr(model, "image_encoder", None)
+    if encoder is not None:
+        model.image_encoder = encoder.for_inference(channels_last=channels_last)
     try:
         for batch in _progress(loader, len(loader), desc, progress):
             images, ids, lengths, target = _batch_to(batch, device, channels_last)
@@ -198,9 +197,8 @@ def evaluate(model: nn.Module, loader, loss_fn: nn.Module | None, device: torch.
             probs.append(torch.sigmoid(logits).cpu())
             targets.append(target.cpu())
     finally:
-        for name, encoder in encoders.items():
-            if encoder is not None:
-                setattr(model, name, encoder)
+        if encoder is not None:
+            model.image_encoder = encoder
     loss = total / max(count, 1) if loss_fn is not None else float("nan")
     return loss, torch.cat(probs).numpy(), torch.cat(targets).numpy()
 
@@ -374,9 +372,8 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
              size_mb, "fp16" if cfg.model.fp16_storage else "fp32", cfg.model.max_size_mb,
              len(data.train_rows), len(data.val_rows), device)
     model.to(device)
-    for encoder in (model.image_encoder, getattr(model, "image_encoder2", None)):
-        if channels_last and encoder is not None:
-            encoder.to(memory_format=torch.channels_last)
+    if channels_last and model.image_encoder is not None:
+        model.image_encoder.to(memory_format=torch.channels_last)
 
     norm = encoder_normalisation(model)
     has_image = model.image_encoder is not None
