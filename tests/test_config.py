@@ -42,6 +42,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("tta_sizes=[16]", r"tta_sizes must be image sizes in px \(>= 32\)"),
     ("data.image_size=448 tta_sizes=[448,512]", r"data.image_size \(448\) is always used"),
     ("tta_sizes=[384,384]", "tta_sizes has a size twice"),
+    ("model.query_extra_stage=-1", "model.query_extra_stage must be 0"),
 ])
 def test_bad_keys_and_values_say_what_is_valid(override, message):
     with pytest.raises(ConfigError, match=message):
