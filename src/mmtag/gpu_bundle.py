@@ -1,0 +1,181 @@
+"""A compact bundle for running a recipe (configs/gpu.yaml) on a GPU machine that has PyTorch,
+torchvision and transformers but none of mmtag's offline weight packages, and that takes only a
+few tens of MiB of files along (this project's lent GPU machines: 64 MiB per call, no network).
+
+    python -m mmtag.gpu_bundle --data ../shared/data/comp5329 --out .gpu
+
+writes into OUT (git-ignored; never commit it):
+
+- ``data/train.csv`` + ``data/data/*.jpg``: the first ROWS rows of train.csv as mmtag reads them
+  (written back as standard CSV; ``data/test.csv`` holds the same rows without labels, for the
+  benchmark) and their images, scaled down so that the longer side is at
+  most ``--max-side`` px;
+- ``minilm/``: all-MiniLM-L6-v2 in fp16 with its vocabulary cut to the word pieces these
+  captions use (the tokenizer splits every one of them into the same pieces; checked here);
+- ``weights/efficientnet_liteN.pth``: the image backbone's ImageNet weights in fp16;
+- ``site/efficientnet_lite_pytorch/``: the small code package that builds that backbone;
+- ``run.sh``: the command for the GPU machine (train, then benchmark; results under $OUT).
+
+The bundle is for that check only: a model trained with the cut vocabulary needs ``minilm/``
+beside it (MMTAG_MINILM_DIR) to be loaded again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mmtag.data.csv_io import read_csv
+
+RUN_SH = """#!/usr/bin/env bash
+# On the GPU machine, from the repository root: bash {bundle}/run.sh [--set KEY=VALUE ...]
+# Trains --config {config} on the bundled rows, then measures prediction speed; the summary,
+# metrics, curves and logs land in $OUT (or {bundle}/out).
+set -euo pipefail
+B=$(cd "$(dirname "$0")" && pwd)
+OUT=${{OUT:-$B/out}}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src:$B/site${{PYTHONPATH:+:$PYTHONPATH}}"
+export MMTAG_MINILM_DIR="$B/minilm" MMTAG_LITE_WEIGHTS_DIR="$B/weights"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt" || true
+RUN=$(mktemp -d)/run
+"${{PYTHON:-python3}}" -m mmtag train --data "$B/data" --out "$RUN" --config {config} "$@" 2>&1 | tee "$OUT/train.log"
+"${{PYTHON:-python3}}" -m mmtag benchmark "$RUN" --csv "$B/data/test.csv" --images "$B/data/data" 2>&1 \\
+    | tee "$OUT/benchmark.log"
+cp "$RUN/summary.json" "$RUN/metrics.csv" "$RUN/config.yaml" "$OUT/"
+cp "$RUN/curves.png" "$OUT/" 2>/dev/null || true
+"""
+
+
+def folder_mib(path: Path) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
+
+
+def write_subset(data: Path, out: Path, rows: int, max_side: int, quality: int) -> list[str]:
+    """The first `rows` rows of data/train.csv and their images (scaled down) into out/;
+    returns their captions."""
+    records = read_csv(data / "train.csv")[:rows]
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    with open(out / "train.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageID", "Labels", "Caption"])
+        for r in records:
+            w.writerow([r.image_id, " ".join(map(str, r.labels)), r.caption])
+    with open(out / "test.csv", "w", newline="", encoding="utf-8") as f:  # for the benchmark
+        w = csv.writer(f)
+        w.writerow(["ImageID", "Caption"])
+        for r in records:
+            w.writerow([r.image_id, r.caption])
+    for r in records:
+        src = data / "data" / r.image_id
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+            im.save(out / "data" / r.image_id, "JPEG", quality=quality)
+    return [r.caption for r in records]
+
+
+def write_trimmed_minilm(captions: list[str], out: Path) -> int:
+    """all-MiniLM-L6-v2 with only the word pieces `captions` use, in fp16; returns the vocabulary
+    size. Raises RuntimeError if the cut tokenizer would split any caption differently."""
+    from transformers import AutoModel, AutoTokenizer, BertTokenizerFast
+
+    from mmtag.models.text_encoders import MINILM_NAME, _quiet_transformers, resolve_minilm_source
+
+    src = resolve_minilm_source(MINILM_NAME)
+    with _quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=Path(src).is_dir())
+    used = {i for ids in tok(captions)["input_ids"] for i in ids}
+    keep = sorted(used | set(tok.all_special_ids))  # ascending: [PAD] (0) stays first
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.txt").write_text("".join(t + "\n" for t in tok.convert_ids_to_tokens(keep)),
+                                   encoding="utf-8")
+    pieces = {t: i for i, t in enumerate(tok.convert_ids_to_tokens(keep))}
+    try:  # transformers >= 5 takes the vocabulary itself, 4.x a vocab.txt path
+        small = BertTokenizerFast(vocab=pieces, do_lower_case=True,
+                                  model_max_length=tok.model_max_length)
+    except TypeError:
+        small = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True,
+                                  model_max_length=tok.model_max_length)
+    small.save_pretrained(out)
+    new_to_old = torch.tensor(keep)
+    for caption, ids in zip(captions, tok(captions)["input_ids"], strict=True):
+        again = new_to_old[small(caption)["input_ids"]].tolist()
+        if again != ids:
+            raise RuntimeError(f"the cut vocabulary splits {caption!r} differently: {again} "
+                               f"instead of {ids}")
+    with _quiet_transformers():
+        model = AutoModel.from_pretrained(src, add_pooling_layer=False,
+                                          local_files_only=Path(src).is_dir())
+    weight = model.get_input_embeddings().weight.data[new_to_old].clone()
+    model.resize_token_embeddings(len(keep))
+    model.get_input_embeddings().weight.data.copy_(weight)
+    model.config.vocab_size = len(keep)
+    with _quiet_transformers():
+        model.half().save_pretrained(out)
+    return len(keep)
+
+
+def write_bundle(data: Path, out: Path, *, rows: int = 1600, max_side: int = 448,
+                 quality: int = 85, image_encoder: str = "efficientnet_lite2",
+                 config: str = "gpu", budget_mib: float = 60.0) -> dict:
+    """Write the bundle (see the module docstring); returns what it holds. Raises ValueError when
+    it is larger than `budget_mib` (then use fewer rows, a smaller --max-side or --quality)."""
+    from mmtag.models.image_encoders import LITE_ENCODERS, lite_weights_path
+
+    if image_encoder not in LITE_ENCODERS:
+        raise ValueError(f"--image-encoder must be one of {list(LITE_ENCODERS)} (torchvision "
+                         f"backbones download their weights on the GPU machine instead)")
+    data, out = Path(data), Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    captions = write_subset(data, out / "data", rows, max_side, quality)
+    vocab = write_trimmed_minilm(captions, out / "minilm")
+    (out / "weights").mkdir()
+    state = torch.load(lite_weights_path(image_encoder), map_location="cpu", weights_only=True)
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+               out / "weights" / f"{image_encoder}.pth")
+    package = Path(importlib.import_module("efficientnet_lite_pytorch").__file__).parent
+    shutil.copytree(package, out / "site" / package.name,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (out / "run.sh").write_text(RUN_SH.format(bundle=out.as_posix(), config=config))
+    info = {"rows": len(captions), "max_side": max_side, "quality": quality,
+            "minilm_vocab": vocab, "image_encoder": image_encoder, "config": config,
+            "mib": {p.name: round(folder_mib(p), 1) for p in sorted(out.iterdir()) if p.is_dir()}}
+    info["mib"]["total"] = round(folder_mib(out), 1)
+    (out / "bundle.json").write_text(json.dumps(info, indent=2))
+    if info["mib"]["total"] > budget_mib:
+        raise ValueError(f"the bundle in {out} is {info['mib']['total']} MiB, over "
+                         f"--budget-mib {budget_mib:g}: use fewer --rows, a smaller --max-side "
+                         f"or --quality")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmtag.gpu_bundle", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, type=Path, help="Kaggle-layout folder (train.csv, data/)")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder (replaced; git-ignore it)")
+    p.add_argument("--rows", type=int, default=1600, help="first rows of train.csv to take")
+    p.add_argument("--max-side", type=int, default=448, help="longest image side kept, px")
+    p.add_argument("--quality", type=int, default=85, help="JPEG quality of the scaled images")
+    p.add_argument("--image-encoder", default="efficientnet_lite2")
+    p.add_argument("--config", default="gpu", help="recipe run.sh trains")
+    p.add_argument("--budget-mib", type=float, default=60.0)
+    a = p.parse_args(argv)
+    info = write_bundle(a.data, a.out, rows=a.rows, max_side=a.max_side, quality=a.quality,
+                        image_encoder=a.image_encoder, config=a.config, budget_mib=a.budget_mib)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

