@@ -43,6 +43,9 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("data.image_size=448 tta_sizes=[448,512]", r"data.image_size \(448\) is always used"),
     ("tta_sizes=[384,384]", "tta_sizes has a size twice"),
     ("model.query_extra_stage=-1", "model.query_extra_stage must be 0"),
+    ("model.head_weights=[1,1]", "model.head_weights must be three weights"),
+    ("model.head_weights=[1,-1,1]", "model.head_weights must be three weights"),
+    ("model.head_weights=[0,0,0]", "model.head_weights must be three weights"),
 ])
 def test_bad_keys_and_values_say_what_is_valid(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -92,3 +95,10 @@ def test_tta_sizes_from_yaml_and_the_command_line(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("tta_sizes: [320]\n")
     assert TrainConfig.from_dict(load_config(f).to_dict()).tta_sizes == [320]
+
+
+def test_head_weights_from_the_command_line_and_their_warning():
+    cfg = load_config(None, ["model.aux_heads=ensemble", "model.head_weights=[1,1,0.5]"])
+    assert cfg.model.head_weights == [1.0, 1.0, 0.5] and not cfg.warnings()
+    assert load_config(recipe_path("cpu")).model.head_weights == [1.0, 1.0, 0.5]
+    assert any("head_weights" in w for w in load_config(None, ["model.head_weights=[1,1,0.5]"]).warnings())

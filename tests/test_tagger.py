@@ -345,3 +345,14 @@ def test_query_fusion_can_also_read_a_finer_map():
         Tagger(enc, _TokTxt(), 3, fusion="concat", query_extra_stage=4)
     with pytest.raises(ValueError, match="choose k in 1..7"):
         Tagger(enc, _TokTxt(), 3, fusion="query", query_pre_head=True, query_extra_stage=8)
+
+
+def test_ensemble_head_weights_weigh_the_heads_logits():
+    torch.manual_seed(0)
+    images, ids, lengths = _inputs()
+    model = Tagger(_Img(), _TokTxt(), 3, fusion="query", aux_heads="ensemble", query_dim=8,
+                   query_heads=2, head_weights=(1.0, 1.0, 0.5)).eval()
+    out = model.forward_all(images, ids, torch.tensor([7, 3, 5, 2]))
+    torch.testing.assert_close(out["logits"], (out["fused"] + out["image"] + 0.5 * out["text"]) / 2.5)
+    with pytest.raises(ValueError, match="three weights"):
+        Tagger(_Img(), _TokTxt(), 3, aux_heads="ensemble", head_weights=(1.0, 1.0))

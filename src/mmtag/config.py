@@ -91,6 +91,9 @@ class ModelConfig:
     aux_heads: str = "none"                    # per-modality heads: 'none', 'loss' (extra loss
                                                # terms), 'ensemble' (also averaged at prediction)
     aux_weight: float = 0.5                    # weight of each per-modality loss term
+    head_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+                                               # 'ensemble': weights of the fused, image and
+                                               # caption heads' logits in the prediction
     image_head: str = "linear"                 # image aux head: 'linear' on the pooled vector or
                                                # 'attention' (class attention over the feature map)
     text_head: str = "linear"                  # caption aux head: 'linear' on the pooled vector or
@@ -116,6 +119,10 @@ class ModelConfig:
                "model.query_layers >= 1")
         _check(0.0 <= self.query_dropout < 1.0, "model.query_dropout must be in [0, 1)")
         _check(0.0 <= self.query_memory_drop < 1.0, "model.query_memory_drop must be in [0, 1)")
+        _check(len(self.head_weights) == 3 and all(w >= 0 for w in self.head_weights)
+               and sum(self.head_weights) > 0,
+               f"model.head_weights must be three weights >= 0 (fused, image, caption heads) "
+               f"with a positive sum, got {self.head_weights}")
         _check(self.query_extra_stage >= 0, "model.query_extra_stage must be 0 (off) or a stage "
                "index k >= 1 (the queries also read the output of image stages [0, k))")
         _check(_is_freeze(self.freeze_image) or _is_block_freeze(self.freeze_image),
@@ -283,6 +290,9 @@ class TrainConfig:
                        f"is present, but loss.name={self.loss.name} skews the probabilities "
                        f"(measured: asl scored samples-F1 0.819 instead of 0.896, docs/quality.md); "
                        f"use loss.name=bce, or decision=threshold with this loss")
+        if self.model.head_weights != [1.0, 1.0, 1.0] and self.model.aux_heads != "ensemble":
+            out.append("model.head_weights weigh the heads of model.aux_heads=ensemble: they do "
+                       f"nothing with model.aux_heads={self.model.aux_heads}")
         if self.model.query_memory_drop > 0 and self.model.fusion != "query":
             out.append("model.query_memory_drop acts on label queries only: it does nothing with "
                        f"model.fusion={self.model.fusion}; set model.fusion=query or leave it at 0")

@@ -209,7 +209,8 @@ class Tagger(nn.Module):
                  image_pool: str = "avg", attn_lambda: float = 0.2, attn_temperature: float = 1.0,
                  query_dim: int = 256, query_layers: int = 1, query_heads: int = 8,
                  query_dropout: float = 0.1, query_pre_head: bool = False,
-                 query_memory_drop: float = 0.0, query_extra_stage: int = 0):
+                 query_memory_drop: float = 0.0, query_extra_stage: int = 0,
+                 head_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)):
         super().__init__()
         if image_encoder is None and text_encoder is None:
             raise ValueError("a tagger needs an image encoder, a caption encoder, or both")
@@ -283,6 +284,12 @@ class Tagger(nn.Module):
         if aux_heads not in ("none", "loss", "ensemble"):
             raise ValueError(f"unknown aux_heads {aux_heads!r}; choose from ['ensemble', 'loss', 'none']")
         self.aux_heads = aux_heads if img_dim and txt_dim else "none"
+        # 'ensemble': the prediction is the weighted mean of the fused, image and caption heads'
+        # logits (training scores each head on its own, so the weights change predictions only)
+        self.head_weights = tuple(float(w) for w in head_weights)
+        if len(self.head_weights) != 3 or min(self.head_weights) < 0 or sum(self.head_weights) <= 0:
+            raise ValueError(f"head_weights must be three weights >= 0 with a positive sum, got "
+                             f"{head_weights}")
         # The image's own head reads the pooled vector ('linear') or the spatial map ('attention':
         # ClassAttentionHead), which needs the map, so not pooled cached features.
         if image_head not in ("linear", "attention"):
@@ -394,7 +401,8 @@ class Tagger(nn.Module):
             out["text"] = (self.text_head(*tokens) if self.text_head_kind == "attention"
                            else self.text_head(parts[-1]))  # (B, C)
         if self.aux_heads == "ensemble":
-            out["logits"] = (out["fused"] + out["image"] + out["text"]) / 3
+            wf, wi, wt = self.head_weights
+            out["logits"] = (wf * out["fused"] + wi * out["image"] + wt * out["text"]) / (wf + wi + wt)
         else:
             out["logits"] = out["fused"]
         return out
