@@ -43,6 +43,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("data.image_size=448 tta_sizes=[448,512]", r"data.image_size \(448\) is always used"),
     ("tta_sizes=[384,384]", "tta_sizes has a size twice"),
     ("model.query_extra_stage=-1", "model.query_extra_stage must be 0"),
+    ("cache.crop=0.8 model.query_extra_stage=6", "leave cache.crop at 1"),
     ("model.head_weights=[1,1]", "model.head_weights must be three weights"),
     ("model.head_weights=[1,-1,1]", "model.head_weights must be three weights"),
     ("model.head_weights=[0,0,0]", "model.head_weights must be three weights"),

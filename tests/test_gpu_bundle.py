@@ -60,6 +60,17 @@ def test_bundle_holds_a_small_subset_and_the_weights(bundle):
     assert info["rows"] == 60 and 5 < info["minilm_vocab"] < 1000 and info["mib"]["total"] < 60
     with pytest.raises(ValueError, match="over --budget-mib 1"):
         write_bundle(root / "demo", root / "small", rows=24, max_side=96, budget_mib=1)
+    # --out is replaced only when it is a bundle (or empty): never a folder of something else
+    with pytest.raises(ValueError, match="is not a bundle"):
+        write_bundle(root / "demo", root / "demo", rows=24, max_side=96)
+    assert (root / "demo" / "train.csv").is_file()
+
+
+def test_bundle_is_cut_from_the_installed_weights_only(bundle, monkeypatch):
+    root, _ = bundle
+    monkeypatch.setenv("MMTAG_MINILM_DIR", str(root / ".gpu" / "minilm"))
+    with pytest.raises(ValueError, match="MMTAG_MINILM_DIR is set"):
+        write_bundle(root / "demo", root / "again", rows=24, max_side=96)
 
 
 def test_cut_minilm_gives_the_full_models_token_states(bundle, monkeypatch):
@@ -69,13 +80,10 @@ def test_cut_minilm_gives_the_full_models_token_states(bundle, monkeypatch):
     ids, lengths = (torch.from_numpy(a) for a in full_tok.encode_batch(captions))
     full = te.MiniLMEncoder(pretrained=True).eval()
     monkeypatch.setenv("MMTAG_MINILM_DIR", str(root / ".gpu" / "minilm"))
-    te._load_tokenizer.cache_clear()
-    try:
-        cut_ids, cut_lengths = (torch.from_numpy(a) for a in
-                                te.MiniLMTokenizer(max_len=16).encode_batch(captions))
-        cut = te.MiniLMEncoder(pretrained=True).eval()
-    finally:
-        te._load_tokenizer.cache_clear()
+    # no cache to clear: the tokenizer follows the variable within one process
+    cut_ids, cut_lengths = (torch.from_numpy(a) for a in
+                            te.MiniLMTokenizer(max_len=16).encode_batch(captions))
+    cut = te.MiniLMEncoder(pretrained=True).eval()
     assert cut.transformer.config.vocab_size < 1000
     assert torch.equal(cut_lengths, lengths) and not torch.equal(cut_ids, ids)
     with torch.no_grad():  # fp16-stored weights: equal up to that rounding

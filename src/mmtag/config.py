@@ -266,6 +266,9 @@ class TrainConfig:
                f"used, leave it out of {self.tta_sizes}")
         _check(len(set(self.tta_sizes)) == len(self.tta_sizes),
                f"tta_sizes has a size twice: {self.tta_sizes}")
+        _check(self.cache.crop == 1 or not self.model.query_extra_stage,
+               "cache.crop < 1 crops one cached map, and model.query_extra_stage reads two: "
+               "leave cache.crop at 1 or model.query_extra_stage at 0")
 
     @property
     def image_sizes(self) -> list[int]:

