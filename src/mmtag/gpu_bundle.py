@@ -62,21 +62,22 @@ def folder_mib(path: Path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
 
 
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
 def write_subset(data: Path, out: Path, rows: int, max_side: int, quality: int) -> list[str]:
     """The first `rows` rows of data/train.csv and their images (scaled down) into out/;
     returns their captions."""
     records = read_csv(data / "train.csv")[:rows]
     (out / "data").mkdir(parents=True, exist_ok=True)
-    with open(out / "train.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["ImageID", "Labels", "Caption"])
-        for r in records:
-            w.writerow([r.image_id, " ".join(map(str, r.labels)), r.caption])
-    with open(out / "test.csv", "w", newline="", encoding="utf-8") as f:  # for the benchmark
-        w = csv.writer(f)
-        w.writerow(["ImageID", "Caption"])
-        for r in records:
-            w.writerow([r.image_id, r.caption])
+    _write_csv(out / "train.csv", ["ImageID", "Labels", "Caption"],
+               ([r.image_id, " ".join(map(str, r.labels)), r.caption] for r in records))
+    _write_csv(out / "test.csv", ["ImageID", "Caption"],  # for the benchmark
+               ([r.image_id, r.caption] for r in records))
     for r in records:
         src = data / "data" / r.image_id
         with Image.open(src) as im:
@@ -96,7 +97,8 @@ def write_trimmed_minilm(captions: list[str], out: Path) -> int:
     src = resolve_minilm_source(MINILM_NAME)
     with _quiet_transformers():
         tok = AutoTokenizer.from_pretrained(src, local_files_only=Path(src).is_dir())
-    used = {i for ids in tok(captions)["input_ids"] for i in ids}
+    original = tok(captions)["input_ids"]
+    used = {i for ids in original for i in ids}
     keep = sorted(used | set(tok.all_special_ids))  # ascending: [PAD] (0) stays first
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.txt").write_text("".join(t + "\n" for t in tok.convert_ids_to_tokens(keep)),
@@ -110,7 +112,7 @@ def write_trimmed_minilm(captions: list[str], out: Path) -> int:
                                   model_max_length=tok.model_max_length)
     small.save_pretrained(out)
     new_to_old = torch.tensor(keep)
-    for caption, ids in zip(captions, tok(captions)["input_ids"], strict=True):
+    for caption, ids in zip(captions, original, strict=True):
         again = new_to_old[small(caption)["input_ids"]].tolist()
         if again != ids:
             raise RuntimeError(f"the cut vocabulary splits {caption!r} differently: {again} "
