@@ -173,3 +173,51 @@ def test_pos_weight_from_targets():
     torch.testing.assert_close(w, torch.tensor([2 / 6, 5.0, 5.0]))  # 7/1 clipped to 5
     torch.testing.assert_close(pos_weight_from_targets(torch.from_numpy(t), max_weight=10.0),
                                torch.tensor([2 / 6, 7.0, 10.0]))
+
+
+class _ThreeHeads(torch.nn.Module):
+    """forward_all like Tagger's: fused, image and caption logits and their weighted mean."""
+
+    def __init__(self, c: int = 3) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, 4, c))
+
+    def forward_all(self, x, ids, lengths):
+        fused, image, text = (x @ self.w[i] for i in range(3))
+        return {"fused": fused, "image": image, "text": text,
+                "logits": (fused + image + 0.5 * text) / 2.5}
+
+
+@pytest.mark.parametrize("w", [0.0, 0.4])
+def test_self_distill_blends_each_heads_target_with_the_detached_ensemble(w):
+    from mmtag.training.loop import train_one_epoch
+
+    torch.manual_seed(0)
+    model = _ThreeHeads()
+    x, y = torch.randn(5, 4), (torch.rand(5, 3) > 0.5).float()
+    batch = (x, torch.zeros(5, 1, dtype=torch.long), torch.ones(5, dtype=torch.long), y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss, _, _ = train_one_epoch(model, [batch], BCELoss(), opt, torch.device("cpu"),
+                                 aux_weight=0.5, self_distill=w)
+    with torch.no_grad():
+        out = model.forward_all(x, None, None)
+        soft = (1 - w) * y + w * torch.sigmoid(out["logits"])
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        want = bce(out["fused"], soft) + 0.5 * (bce(out["image"], soft) + bce(out["text"], soft))
+    assert loss == pytest.approx(want.item(), rel=1e-5)
+    # the target is detached: the ensemble's own gradient does not flow through it
+    train_one_epoch(model, [batch], BCELoss(), torch.optim.SGD(model.parameters(), lr=0.0),
+                    torch.device("cpu"), aux_weight=0.5, self_distill=w)
+    g = model.w.grad.clone()
+    model.zero_grad()
+    out = model.forward_all(x, None, None)
+    (bce(out["fused"], soft) + 0.5 * (bce(out["image"], soft) + bce(out["text"], soft))).backward()
+    assert torch.allclose(g, model.w.grad, atol=1e-6)
+
+
+def test_self_distill_must_be_below_one():
+    from mmtag.config import load_config
+
+    assert load_config(None, ["loss.self_distill=0.3"]).loss.self_distill == 0.3
+    with pytest.raises(ValueError, match="loss.self_distill"):
+        load_config(None, ["loss.self_distill=1.0"])

@@ -164,9 +164,13 @@ class LossConfig:
     gamma_neg: float = 4.0      # ASL: focusing on negatives
     gamma_pos: float = 0.0      # ASL: focusing on positives
     clip: float = 0.05          # ASL: probability margin for negatives
+    self_distill: float = 0.0   # each head learns toward (1 - this) * label + this * the model's
+                                # own final probability (detached; the heads' weighted ensemble
+                                # with aux heads): soft bootstrapping / online self-distillation
 
     def __post_init__(self) -> None:
         _check(self.name in ("bce", "focal", "asl"), "loss.name must be one of ['asl', 'bce', 'focal']")
+        _check(0.0 <= self.self_distill < 1.0, "loss.self_distill must be in [0, 1)")
 
 
 @dataclass

@@ -109,9 +109,12 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, device: torch.device,
                     *, dtype: torch.dtype | None = None, scaler=None, grad_clip: float = 0.0,
                     step_scheduler=None, channels_last: bool = False, progress: bool = False,
-                    aux_weight: float = 0.0, ema=None,
+                    aux_weight: float = 0.0, self_distill: float = 0.0, ema=None,
                     desc: str = "train") -> tuple[float, np.ndarray, np.ndarray]:
-    """One pass over `loader`; returns (mean loss, probabilities, targets) of the pass."""
+    """One pass over `loader`; returns (mean loss, probabilities, targets) of the pass.
+
+    With `self_distill` w > 0 every head's target is (1 - w) * label + w * the model's own final
+    probability, detached (the weighted ensemble of the heads when there are auxiliary heads)."""
     model.train()
     total, count = 0.0, 0
     probs, targets = [], []
@@ -122,10 +125,13 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, dev
         with autocast(device, dtype):
             out = model.forward_all(images, ids, lengths)
         logits = out["logits"]
-        loss = loss_fn(out["fused"].float(), target)
+        soft = target
+        if self_distill > 0:
+            soft = (1 - self_distill) * target + self_distill * torch.sigmoid(logits.detach().float())
+        loss = loss_fn(out["fused"].float(), soft)
         if aux_weight > 0 and "image" in out:
-            loss = loss + aux_weight * (loss_fn(out["image"].float(), target) +
-                                        loss_fn(out["text"].float(), target))
+            loss = loss + aux_weight * (loss_fn(out["image"].float(), soft) +
+                                        loss_fn(out["text"].float(), soft))
         if not torch.isfinite(loss):
             raise TrainingDivergedError(f"the loss became {loss.item()} at {desc} step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -466,7 +472,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                 grad_clip=o.grad_clip, step_scheduler=scheduler if o.scheduler == "cosine" else None,
                 channels_last=channels_last, progress=progress, desc=f"epoch {epoch}/{o.epochs}",
                 aux_weight=cfg.model.aux_weight if cfg.model.aux_heads != "none" else 0.0,
-                ema=ema)
+                self_distill=cfg.loss.self_distill, ema=ema)
         except TrainingDivergedError as e:
             kept = "last.pt" if (run_dir / "last.pt").exists() else "no checkpoint yet"
             raise TrainingDivergedError(
