@@ -75,6 +75,12 @@ def test_expected_f1_sets_with_a_loss_that_skews_probabilities_warn():
     assert "loss.name=asl skews the probabilities" in w and "use loss.name=bce" in w
 
 
+def test_expected_f1_sets_with_self_distillation_warn():
+    assert load_config(None, ["decision=threshold", "loss.self_distill=0.3"]).warnings() == []
+    (w,) = load_config(None, ["decision=expected_f1", "loss.self_distill=0.3"]).warnings()
+    assert "loss.self_distill=0.3" in w and "use decision=threshold" in w
+
+
 @pytest.mark.parametrize("overrides, expected", [
     (["model.query_memory_drop=0.2", "model.fusion=concat"], "model.query_memory_drop acts on label queries only"),
     (["cache.crop=0.8", "cache.enabled=off", "model.freeze_image=6"], "cache.crop crops cached feature maps"),

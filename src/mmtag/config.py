@@ -297,6 +297,12 @@ class TrainConfig:
                        f"is present, but loss.name={self.loss.name} skews the probabilities "
                        f"(measured: asl scored samples-F1 0.819 instead of 0.896, docs/quality.md); "
                        f"use loss.name=bce, or decision=threshold with this loss")
+        if self.decision == "expected_f1" and self.loss.self_distill > 0:
+            out.append(f"loss.self_distill={self.loss.self_distill:g} pulls the targets toward the "
+                       f"model's own probabilities and leaves them less confident, which "
+                       f"decision=expected_f1 takes at their word (measured with 0.3: samples-F1 "
+                       f"0.898 instead of 0.901, docs/quality.md session 10); use "
+                       f"decision=threshold with it, or leave loss.self_distill at 0")
         if self.model.head_weights != [1.0, 1.0, 1.0] and self.model.aux_heads != "ensemble":
             out.append("model.head_weights weigh the heads of model.aux_heads=ensemble: they do "
                        f"nothing with model.aux_heads={self.model.aux_heads}")
