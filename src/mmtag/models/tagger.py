@@ -285,7 +285,8 @@ class Tagger(nn.Module):
             raise ValueError(f"unknown aux_heads {aux_heads!r}; choose from ['ensemble', 'loss', 'none']")
         self.aux_heads = aux_heads if img_dim and txt_dim else "none"
         # 'ensemble': the prediction is the weighted mean of the fused, image and caption heads'
-        # logits (training scores each head on its own, so the weights change predictions only)
+        # logits (training scores each head on its own, so the weights change predictions only,
+        # unless loss.self_distill makes this mean every head's soft target)
         self.head_weights = tuple(float(w) for w in head_weights)
         if len(self.head_weights) != 3 or min(self.head_weights) < 0 or sum(self.head_weights) <= 0:
             raise ValueError(f"head_weights must be three weights >= 0 with a positive sum, got "
