@@ -44,9 +44,14 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("tta_sizes=[384,384]", "tta_sizes has a size twice"),
     ("model.query_extra_stage=-1", "model.query_extra_stage must be 0"),
     ("cache.crop=0.8 model.query_extra_stage=6", "leave cache.crop at 1"),
-    ("model.head_weights=[1,1]", "model.head_weights must be three weights"),
-    ("model.head_weights=[1,-1,1]", "model.head_weights must be three weights"),
-    ("model.head_weights=[0,0,0]", "model.head_weights must be three weights"),
+    ("model.head_weights=[1,1]", "model.head_weights must be 3 weights"),
+    ("model.head_weights=[1,-1,1]", "model.head_weights must be 3 weights"),
+    ("model.head_weights=[0,0,0]", "model.head_weights must be 3 weights"),
+    ("model.head_weights=[1,1,1,1]", "a fourth weight needs model.pooled_head=true"),
+    ("model.pooled_head=true model.fusion=query model.aux_heads=ensemble",
+     "model.head_weights must be 4 weights"),
+    ("model.pooled_head=true model.head_weights=[1,1,1,1]", "set model.aux_heads=ensemble and "
+     "model.fusion=query"),
 ])
 def test_bad_keys_and_values_say_what_is_valid(override, message):
     with pytest.raises(ConfigError, match=message):

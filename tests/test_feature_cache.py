@@ -143,6 +143,9 @@ def test_cached_maps_train_on_random_windows_and_validate_whole():
     # figures average the three sizes' probabilities, as evaluate and predict do from raw images
     ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2",
            "model.aux_heads=ensemble", "model.image_head=attention", "tta_sizes=[48,40]"]),
+    # with the fourth, pooled head in the weighted ensemble
+    ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2",
+           "model.aux_heads=ensemble", "model.pooled_head=true", "model.head_weights=[1,1,0.5,0.5]"]),
     # the queries also read the finer map of stages [0, 3), cached beside stage 5's input in one
     # pass, with the same view drawn for both; at an extra TTA size too
     ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2",

@@ -354,5 +354,30 @@ def test_ensemble_head_weights_weigh_the_heads_logits():
                    query_heads=2, head_weights=(1.0, 1.0, 0.5)).eval()
     out = model.forward_all(images, ids, torch.tensor([7, 3, 5, 2]))
     torch.testing.assert_close(out["logits"], (out["fused"] + out["image"] + 0.5 * out["text"]) / 2.5)
-    with pytest.raises(ValueError, match="three weights"):
+    with pytest.raises(ValueError, match="3 weights"):
         Tagger(_Img(), _TokTxt(), 3, aux_heads="ensemble", head_weights=(1.0, 1.0))
+
+
+def test_pooled_head_is_a_fourth_weighted_member_and_learns():
+    torch.manual_seed(0)
+    images, ids, _ = _inputs()
+    lengths = torch.tensor([7, 3, 5, 2])
+    model = Tagger(_Img(), _TokTxt(), 3, hidden=8, fusion="query", aux_heads="ensemble",
+                   query_dim=8, query_heads=2, head_weights=(1.0, 1.0, 0.5, 2.0),
+                   pooled_head=True).eval()
+    out = model.forward_all(images, ids, lengths)
+    assert out["pooled"].shape == (4, 3)
+    torch.testing.assert_close(out["logits"], (out["fused"] + out["image"] + 0.5 * out["text"]
+                                               + 2.0 * out["pooled"]) / 4.5)
+    # its own loss reaches its MLP, not the label queries' head
+    model.train()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        model.forward_all(images, ids, lengths)["pooled"], torch.ones(4, 3))
+    loss.backward()
+    assert model.pooled_mlp[-1].weight.grad.abs().sum() > 0
+    assert model.head.out_weight.grad is None
+    with pytest.raises(ValueError, match="4 weights"):
+        Tagger(_Img(), _TokTxt(), 3, fusion="query", aux_heads="ensemble", pooled_head=True)
+    with pytest.raises(ValueError, match="fusion='query'"):
+        Tagger(_Img(), _TokTxt(), 3, aux_heads="ensemble", pooled_head=True,
+               head_weights=(1.0, 1.0, 1.0, 1.0))

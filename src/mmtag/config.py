@@ -93,7 +93,11 @@ class ModelConfig:
     aux_weight: float = 0.5                    # weight of each per-modality loss term
     head_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
                                                # 'ensemble': weights of the fused, image and
-                                               # caption heads' logits in the prediction
+                                               # caption heads' logits in the prediction (and of
+                                               # the pooled head's, fourth, with pooled_head)
+    pooled_head: bool = False                  # 'ensemble' with 'query' fusion: a fourth head, an
+                                               # MLP (width `hidden`) on the pooled image and
+                                               # caption vectors, concatenated
     image_head: str = "linear"                 # image aux head: 'linear' on the pooled vector or
                                                # 'attention' (class attention over the feature map)
     text_head: str = "linear"                  # caption aux head: 'linear' on the pooled vector or
@@ -119,10 +123,17 @@ class ModelConfig:
                "model.query_layers >= 1")
         _check(0.0 <= self.query_dropout < 1.0, "model.query_dropout must be in [0, 1)")
         _check(0.0 <= self.query_memory_drop < 1.0, "model.query_memory_drop must be in [0, 1)")
-        _check(len(self.head_weights) == 3 and all(w >= 0 for w in self.head_weights)
+        n_heads = 4 if self.pooled_head else 3
+        _check(len(self.head_weights) == n_heads and all(w >= 0 for w in self.head_weights)
                and sum(self.head_weights) > 0,
-               f"model.head_weights must be three weights >= 0 (fused, image, caption heads) "
-               f"with a positive sum, got {self.head_weights}")
+               f"model.head_weights must be {n_heads} weights >= 0 (fused, image, caption"
+               f"{', pooled' if self.pooled_head else ''} heads) with a positive sum, got "
+               f"{self.head_weights}" + ("" if self.pooled_head else
+                                         "; a fourth weight needs model.pooled_head=true"))
+        _check(not self.pooled_head or (self.aux_heads == "ensemble" and self.fusion == "query"),
+               "model.pooled_head adds a fourth head to the per-modality ones of label-query "
+               "fusion: set model.aux_heads=ensemble and model.fusion=query (with concat fusion "
+               "the fused head already is that MLP)")
         _check(self.query_extra_stage >= 0, "model.query_extra_stage must be 0 (off) or a stage "
                "index k >= 1 (the queries also read the output of image stages [0, k))")
         _check(_is_freeze(self.freeze_image) or _is_block_freeze(self.freeze_image),

@@ -93,4 +93,5 @@ def build_tagger(cfg: ModelConfig, num_classes: int, caption_enc, *, load_pretra
                   query_heads=cfg.query_heads, query_dropout=cfg.query_dropout,
                   query_pre_head=cfg.query_pre_head, query_memory_drop=cfg.query_memory_drop,
                   query_extra_stage=cfg.query_extra_stage,
-                  head_weights=tuple(cfg.head_weights))
+                  head_weights=tuple(cfg.head_weights),
+                  pooled_head=cfg.pooled_head)

@@ -210,7 +210,7 @@ class Tagger(nn.Module):
                  query_dim: int = 256, query_layers: int = 1, query_heads: int = 8,
                  query_dropout: float = 0.1, query_pre_head: bool = False,
                  query_memory_drop: float = 0.0, query_extra_stage: int = 0,
-                 head_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)):
+                 head_weights: tuple[float, ...] = (1.0, 1.0, 1.0), pooled_head: bool = False):
         super().__init__()
         if image_encoder is None and text_encoder is None:
             raise ValueError("a tagger needs an image encoder, a caption encoder, or both")
@@ -288,9 +288,23 @@ class Tagger(nn.Module):
         # logits (training scores each head on its own, so the weights change predictions only,
         # unless loss.self_distill makes this mean every head's soft target)
         self.head_weights = tuple(float(w) for w in head_weights)
-        if len(self.head_weights) != 3 or min(self.head_weights) < 0 or sum(self.head_weights) <= 0:
-            raise ValueError(f"head_weights must be three weights >= 0 with a positive sum, got "
-                             f"{head_weights}")
+        # pooled_head: a fourth member, an MLP on the pooled image and caption vectors (the
+        # fusion of v1-v3), beside the label queries: a head that reads the inputs another way
+        if pooled_head and (self.aux_heads != "ensemble" or fusion != "query"):
+            raise ValueError("pooled_head is a fourth head beside label-query fusion's "
+                             "per-modality heads: it needs fusion='query', aux_heads='ensemble' "
+                             "and both modalities")
+        n_heads = 4 if pooled_head else 3
+        if (len(self.head_weights) != n_heads or min(self.head_weights) < 0
+                or sum(self.head_weights) <= 0):
+            raise ValueError(f"head_weights must be {n_heads} weights >= 0 with a positive sum, "
+                             f"got {head_weights}")
+        self.pooled_mlp = None
+        if pooled_head:
+            self.pooled_mlp = nn.Sequential(
+                nn.BatchNorm1d(img_dim + txt_dim), nn.Dropout(dropout),
+                nn.Linear(img_dim + txt_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                nn.Linear(hidden, num_classes))
         # The image's own head reads the pooled vector ('linear') or the spatial map ('attention':
         # ClassAttentionHead), which needs the map, so not pooled cached features.
         if image_head not in ("linear", "attention"):
@@ -386,7 +400,8 @@ class Tagger(nn.Module):
 
     def forward_all(self, images: torch.Tensor | None, ids: torch.Tensor | None,
                     lengths: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """{'logits': final (B, C)} plus 'fused', 'image', 'text' (B, C) logits with aux heads."""
+        """{'logits': final (B, C)} plus 'fused', 'image', 'text' (B, C) logits with aux heads,
+        and 'pooled' with the pooled head."""
         parts, fmap, tokens, qmap, extra = self._embed(images, ids, lengths)
         if self.fusion_kind == "query":
             out = {"fused": self.head(*self._memory(parts, qmap, tokens, extra))}  # (B, C)
@@ -401,9 +416,12 @@ class Tagger(nn.Module):
             out["image"] = self.image_head(img_in)  # (B, C)
             out["text"] = (self.text_head(*tokens) if self.text_head_kind == "attention"
                            else self.text_head(parts[-1]))  # (B, C)
+        if self.pooled_mlp is not None:
+            out["pooled"] = self.pooled_mlp(torch.cat(parts, dim=1))  # (B, C)
         if self.aux_heads == "ensemble":
-            wf, wi, wt = self.head_weights
-            out["logits"] = (wf * out["fused"] + wi * out["image"] + wt * out["text"]) / (wf + wi + wt)
+            names = ("fused", "image", "text", "pooled")[:len(self.head_weights)]
+            out["logits"] = (sum(w * out[k] for w, k in zip(self.head_weights, names, strict=True))
+                             / sum(self.head_weights))
         else:
             out["logits"] = out["fused"]
         return out

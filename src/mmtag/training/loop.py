@@ -130,8 +130,8 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, dev
             soft = (1 - self_distill) * target + self_distill * torch.sigmoid(logits.detach().float())
         loss = loss_fn(out["fused"].float(), soft)
         if aux_weight > 0 and "image" in out:
-            loss = loss + aux_weight * (loss_fn(out["image"].float(), soft) +
-                                        loss_fn(out["text"].float(), soft))
+            loss = loss + aux_weight * sum(loss_fn(out[k].float(), soft)
+                                           for k in ("image", "text", "pooled") if k in out)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(f"the loss became {loss.item()} at {desc} step {step}")
         optimizer.zero_grad(set_to_none=True)
