@@ -85,6 +85,37 @@ def test_predict_names_a_missing_image_or_predicts_from_the_caption(run, demo, t
         predict_csv(run, demo / "test.csv", images, tmp_path / "p.csv")
     res = predict_csv(run, demo / "test.csv", images, tmp_path / "p.csv", caption_only_missing=True)
     assert len(res["caption_only"]) == 1 and len(read_csv(tmp_path / "p.csv")) == 8
+    # this model has no caption head of its own: a blank image stands in, and it says so
+    assert res["caption_only_via"].startswith("a blank image")
+
+
+def test_a_missing_image_is_predicted_by_the_caption_head_alone(demo, tmp_path):
+    import shutil
+    run = tmp_path / "aux"
+    loop.fit(load_config(None, [*TINY, "optim.epochs=1", "model.aux_heads=ensemble"]), demo, run,
+             progress=False)
+    images = tmp_path / "img"
+    shutil.copytree(demo / "data", images)
+    rows = read_csv(demo / "test.csv")
+    (images / rows[2].image_id).unlink()
+    full, part = tmp_path / "full.csv", tmp_path / "part.csv"
+    predict_csv(run, demo / "test.csv", demo / "data", tmp_path / "a.csv", probs_out=full)
+    res = predict_csv(run, demo / "test.csv", images, tmp_path / "b.csv", probs_out=part,
+                      caption_only_missing=True)
+    assert res["caption_only_via"] == "the caption head" and len(res["caption_only"]) == 1
+    p_full, p_part = ([[float(v) for k, v in r.items() if k != "ImageID"] for r in _rows(f)]
+                      for f in (full, part))
+    # the other rows are predicted as with every image present
+    for i in (0, 1, 3, 4, 5, 6, 7):
+        assert p_part[i] == pytest.approx(p_full[i], abs=1e-5)
+    # the missing one by the caption head: its probabilities, whatever the image would have said
+    pred = Predictor.load(run)
+    tok, n = pred.caption_enc(rows[2].caption)
+    with torch.inference_mode():
+        expected = torch.sigmoid(pred.model.caption_logits(torch.as_tensor(tok)[None],
+                                                           torch.tensor([n])))[0]
+    assert p_part[2] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert p_part[2] != pytest.approx(p_full[2], abs=1e-3)
 
 
 @pytest.mark.parametrize("ema", ["optim.ema=0", "optim.ema=0.9"])

@@ -106,7 +106,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(f"wrote {res['rows']} rows to {res['out']}" + (f" and probabilities to {res['probs']}"
                                                          if res["probs"] else ""))
     if res["caption_only"]:
-        print(f"{len(res['caption_only'])} row(s) predicted from the caption alone:")
+        print(f"{len(res['caption_only'])} row(s) predicted from the caption alone, by "
+              f"{res['caption_only_via']}:")
         for msg in res["caption_only"]:
             print(f"  {msg}")
     return 0

@@ -102,6 +102,18 @@ class Predictor:
             probs = probs + p / len(self.image_sizes)
         return probs
 
+    def caption_probabilities(self, dataset: TaggingDataset, batch_size: int = 64) -> np.ndarray:
+        """(N, C) probabilities of the caption's own head (`Tagger.caption_logits`), for rows
+        whose image is missing: no image is read and the image encoder does not run."""
+        out = []
+        dtype = amp_dtype(self.config.amp, self.device)
+        with torch.inference_mode(), autocast(self.device, dtype):
+            for s in range(0, len(dataset), batch_size):
+                ids = dataset.tokens[s:s + batch_size].to(self.device)
+                logits = self.model.caption_logits(ids, dataset.lengths[s:s + batch_size])
+                out.append(torch.sigmoid(logits.float()).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.label_map.num_classes))
+
     def decide(self, probs: np.ndarray, threshold: float | None = None,
                at_least_one: bool | None = None, decision: str | None = None) -> np.ndarray:
         """0/1 decisions by the run's rule (`decision` in its config: the saved thresholds, or
@@ -137,14 +149,16 @@ class Predictor:
         return [self.label_map.decode(row) for row in self.decide(probs, threshold)]
 
 
-def find_missing_images(records: Sequence[Record], image_dir: Path, source: str) -> list[str]:
-    """Rows whose image is missing or cannot be decoded, as messages naming file and line."""
-    bad = []
-    for r in records:
+def find_missing_images(records: Sequence[Record], image_dir: Path,
+                        source: str) -> dict[int, str]:
+    """Rows whose image is missing or cannot be decoded: {row index: message naming the file
+    and the CSV line}."""
+    bad = {}
+    for i, r in enumerate(records):
         try:
             load_image(image_dir / r.image_id, f"{source} line {r.line}")
         except ImageReadError as e:
-            bad.append(str(e))
+            bad[i] = str(e)
     return bad
 
 
@@ -199,17 +213,35 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
     pred = Predictor.load(run, device, tta_sizes)
     csv_path, images = Path(csv_path), Path(images)
     rows = read_csv(csv_path)
-    bad = find_missing_images(rows, images, str(csv_path)) if pred.model.image_encoder else []
+    bad = find_missing_images(rows, images, str(csv_path)) if pred.model.image_encoder else {}
+    msgs = list(bad.values())
     if bad and not caption_only_missing:
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise ImageReadError(
-            f"{len(bad)} image(s) missing or unreadable: " + "; ".join(bad[:5]) + more +
+            f"{len(bad)} image(s) missing or unreadable: " + "; ".join(msgs[:5]) + more +
             ". Fix them, or pass --caption-only-missing to predict those rows from the caption "
             "alone (they are listed).")
-    for msg in bad:
-        log.warning("predicting from the caption alone: %s", msg)
-    ds = pred.dataset(rows, images, str(csv_path), blank_missing_images=bool(bad))
-    probs = pred.probabilities(ds, batch_size, num_workers)
+    # Rows without their image: the caption's own head where the model has one (trained on its
+    # own loss, so its probabilities hold for a caption alone); otherwise the whole model with
+    # a blank image in place of the photo, which is said so.
+    via = ("the caption head" if pred.model.has_caption_head
+           else "a blank image in place of the photo (this model has no caption head of its own)")
+    if msgs:  # every row is in the result (the CLI prints them); the log names the first few
+        more = f" and {len(msgs) - 3} more" if len(msgs) > 3 else ""
+        log.warning("predicting %d row(s) from the caption alone, by %s: %s%s", len(msgs), via,
+                    "; ".join(msgs[:3]), more)
+    if bad and pred.model.has_caption_head:
+        src = str(csv_path)
+        good = [i for i in range(len(rows)) if i not in bad]
+        probs = np.zeros((len(rows), pred.label_map.num_classes))
+        if good:
+            probs[good] = pred.probabilities(pred.dataset([rows[i] for i in good], images, src),
+                                             batch_size, num_workers)
+        probs[list(bad)] = pred.caption_probabilities(
+            pred.dataset([rows[i] for i in bad], images, src), batch_size)
+    else:
+        ds = pred.dataset(rows, images, str(csv_path), blank_missing_images=bool(bad))
+        probs = pred.probabilities(ds, batch_size, num_workers)
     decisions = pred.decide(probs, threshold, decision=decision)
     label_sets = [pred.label_map.decode(d) for d in decisions]
     write_submission(out, [r.image_id for r in rows], label_sets)
@@ -220,4 +252,4 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
             for r, p in zip(rows, probs, strict=True):
                 w.writerow([r.image_id, *[f"{x:.5f}" for x in p]])
     return {"rows": len(rows), "out": str(out), "probs": str(probs_out) if probs_out else None,
-            "caption_only": bad}
+            "caption_only": msgs, "caption_only_via": via if msgs else None}

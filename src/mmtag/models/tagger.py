@@ -377,26 +377,47 @@ class Tagger(nn.Module):
                 if self.image_pool == "avgmax":
                     pooled = torch.cat([pooled, fmap.amax(dim=(2, 3))], dim=1)  # (B, 2D)
                 parts.append(pooled)  # (B, Di)
-        txt_enc = self.text_encoder
-        if txt_enc is not None:
-            k = self.text_input_stage
-            wants_tokens = (self.text_head_kind == "attention"
-                            or (self.fusion_kind == "query" and hasattr(txt_enc, "run_layers")))
-            if wants_tokens:
-                if k > txt_enc.num_layers:
-                    raise ValueError("an attention caption head or query fusion needs token "
-                                     "states: cache them, not pooled features")
-                states = txt_enc.run_layers(ids if k == 0 else ids.float(), lengths, k)  # (B, T, Dt)
-                txt = txt_enc.pool(states, lengths)  # (B, Dt)
-                tokens = (states, txt_enc.token_mask(lengths, states.shape[1], states.device))
-            elif k == 0:
-                txt = txt_enc(ids, lengths)  # (B, Dt) from token ids
-            elif k > txt_enc.num_layers:
-                txt = ids  # (B, Dt) cached pooled features
-            else:
-                txt = txt_enc.pool(txt_enc.run_layers(ids.float(), lengths, k), lengths)  # (B, Dt)
-            parts.append(txt.float())
+        if self.text_encoder is not None:
+            txt, tokens = self._embed_caption(ids, lengths)
+            parts.append(txt)
         return parts, fmap, tokens, qmap, extra
+
+    def _embed_caption(self, ids, lengths):
+        """(the caption's pooled vector (B, Dt), its (token states (B, T, Dt), mask (B, T)) or
+        None if neither the caption head nor the label queries read tokens)."""
+        txt_enc, k, tokens = self.text_encoder, self.text_input_stage, None
+        wants_tokens = (self.text_head_kind == "attention"
+                        or (self.fusion_kind == "query" and hasattr(txt_enc, "run_layers")))
+        if wants_tokens:
+            if k > txt_enc.num_layers:
+                raise ValueError("an attention caption head or query fusion needs token "
+                                 "states: cache them, not pooled features")
+            states = txt_enc.run_layers(ids if k == 0 else ids.float(), lengths, k)  # (B, T, Dt)
+            txt = txt_enc.pool(states, lengths)  # (B, Dt)
+            tokens = (states, txt_enc.token_mask(lengths, states.shape[1], states.device))
+        elif k == 0:
+            txt = txt_enc(ids, lengths)  # (B, Dt) from token ids
+        elif k > txt_enc.num_layers:
+            txt = ids  # (B, Dt) cached pooled features
+        else:
+            txt = txt_enc.pool(txt_enc.run_layers(ids.float(), lengths, k), lengths)  # (B, Dt)
+        return txt.float(), tokens
+
+    @property
+    def has_caption_head(self) -> bool:
+        """Whether the caption has a head of its own (trained on its own loss), which can
+        predict a sample from its caption alone."""
+        return self.aux_heads != "none" and self.text_encoder is not None
+
+    def caption_logits(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, C) logits of the caption's own head: the prediction for samples whose image is
+        missing. The image encoder does not run."""
+        if not self.has_caption_head:
+            raise ValueError("this model has no caption head of its own (it was trained with "
+                             "model.aux_heads=none or without a caption encoder), so it cannot "
+                             "predict from the caption alone")
+        txt, tokens = self._embed_caption(ids, lengths)
+        return self.text_head(*tokens) if self.text_head_kind == "attention" else self.text_head(txt)
 
     def forward_all(self, images: torch.Tensor | None, ids: torch.Tensor | None,
                     lengths: torch.Tensor | None) -> dict[str, torch.Tensor]:
