@@ -199,9 +199,6 @@ class OptimConfig:
     plateau_factor: float = 0.5
     plateau_patience: int = 1
     warmup_epochs: float = 0.0    # cosine: linear warm-up length in epochs
-    probe_epochs: int = 0         # the first k epochs train the heads only: the encoder layers
-                                  # that fine-tune stay fixed until the heads have learned
-                                  # (linear probing, then fine-tuning); 0: off
     grad_clip: float = 0.0        # max gradient norm; 0: off
     early_stopping: int = 0       # stop after N epochs without a better best_metric; 0: off
     ema: float = 0.0              # decay of an exponential moving average of the weights per
@@ -217,9 +214,6 @@ class OptimConfig:
         _check(0.0 <= self.ema < 1.0, "optim.ema must be in [0, 1) (0: off)")
         _check(self.lr > 0 and self.epochs >= 1 and self.batch_size >= 1,
                "optim.lr must be > 0, epochs and batch_size >= 1")
-        _check(0 <= self.probe_epochs < self.epochs,
-               "optim.probe_epochs must be >= 0 and below optim.epochs (some epochs must "
-               "fine-tune)")
 
 
 @dataclass

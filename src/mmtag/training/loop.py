@@ -454,12 +454,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     # final evaluation, thresholds and predictions; per-epoch validation scores the plain view,
     # which halves its cost and ranks epochs the same way.
     final_tta = cfg.tta_flip and (stage == 0 or cfg.cache.flip)
-    # optim.probe_epochs: the encoder layers that fine-tune sit still while the fresh heads learn
-    tuned = [p for enc in (model.image_encoder, model.text_encoder) if enc is not None
-             for p in enc.parameters() if p.requires_grad]
     for epoch in range(start_epoch, o.epochs + 1):
-        for p in tuned:
-            p.requires_grad_(epoch > o.probe_epochs)
         if cfg.optim.early_stopping and bad_epochs >= cfg.optim.early_stopping:
             log.info("early stopping: no better %s for %d epochs", cfg.best_metric, bad_epochs)
             break
