@@ -203,8 +203,9 @@ def test_self_distill_blends_each_heads_target_with_the_detached_ensemble(w):
         out = model.forward_all(x, None, None)
         soft = (1 - w) * y + w * torch.sigmoid(out["logits"])
         bce = torch.nn.functional.binary_cross_entropy_with_logits
-        want = bce(out["fused"], soft) + 0.5 * (bce(out["image"], soft) + bce(out["text"], soft))
-    assert loss == pytest.approx(want.item(), rel=1e-5)
+    # the reported loss is the final prediction's against the labels, as for validation rows;
+    # the objective (each head toward the blended target) is checked through its gradient
+    assert loss == pytest.approx(bce(out["logits"], y).item(), rel=1e-5)
     # the target is detached: the ensemble's own gradient does not flow through it
     train_one_epoch(model, [batch], BCELoss(), torch.optim.SGD(model.parameters(), lr=0.0),
                     torch.device("cpu"), aux_weight=0.5, self_distill=w)

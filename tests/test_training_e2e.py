@@ -174,6 +174,63 @@ def test_refuses_to_overwrite_a_run(run, demo):
         loop.fit(load_config(None, TINY), demo, run, progress=False)
 
 
+def test_a_run_stopped_before_its_first_epoch_starts_over(demo, tmp_path, monkeypatch):
+    out = tmp_path / "early"
+    # a wrong --data writes nothing
+    with pytest.raises(FileNotFoundError, match="train.csv not found"):
+        loop.fit(load_config(None, TINY), tmp_path / "nowhere", out, progress=False)
+    assert not out.exists()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        loop.fit(load_config(None, [*TINY, "optim.epochs=1"]), demo, out, progress=False)
+    assert (out / "config.yaml").exists() and not (out / "last.pt").exists()
+    with pytest.raises(FileNotFoundError, match="start it again without --resume"):
+        loop.fit(load_config(out / "config.yaml"), demo, out, resume=True, progress=False)
+    monkeypatch.undo()
+    summary = loop.fit(load_config(None, [*TINY, "optim.epochs=1"]), demo, out, progress=False)
+    assert summary["best_epoch"] == 1 and len(_rows(out / "metrics.csv")) == 1
+    # a folder with anything else in it is still refused
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        loop.fit(load_config(None, TINY), demo, tmp_path / "other", progress=False)
+
+
+def test_evaluate_on_the_validation_split_marks_tuned_thresholds_optimistic(run, demo):
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["decision"] == "threshold"
+    m = evaluate_run(run, data_dir=demo)
+    assert m["tuned_on_these_rows"] and m["source"].startswith("the run's validation split of")
+    assert m["crossfit"]["micro_f1"] == summary["val_crossfit"]["micro_f1"]
+    other = evaluate_run(run, data_dir=demo, decision="expected_f1")
+    assert not other["tuned_on_these_rows"]
+    assert other["crossfit"]["samples_f1"] == summary["val_crossfit_other_rule"]["samples_f1"]
+    assert not evaluate_run(run, data_dir=demo, threshold=0.5)["tuned_on_these_rows"]
+
+
+def test_a_csv_without_captions_is_refused_by_a_model_that_reads_them(run, demo, tmp_path):
+    rows = read_csv(demo / "test.csv")
+    labels = tmp_path / "labels_only.csv"
+    labels.write_text("ImageID,Labels\n" + "".join(f"{r.image_id},1\n" for r in rows))
+    with pytest.raises(ValueError, match="no Caption column"):
+        predict_csv(run, labels, demo / "data", tmp_path / "p.csv")
+    with pytest.raises(ValueError, match="no Caption column"):
+        evaluate_run(run, csv_path=labels, images=demo / "data")
+
+
+def test_threshold_and_decision_options_exclude_each_other(run, demo, capsys):
+    from mmtag.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["predict", str(run), "--csv", str(demo / "test.csv"), "--images",
+              str(demo / "data"), "--threshold", "0.4", "--decision", "expected_f1"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_benchmark_reports_throughput_and_latency(run, demo):
     from mmtag.inference.benchmark import benchmark
 
@@ -188,8 +245,16 @@ def test_caption_only_and_image_only_models(demo, tmp_path):
                            tmp_path / name, progress=False)
         assert summary["val_rows"] == 8
         out = tmp_path / f"{name}.csv"
-        predict_csv(tmp_path / name, demo / "test.csv", demo / "data", out)
-        assert len(read_csv(out)) == 8
+        res = predict_csv(tmp_path / name, demo / "test.csv", demo / "data", out)
+        assert len(read_csv(out)) == 8 and res["decision"] == "the run's tuned thresholds"
+    # an image-only model cannot predict a row without its image from the caption
+    images = tmp_path / "imgs"
+    import shutil
+    shutil.copytree(demo / "data", images)
+    (images / read_csv(demo / "test.csv")[0].image_id).unlink()
+    with pytest.raises(OSError, match="reads no caption"):
+        predict_csv(tmp_path / "img", demo / "test.csv", images, tmp_path / "x.csv",
+                    caption_only_missing=True)
 
 
 def test_a_run_frozen_inside_a_stage_saves_and_reloads_the_split_encoder(demo, tmp_path):

@@ -21,6 +21,9 @@ def train(data_dir: Path | str, out: Path | str, config: TrainConfig | str | Pat
     from mmtag.training.loop import fit
 
     if resume:
+        if config is not None or overrides:
+            raise ValueError("resume=True continues the run with its saved config: config and "
+                             "overrides cannot change it (start a new run for that)")
         cfg = load_config(Path(out) / "config.yaml")
     elif isinstance(config, TrainConfig):
         cfg = TrainConfig.from_dict(apply_overrides(config.to_dict(), overrides))

@@ -92,6 +92,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
           f"{'+'.join(map(str, m['image_sizes']))} px")
     for k in ("precision", "recall", "micro_f1", "macro_f1", "samples_f1"):
         print(f"  {k:<11} {m[k]:.4f}")
+    if m["tuned_on_these_rows"]:
+        print("  (the thresholds were tuned on these rows, so these figures are optimistic"
+              + (f"; the run's cross-fit estimate for unseen rows: micro-F1 "
+                 f"{m['crossfit']['micro_f1']:.4f}, samples-F1 {m['crossfit']['samples_f1']:.4f}"
+                 if "crossfit" in m else "") + ")")
     print(format_per_class_table(m))
     return 0
 
@@ -103,8 +108,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                       threshold=args.threshold, decision=args.decision,
                       caption_only_missing=args.caption_only_missing,
                       batch_size=args.batch_size, device=args.device, tta_sizes=args.tta_sizes)
-    print(f"wrote {res['rows']} rows to {res['out']}" + (f" and probabilities to {res['probs']}"
-                                                         if res["probs"] else ""))
+    print(f"wrote {res['rows']} rows to {res['out']} (decision: {res['decision']})"
+          + (f" and probabilities to {res['probs']}" if res["probs"] else ""))
     if res["caption_only"]:
         print(f"{len(res['caption_only'])} row(s) predicted from the caption alone, by "
               f"{res['caption_only_via']}:")
@@ -159,8 +164,9 @@ def _add_tta_arg(c: argparse.ArgumentParser) -> None:
 
 
 def _add_decision_args(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--threshold", type=float, help="one global threshold instead of the saved ones")
-    c.add_argument("--decision", choices=["threshold", "expected_f1"],
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--threshold", type=float, help="one global threshold instead of the run's rule")
+    g.add_argument("--decision", choices=["threshold", "expected_f1"],
                    help="decision rule instead of the run's: its tuned thresholds, or per image "
                         "the label set of highest expected F1 (samples-F1, Kaggle's metric)")
 

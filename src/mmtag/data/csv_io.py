@@ -126,6 +126,15 @@ class _Grammar:
         return self.row_like.match(line) is not None
 
 
+def csv_columns(path: str | os.PathLike[str]) -> tuple[bool, bool]:
+    """(has a Labels column, has a Caption column) of a CSV file, from its header line."""
+    path = Path(path)
+    with path.open("rb") as f:
+        first = f.readline()
+    header = _split_lines(_decode(first, path))[0][0] if first.strip() else ""
+    return _parse_header(path, header)
+
+
 def read_csv(path: str | os.PathLike[str]) -> list[Record]:
     """Read a COMP5329 Kaggle CSV file exactly.
 

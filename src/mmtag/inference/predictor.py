@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from mmtag.config import TrainConfig
-from mmtag.data.csv_io import Record, read_csv, write_submission
+from mmtag.data.csv_io import Record, csv_columns, read_csv, write_submission
 from mmtag.data.dataset import Split, TaggingDataset, make_loader
 from mmtag.data.images import ImageReadError, build_transform, load_image
 from mmtag.data.labels import LabelMap
@@ -125,6 +126,23 @@ class Predictor:
         return decide(probs, self.thresholds, at_least_one=alo,
                       rule=decision or self.config.decision)
 
+    def describe_decision(self, threshold: float | None = None,
+                          decision: str | None = None) -> str:
+        """In words, the rule `decide` applies with these arguments."""
+        if threshold is not None:
+            return f"one global threshold {threshold:.3f}"
+        if (decision or self.config.decision) == "expected_f1":
+            return "expected-F1 label sets"
+        return "the run's tuned thresholds"
+
+    def check_captions(self, csv_path: Path) -> None:
+        """A model that reads captions refuses a CSV without them, rather than predicting every
+        row from an empty caption."""
+        if self.model.text_encoder is not None and not csv_columns(csv_path)[1]:
+            raise ValueError(f"{csv_path} has no Caption column, and this model reads captions: "
+                             f"give the CSV with the captions (ImageID,Caption or "
+                             f"ImageID,Labels,Caption)")
+
     def predict(self, pairs: Sequence[tuple[Image.Image | str | Path, str]],
                 threshold: float | None = None) -> list[tuple[int, ...]]:
         """Label ids for (image or image path, caption) pairs."""
@@ -167,10 +185,16 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
                  threshold: float | None = None, decision: str | None = None,
                  batch_size: int = 64, device: str = "auto", num_workers: int = 0,
                  tta_sizes: Sequence[int] | None = None) -> dict:
-    """Metrics of a run on its saved validation split (`data_dir`) or on a labelled CSV."""
+    """Metrics of a run on its saved validation split (`data_dir`) or on a labelled CSV.
+
+    On the validation split with the run's tuned thresholds, the thresholds were chosen on these
+    very rows: the figures are then marked optimistic (`tuned_on_these_rows`), with the run's
+    cross-fit estimate from summary.json beside them (`crossfit`)."""
     pred = Predictor.load(run, device, tta_sizes)
+    validation_of = None
     if csv_path is not None:
         csv_path = Path(csv_path)
+        pred.check_captions(csv_path)
         rows = read_csv(csv_path)
         image_dir = Path(images) if images else csv_path.parent / "data"
         source = str(csv_path)
@@ -185,6 +209,7 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
         if pred.config.data.limit_val:
             rows = rows[: pred.config.data.limit_val]
         image_dir = Path(data_dir) / "data"
+        validation_of = run_dir
     else:
         raise ValueError("evaluate needs --data DIR (the run's validation split) or --csv FILE")
     ds = pred.dataset(rows, image_dir, source)
@@ -197,10 +222,19 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     m["image_sizes"] = pred.image_sizes
     m["thresholds"] = (f"global {threshold:.3f}" if threshold is not None
                        else [round(float(t), 4) for t in pred.thresholds])
+    m["decision"] = pred.describe_decision(threshold, decision)
     rule = decision or pred.config.decision
-    m["decision"] = (f"global threshold {threshold:.3f}" if threshold is not None
-                     else "expected-F1 label sets" if rule == "expected_f1"
-                     else "the run's tuned thresholds")
+    m["tuned_on_these_rows"] = bool(validation_of is not None and threshold is None
+                                    and rule == "threshold")
+    if validation_of is not None:
+        m["source"] = f"the run's validation split of {source}"
+        summary_path = validation_of / "summary.json"
+        if threshold is None and summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            for key in ("val_crossfit", "val_crossfit_other_rule"):
+                c = summary.get(key) or {}
+                if c.get("decision", summary.get("decision")) == rule and "micro_f1" in c:
+                    m["crossfit"] = {k: c[k] for k in ("micro_f1", "samples_f1")}
     return m
 
 
@@ -212,9 +246,15 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
     """Write the Kaggle submission for every row of `csv_path`, in order."""
     pred = Predictor.load(run, device, tta_sizes)
     csv_path, images = Path(csv_path), Path(images)
+    pred.check_captions(csv_path)
     rows = read_csv(csv_path)
     bad = find_missing_images(rows, images, str(csv_path)) if pred.model.image_encoder else {}
     msgs = list(bad.values())
+    if bad and caption_only_missing and pred.model.text_encoder is None:
+        raise ImageReadError(
+            f"{len(bad)} image(s) missing or unreadable (first: {msgs[0]}), and this model reads "
+            f"no caption, so --caption-only-missing cannot predict them: every such row would get "
+            f"one and the same prediction. Fix the images, or leave those rows out of the CSV.")
     if bad and not caption_only_missing:
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise ImageReadError(
@@ -252,4 +292,5 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
             for r, p in zip(rows, probs, strict=True):
                 w.writerow([r.image_id, *[f"{x:.5f}" for x in p]])
     return {"rows": len(rows), "out": str(out), "probs": str(probs_out) if probs_out else None,
-            "caption_only": msgs, "caption_only_via": via if msgs else None}
+            "caption_only": msgs, "caption_only_via": via if msgs else None,
+            "decision": pred.describe_decision(threshold, decision)}

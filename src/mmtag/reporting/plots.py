@@ -25,7 +25,8 @@ def plot_curves(metrics_csv: Path | str, out_png: Path | str) -> Path:
     m = read_metrics(metrics_csv)
     ep = m["epoch"]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    panels = [("loss", "loss"), ("micro_f1", "micro-F1"), ("samples_f1", "samples-F1 (Kaggle)")]
+    panels = [("loss", "loss"), ("micro_f1", "micro-F1 (threshold 0.5, no TTA)"),
+              ("samples_f1", "samples-F1 (Kaggle; threshold 0.5, no TTA)")]
     for ax, (key, title) in zip(axes, panels, strict=False):
         ax.plot(ep, m[f"train_{key}"], "o-", label="train")
         ax.plot(ep, m[f"val_{key}"], "o-", label="validation")

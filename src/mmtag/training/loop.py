@@ -111,7 +111,8 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, dev
                     step_scheduler=None, channels_last: bool = False, progress: bool = False,
                     aux_weight: float = 0.0, self_distill: float = 0.0, ema=None,
                     desc: str = "train") -> tuple[float, np.ndarray, np.ndarray]:
-    """One pass over `loader`; returns (mean loss, probabilities, targets) of the pass.
+    """One pass over `loader`; returns (mean loss of the final logits against the labels,
+    probabilities, targets) of the pass.
 
     With `self_distill` w > 0 every head's target is (1 - w) * label + w * the model's own final
     probability, detached (the weighted ensemble of the heads when there are auxiliary heads)."""
@@ -152,7 +153,10 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, dev
         if step_scheduler is not None:
             step_scheduler.step()
         n = target.shape[0]
-        total += loss.item() * n
+        # reported: the final prediction's loss against the labels, what `evaluate` reports for
+        # the validation rows (the objective adds the per-modality heads' terms and soft targets)
+        with torch.no_grad():
+            total += loss_fn(logits.detach().float(), target).item() * n
         count += n
         probs.append(torch.sigmoid(logits.detach().float()).cpu())
         targets.append(target.cpu())
@@ -238,6 +242,14 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool) 
         raise FileNotFoundError(f"{csv_path} not found: --data must be a Kaggle-layout folder "
                                 f"(train.csv, data/*.jpg)")
     rows = read_csv(csv_path)
+    unlabelled = [r for r in rows if not r.labels]
+    if unlabelled:
+        where = ", ".join(f"line {r.line} ({r.image_id})" for r in unlabelled[:5])
+        more = f" and {len(unlabelled) - 5} more" if len(unlabelled) > 5 else ""
+        # a sample may truly carry none of the labels, so this is allowed, but never silently
+        log.warning("%s: %d row(s) without labels (%s%s) are used as images that carry none of "
+                    "the labels; if their labels are missing, fix the CSV (mmtag check-data "
+                    "lists them)", csv_path, len(unlabelled), where, more)
     if resume:
         split = Split.load(run_dir / "split.json")
         label_map = LabelMap.from_dict(json.loads((run_dir / "labels.json").read_text()))
@@ -344,17 +356,37 @@ def best_payload(cfg: TrainConfig, model: nn.Module, data: RunData, epoch: int, 
     }
 
 
+# What a run writes before its first epoch ends (no checkpoint yet); a folder holding only
+# these is a run that stopped early, which a fresh `train` may start over.
+_PRE_EPOCH_FILES = {"config.yaml", "split.json", "labels.json", "vocab.json", "metrics.csv"}
+
+
+def _never_checkpointed(run_dir: Path) -> bool:
+    return run_dir.is_dir() and all(p.name in _PRE_EPOCH_FILES for p in run_dir.iterdir())
+
+
 def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: bool = False,
         progress: bool | None = None) -> dict:
     """Train, keep the best and last checkpoints, choose thresholds; returns the summary."""
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     progress = sys.stderr.isatty() if progress is None else progress
+    if not (data_dir / "train.csv").exists():  # before anything is written to the run folder
+        raise FileNotFoundError(f"{data_dir / 'train.csv'} not found: --data must be a "
+                                f"Kaggle-layout folder (train.csv, data/*.jpg)")
     if resume:
         if not (run_dir / "last.pt").exists():
-            raise FileNotFoundError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
+            raise FileNotFoundError(
+                f"cannot resume: {run_dir / 'last.pt'} does not exist"
+                + (" (the run stopped before its first epoch ended): start it again without "
+                   "--resume, with the same --out" if _never_checkpointed(run_dir) else ""))
     elif run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run folder {run_dir} is not empty; choose another --out, or "
-                              f"continue it with --resume {run_dir}")
+        if not _never_checkpointed(run_dir):
+            raise FileExistsError(f"run folder {run_dir} is not empty; choose another --out, or "
+                                  f"continue it with --resume {run_dir}")
+        log.info("%s holds only the files of a run that stopped before its first epoch ended: "
+                 "starting afresh there", run_dir)
+        for leftover in run_dir.iterdir():
+            leftover.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     keep_freed_memory()  # a no-op when the CLI already did it
@@ -502,8 +534,8 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                      "ema": ema.state_dict() if ema is not None else None,
                      "rng": rng_state(), "best_value": best_value, "best_epoch": best_epoch,
                      "bad_epochs": bad_epochs}, run_dir / "last.pt")
-        log.info("epoch %d/%d  train loss %.4f F1 %.4f | val loss %.4f micro-F1 %.4f "
-                 "samples-F1 %.4f | lr %.2g | %.0fs%s", epoch, o.epochs, tr_loss,
+        log.info("epoch %d/%d  train loss %.4f micro-F1 %.4f | val loss %.4f micro-F1 %.4f "
+                 "samples-F1 %.4f (F1 at 0.5, no TTA) | lr %.2g | %.0fs%s", epoch, o.epochs, tr_loss,
                  row["train_micro_f1"], va_loss, row["val_micro_f1"], row["val_samples_f1"], lr,
                  row["seconds"], "  *best*" if improved else "")
 
