@@ -84,7 +84,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     m = evaluate_run(args.run, data_dir=args.data, csv_path=args.csv, images=args.images,
                      threshold=args.threshold, decision=args.decision,
-                     batch_size=args.batch_size, device=args.device, tta_sizes=args.tta_sizes)
+                     batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+                     tta_sizes=args.tta_sizes)
     if args.json:
         print(json.dumps(m))
         return 0
@@ -107,7 +108,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     res = predict_csv(args.run, args.csv, args.images, args.out, probs_out=args.probs,
                       threshold=args.threshold, decision=args.decision,
                       caption_only_missing=args.caption_only_missing,
-                      batch_size=args.batch_size, device=args.device, tta_sizes=args.tta_sizes)
+                      batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+                      tta_sizes=args.tta_sizes)
     print(f"wrote {res['rows']} rows to {res['out']} (decision: {res['decision']})"
           + (f" and probabilities to {res['probs']}" if res["probs"] else ""))
     if res["caption_only"]:
@@ -213,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--images", help="image folder for --csv (default: data/ beside the CSV)")
     _add_decision_args(c)
     c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--workers", type=int, default=0,
+                   help="DataLoader decoding processes (default %(default)s)")
     c.add_argument("--device", default="auto")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     _add_tta_arg(c)
@@ -228,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--caption-only-missing", action="store_true",
                    help="predict rows whose image is missing/corrupt from the caption alone (listed)")
     c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--workers", type=int, default=0,
+                   help="DataLoader decoding processes (default %(default)s: decode in the main "
+                        "process, the fastest on 2 cores)")
     c.add_argument("--device", default="auto")
     _add_tta_arg(c)
     c.set_defaults(func=_cmd_predict)
@@ -239,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n", type=int, default=512, help="rows for the batch measurement")
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--single", type=int, default=30, help="single-sample calls to time")
-    c.add_argument("--workers", type=int, default=1, help="DataLoader decoding processes")
+    c.add_argument("--workers", type=int, default=0,
+                   help="DataLoader decoding processes (default %(default)s, as predict)")
     c.add_argument("--device", default="auto")
     c.add_argument("--json", action="store_true")
     _add_tta_arg(c)

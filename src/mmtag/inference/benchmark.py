@@ -14,7 +14,7 @@ from mmtag.inference.predictor import Predictor
 
 
 def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: int = 512,
-              batch_size: int = 64, single: int = 30, num_workers: int = 1,
+              batch_size: int = 64, single: int = 30, num_workers: int = 0,
               device: str = "auto", tta_sizes: Sequence[int] | None = None) -> dict:
     """Batch throughput (JPEG decoding and preprocessing included) over the first `n` rows
     whose images exist, and single-sample latency (median of `single` calls)."""
