@@ -399,3 +399,18 @@ def test_real_test(comp5329):
         "37203.jpg", (), 'A stop sign that has been modified to read " stop all war"', 7205)
     assert by_id["30690.jpg"].caption == 'A stop sign with a sticker reading "eating animals."'
     assert sum('"' in r.caption for r in records) == 29
+
+
+def test_csv_columns_reads_only_the_header(tmp_path):
+    from mmtag.data.csv_io import csv_columns
+
+    cases = {"ImageID,Labels,Caption\n": (True, True), "\ufeffimageid,caption\r\n": (False, True),
+             "ImageID,Labels\n": (True, False)}
+    for i, (text, want) in enumerate(cases.items()):
+        f = tmp_path / f"{i}.csv"
+        f.write_text(text + "0.jpg,broken row that read_csv would reject\n", encoding="utf-8")
+        assert csv_columns(f) == want
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,label\n")
+    with pytest.raises(CSVFormatError, match="unrecognised header"):
+        csv_columns(bad)
