@@ -414,3 +414,6 @@ def test_csv_columns_reads_only_the_header(tmp_path):
     bad.write_text("id,label\n")
     with pytest.raises(CSVFormatError, match="unrecognised header"):
         csv_columns(bad)
+    bad.write_text("")
+    with pytest.raises(CSVFormatError, match="the file is empty"):
+        csv_columns(bad)

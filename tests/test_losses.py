@@ -175,25 +175,27 @@ def test_pos_weight_from_targets():
                                torch.tensor([2 / 6, 7.0, 10.0]))
 
 
-class _ThreeHeads(torch.nn.Module):
-    """forward_all like Tagger's: fused, image and caption logits and their weighted mean."""
+class _FourHeads(torch.nn.Module):
+    """forward_all like Tagger's with model.pooled_head: fused, image, caption and pooled logits
+    and their weighted mean."""
 
     def __init__(self, c: int = 3) -> None:
         super().__init__()
-        self.w = torch.nn.Parameter(torch.randn(3, 4, c))
+        self.w = torch.nn.Parameter(torch.randn(4, 4, c))
 
     def forward_all(self, x, ids, lengths):
-        fused, image, text = (x @ self.w[i] for i in range(3))
-        return {"fused": fused, "image": image, "text": text,
-                "logits": (fused + image + 0.5 * text) / 2.5}
+        fused, image, text, pooled = (x @ self.w[i] for i in range(4))
+        return {"fused": fused, "image": image, "text": text, "pooled": pooled,
+                "logits": (fused + image + 0.5 * text + 0.5 * pooled) / 3}
 
 
 @pytest.mark.parametrize("w", [0.0, 0.4])
 def test_self_distill_blends_each_heads_target_with_the_detached_ensemble(w):
+    # every head, the pooled one too, learns toward the blended target at its weight
     from mmtag.training.loop import train_one_epoch
 
     torch.manual_seed(0)
-    model = _ThreeHeads()
+    model = _FourHeads()
     x, y = torch.randn(5, 4), (torch.rand(5, 3) > 0.5).float()
     batch = (x, torch.zeros(5, 1, dtype=torch.long), torch.ones(5, dtype=torch.long), y)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -212,7 +214,8 @@ def test_self_distill_blends_each_heads_target_with_the_detached_ensemble(w):
     g = model.w.grad.clone()
     model.zero_grad()
     out = model.forward_all(x, None, None)
-    (bce(out["fused"], soft) + 0.5 * (bce(out["image"], soft) + bce(out["text"], soft))).backward()
+    (bce(out["fused"], soft) + 0.5 * (bce(out["image"], soft) + bce(out["text"], soft)
+                                      + bce(out["pooled"], soft))).backward()
     assert torch.allclose(g, model.w.grad, atol=1e-6)
 
 

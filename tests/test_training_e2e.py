@@ -188,16 +188,27 @@ def test_a_run_stopped_before_its_first_epoch_starts_over(demo, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         loop.fit(load_config(None, [*TINY, "optim.epochs=1"]), demo, out, progress=False)
     assert (out / "config.yaml").exists() and not (out / "last.pt").exists()
-    with pytest.raises(FileNotFoundError, match="start it again without --resume"):
+    hint = f"--config {out / 'config.yaml'} --out {out} --restart"
+    with pytest.raises(FileNotFoundError, match="start it over") as e:
         loop.fit(load_config(out / "config.yaml"), demo, out, resume=True, progress=False)
+    assert hint in str(e.value)
     monkeypatch.undo()
-    summary = loop.fit(load_config(None, [*TINY, "optim.epochs=1"]), demo, out, progress=False)
+    # without --restart the folder is left alone (it may be a run still in its first epoch)
+    with pytest.raises(FileExistsError, match="holds no checkpoint") as e:
+        loop.fit(load_config(out / "config.yaml"), demo, out, progress=False)
+    assert hint in str(e.value) and (out / "config.yaml").exists()
+    summary = loop.fit(load_config(out / "config.yaml"), demo, out, restart=True, progress=False)
     assert summary["best_epoch"] == 1 and len(_rows(out / "metrics.csv")) == 1
-    # a folder with anything else in it is still refused
+    # a folder with a checkpoint, or with anything else in it, is still refused
+    with pytest.raises(FileExistsError, match="--resume"):
+        loop.fit(load_config(out / "config.yaml"), demo, out, restart=True, progress=False)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        loop.fit(load_config(None, TINY), demo, tmp_path / "other", progress=False)
+        loop.fit(load_config(None, TINY), demo, tmp_path / "other", restart=True, progress=False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        loop.fit(load_config(None, TINY), demo, tmp_path / "afile", progress=False)
 
 
 def test_evaluate_on_the_validation_split_marks_tuned_thresholds_optimistic(run, demo):
@@ -210,6 +221,8 @@ def test_evaluate_on_the_validation_split_marks_tuned_thresholds_optimistic(run,
     assert not other["tuned_on_these_rows"]
     assert other["crossfit"]["samples_f1"] == summary["val_crossfit_other_rule"]["samples_f1"]
     assert not evaluate_run(run, data_dir=demo, threshold=0.5)["tuned_on_these_rows"]
+    # at other TTA sizes the run's estimate does not apply: none is given
+    assert "crossfit" not in evaluate_run(run, data_dir=demo, tta_sizes=[40])
 
 
 def test_a_csv_without_captions_is_refused_by_a_model_that_reads_them(run, demo, tmp_path):

@@ -15,9 +15,11 @@ from mmtag.config import TrainConfig, apply_overrides, load_config, recipe_path
 
 def train(data_dir: Path | str, out: Path | str, config: TrainConfig | str | Path | None = None,
           overrides: list[str] | tuple[str, ...] = (), *, resume: bool = False,
-          progress: bool | None = None) -> dict:
+          restart: bool = False, progress: bool | None = None) -> dict:
     """Train on a Kaggle-layout folder into the run folder `out`; returns the summary dict.
-    `config` is a TrainConfig, a YAML path or a built-in recipe name ('cpu', 'report', ...)."""
+    `config` is a TrainConfig, a YAML path or a built-in recipe name ('cpu', 'report', ...);
+    `resume` continues an interrupted run, `restart` starts over one that stopped before its
+    first epoch ended."""
     from mmtag.training.loop import fit
 
     if resume:
@@ -29,7 +31,7 @@ def train(data_dir: Path | str, out: Path | str, config: TrainConfig | str | Pat
         cfg = TrainConfig.from_dict(apply_overrides(config.to_dict(), overrides))
     else:
         cfg = load_config(recipe_path(config) if config else None, overrides)
-    return fit(cfg, data_dir, out, resume=resume, progress=progress)
+    return fit(cfg, data_dir, out, resume=resume, restart=restart, progress=progress)
 
 
 def load_run(run: Path | str, device: str = "auto", tta_sizes: list[int] | None = None):

@@ -40,6 +40,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mmtag.training.loop import fit
 
     if args.resume:
+        if args.restart:
+            raise ValueError("--resume continues a run, --restart starts one over: choose one")
         if args.config or args.set:
             raise ValueError("--resume continues a run with its saved config.yaml; drop --config/--set")
         run = Path(args.resume)
@@ -52,7 +54,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("train needs --data DIR and --out RUN (or --resume RUN --data DIR)")
         cfg = load_config(recipe_path(args.config) if args.config else None, args.set or ())
         run = Path(args.out)
-        summary = fit(cfg, args.data, run)
+        summary = fit(cfg, args.data, run, restart=args.restart)
     _print_summary(summary, run)
     return 0
 
@@ -206,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
     c.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+    c.add_argument("--restart", action="store_true",
+                   help="--out holds a run that stopped before its first epoch ended (no "
+                        "checkpoint to resume): delete its files and start over")
     c.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("evaluate", help="metrics of a run on its validation split or a labelled CSV")

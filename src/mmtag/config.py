@@ -90,7 +90,8 @@ class ModelConfig:
                                                # is stride 16, 28x28 at 448 px); 0 = off
     aux_heads: str = "none"                    # per-modality heads: 'none', 'loss' (extra loss
                                                # terms), 'ensemble' (also averaged at prediction)
-    aux_weight: float = 0.5                    # weight of each per-modality loss term
+    aux_weight: float = 0.5                    # weight of each per-modality (and pooled) head's
+                                               # loss term; > 0
     head_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
                                                # 'ensemble': weights of the fused, image and
                                                # caption heads' logits in the prediction (and of
@@ -123,6 +124,15 @@ class ModelConfig:
                "model.query_layers >= 1")
         _check(0.0 <= self.query_dropout < 1.0, "model.query_dropout must be in [0, 1)")
         _check(0.0 <= self.query_memory_drop < 1.0, "model.query_memory_drop must be in [0, 1)")
+        _check(not self.pooled_head or (self.aux_heads == "ensemble" and self.fusion == "query"
+                                        and self.image_encoder != "none"
+                                        and self.text_encoder != "none"),
+               "model.pooled_head adds a fourth head to the per-modality ones of label-query "
+               "fusion: set model.aux_heads=ensemble and model.fusion=query, with both an image "
+               "and a caption encoder (with concat fusion the fused head already is that MLP)")
+        _check(self.aux_heads == "none" or self.aux_weight > 0,
+               "model.aux_weight must be > 0 with model.aux_heads (the per-modality heads, and the "
+               "pooled head, learn only through their loss terms of that weight)")
         n_heads = 4 if self.pooled_head else 3
         _check(len(self.head_weights) == n_heads and all(w >= 0 for w in self.head_weights)
                and sum(self.head_weights) > 0,
@@ -130,10 +140,6 @@ class ModelConfig:
                f"{', pooled' if self.pooled_head else ''} heads) with a positive sum, got "
                f"{self.head_weights}" + ("" if self.pooled_head else
                                          "; a fourth weight needs model.pooled_head=true"))
-        _check(not self.pooled_head or (self.aux_heads == "ensemble" and self.fusion == "query"),
-               "model.pooled_head adds a fourth head to the per-modality ones of label-query "
-               "fusion: set model.aux_heads=ensemble and model.fusion=query (with concat fusion "
-               "the fused head already is that MLP)")
         _check(self.query_extra_stage >= 0, "model.query_extra_stage must be 0 (off) or a stage "
                "index k >= 1 (the queries also read the output of image stages [0, k))")
         _check(_is_freeze(self.freeze_image) or _is_block_freeze(self.freeze_image),

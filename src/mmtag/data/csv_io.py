@@ -131,8 +131,11 @@ def csv_columns(path: str | os.PathLike[str]) -> tuple[bool, bool]:
     path = Path(path)
     with path.open("rb") as f:
         first = f.readline()
-    header = _split_lines(_decode(first, path))[0][0] if first.strip() else ""
-    return _parse_header(path, header)
+    if not first.strip():
+        raise CSVFormatError(path, 1, "", "the file is empty" if not first else
+                             "the first line is blank",
+                             f"Expected a header ({_EXPECTED_HEADERS}) on the first line")
+    return _parse_header(path, _split_lines(_decode(first, path))[0][0])
 
 
 def read_csv(path: str | os.PathLike[str]) -> list[Record]:

@@ -229,8 +229,11 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     if validation_of is not None:
         m["source"] = f"the run's validation split of {source}"
         summary_path = validation_of / "summary.json"
-        if threshold is None and summary_path.exists():
-            summary = json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        # the run's estimate holds for the sizes it was measured at, not for other TTA sizes
+        same_sizes = (pred.model.image_encoder is None
+                      or summary.get("tta", {}).get("sizes") == list(pred.image_sizes))
+        if threshold is None and same_sizes:
             for key in ("val_crossfit", "val_crossfit_other_rule"):
                 c = summary.get(key) or {}
                 if c.get("decision", summary.get("decision")) == rule and "micro_f1" in c:

@@ -366,25 +366,38 @@ def _never_checkpointed(run_dir: Path) -> bool:
 
 
 def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: bool = False,
-        progress: bool | None = None) -> dict:
-    """Train, keep the best and last checkpoints, choose thresholds; returns the summary."""
+        restart: bool = False, progress: bool | None = None) -> dict:
+    """Train, keep the best and last checkpoints, choose thresholds; returns the summary.
+
+    `restart`: `run_dir` may hold the files of a run that stopped before its first epoch ended
+    (no checkpoint: nothing to resume); they are deleted and the run starts over."""
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     progress = sys.stderr.isatty() if progress is None else progress
     if not (data_dir / "train.csv").exists():  # before anything is written to the run folder
         raise FileNotFoundError(f"{data_dir / 'train.csv'} not found: --data must be a "
                                 f"Kaggle-layout folder (train.csv, data/*.jpg)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"run folder {run_dir} is a file; choose another --out")
+    restart_hint = (f"if no run is using it, start it over with its own settings: mmtag train "
+                    f"--data {data_dir} --config {run_dir / 'config.yaml'} --out {run_dir} "
+                    f"--restart")
     if resume:
         if not (run_dir / "last.pt").exists():
             raise FileNotFoundError(
                 f"cannot resume: {run_dir / 'last.pt'} does not exist"
-                + (" (the run stopped before its first epoch ended): start it again without "
-                   "--resume, with the same --out" if _never_checkpointed(run_dir) else ""))
+                + (f" (the run stopped before its first epoch ended, or is still in it); "
+                   f"{restart_hint}" if _never_checkpointed(run_dir) else ""))
     elif run_dir.exists() and any(run_dir.iterdir()):
-        if not _never_checkpointed(run_dir):
-            raise FileExistsError(f"run folder {run_dir} is not empty; choose another --out, or "
-                                  f"continue it with --resume {run_dir}")
-        log.info("%s holds only the files of a run that stopped before its first epoch ended: "
-                 "starting afresh there", run_dir)
+        if not (restart and _never_checkpointed(run_dir)):
+            raise FileExistsError(
+                f"run folder {run_dir} is not empty; choose another --out"
+                + (f", or continue it with --resume {run_dir}" if (run_dir / "last.pt").exists()
+                   else f". It holds no checkpoint (a run that stopped before its first epoch "
+                        f"ended, or one still in it): {restart_hint}"
+                   if _never_checkpointed(run_dir) else ""))
+        log.warning("%s: deleting the files of a run that stopped before its first epoch ended "
+                    "(%s) and starting over", run_dir, ", ".join(sorted(p.name for p in
+                                                                        run_dir.iterdir())))
         for leftover in run_dir.iterdir():
             leftover.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
