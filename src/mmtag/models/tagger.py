@@ -13,8 +13,6 @@ never inside the model, so the losses get logits.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -152,10 +150,9 @@ class LabelQueryDecoder(nn.Module):
     tokens: [(B, N_i, D_i)] per modality with masks [(B, N_i) bool, True = real] -> (B, C)."""
 
     def __init__(self, in_dims: list[int], num_classes: int, *, dim: int, layers: int,
-                 heads: int, dropout: float, memory_drop: float = 0.0, last_drop: float = 0.0):
+                 heads: int, dropout: float, memory_drop: float = 0.0):
         super().__init__()
         self.memory_drop = memory_drop
-        self.last_drop = last_drop
         self.proj = nn.ModuleList(nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim))
                                   for d in in_dims)
         self.modality = nn.Parameter(torch.zeros(len(in_dims), dim))  # which modality a token is
@@ -169,10 +166,6 @@ class LabelQueryDecoder(nn.Module):
         memory = torch.cat([proj(t) + self.modality[i]
                             for i, (proj, t) in enumerate(zip(self.proj, tokens, strict=True))],
                            dim=1)
-        if self.training and self.last_drop > 0 and len(masks) > 1:
-            # hide the last modality (the caption) from some samples' queries entirely
-            gone = torch.rand(masks[-1].shape[0], 1, device=masks[-1].device) < self.last_drop
-            masks = [*masks[:-1], masks[-1] & ~gone]
         pad = ~torch.cat(masks, dim=1)  # (B, N) True = padding, ignored by the attention
         if self.training and self.memory_drop > 0:
             pad = hide_tokens(pad, self.memory_drop)
@@ -275,9 +268,7 @@ class Tagger(nn.Module):
                                           num_classes,
                                           dim=query_dim, layers=query_layers, heads=query_heads,
                                           dropout=query_dropout,
-                                          memory_drop=query_memory_drop,
-                                          last_drop=float(os.environ.get("MMTAG_CAPDROP", 0))
-                                          if txt_dim else 0.0)
+                                          memory_drop=query_memory_drop)
         else:
             self.head = nn.Sequential(
                 nn.BatchNorm1d(fused_dim),
