@@ -81,7 +81,7 @@ def _print_summary(summary: dict, run: Path) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from mmtag.inference.predictor import evaluate_run
+    from mmtag.inference.predictor import evaluate_run, optimism_note
     from mmtag.training.metrics import format_per_class_table
 
     m = evaluate_run(args.run, data_dir=args.data, csv_path=args.csv, images=args.images,
@@ -95,11 +95,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
           f"{'+'.join(map(str, m['image_sizes']))} px")
     for k in ("precision", "recall", "micro_f1", "macro_f1", "samples_f1"):
         print(f"  {k:<11} {m[k]:.4f}")
-    if m["tuned_on_these_rows"]:
-        print("  (the thresholds were tuned on these rows, so these figures are optimistic"
-              + (f"; the run's cross-fit estimate for unseen rows: micro-F1 "
-                 f"{m['crossfit']['micro_f1']:.4f}, samples-F1 {m['crossfit']['samples_f1']:.4f}"
-                 if "crossfit" in m else "") + ")")
+    if note := optimism_note(m):
+        print(f"  {note}")
     print(format_per_class_table(m))
     return 0
 

@@ -14,7 +14,7 @@ def run_demo(out: Path, n: int = 2000, seed: int = 0, epochs: int | None = None,
              progress: bool | None = None) -> dict:
     """Generate data (once), train the demo recipe, evaluate, predict the test rows and score
     the predictions against the demo's hidden test labels. Returns the figures."""
-    from mmtag.inference.predictor import evaluate_run, predict_csv
+    from mmtag.inference.predictor import evaluate_run, optimism_note, predict_csv
     from mmtag.training.loop import fit
     from mmtag.training.metrics import multilabel_metrics
 
@@ -42,11 +42,9 @@ def run_demo(out: Path, n: int = 2000, seed: int = 0, epochs: int | None = None,
 
     test = multilabel_metrics(np.array(onehot(truth[i] for i in ids)),
                               np.array(onehot(pred[i] for i in ids)))
-    tuned = (" (thresholds tuned on these rows; cross-fit estimate: micro-F1 "
-             f"{val['crossfit']['micro_f1']:.4f}, samples-F1 {val['crossfit']['samples_f1']:.4f})"
-             if val["tuned_on_these_rows"] and "crossfit" in val else "")
+    note = optimism_note(val)
     print(f"\nvalidation ({val['rows']} rows): micro-F1 {val['micro_f1']:.4f}, "
-          f"samples-F1 {val['samples_f1']:.4f}{tuned}")
+          f"samples-F1 {val['samples_f1']:.4f}" + (f" {note}" if note else ""))
     print(f"demo test set ({len(ids)} rows, labels hidden from training): micro-F1 "
           f"{test['micro_f1']:.4f}, samples-F1 {test['samples_f1']:.4f}")
     print(f"\ndata:        {data_dir}\nrun:         {run_dir}  (best.pt, metrics.csv, curves.png, "

@@ -241,6 +241,17 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     return m
 
 
+def optimism_note(m: dict) -> str:
+    """For `evaluate_run`'s result: a note that its figures come from thresholds tuned on the
+    scored rows, with the run's cross-fit estimate; "" when they do not."""
+    if not m["tuned_on_these_rows"]:
+        return ""
+    c = m.get("crossfit")
+    return ("(the thresholds were tuned on these rows, so these figures are optimistic"
+            + (f"; the run's cross-fit estimate for unseen rows: micro-F1 {c['micro_f1']:.4f}, "
+               f"samples-F1 {c['samples_f1']:.4f}" if c else "") + ")")
+
+
 def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
                 out: Path | str = "Predicted_labels.csv", *, probs_out: Path | str | None = None,
                 threshold: float | None = None, decision: str | None = None,

@@ -416,7 +416,10 @@ class Tagger(nn.Module):
             raise ValueError("this model has no caption head of its own (it was trained with "
                              "model.aux_heads=none or without a caption encoder), so it cannot "
                              "predict from the caption alone")
-        txt, tokens = self._embed_caption(ids, lengths)
+        return self._caption_head(*self._embed_caption(ids, lengths))
+
+    def _caption_head(self, txt: torch.Tensor, tokens) -> torch.Tensor:
+        """(B, C) logits of the caption's own head from `_embed_caption`'s outputs."""
         return self.text_head(*tokens) if self.text_head_kind == "attention" else self.text_head(txt)
 
     def forward_all(self, images: torch.Tensor | None, ids: torch.Tensor | None,
@@ -435,8 +438,7 @@ class Tagger(nn.Module):
         if self.aux_heads != "none":
             img_in = fmap if self.image_head_kind == "attention" else parts[0]
             out["image"] = self.image_head(img_in)  # (B, C)
-            out["text"] = (self.text_head(*tokens) if self.text_head_kind == "attention"
-                           else self.text_head(parts[-1]))  # (B, C)
+            out["text"] = self._caption_head(parts[-1], tokens)  # (B, C)
         if self.pooled_mlp is not None:
             out["pooled"] = self.pooled_mlp(torch.cat(parts, dim=1))  # (B, C)
         if self.aux_heads == "ensemble":

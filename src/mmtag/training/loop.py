@@ -237,10 +237,7 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool) 
     training rows only, and save them in the run folder."""
     from mmtag.models.build import caption_encoder_from_dict
 
-    csv_path = data_dir / "train.csv"
-    if not csv_path.exists():
-        raise FileNotFoundError(f"{csv_path} not found: --data must be a Kaggle-layout folder "
-                                f"(train.csv, data/*.jpg)")
+    csv_path = _train_csv(data_dir)
     rows = read_csv(csv_path)
     unlabelled = [r for r in rows if not r.labels]
     if unlabelled:
@@ -356,8 +353,17 @@ def best_payload(cfg: TrainConfig, model: nn.Module, data: RunData, epoch: int, 
     }
 
 
+def _train_csv(data_dir: Path) -> Path:
+    """data_dir/train.csv, or an error saying what --data must be."""
+    csv_path = data_dir / "train.csv"
+    if not csv_path.exists():
+        raise FileNotFoundError(f"{csv_path} not found: --data must be a Kaggle-layout folder "
+                                f"(train.csv, data/*.jpg)")
+    return csv_path
+
+
 # What a run writes before its first epoch ends (no checkpoint yet); a folder holding only
-# these is a run that stopped early, which a fresh `train` may start over.
+# these is a run that stopped early, which `fit(..., restart=True)` starts over.
 _PRE_EPOCH_FILES = {"config.yaml", "split.json", "labels.json", "vocab.json", "metrics.csv"}
 
 
@@ -373,9 +379,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     (no checkpoint: nothing to resume); they are deleted and the run starts over."""
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     progress = sys.stderr.isatty() if progress is None else progress
-    if not (data_dir / "train.csv").exists():  # before anything is written to the run folder
-        raise FileNotFoundError(f"{data_dir / 'train.csv'} not found: --data must be a "
-                                f"Kaggle-layout folder (train.csv, data/*.jpg)")
+    _train_csv(data_dir)  # before anything is written to the run folder
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"run folder {run_dir} is a file; choose another --out")
     restart_hint = (f"if no run is using it, start it over with its own settings: mmtag train "
