@@ -56,6 +56,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("model.pooled_head=true model.aux_heads=ensemble model.fusion=query model.text_encoder=none "
      "model.head_weights=[1,1,1,1]", "with both an image and a caption encoder"),
     ("model.aux_heads=ensemble model.aux_weight=0", "model.aux_weight must be > 0"),
+    ("model.attn_temperatures=[1,0]", "model.attn_temperatures must be > 0"),
 ])
 def test_bad_keys_and_values_say_what_is_valid(override, message):
     with pytest.raises(ConfigError, match=message):

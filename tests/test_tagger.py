@@ -89,6 +89,20 @@ def test_class_attention_head_pools_mean_plus_attention():
     torch.testing.assert_close(head(fmap), s.mean(2) + s.amax(2))
 
 
+def test_class_attention_head_averages_the_attention_terms_of_several_temperatures():
+    torch.manual_seed(0)
+    head = ClassAttentionHead(6, 3, lam=0.5, temperature=(1.0, 1e4), dropout=0.0).eval()
+    fmap = torch.randn(2, 6, 4, 4)
+    s = head.score(head.norm(fmap)).flatten(2)
+    soft = (torch.softmax(s, dim=2) * s).sum(2)
+    torch.testing.assert_close(head(fmap), s.mean(2) + 0.5 * (soft + s.amax(2)) / 2)
+    single = ClassAttentionHead(6, 3, lam=0.5, temperature=1.0, dropout=0.0).eval()
+    single.load_state_dict(head.state_dict())
+    assert not torch.allclose(head(fmap), single(fmap))  # the max term changes the logits
+    with pytest.raises(ValueError, match="temperatures must be > 0"):
+        ClassAttentionHead(6, 3, lam=0.5, temperature=(1.0, 0.0), dropout=0.0)
+
+
 def test_class_attention_head_keeps_a_small_object_that_averaging_dilutes():
     head = ClassAttentionHead(1, 1, lam=1.0, temperature=5.0, dropout=0.0).eval()
     with torch.no_grad():

@@ -107,6 +107,10 @@ class ModelConfig:
                                                # or 'avgmax' (average and max, concatenated)
     attn_lambda: float = 0.2                   # attention head: weight of the attention term
     attn_temperature: float = 1.0              # attention head: softmax temperature (large = max)
+    attn_temperatures: list[float] = field(default_factory=list)
+                                               # attention image head: several temperatures whose
+                                               # attention terms are averaged (e.g. [1, 99]);
+                                               # empty: attn_temperature alone
     dropout: float = 0.3
     max_size_mb: float = 100.0                 # saved inference model size limit
     fp16_storage: bool = False                 # store the inference model in fp16 (half the size)
@@ -133,6 +137,8 @@ class ModelConfig:
         _check(self.aux_heads == "none" or self.aux_weight > 0,
                "model.aux_weight must be > 0 with model.aux_heads (the per-modality heads, and the "
                "pooled head, learn only through their loss terms of that weight)")
+        _check(all(t > 0 for t in self.attn_temperatures + [self.attn_temperature]),
+               "model.attn_temperature and model.attn_temperatures must be > 0")
         n_heads = 4 if self.pooled_head else 3
         _check(len(self.head_weights) == n_heads and all(w >= 0 for w in self.head_weights)
                and sum(self.head_weights) > 0,

@@ -88,7 +88,7 @@ def build_tagger(cfg: ModelConfig, num_classes: int, caption_enc, *, load_pretra
                   aux_heads=cfg.aux_heads, image_head=cfg.image_head, text_head=cfg.text_head,
                   image_pool=cfg.image_pool,
                   attn_lambda=cfg.attn_lambda,
-                  attn_temperature=cfg.attn_temperature,
+                  attn_temperature=(tuple(cfg.attn_temperatures) or cfg.attn_temperature),
                   query_dim=cfg.query_dim, query_layers=cfg.query_layers,
                   query_heads=cfg.query_heads, query_dropout=cfg.query_dropout,
                   query_pre_head=cfg.query_pre_head, query_memory_drop=cfg.query_memory_drop,

@@ -39,10 +39,11 @@ class ClassAttentionHead(nn.Module):
     sum in which positions where that class scores high count more (softmax over positions at
     temperature `temperature`; very large = max pooling). Small objects fill a few cells of the map
     and vanish in a global average; the attention term keeps them (class-specific residual
-    attention, Zhu & Wu, ICCV 2021)."""
+    attention, Zhu & Wu, ICCV 2021). Several temperatures (a tuple) average their attention terms,
+    like the paper's multi-head variant with one shared scoring conv."""
 
-    def __init__(self, in_dim: int, num_classes: int, *, lam: float, temperature: float,
-                 dropout: float):
+    def __init__(self, in_dim: int, num_classes: int, *, lam: float,
+                 temperature: float | tuple[float, ...], dropout: float):
         super().__init__()
         self.norm = nn.BatchNorm2d(in_dim)
         # whole channels, as dropout on the pooled vector would: element-wise dropout of the map
@@ -51,13 +52,21 @@ class ClassAttentionHead(nn.Module):
         self.score = nn.Conv2d(in_dim, num_classes, kernel_size=1)
         self.lam = lam
         self.temperature = temperature
+        if not self.temperatures or min(self.temperatures) <= 0:
+            raise ValueError(f"attention temperatures must be > 0, got {temperature}")
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        t = self.temperature
+        return tuple(float(v) for v in t) if isinstance(t, (tuple, list)) else (float(t),)
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         # float32 from here: fp16 overflows at high temperatures, and CPU autocast would run the
         # softmax in bf16
         s = self.score(self.drop(self.norm(fmap))).flatten(2).float()  # (B, C, H*W)
-        attn = torch.softmax(s * self.temperature, dim=2)  # (B, C, H*W)
-        return s.mean(dim=2) + self.lam * (attn * s).sum(dim=2)  # (B, C)
+        read = sum((torch.softmax(s * t, dim=2) * s).sum(dim=2)  # (B, C) per temperature
+                   for t in self.temperatures) / len(self.temperatures)
+        return s.mean(dim=2) + self.lam * read  # (B, C)
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}, temperature={self.temperature}"
@@ -206,7 +215,8 @@ class Tagger(nn.Module):
     def __init__(self, image_encoder: nn.Module | None, text_encoder: nn.Module | None,
                  num_classes: int, hidden: int = 512, dropout: float = 0.3, fusion: str = "concat",
                  aux_heads: str = "none", image_head: str = "linear", text_head: str = "linear",
-                 image_pool: str = "avg", attn_lambda: float = 0.2, attn_temperature: float = 1.0,
+                 image_pool: str = "avg", attn_lambda: float = 0.2,
+                 attn_temperature: float | tuple[float, ...] = 1.0,
                  query_dim: int = 256, query_layers: int = 1, query_heads: int = 8,
                  query_dropout: float = 0.1, query_pre_head: bool = False,
                  query_memory_drop: float = 0.0, query_extra_stage: int = 0,
@@ -441,6 +451,8 @@ class Tagger(nn.Module):
             out["text"] = self._caption_head(parts[-1], tokens)  # (B, C)
         if self.pooled_mlp is not None:
             out["pooled"] = self.pooled_mlp(torch.cat(parts, dim=1))  # (B, C)
+        if self.image_encoder is not None:
+            out["image_vec"] = parts[0]  # EXPERIMENT (MMTAG_WORDAUX): the pooled image vector
         if self.aux_heads == "ensemble":
             names = ("fused", "image", "text", "pooled")[:len(self.head_weights)]
             out["logits"] = (sum(w * out[k] for w, k in zip(self.head_weights, names, strict=True))
