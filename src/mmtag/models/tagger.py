@@ -451,8 +451,6 @@ class Tagger(nn.Module):
             out["text"] = self._caption_head(parts[-1], tokens)  # (B, C)
         if self.pooled_mlp is not None:
             out["pooled"] = self.pooled_mlp(torch.cat(parts, dim=1))  # (B, C)
-        if self.image_encoder is not None:
-            out["image_vec"] = parts[0]  # EXPERIMENT (MMTAG_WORDAUX): the pooled image vector
         if self.aux_heads == "ensemble":
             names = ("fused", "image", "text", "pooled")[:len(self.head_weights)]
             out["logits"] = (sum(w * out[k] for w, k in zip(self.head_weights, names, strict=True))

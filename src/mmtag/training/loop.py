@@ -16,7 +16,6 @@ import csv
 import json
 import logging
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -111,7 +110,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, dev
                     *, dtype: torch.dtype | None = None, scaler=None, grad_clip: float = 0.0,
                     step_scheduler=None, channels_last: bool = False, progress: bool = False,
                     aux_weight: float = 0.0, self_distill: float = 0.0, ema=None,
-                    desc: str = "train", word_head=None, word_weight: float = 0.0) -> tuple[float, np.ndarray, np.ndarray]:
+                    desc: str = "train") -> tuple[float, np.ndarray, np.ndarray]:
     """One pass over `loader`; returns (mean loss of the final logits against the labels,
     probabilities, targets) of the pass.
 
@@ -127,9 +126,6 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, dev
         with autocast(device, dtype):
             out = model.forward_all(images, ids, lengths)
         logits = out["logits"]
-        words = None
-        if word_head is not None:  # EXPERIMENT: caption words as extra image targets
-            target, words = target[:, :logits.shape[1]], target[:, logits.shape[1]:]
         soft = target
         if self_distill > 0:
             soft = (1 - self_distill) * target + self_distill * torch.sigmoid(logits.detach().float())
@@ -137,9 +133,6 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, dev
         if aux_weight > 0 and "image" in out:
             loss = loss + aux_weight * sum(loss_fn(out[k].float(), soft)
                                            for k in ("image", "text", "pooled") if k in out)
-        if words is not None:
-            loss = loss + word_weight * nn.functional.binary_cross_entropy_with_logits(
-                word_head(out["image_vec"].float()), words)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(f"the loss became {loss.item()} at {desc} step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -483,23 +476,6 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                          gamma=cfg.loss.gamma, gamma_neg=cfg.loss.gamma_neg,
                          gamma_pos=cfg.loss.gamma_pos, clip=cfg.loss.clip)
     optimizer = _make_optimizer(cfg, model)
-    word_head, word_weight = None, 0.0
-    if os.environ.get("MMTAG_WORDAUX") and model.image_encoder is not None and stage > 0:
-        # EXPERIMENT: the image's pooled vector also predicts the training caption's N most
-        # common words (lemmas, stopwords dropped), a loss term of weight w: MMTAG_WORDAUX=N,w
-        from collections import Counter
-
-        from mmtag.data.text import caption_tokens
-        n_words, word_weight = os.environ["MMTAG_WORDAUX"].split(",")
-        n_words, word_weight = int(n_words), float(word_weight)
-        toks = [set(caption_tokens(r.caption)) for r in data.train_rows]
-        vocab = [w for w, _ in Counter(w for t in toks for w in t).most_common(n_words)]
-        wt = torch.tensor([[w in t for w in vocab] for t in toks], dtype=torch.float32)
-        train_ds.targets = torch.cat([train_ds.targets, wt], dim=1)
-        word_head = nn.Linear(model.image_encoder.out_dim, len(vocab)).to(device)
-        optimizer.add_param_group({"params": list(word_head.parameters()), "lr": cfg.optim.lr})
-        log.info("EXPERIMENT word targets: %d words (%s ...), weight %g", len(vocab),
-                 " ".join(vocab[:20]), word_weight)
     scheduler = _make_scheduler(cfg, optimizer, steps)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
@@ -545,8 +521,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                 grad_clip=o.grad_clip, step_scheduler=scheduler if o.scheduler == "cosine" else None,
                 channels_last=channels_last, progress=progress, desc=f"epoch {epoch}/{o.epochs}",
                 aux_weight=cfg.model.aux_weight if cfg.model.aux_heads != "none" else 0.0,
-                self_distill=cfg.loss.self_distill, ema=ema, word_head=word_head,
-                word_weight=word_weight)
+                self_distill=cfg.loss.self_distill, ema=ema)
         except TrainingDivergedError as e:
             kept = "last.pt" if (run_dir / "last.pt").exists() else "no checkpoint yet"
             raise TrainingDivergedError(
