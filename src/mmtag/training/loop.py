@@ -16,7 +16,6 @@ import csv
 import json
 import logging
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -427,19 +426,6 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     log.info("model: %.1f MB saved (%s), limit %g MB; %d train / %d validation rows; device %s",
              size_mb, "fp16" if cfg.model.fp16_storage else "fp32", cfg.model.max_size_mb,
              len(data.train_rows), len(data.val_rows), device)
-    if os.environ.get("MMTAG_QINIT") and not resume:
-        # EXPERIMENT: each label query starts as the decoder's projection of MiniLM's embedding
-        # of the label's name (the COCO names of this task's ids)
-        names = {1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus",
-                 7: "train", 8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant",
-                 13: "stop sign", 14: "parking meter", 15: "bench", 16: "bird", 17: "cat",
-                 18: "dog", 19: "horse"}
-        ids, lengths = data.caption_enc.encode_batch([names[c] for c in data.label_map.labels])
-        with torch.no_grad():
-            ids, lengths = torch.from_numpy(ids), torch.from_numpy(lengths)
-            emb = model.text_encoder.pool(model.text_encoder.run_layers(ids, lengths, 0), lengths)
-            model.head.queries.copy_(model.head.proj[-1](emb.float()))
-        log.info("EXPERIMENT label queries from the label names' MiniLM embeddings")
     model.to(device)
     if channels_last and model.image_encoder is not None:
         model.image_encoder.to(memory_format=torch.channels_last)
