@@ -101,6 +101,11 @@ def test_class_attention_head_averages_the_attention_terms_of_several_temperatur
     assert not torch.allclose(head(fmap), single(fmap))  # the max term changes the logits
     with pytest.raises(ValueError, match="temperatures must be > 0"):
         ClassAttentionHead(6, 3, lam=0.5, temperature=(1.0, 0.0), dropout=0.0)
+    # a caption attention head in the same tagger gets the same temperatures
+    images, ids, lengths = _inputs()
+    model = Tagger(_Img(), _TokTxt(), 3, aux_heads="ensemble", image_head="attention",
+                   text_head="attention", attn_temperature=(1.0, 99.0)).eval()
+    assert model(images, ids, lengths).shape == (4, 3)
 
 
 def test_class_attention_head_keeps_a_small_object_that_averaging_dilutes():

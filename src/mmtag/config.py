@@ -108,7 +108,7 @@ class ModelConfig:
     attn_lambda: float = 0.2                   # attention head: weight of the attention term
     attn_temperature: float = 1.0              # attention head: softmax temperature (large = max)
     attn_temperatures: list[float] = field(default_factory=list)
-                                               # attention image head: several temperatures whose
+                                               # attention heads: several temperatures whose
                                                # attention terms are averaged (e.g. [1, 99]);
                                                # empty: attn_temperature alone
     dropout: float = 0.3

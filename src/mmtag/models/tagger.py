@@ -33,6 +33,11 @@ class GatedFusion(nn.Module):
         return g * self.image_proj(img) + (1 - g) * self.text_proj(txt)  # (B, dim)
 
 
+def _temperatures(t: float | tuple[float, ...]) -> tuple[float, ...]:
+    """An attention head's softmax temperature(s) as a tuple."""
+    return tuple(float(v) for v in t) if isinstance(t, (tuple, list)) else (float(t),)
+
+
 class ClassAttentionHead(nn.Module):
     """Per-class logits read off a spatial feature map: a 1x1 conv scores every position for every
     class; each class's logit is the mean of its score map plus `lam` times an attention-weighted
@@ -57,8 +62,7 @@ class ClassAttentionHead(nn.Module):
 
     @property
     def temperatures(self) -> tuple[float, ...]:
-        t = self.temperature
-        return tuple(float(v) for v in t) if isinstance(t, (tuple, list)) else (float(t),)
+        return _temperatures(self.temperature)
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         # float32 from here: fp16 overflows at high temperatures, and CPU autocast would run the
@@ -91,8 +95,10 @@ class TokenAttentionHead(nn.Module):
         s = self.score(self.drop(tokens)).float()  # (B, T, C)
         keep = mask.unsqueeze(-1)  # (B, T, 1)
         mean = (s * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)  # (B, C)
-        attn = torch.softmax((s * self.temperature).masked_fill(~keep, float("-inf")), dim=1)
-        return mean + self.lam * (attn * s).sum(dim=1)  # (B, C)
+        temps = _temperatures(self.temperature)  # several: their attention terms averaged
+        read = sum((torch.softmax((s * t).masked_fill(~keep, float("-inf")), dim=1) * s).sum(dim=1)
+                   for t in temps) / len(temps)
+        return mean + self.lam * read  # (B, C)
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}, temperature={self.temperature}"
