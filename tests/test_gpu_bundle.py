@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import textwrap
 
 import pytest
@@ -116,3 +117,37 @@ def test_run_sh_trains_and_benchmarks_without_the_offline_packages(bundle, tmp_p
     probe = subprocess.run([sys.executable, "-c", "import efficientnet_lite_pytorch"],
                            env={**env, "BUNDLE_SITE": str(tmp_path)}, capture_output=True)
     assert probe.returncode != 0
+
+
+def test_compare_sh_trains_both_recipes_and_packs_each_stage(bundle, tmp_path):
+    root, _ = bundle
+    b = root / ".gpu"
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "sitecustomize.py").write_text(_BLOCKER)
+    tiny = ("--set optim.epochs=1 --set data.image_size=64 --set data.num_workers=0 "
+            "--set optim.batch_size=8 --set device=cpu --set data.max_len=16")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "block"), "BUNDLE_SITE": str(b / "site"),
+           "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "EXTRA": tiny,
+           "DEADLINE": "600"}
+    env.pop("MMTAG_MINILM_DIR", None)
+    env.pop("MMTAG_CACHE_DIR", None)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(["bash", str(b / "compare.sh")], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=900)
+    log = (tmp_path / "out" / "check.log").read_text()
+    assert done.returncode == 0, log[-3000:] + done.stderr[-3000:]
+    for name in ("s1", "s2", "s3", "s4"):
+        assert f"{name} train rc=0" in log
+        with tarfile.open(tmp_path / "out" / f"{name}.tgz") as tar:
+            names = tar.getnames()
+            assert f"{name}/summary.json" in names and f"{name}.train.log" in names
+            assert not any(n.endswith(".pt") for n in names)  # no checkpoints come back
+            if name in ("s2", "s4"):  # the cpu recipe: frozen prefix through the feature cache
+                text = tar.extractfile(f"{name}.train.log").read().decode()
+                assert "cached-feature path" in text
+    assert "samples/s" in log  # s1's benchmark
+    # a deadline that leaves no time skips the stages and says so
+    env["DEADLINE"] = "5"
+    done = subprocess.run(["bash", str(b / "compare.sh")], cwd=repo, env={
+        **env, "OUT": str(tmp_path / "late")}, capture_output=True, text=True, timeout=120)
+    assert "s1 skipped" in (tmp_path / "late" / "check.log").read_text()
