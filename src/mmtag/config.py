@@ -269,11 +269,6 @@ class TrainConfig:
     threshold_metric: str = "micro_f1"  # 'micro_f1' or 'samples_f1'
     at_least_one: bool = False      # always predict at least one label per image
     min_support: int = 20           # per-class thresholds only for classes with this many positives
-    # 'per_class': after training, each class's probabilities are recalibrated on the validation
-    # rows (p' = sigmoid(s_c * logit(p) + b_c), fitted by penalised log-loss; see
-    # mmtag.training.calibration) before thresholds or expected-F1 sets decide; 'none': as trained
-    calibration: str = "none"
-    calibration_strength: float = 10.0  # penalty keeping (log s_c, b_c) near 0 (rare classes)
     tta_flip: bool = False          # average predictions of the image and its mirror image
     # multi-scale test-time augmentation: extra image sizes (px) whose predictions are averaged
     # with data.image_size's (probabilities averaged; each size with its mirror image too when
@@ -291,10 +286,6 @@ class TrainConfig:
                "threshold_metric must be one of ['micro_f1', 'samples_f1']")
         _check(self.decision in ("threshold", "expected_f1"),
                "decision must be one of ['expected_f1', 'threshold']")
-        _check(self.calibration in ("none", "per_class"),
-               "calibration must be one of ['none', 'per_class']")
-        _check(self.calibration_strength > 0,
-               f"calibration_strength must be > 0, got {self.calibration_strength}")
         _check(all(s >= 32 for s in self.tta_sizes),
                f"tta_sizes must be image sizes in px (>= 32), got {self.tta_sizes}")
         _check(self.data.image_size not in self.tta_sizes,

@@ -20,7 +20,6 @@ from mmtag.data.dataset import Split, TaggingDataset, make_loader
 from mmtag.data.images import ImageReadError, build_transform, load_image
 from mmtag.data.labels import LabelMap
 from mmtag.models.build import build_tagger, caption_encoder_from_dict
-from mmtag.training.calibration import apply_calibration
 from mmtag.training.checkpoint import load_checkpoint
 from mmtag.training.loop import _logits, encoder_normalisation, evaluate, image_spec
 from mmtag.training.metrics import multilabel_metrics
@@ -46,7 +45,6 @@ class Predictor:
     thresholds: np.ndarray
     at_least_one: bool
     device: torch.device
-    calibration: dict | None = None  # per-class recalibration (config `calibration`), or None
 
     @classmethod
     def load(cls, run: Path | str, device: str = "auto",
@@ -69,7 +67,7 @@ class Predictor:
             model.image_encoder = model.image_encoder.for_inference(channels_last=True)
         model.to(dev).eval()
         return cls(model, cfg, label_map, caption_enc, np.asarray(ckpt["thresholds"], dtype=float),
-                   bool(ckpt["at_least_one"]), dev, ckpt.get("calibration"))
+                   bool(ckpt["at_least_one"]), dev)
 
     @property
     def image_sizes(self) -> list[int | None]:
@@ -92,8 +90,7 @@ class Predictor:
     def probabilities(self, dataset: TaggingDataset, batch_size: int = 64,
                       num_workers: int = 0) -> np.ndarray:
         """(N, C) sigmoid probabilities, in dataset order: averaged over the sizes of
-        `image_sizes` (each a pass over `dataset` with that size's preprocessing), then
-        recalibrated per class when the run fitted a calibration (`calibration: per_class`)."""
+        `image_sizes` (each a pass over `dataset` with that size's preprocessing)."""
         probs = 0.0
         for size in self.image_sizes:
             ds = copy.copy(dataset)  # the caller's dataset keeps its transform
@@ -104,7 +101,7 @@ class Predictor:
                                dtype=amp_dtype(self.config.amp, self.device),
                                tta=self.config.tta_flip, channels_last=True)
             probs = probs + p / len(self.image_sizes)
-        return apply_calibration(probs, self.calibration)
+        return probs
 
     def caption_probabilities(self, dataset: TaggingDataset, batch_size: int = 64) -> np.ndarray:
         """(N, C) probabilities of the caption's own head (`Tagger.caption_logits`), for rows
@@ -190,10 +187,9 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
                  tta_sizes: Sequence[int] | None = None) -> dict:
     """Metrics of a run on its saved validation split (`data_dir`) or on a labelled CSV.
 
-    On the validation split with the run's tuned thresholds (or its per-class calibration), they
-    were chosen on these very rows: the figures are then marked optimistic
-    (`tuned_on_these_rows`, `tuned` says what), with the run's cross-fit estimate from
-    summary.json beside them (`crossfit`)."""
+    On the validation split with the run's tuned thresholds, the thresholds were chosen on these
+    very rows: the figures are then marked optimistic (`tuned_on_these_rows`), with the run's
+    cross-fit estimate from summary.json beside them (`crossfit`)."""
     pred = Predictor.load(run, device, tta_sizes)
     validation_of = None
     if csv_path is not None:
@@ -228,10 +224,8 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
                        else [round(float(t), 4) for t in pred.thresholds])
     m["decision"] = pred.describe_decision(threshold, decision)
     rule = decision or pred.config.decision
-    tuned = [name for name, on in (("thresholds", threshold is None and rule == "threshold"),
-                                   ("calibration", pred.calibration is not None)) if on]
-    m["tuned_on_these_rows"] = bool(validation_of is not None and tuned)
-    m["tuned"] = " and the ".join(tuned)
+    m["tuned_on_these_rows"] = bool(validation_of is not None and threshold is None
+                                    and rule == "threshold")
     if validation_of is not None:
         m["source"] = f"the run's validation split of {source}"
         summary_path = validation_of / "summary.json"
@@ -253,8 +247,7 @@ def optimism_note(m: dict) -> str:
     if not m["tuned_on_these_rows"]:
         return ""
     c = m.get("crossfit")
-    return (f"(the {m.get('tuned') or 'thresholds'} were tuned on these rows, so these figures "
-            "are optimistic"
+    return ("(the thresholds were tuned on these rows, so these figures are optimistic"
             + (f"; the run's cross-fit estimate for unseen rows: micro-F1 {c['micro_f1']:.4f}, "
                f"samples-F1 {c['samples_f1']:.4f}" if c else "") + ")")
 
@@ -298,7 +291,6 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
         if good:
             probs[good] = pred.probabilities(pred.dataset([rows[i] for i in good], images, src),
                                              batch_size, num_workers)
-        # (not recalibrated: a run's calibration was fitted to the whole model's probabilities)
         probs[list(bad)] = pred.caption_probabilities(
             pred.dataset([rows[i] for i in bad], images, src), batch_size)
     else:

@@ -34,7 +34,6 @@ from mmtag.data.images import ImageTransformSpec, build_transform
 from mmtag.data.labels import LabelMap
 from mmtag.models.build import build_tagger, caption_encoder_to_dict, fit_caption_encoder
 from mmtag.training.cached import cached_dataset, cached_datasets, plan_cache
-from mmtag.training.calibration import apply_calibration, fit_calibration
 from mmtag.training.checkpoint import (
     FORMAT_VERSION,
     atomic_save,
@@ -591,16 +590,12 @@ def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, v
                                  channels_last=channels_last, tta=tta)
         probs = probs + p / len(val_loaders)
     y = targets.astype(int)
-    cal = (fit_calibration(y, probs, cfg.calibration_strength)
-           if cfg.calibration == "per_class" else None)
-    cprobs = apply_calibration(probs, cal)
-    thr = choose_thresholds(y, cprobs, mode=cfg.threshold_mode, metric=cfg.threshold_metric,
+    thr = choose_thresholds(y, probs, mode=cfg.threshold_mode, metric=cfg.threshold_metric,
                             at_least_one=cfg.at_least_one, min_support=cfg.min_support)
     best["thresholds"] = [float(t) for t in thr]
-    best["calibration"] = cal
     atomic_save(best, run_dir / "best.pt")
     at05 = multilabel_metrics(y, apply_thresholds(probs, np.full(probs.shape[1], 0.5)))
-    tuned = multilabel_metrics(y, decide(cprobs, thr, at_least_one=cfg.at_least_one,
+    tuned = multilabel_metrics(y, decide(probs, thr, at_least_one=cfg.at_least_one,
                                          rule=cfg.decision),
                                label_names=[str(lab) for lab in data.label_map.labels])
     crossfit = _crossfit(cfg, y, probs, cfg.decision)
@@ -622,7 +617,6 @@ def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, v
             "val_crossfit": crossfit,
             # the same estimate for the rule not chosen, so the choice can be made with numbers
             "val_crossfit_other_rule": {"decision": other, **other_crossfit},
-            "calibration": cal,  # per-class (scale, bias), fitted on all validation rows
             "per_class": tuned["per_class"], "saved_model_mb": round(mb, 2),
             "val_rows": len(data.val_rows), "train_rows": len(data.train_rows)}
 
@@ -638,9 +632,8 @@ def _write_probs(path: Path, data: RunData, probs: np.ndarray) -> None:
 
 def _crossfit(cfg: TrainConfig, y: np.ndarray, probs: np.ndarray, rule: str,
               seed: int = 0) -> dict:
-    """Validation figures with thresholds (and the calibration, if any) chosen on the *other*
-    half of the validation rows (both ways, averaged): tuning them and scoring on the same rows
-    flatters a model.
+    """Validation figures with thresholds chosen on the *other* half of the validation rows
+    (both ways, averaged): tuning thresholds and scoring on the same rows flatters a model.
     (The expected-F1 rule tunes nothing; its halves are scored the same way.)"""
     n = len(y)
     if n < 4:
@@ -649,14 +642,11 @@ def _crossfit(cfg: TrainConfig, y: np.ndarray, probs: np.ndarray, rule: str,
     halves = (perm[: n // 2], perm[n // 2:])
     scores = []
     for fit_idx, test_idx in (halves, halves[::-1]):
-        cal = (fit_calibration(y[fit_idx], probs[fit_idx], cfg.calibration_strength)
-               if cfg.calibration == "per_class" else None)
-        fit_p, test_p = apply_calibration(probs[fit_idx], cal), apply_calibration(probs[test_idx], cal)
-        thr = choose_thresholds(y[fit_idx], fit_p, mode=cfg.threshold_mode,
+        thr = choose_thresholds(y[fit_idx], probs[fit_idx], mode=cfg.threshold_mode,
                                 metric=cfg.threshold_metric, at_least_one=cfg.at_least_one,
                                 min_support=max(1, cfg.min_support // 2))
         scores.append(multilabel_metrics(y[test_idx], decide(
-            test_p, thr, at_least_one=cfg.at_least_one, rule=rule)))
+            probs[test_idx], thr, at_least_one=cfg.at_least_one, rule=rule)))
     return {k: float(np.mean([m[k] for m in scores])) for k in METRIC_COLUMNS[1:]}
 
 
