@@ -98,7 +98,8 @@ stage() {  # stage NAME NEED_S ARGS...: train, if about NEED_S seconds are left
   (( rc == 0 )) || tail -40 "$WORK/$name.train.log" | tee -a "$LOG"
   return $rc
 }
-pack() {  # pack NAME: the stage's small files into $OUT/NAME.tgz (no checkpoints)
+pack() {  # pack NAME: a stage's small files into $OUT/NAME.tgz (no checkpoints), if it ran
+  [[ -f "$WORK/$1.train.log" ]] || return 0
   (cd "$WORK" && tar czf "$OUT/$1.tgz" $(ls "$1".*.log "$1"/*.json "$1"/*.csv "$1"/*.yaml \
       "$1"/*.png 2>/dev/null))
 }
@@ -114,8 +115,8 @@ else
 fi
 pack s1
 stage s2 $(( S1 * 2 / 3 )) --config cpu --set optim.epochs=12; pack s2
-stage s3 $(( S1 + 10 )) --config gpu --set seed=1 && pack s3
-stage s4 $(( S1 * 2 / 3 )) --config cpu --set optim.epochs=12 --set seed=1 && pack s4
+stage s3 $(( S1 + 10 )) --config gpu --set seed=1; pack s3
+stage s4 $(( S1 * 2 / 3 )) --config cpu --set optim.epochs=12 --set seed=1; pack s4
 say "done"
 """
 

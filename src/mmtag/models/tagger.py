@@ -38,6 +38,19 @@ def _temperatures(t: float | tuple[float, ...]) -> tuple[float, ...]:
     return tuple(float(v) for v in t) if isinstance(t, (tuple, list)) else (float(t),)
 
 
+def _attention_read(s: torch.Tensor, temperature: float | tuple[float, ...], dim: int,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention term of the attention heads: the scores `s` summed along `dim` with softmax
+    weights at each temperature (positions where `keep` is False get none), averaged over the
+    temperatures."""
+    temps = _temperatures(temperature)
+    total = 0.0
+    for t in temps:
+        z = s * t if keep is None else (s * t).masked_fill(~keep, float("-inf"))
+        total = total + (torch.softmax(z, dim=dim) * s).sum(dim=dim)
+    return total / len(temps)
+
+
 class ClassAttentionHead(nn.Module):
     """Per-class logits read off a spatial feature map: a 1x1 conv scores every position for every
     class; each class's logit is the mean of its score map plus `lam` times an attention-weighted
@@ -57,20 +70,14 @@ class ClassAttentionHead(nn.Module):
         self.score = nn.Conv2d(in_dim, num_classes, kernel_size=1)
         self.lam = lam
         self.temperature = temperature
-        if not self.temperatures or min(self.temperatures) <= 0:
+        if not _temperatures(temperature) or min(_temperatures(temperature)) <= 0:
             raise ValueError(f"attention temperatures must be > 0, got {temperature}")
-
-    @property
-    def temperatures(self) -> tuple[float, ...]:
-        return _temperatures(self.temperature)
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         # float32 from here: fp16 overflows at high temperatures, and CPU autocast would run the
         # softmax in bf16
         s = self.score(self.drop(self.norm(fmap))).flatten(2).float()  # (B, C, H*W)
-        read = sum((torch.softmax(s * t, dim=2) * s).sum(dim=2)  # (B, C) per temperature
-                   for t in self.temperatures) / len(self.temperatures)
-        return s.mean(dim=2) + self.lam * read  # (B, C)
+        return s.mean(dim=2) + self.lam * _attention_read(s, self.temperature, dim=2)  # (B, C)
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}, temperature={self.temperature}"
@@ -95,10 +102,7 @@ class TokenAttentionHead(nn.Module):
         s = self.score(self.drop(tokens)).float()  # (B, T, C)
         keep = mask.unsqueeze(-1)  # (B, T, 1)
         mean = (s * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)  # (B, C)
-        temps = _temperatures(self.temperature)  # several: their attention terms averaged
-        read = sum((torch.softmax((s * t).masked_fill(~keep, float("-inf")), dim=1) * s).sum(dim=1)
-                   for t in temps) / len(temps)
-        return mean + self.lam * read  # (B, C)
+        return mean + self.lam * _attention_read(s, self.temperature, dim=1, keep=keep)  # (B, C)
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}, temperature={self.temperature}"
