@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -57,6 +58,12 @@ def test_run_writes_every_file(run):
     assert last["epoch"] == 2 and "optimizer" in last and "rng" in last
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val_rows"] == 8 and 0.0 <= summary["val"]["micro_f1"] <= 1.0
+    # the run records what its timings depend on
+    assert 0 < summary["wall_seconds"] < 3600
+    machine = summary["machine"]
+    assert machine["cpu"] and machine["logical_cpus"] == os.cpu_count()
+    assert machine["device"] == "cpu" and machine["gpu"] is None
+    assert machine["torch"] == torch.__version__
 
 
 def test_evaluate_and_predict(run, demo, tmp_path):
@@ -250,6 +257,7 @@ def test_benchmark_reports_throughput_and_latency(run, demo):
     res = benchmark(run, demo / "test.csv", demo / "data", n=8, batch_size=4, single=3)
     assert res["rows"] == 8 and res["samples_per_second"] > 0
     assert 0 < res["single_latency_ms_median"] <= res["single_latency_ms_p90"] + 1e-9
+    assert res["machine"]["torch_threads"] == res["threads"] and res["machine"]["cpu"]
 
 
 def test_caption_only_and_image_only_models(demo, tmp_path):

@@ -128,8 +128,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res))
     else:
+        gpu = res["machine"]["gpu"]
         print(f"{res['rows']} samples, batch {res['batch_size']}, {res['threads']} threads on "
-              f"{res['device']} (flip TTA: {res['tta_flip']}; images at "
+              f"{res['device']} ({gpu or res['machine']['cpu']}; flip TTA: {res['tta_flip']}; images at "
               f"{'+'.join(map(str, res['image_sizes']))} px):\n"
               f"  batch prediction   {res['samples_per_second']:.1f} samples/s "
               f"(JPEG decoding and preprocessing included)\n"

@@ -11,6 +11,7 @@ import torch
 
 from mmtag.data.csv_io import read_csv
 from mmtag.inference.predictor import Predictor
+from mmtag.training.runtime import machine_info
 
 
 def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: int = 512,
@@ -43,4 +44,5 @@ def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: i
             "samples_per_second": round(len(rows) / batch_s, 1),
             "single_latency_ms_median": round(1000 * statistics.median(lat), 1),
             "single_latency_ms_p90": round(1000 * sorted(lat)[int(0.9 * (len(lat) - 1))], 1),
-            "tta_flip": pred.config.tta_flip, "image_sizes": pred.image_sizes}
+            "tta_flip": pred.config.tta_flip, "image_sizes": pred.image_sizes,
+            "machine": machine_info(pred.device)}

@@ -49,6 +49,7 @@ from mmtag.training.runtime import (
     amp_dtype,
     autocast,
     cpu_has_fast_bf16,
+    machine_info,
     resolve_device,
     rng_state,
     seed_everything,
@@ -377,6 +378,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
 
     `restart`: `run_dir` may hold the files of a run that stopped before its first epoch ended
     (no checkpoint: nothing to resume); they are deleted and the run starts over."""
+    started = time.time()
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     progress = sys.stderr.isatty() if progress is None else progress
     _train_csv(data_dir)  # before anything is written to the run folder
@@ -410,6 +412,10 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     seed_everything(cfg.seed)
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
+    machine = machine_info(device)
+    log.info("machine: %s, %d logical CPUs, %d torch threads%s; torch %s", machine["cpu"],
+             machine["logical_cpus"], machine["torch_threads"],
+             f"; GPU {machine['gpu']}" if machine["gpu"] else "", machine["torch"])
     dtype = amp_dtype(cfg.amp, device)
     channels_last = cfg.channels_last
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
@@ -566,6 +572,9 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     summary = finalize(cfg, run_dir, data, model, val_loaders, device, dtype, channels_last,
                        final_tta)
     summary["model_mb"] = size_mb
+    # what this process took (a resumed run: since --resume), and on what
+    summary["wall_seconds"] = round(time.time() - started, 1)
+    summary["machine"] = machine
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
         from mmtag.reporting.plots import plot_curves

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,6 +54,27 @@ def cpu_has_fast_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_name() -> str:
+    """The processor's marketing name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info(device: torch.device) -> dict:
+    """What a timing depends on, saved beside it (summary.json, the benchmark): the same recipe
+    caches and trains at different speeds on different CPUs of the same core count."""
+    return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "fast_bf16": cpu_has_fast_bf16(),
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
