@@ -63,7 +63,9 @@ def _print_summary(summary: dict, run: Path) -> None:
     v, z = summary["val"], summary["val_at_0.5"]
     expected_f1 = summary.get("decision") == "expected_f1"
     rule = "expected-F1 label sets" if expected_f1 else "tuned thresholds"
-    print(f"best epoch {summary['best_epoch']}: validation ({summary['val_rows']} rows) "
+    what = (f"best epoch {summary['best_epoch']}" if "best_epoch" in summary
+            else f"ensemble of {len(summary['members'])} runs")
+    print(f"{what}: validation ({summary['val_rows']} rows) "
           f"micro-F1 {v['micro_f1']:.4f}, samples-F1 {v['samples_f1']:.4f}, macro-F1 "
           f"{v['macro_f1']:.4f} with {rule} (at 0.5: micro-F1 {z['micro_f1']:.4f}); "
           f"saved model {summary['saved_model_mb']:.1f} MB")
@@ -77,7 +79,17 @@ def _print_summary(summary: dict, run: Path) -> None:
     if o and "micro_f1" in o:
         print(f"the same for decision={o['decision']} (not used by this run): micro-F1 "
               f"{o['micro_f1']:.4f}, samples-F1 {o['samples_f1']:.4f}")
-    print(f"run folder: {run}  (best.pt, metrics.csv, curves.png, summary.json)")
+    files = ("best.pt, metrics.csv, curves.png, summary.json" if "best_epoch" in summary
+             else "best.pt, summary.json, val_probs.csv")
+    print(f"run folder: {run}  ({files})")
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from mmtag.inference.ensemble import build_ensemble
+
+    summary = build_ensemble(args.runs, args.out)
+    _print_summary(summary, Path(args.out))
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -255,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     _add_tta_arg(c)
     c.set_defaults(func=_cmd_benchmark)
+
+    c = sub.add_parser("ensemble", help="average several runs (e.g. seeds of one recipe) into "
+                                        "one model, with its own thresholds")
+    c.add_argument("runs", nargs="+", help="finished run folders: the same model, preprocessing "
+                                           "and validation rows (e.g. --set seed=1, seed=2)")
+    c.add_argument("--out", required=True, help="folder for the ensemble (a run folder for "
+                                                "evaluate, predict and benchmark)")
+    c.set_defaults(func=_cmd_ensemble)
 
     c = sub.add_parser("demo", help="generate the demo dataset, train, evaluate and predict on it")
     c.add_argument("--out", default="demo_run", help="output folder (default demo_run)")

@@ -19,6 +19,7 @@ from mmtag.data.csv_io import Record, csv_columns, read_csv, write_submission
 from mmtag.data.dataset import Split, TaggingDataset, make_loader
 from mmtag.data.images import ImageReadError, build_transform, load_image
 from mmtag.data.labels import LabelMap
+from mmtag.inference.ensemble import member_states
 from mmtag.models.build import build_tagger, caption_encoder_from_dict
 from mmtag.training.checkpoint import load_checkpoint
 from mmtag.training.loop import _logits, encoder_normalisation, evaluate, image_spec
@@ -36,9 +37,10 @@ def _checkpoint_path(run: Path | str) -> Path:
 
 @dataclass
 class Predictor:
-    """A trained tagger with its preprocessing and decision thresholds."""
+    """A trained tagger with its preprocessing and decision thresholds; for an ensemble
+    (`mmtag ensemble`), its members, whose probabilities are averaged."""
 
-    model: torch.nn.Module
+    models: list[torch.nn.Module]
     config: TrainConfig
     label_map: LabelMap
     caption_enc: object
@@ -58,16 +60,24 @@ class Predictor:
         cfg = TrainConfig.from_dict(cfg)
         label_map = LabelMap.from_dict(ckpt["labels"])
         caption_enc = caption_encoder_from_dict(ckpt["caption"])
-        model = build_tagger(cfg.model, label_map.num_classes, caption_enc, load_pretrained=False)
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                               for k, v in ckpt["model"].items()})
         dev = resolve_device(device)
-        if model.image_encoder is not None:
-            # BatchNorm folded into the convs and channels_last: same outputs, about 2x faster
-            model.image_encoder = model.image_encoder.for_inference(channels_last=True)
-        model.to(dev).eval()
-        return cls(model, cfg, label_map, caption_enc, np.asarray(ckpt["thresholds"], dtype=float),
-                   bool(ckpt["at_least_one"]), dev)
+        models = []
+        for state in member_states(ckpt) if "ensemble" in ckpt else [ckpt["model"]]:
+            model = build_tagger(cfg.model, label_map.num_classes, caption_enc,
+                                 load_pretrained=False)
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                   for k, v in state.items()})
+            if model.image_encoder is not None:
+                # BatchNorm folded into the convs and channels_last: same outputs, about 2x faster
+                model.image_encoder = model.image_encoder.for_inference(channels_last=True)
+            models.append(model.to(dev).eval())
+        return cls(models, cfg, label_map, caption_enc,
+                   np.asarray(ckpt["thresholds"], dtype=float), bool(ckpt["at_least_one"]), dev)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The (first) model: what every member shares (encoders, heads, input stages)."""
+        return self.models[0]
 
     @property
     def image_sizes(self) -> list[int | None]:
@@ -97,10 +107,11 @@ class Predictor:
             if size is not None:
                 ds.transform = self.transform(size)
             loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers)
-            _, p, _ = evaluate(self.model, loader, None, self.device,
-                               dtype=amp_dtype(self.config.amp, self.device),
-                               tta=self.config.tta_flip, channels_last=True)
-            probs = probs + p / len(self.image_sizes)
+            for model in self.models:
+                _, p, _ = evaluate(model, loader, None, self.device,
+                                   dtype=amp_dtype(self.config.amp, self.device),
+                                   tta=self.config.tta_flip, channels_last=True)
+                probs = probs + p / (len(self.image_sizes) * len(self.models))
         return probs
 
     def caption_probabilities(self, dataset: TaggingDataset, batch_size: int = 64) -> np.ndarray:
@@ -111,8 +122,9 @@ class Predictor:
         with torch.inference_mode(), autocast(self.device, dtype):
             for s in range(0, len(dataset), batch_size):
                 ids = dataset.tokens[s:s + batch_size].to(self.device)
-                logits = self.model.caption_logits(ids, dataset.lengths[s:s + batch_size])
-                out.append(torch.sigmoid(logits.float()).cpu().numpy())
+                out.append(np.mean([torch.sigmoid(m.caption_logits(
+                    ids, dataset.lengths[s:s + batch_size]).float()).cpu().numpy()
+                    for m in self.models], axis=0))
         return np.concatenate(out) if out else np.zeros((0, self.label_map.num_classes))
 
     def decide(self, probs: np.ndarray, threshold: float | None = None,
@@ -161,9 +173,11 @@ class Predictor:
             with torch.inference_mode(), autocast(self.device,
                                                   amp_dtype(self.config.amp, self.device)):
                 batch = torch.stack([tf(img) for img in pil]).to(self.device)
-                logits = _logits(self.model, batch.contiguous(memory_format=torch.channels_last),
-                                 ids, lengths, self.config.tta_flip)
-            probs = probs + torch.sigmoid(logits.float()).cpu().numpy() / len(self.image_sizes)
+                batch = batch.contiguous(memory_format=torch.channels_last)
+                for model in self.models:
+                    logits = _logits(model, batch, ids, lengths, self.config.tta_flip)
+                    probs = probs + (torch.sigmoid(logits.float()).cpu().numpy()
+                                     / (len(self.image_sizes) * len(self.models)))
         return [self.label_map.decode(row) for row in self.decide(probs, threshold)]
 
 

@@ -1,0 +1,175 @@
+"""`mmtag ensemble`: several trained runs as one model that averages their probabilities.
+
+Runs of one recipe trained with different seeds err differently enough that their averaged
+probabilities score higher than any of them (docs/quality.md, session 14). The members must
+share the architecture, the preprocessing and the validation rows: the ensemble's decision
+thresholds are chosen on the members' averaged validation probabilities (their
+``val_probs.csv``), exactly as a run chooses its own. Weights that are equal in every member
+(the frozen pretrained parts of a cached-path recipe) are stored once, so two members of the
+`cpu` recipe take about 65 MB rather than twice 57.
+
+The folder it writes is a run folder for `evaluate`, `predict` and `benchmark` (``best.pt``,
+``config.yaml``, ``labels.json``, ``vocab.json``, ``split.json``, ``summary.json``,
+``val_probs.csv``); it cannot be resumed or trained further.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmtag.config import TrainConfig
+from mmtag.training.checkpoint import (
+    FORMAT_VERSION,
+    ModelTooLargeError,
+    atomic_save,
+    load_checkpoint,
+)
+from mmtag.training.metrics import multilabel_metrics
+from mmtag.training.thresholds import apply_thresholds, choose_thresholds, decide
+
+# config fields that change how a member was trained, not what it computes at prediction time
+# (the decision settings are the first member's: the ensemble chooses its own thresholds)
+_TRAINING_ONLY = {"seed", "optim", "loss", "cache", "device", "deterministic", "best_metric",
+                  "channels_last", "decision", "threshold_mode", "threshold_metric",
+                  "at_least_one", "min_support"}
+# data fields of the split (checked through split.json and val_probs.csv instead) and of
+# training-time augmentation
+_DATA_TRAINING_ONLY = {"train_prop", "split_seed", "val_block", "limit_train", "limit_val",
+                       "hflip", "jitter", "hue", "degrees", "translate", "scale_min", "scale_max",
+                       "num_workers"}
+_METRICS = ("precision", "recall", "micro_f1", "macro_f1", "samples_f1")
+
+
+def _prediction_config(cfg: dict) -> dict:
+    out = {k: v for k, v in cfg.items() if k not in _TRAINING_ONLY}
+    out["data"] = {k: v for k, v in cfg["data"].items() if k not in _DATA_TRAINING_ONLY}
+    return out
+
+
+def _read_val_probs(run: Path) -> tuple[list[str], list[list[str]], np.ndarray, np.ndarray]:
+    """Header, the (ImageID, Labels) of each row, multi-hot targets, probabilities."""
+    path = run / "val_probs.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: only a finished run (one that chose its "
+                                f"thresholds) can join an ensemble")
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    labels = header[2:]
+    y = np.array([[int(lab in r[1].split()) for lab in labels] for r in body])
+    p = np.array([[float(x) for x in r[2:]] for r in body])
+    return header, [r[:2] for r in body], y, p
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            diff = _first_difference(a[k], b[k], f"{prefix}{k}.")
+            if diff:
+                return diff
+        elif a.get(k) != b.get(k):
+            return f"{prefix}{k}: {a.get(k)!r} against {b.get(k)!r}"
+    return ""
+
+
+def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
+    """Write the ensemble of `runs` (finished run folders) to the folder `out`; returns its
+    summary (validation figures of the averaged probabilities, as a run's summary.json)."""
+    from mmtag.training.loop import _crossfit  # the estimate every run reports
+
+    runs, out = [Path(r) for r in runs], Path(out)
+    if len(runs) < 2:
+        raise ValueError("an ensemble needs at least two runs")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; choose another --out")
+    ckpts = [load_checkpoint(r / "best.pt") for r in runs]
+    first, base = runs[0], ckpts[0]
+    for run, ck in zip(runs[1:], ckpts[1:], strict=True):
+        if "ensemble" in ck or "ensemble" in base:
+            raise ValueError(f"{run if 'ensemble' in ck else first} is an ensemble already; give "
+                             f"the runs it was built from")
+        if (run / "split.json").read_text() != (first / "split.json").read_text():
+            raise ValueError(f"{run} validates on other rows than {first} (split.json differs): "
+                             f"the ensemble's thresholds are chosen on rows no member trained on, "
+                             f"so the members need the same data.split_seed and train_prop")
+        diff = _first_difference(_prediction_config(base["config"]),
+                                 _prediction_config(ck["config"]))
+        if diff:
+            raise ValueError(f"{run} predicts differently from {first} ({diff}): an ensemble's "
+                             f"members need the same model and preprocessing")
+        for key, what in (("labels", "label set"), ("caption", "caption vocabulary")):
+            if ck[key] != base[key]:
+                raise ValueError(f"{run} has another {what} than {first}: train both on the "
+                                 f"same data")
+
+    header, ids, y, _ = _read_val_probs(first)
+    probs = []
+    for run in runs:
+        h, i, _, p = _read_val_probs(run)
+        if h != header or i != ids:
+            raise ValueError(f"{run / 'val_probs.csv'} does not list the same rows and labels as "
+                             f"{first / 'val_probs.csv'}")
+        probs.append(p)
+    p = np.mean(probs, axis=0)
+
+    # weights: those equal in every member once, the rest per member
+    states = [ck["model"] for ck in ckpts]
+    shared = {k: v for k, v in states[0].items()
+              if all(k in s and s[k].shape == v.shape and torch.equal(s[k], v) for s in states[1:])}
+    members = [{k: v for k, v in s.items() if k not in shared} for s in states]
+    nbytes = sum(v.numel() * v.element_size() for v in shared.values())
+    nbytes += sum(v.numel() * v.element_size() for m in members for v in m.values())
+    mb = nbytes / 1e6
+    cfg = TrainConfig.from_dict(base["config"])
+    if mb > cfg.model.max_size_mb:
+        raise ModelTooLargeError(
+            f"the ensemble of {len(runs)} runs would be {mb:.1f} MB saved ({len(shared)} of "
+            f"{len(states[0])} weight tensors shared), over the limit of "
+            f"{cfg.model.max_size_mb:g} MB (model.max_size_mb); use fewer runs")
+
+    thr = choose_thresholds(y, p, mode=cfg.threshold_mode, metric=cfg.threshold_metric,
+                            at_least_one=cfg.at_least_one, min_support=cfg.min_support)
+    label_names = header[2:]
+    tuned = multilabel_metrics(y, decide(p, thr, at_least_one=cfg.at_least_one,
+                                         rule=cfg.decision), label_names=label_names)
+    at05 = multilabel_metrics(y, apply_thresholds(p, np.full(p.shape[1], 0.5)))
+    other = "threshold" if cfg.decision == "expected_f1" else "expected_f1"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save({"format": FORMAT_VERSION, "config": base["config"], "labels": base["labels"],
+                 "caption": base["caption"], "thresholds": [float(t) for t in thr],
+                 "at_least_one": base["at_least_one"],
+                 "ensemble": {"runs": [str(r) for r in runs], "shared": shared,
+                              "members": members}}, out / "best.pt")
+    for name in ("config.yaml", "labels.json", "vocab.json", "split.json"):
+        if (first / name).exists():
+            shutil.copyfile(first / name, out / name)
+    with (out / "val_probs.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for id_labels, row in zip(ids, p, strict=True):
+            w.writerow([*id_labels, *[f"{x:.5f}" for x in row]])
+    summary = {"members": [str(r) for r in runs], "decision": cfg.decision,
+               "thresholds": [float(t) for t in thr],
+               "tta": json.loads((first / "summary.json").read_text()).get("tta")
+               if (first / "summary.json").exists() else None,
+               "val_at_0.5": {k: at05[k] for k in _METRICS},
+               "val": {k: tuned[k] for k in _METRICS},
+               "val_crossfit": _crossfit(cfg, y, p, cfg.decision),
+               "val_crossfit_other_rule": {"decision": other, **_crossfit(cfg, y, p, other)},
+               "per_class": tuned["per_class"], "saved_model_mb": round(mb, 2),
+               "shared_tensors": len(shared), "val_rows": len(ids)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def member_states(ckpt: dict) -> list[dict]:
+    """The full state dict of each member of an ensemble checkpoint."""
+    ens = ckpt["ensemble"]
+    return [{**ens["shared"], **own} for own in ens["members"]]
