@@ -31,8 +31,6 @@ from mmtag.training.checkpoint import (
     atomic_save,
     load_checkpoint,
 )
-from mmtag.training.metrics import multilabel_metrics
-from mmtag.training.thresholds import apply_thresholds, choose_thresholds, decide
 
 # config fields that change how a member was trained, not what it computes at prediction time
 # (the decision settings are the first member's: the ensemble chooses its own thresholds)
@@ -44,7 +42,6 @@ _TRAINING_ONLY = {"seed", "optim", "loss", "cache", "device", "deterministic", "
 _DATA_TRAINING_ONLY = {"train_prop", "split_seed", "val_block", "limit_train", "limit_val",
                        "hflip", "jitter", "hue", "degrees", "translate", "scale_min", "scale_max",
                        "num_workers"}
-_METRICS = ("precision", "recall", "micro_f1", "macro_f1", "samples_f1")
 
 
 def _prediction_config(cfg: dict) -> dict:
@@ -82,7 +79,7 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
 def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
     """Write the ensemble of `runs` (finished run folders) to the folder `out`; returns its
     summary (validation figures of the averaged probabilities, as a run's summary.json)."""
-    from mmtag.training.loop import _crossfit  # the estimate every run reports
+    from mmtag.training.loop import decision_figures  # what every run reports
 
     runs, out = [Path(r) for r in runs], Path(out)
     if len(runs) < 2:
@@ -109,15 +106,13 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
                 raise ValueError(f"{run} has another {what} than {first}: train both on the "
                                  f"same data")
 
-    header, ids, y, _ = _read_val_probs(first)
-    probs = []
-    for run in runs:
-        h, i, _, p = _read_val_probs(run)
+    read = [_read_val_probs(run) for run in runs]
+    header, ids, y, _ = read[0]
+    for run, (h, i, _, _) in zip(runs[1:], read[1:], strict=True):
         if h != header or i != ids:
             raise ValueError(f"{run / 'val_probs.csv'} does not list the same rows and labels as "
                              f"{first / 'val_probs.csv'}")
-        probs.append(p)
-    p = np.mean(probs, axis=0)
+    p = np.mean([r[3] for r in read], axis=0)
 
     # weights: those equal in every member once, the rest per member
     states = [ck["model"] for ck in ckpts]
@@ -134,16 +129,10 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
             f"{len(states[0])} weight tensors shared), over the limit of "
             f"{cfg.model.max_size_mb:g} MB (model.max_size_mb); use fewer runs")
 
-    thr = choose_thresholds(y, p, mode=cfg.threshold_mode, metric=cfg.threshold_metric,
-                            at_least_one=cfg.at_least_one, min_support=cfg.min_support)
-    label_names = header[2:]
-    tuned = multilabel_metrics(y, decide(p, thr, at_least_one=cfg.at_least_one,
-                                         rule=cfg.decision), label_names=label_names)
-    at05 = multilabel_metrics(y, apply_thresholds(p, np.full(p.shape[1], 0.5)))
-    other = "threshold" if cfg.decision == "expected_f1" else "expected_f1"
+    figures = decision_figures(cfg, y, p, header[2:])
     out.mkdir(parents=True, exist_ok=True)
     atomic_save({"format": FORMAT_VERSION, "config": base["config"], "labels": base["labels"],
-                 "caption": base["caption"], "thresholds": [float(t) for t in thr],
+                 "caption": base["caption"], "thresholds": figures["thresholds"],
                  "at_least_one": base["at_least_one"],
                  "ensemble": {"runs": [str(r) for r in runs], "shared": shared,
                               "members": members}}, out / "best.pt")
@@ -155,16 +144,11 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
         w.writerow(header)
         for id_labels, row in zip(ids, p, strict=True):
             w.writerow([*id_labels, *[f"{x:.5f}" for x in row]])
-    summary = {"members": [str(r) for r in runs], "decision": cfg.decision,
-               "thresholds": [float(t) for t in thr],
-               "tta": json.loads((first / "summary.json").read_text()).get("tta")
-               if (first / "summary.json").exists() else None,
-               "val_at_0.5": {k: at05[k] for k in _METRICS},
-               "val": {k: tuned[k] for k in _METRICS},
-               "val_crossfit": _crossfit(cfg, y, p, cfg.decision),
-               "val_crossfit_other_rule": {"decision": other, **_crossfit(cfg, y, p, other)},
-               "per_class": tuned["per_class"], "saved_model_mb": round(mb, 2),
-               "shared_tensors": len(shared), "val_rows": len(ids)}
+    tta = (json.loads((first / "summary.json").read_text()).get("tta")
+           if (first / "summary.json").exists() else None)
+    summary = {"members": [str(r) for r in runs], **figures, "tta": tta,
+               "saved_model_mb": round(mb, 2), "shared_tensors": len(shared),
+               "val_rows": len(ids)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -599,35 +599,42 @@ def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, v
                                  channels_last=channels_last, tta=tta)
         probs = probs + p / len(val_loaders)
     y = targets.astype(int)
-    thr = choose_thresholds(y, probs, mode=cfg.threshold_mode, metric=cfg.threshold_metric,
-                            at_least_one=cfg.at_least_one, min_support=cfg.min_support)
-    best["thresholds"] = [float(t) for t in thr]
+    figures = decision_figures(cfg, y, probs, [str(lab) for lab in data.label_map.labels])
+    best["thresholds"] = figures["thresholds"]
     atomic_save(best, run_dir / "best.pt")
-    at05 = multilabel_metrics(y, apply_thresholds(probs, np.full(probs.shape[1], 0.5)))
-    tuned = multilabel_metrics(y, decide(probs, thr, at_least_one=cfg.at_least_one,
-                                         rule=cfg.decision),
-                               label_names=[str(lab) for lab in data.label_map.labels])
-    crossfit = _crossfit(cfg, y, probs, cfg.decision)
-    other = "threshold" if cfg.decision == "expected_f1" else "expected_f1"
-    other_crossfit = _crossfit(cfg, y, probs, other)
     _write_probs(run_dir / "val_probs.csv", data, probs)
     mb = state_dict_megabytes(model, cfg.model.fp16_storage)
     rule = ("expected-F1 label sets" if cfg.decision == "expected_f1"
             else f"thresholds ({cfg.threshold_mode}, {cfg.threshold_metric})")
     sizes = cfg.image_sizes[:len(val_loaders)]
+    tuned, at05 = figures["val"], figures["val_at_0.5"]
     log.info("best epoch %d; %s%s: val micro-F1 %.4f samples-F1 %.4f "
              "(at 0.5: %.4f / %.4f); saved model %.1f MB", best["epoch"], rule,
              f", images at {'+'.join(map(str, sizes))} px" if len(sizes) > 1 else "",
              tuned["micro_f1"], tuned["samples_f1"], at05["micro_f1"], at05["samples_f1"], mb)
-    return {"best_epoch": best["epoch"], "decision": cfg.decision, "thresholds": best["thresholds"],
-            "tta": {"flip": bool(tta), "sizes": sizes},
+    return {"best_epoch": best["epoch"], **figures, "tta": {"flip": bool(tta), "sizes": sizes},
+            "saved_model_mb": round(mb, 2),
+            "val_rows": len(data.val_rows), "train_rows": len(data.train_rows)}
+
+
+def decision_figures(cfg: TrainConfig, y: np.ndarray, probs: np.ndarray,
+                     label_names: list[str]) -> dict:
+    """Thresholds chosen on validation targets `y` and probabilities `probs` by the config's
+    rule, and the figures summary.json reports: at 0.5, tuned on these rows, and the cross-fit
+    estimate for the rule chosen and for the other one (a run's, or an ensemble's averaged)."""
+    thr = choose_thresholds(y, probs, mode=cfg.threshold_mode, metric=cfg.threshold_metric,
+                            at_least_one=cfg.at_least_one, min_support=cfg.min_support)
+    at05 = multilabel_metrics(y, apply_thresholds(probs, np.full(probs.shape[1], 0.5)))
+    tuned = multilabel_metrics(y, decide(probs, thr, at_least_one=cfg.at_least_one,
+                                         rule=cfg.decision), label_names=label_names)
+    other = "threshold" if cfg.decision == "expected_f1" else "expected_f1"
+    return {"decision": cfg.decision, "thresholds": [float(t) for t in thr],
             "val_at_0.5": {k: at05[k] for k in METRIC_COLUMNS[1:]},
             "val": {k: tuned[k] for k in METRIC_COLUMNS[1:]},
-            "val_crossfit": crossfit,
+            "val_crossfit": _crossfit(cfg, y, probs, cfg.decision),
             # the same estimate for the rule not chosen, so the choice can be made with numbers
-            "val_crossfit_other_rule": {"decision": other, **other_crossfit},
-            "per_class": tuned["per_class"], "saved_model_mb": round(mb, 2),
-            "val_rows": len(data.val_rows), "train_rows": len(data.train_rows)}
+            "val_crossfit_other_rule": {"decision": other, **_crossfit(cfg, y, probs, other)},
+            "per_class": tuned["per_class"]}
 
 
 def _write_probs(path: Path, data: RunData, probs: np.ndarray) -> None:
