@@ -1,12 +1,13 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   -- create the environment (first use) and run the main job on the built-in demo data
 #   make test   -- create the environment (if needed), lint, and run the test suite
+#   make test-slow -- also the slow tests (fault injection, disk full, 10,000-example properties)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmtag-installed
 
-.PHONY: demo test lint env clean
+.PHONY: demo test test-slow lint env clean
 
 env: $(STAMP)
 
@@ -25,7 +26,11 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# everything: the slow fault tests too, and 10,000 Hypothesis examples per CSV property
+test-slow: $(STAMP)
+	HYPOTHESIS_PROFILE=slow $(PY) -m pytest -q
 
 clean:
-	rm -rf demo_run .pytest_cache .ruff_cache
+	rm -rf demo_run .pytest_cache .ruff_cache .hypothesis

@@ -32,7 +32,7 @@ def test_bad_config_is_a_message_with_exit_status_2(tmp_path, capsys):
                  "--set", "optim.lr=fast"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "optim.lr: expected float, got 'fast'" in err and "Traceback" not in err
+    assert "optim.lr: expected a finite number, got 'fast'" in err and "Traceback" not in err
 
 
 def test_train_needs_a_kaggle_folder(tmp_path, capsys):

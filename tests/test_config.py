@@ -16,7 +16,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("optim.lrr=1", r"unknown config key\(s\) \['optim.lrr'\]; valid keys under optim: \['name', 'lr'"),
-    ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+    ("optim.lr=fast", "optim.lr: expected a finite number, got 'fast'"),
     ("loss.name=hinge", r"loss.name must be one of \['asl', 'bce', 'focal'\]"),
     ("data.limit_train=1.5", "data.limit_train: expected int or null"),
     ("data.train_prop=1.2", r"train_prop must be in \(0, 1\)"),
@@ -39,7 +39,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("cache.crop=0", r"cache.crop must be in \(0, 1\]"),
     ("model.text_head=attention model.aux_heads=ensemble", "set model.text_encoder=minilm"),
     ("tta_sizes=[384,big]", r"tta_sizes\[1\]: expected int, got 'big'"),
-    ("tta_sizes=[16]", r"tta_sizes must be image sizes in px \(>= 32\)"),
+    ("tta_sizes=[16]", r"tta_sizes must be image sizes in px \(32 to 2048\)"),
     ("data.image_size=448 tta_sizes=[448,512]", r"data.image_size \(448\) is always used"),
     ("tta_sizes=[384,384]", "tta_sizes has a size twice"),
     ("model.query_extra_stage=-1", "model.query_extra_stage must be 0"),

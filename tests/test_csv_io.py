@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mmtag.data.csv_io import CSVFormatError, Record, read_csv, write_submission
+from mmtag.data.csv_io import CSVFormatError, Record, format_csv, read_csv, write_submission
 
 TRAIN_HEADER = "ImageID,Labels,Caption\n"
 
@@ -352,6 +352,7 @@ def test_real_train(comp5329):
     rebuilt = "".join(f'{r.image_id},{" ".join(map(str, r.labels))},"{r.caption}"\n'
                       for r in records)
     assert "ImageID,Labels,Caption\n" + rebuilt == raw
+    assert format_csv(records) == raw  # and so does the writer
     assert all(r.labels and all(1 <= x <= 19 and x != 12 for x in r.labels) for r in records)
 
     by_id = {r.image_id: r for r in records}
@@ -394,6 +395,7 @@ def test_real_test(comp5329):
     raw = path.read_bytes().decode("utf-8")
     rebuilt = "".join(f'{r.image_id},"{r.caption}"\n' for r in records)
     assert "ImageID,Caption\n" + rebuilt == raw
+    assert format_csv(records, labels=False) == raw
     by_id = {r.image_id: r for r in records}
     assert by_id["37203.jpg"] == Record(
         "37203.jpg", (), 'A stop sign that has been modified to read " stop all war"', 7205)

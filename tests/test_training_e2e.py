@@ -196,9 +196,6 @@ def test_a_run_stopped_before_its_first_epoch_starts_over(demo, tmp_path, monkey
         loop.fit(load_config(None, [*TINY, "optim.epochs=1"]), demo, out, progress=False)
     assert (out / "config.yaml").exists() and not (out / "last.pt").exists()
     hint = f"--config {out / 'config.yaml'} --out {out} --restart"
-    with pytest.raises(FileNotFoundError, match="start it over") as e:
-        loop.fit(load_config(out / "config.yaml"), demo, out, resume=True, progress=False)
-    assert hint in str(e.value)
     monkeypatch.undo()
     # without --restart the folder is left alone (it may be a run still in its first epoch)
     with pytest.raises(FileExistsError, match="holds no checkpoint") as e:
@@ -216,6 +213,34 @@ def test_a_run_stopped_before_its_first_epoch_starts_over(demo, tmp_path, monkey
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         loop.fit(load_config(None, TINY), demo, tmp_path / "afile", progress=False)
+
+
+def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_over(demo, tmp_path,
+                                                                          monkeypatch):
+    out = tmp_path / "early"
+    monkeypatch.setattr(loop, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        loop.fit(load_config(None, [*TINY, "optim.epochs=1"]), demo, out, progress=False)
+    monkeypatch.undo()
+    summary = loop.fit(load_config(out / "config.yaml"), demo, out, resume=True, progress=False)
+    assert summary["best_epoch"] == 1 and (out / "last.pt").exists()
+    # a folder with anything else, or none at all, is no run to resume
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    for folder in (tmp_path / "other", tmp_path / "absent"):
+        with pytest.raises(FileNotFoundError, match="cannot resume"):
+            loop.fit(load_config(None, TINY), demo, folder, resume=True, progress=False)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_a_second_process_cannot_train_in_a_run_folder_in_use(run, demo):
+    import fcntl
+
+    with open(run / ".lock") as f:  # as a training process holds it
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(loop.RunInUseError, match="in use by another mmtag process"):
+            loop.fit(load_config(run / "config.yaml"), demo, run, resume=True, progress=False)
 
 
 def test_evaluate_on_the_validation_split_marks_tuned_thresholds_optimistic(run, demo):

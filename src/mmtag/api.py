@@ -26,7 +26,11 @@ def train(data_dir: Path | str, out: Path | str, config: TrainConfig | str | Pat
         if config is not None or overrides:
             raise ValueError("resume=True continues the run with its saved config: config and "
                              "overrides cannot change it (start a new run for that)")
-        cfg = load_config(Path(out) / "config.yaml")
+        saved = Path(out) / "config.yaml"
+        if not saved.exists():
+            raise FileNotFoundError(f"cannot resume {out}: it holds no run (no config.yaml); "
+                                    f"start one there with mmtag train --out {out}")
+        cfg = load_config(saved)
     elif isinstance(config, TrainConfig):
         cfg = TrainConfig.from_dict(apply_overrides(config.to_dict(), overrides))
     else:

@@ -36,25 +36,22 @@ def _cmd_setup_wordnet(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mmtag.config import load_config, recipe_path
-    from mmtag.training.loop import fit
+    from mmtag.api import train
 
     if args.resume:
         if args.restart:
             raise ValueError("--resume continues a run, --restart starts one over: choose one")
         if args.config or args.set:
             raise ValueError("--resume continues a run with its saved config.yaml; drop --config/--set")
-        run = Path(args.resume)
-        cfg = load_config(run / "config.yaml")
         if args.data is None:
             raise ValueError("--resume also needs --data DIR (the folder the run was trained on)")
-        summary = fit(cfg, args.data, run, resume=True)
+        run = Path(args.resume)
+        summary = train(args.data, run, resume=True)
     else:
         if args.data is None or args.out is None:
             raise ValueError("train needs --data DIR and --out RUN (or --resume RUN --data DIR)")
-        cfg = load_config(recipe_path(args.config) if args.config else None, args.set or ())
         run = Path(args.out)
-        summary = fit(cfg, args.data, run, restart=args.restart)
+        summary = train(args.data, run, args.config, args.set or (), restart=args.restart)
     _print_summary(summary, run)
     return 0
 
@@ -170,6 +167,17 @@ def _sizes(text: str) -> list[int]:
             f"expected comma-separated sizes in px (e.g. 384,512) or 'none', got {text!r}") from None
 
 
+def _threshold(text: str) -> float:
+    """--threshold: a probability strictly between 0 and 1."""
+    from mmtag.training.thresholds import check_threshold
+
+    try:
+        return check_threshold(float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if "strictly" in str(e) else
+                                         f"expected a number between 0 and 1, got {text!r}") from None
+
+
 def _add_tta_arg(c: argparse.ArgumentParser) -> None:
     c.add_argument("--tta-sizes", type=_sizes, default=None, metavar="SIZES",
                    help="extra image sizes of multi-scale TTA instead of the run's (tta_sizes): "
@@ -179,7 +187,8 @@ def _add_tta_arg(c: argparse.ArgumentParser) -> None:
 
 def _add_decision_args(c: argparse.ArgumentParser) -> None:
     g = c.add_mutually_exclusive_group()
-    g.add_argument("--threshold", type=float, help="one global threshold instead of the run's rule")
+    g.add_argument("--threshold", type=_threshold,
+                   help="one global threshold in (0, 1) instead of the run's rule")
     g.add_argument("--decision", choices=["threshold", "expected_f1"],
                    help="decision rule instead of the run's: its tuned thresholds, or per image "
                         "the label set of highest expected F1 (samples-F1, Kaggle's metric)")

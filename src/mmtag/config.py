@@ -7,12 +7,18 @@ A config is data: it is saved with every run (`config.yaml`) and inside the chec
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
+
+from mmtag.atomic import atomic_write
+
+# the largest square input accepted: one 2048 px image is 50 MB as float32, a batch of them GBs
+MAX_IMAGE_SIZE = 2048
 
 IMAGE_FREEZE_HELP = ("'none' (train all), 'all', an int k: freeze the first k stages, or 'k.j': "
                      "freeze the first k stages and the first j blocks of stage k")
@@ -47,7 +53,19 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(0.0 < self.train_prop < 1.0, "data.train_prop must be in (0, 1)")
         _check(self.val_block >= 0, "data.val_block must be >= 0")
-        _check(self.image_size >= 16, "data.image_size must be >= 16")
+        _check(self.limit_train is None or self.limit_train >= 1,
+               "data.limit_train must be >= 1 (rows) or null (all)")
+        _check(self.limit_val is None or self.limit_val >= 1,
+               "data.limit_val must be >= 1 (rows) or null (all)")
+        _check(16 <= self.image_size <= MAX_IMAGE_SIZE,
+               f"data.image_size must be in [16, {MAX_IMAGE_SIZE}] px")
+        _check(0.0 <= self.hflip <= 1.0, "data.hflip is a probability: it must be in [0, 1]")
+        _check(self.jitter >= 0, "data.jitter must be >= 0")
+        _check(0.0 <= self.hue <= 0.5, "data.hue must be in [0, 0.5]")
+        _check(0.0 <= self.degrees <= 180.0, "data.degrees must be in [0, 180]")
+        _check(0.0 <= self.translate <= 1.0, "data.translate must be in [0, 1]")
+        _check(self.scale_min > 0, "data.scale_min must be > 0")
+        _check(self.min_freq >= 1, "data.min_freq must be >= 1")
         _check(self.normalisation in ("auto", "imagenet", "tf"),
                "data.normalisation must be one of ['auto', 'imagenet', 'tf']")
         _check(self.scale_min <= self.scale_max, "data.scale_min must be <= data.scale_max")
@@ -174,6 +192,9 @@ class ModelConfig:
         _check(self.hidden >= 1 and self.lstm_hidden >= 1 and self.lstm_layers >= 1,
                "model.hidden, lstm_hidden and lstm_layers must be >= 1")
         _check(self.max_size_mb > 0, "model.max_size_mb must be > 0")
+        _check(self.drop_path is None or 0.0 <= self.drop_path < 1.0,
+               "model.drop_path must be in [0, 1) or null")
+        _check(self.attn_lambda >= 0, "model.attn_lambda must be >= 0")
 
 
 @dataclass
@@ -194,6 +215,10 @@ class LossConfig:
     def __post_init__(self) -> None:
         _check(self.name in ("bce", "focal", "asl"), "loss.name must be one of ['asl', 'bce', 'focal']")
         _check(0.0 <= self.self_distill < 1.0, "loss.self_distill must be in [0, 1)")
+        _check(self.alpha <= 1.0, "loss.alpha must be <= 1 (a negative value turns it off)")
+        _check(min(self.gamma, self.gamma_neg, self.gamma_pos) >= 0,
+               "loss.gamma, gamma_neg and gamma_pos must be >= 0")
+        _check(0.0 <= self.clip < 1.0, "loss.clip must be in [0, 1)")
 
 
 @dataclass
@@ -226,6 +251,12 @@ class OptimConfig:
         _check(0.0 <= self.ema < 1.0, "optim.ema must be in [0, 1) (0: off)")
         _check(self.lr > 0 and self.epochs >= 1 and self.batch_size >= 1,
                "optim.lr must be > 0, epochs and batch_size >= 1")
+        _check(self.weight_decay >= 0 and self.encoder_lr_mult >= 0,
+               "optim.weight_decay and optim.encoder_lr_mult must be >= 0")
+        _check(0.0 < self.plateau_factor < 1.0, "optim.plateau_factor must be in (0, 1)")
+        _check(min(self.plateau_patience, self.warmup_epochs, self.grad_clip,
+                   self.early_stopping) >= 0,
+               "optim.plateau_patience, warmup_epochs, grad_clip and early_stopping must be >= 0")
 
 
 @dataclass
@@ -244,6 +275,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         _check(self.enabled in ("auto", "off"), "cache.enabled must be one of ['auto', 'off']")
         _check(0.0 < self.crop <= 1.0, "cache.crop must be in (0, 1]")
+        _check(self.batch_size >= 1 and self.num_workers >= 0,
+               "cache.batch_size must be >= 1 and cache.num_workers >= 0")
 
 
 @dataclass
@@ -286,8 +319,11 @@ class TrainConfig:
                "threshold_metric must be one of ['micro_f1', 'samples_f1']")
         _check(self.decision in ("threshold", "expected_f1"),
                "decision must be one of ['expected_f1', 'threshold']")
-        _check(all(s >= 32 for s in self.tta_sizes),
-               f"tta_sizes must be image sizes in px (>= 32), got {self.tta_sizes}")
+        _check(all(32 <= s <= MAX_IMAGE_SIZE for s in self.tta_sizes),
+               f"tta_sizes must be image sizes in px (32 to {MAX_IMAGE_SIZE}), got "
+               f"{self.tta_sizes}")
+        _check(self.seed >= 0, "seed must be >= 0")
+        _check(self.min_support >= 1, "min_support must be >= 1 (validation positives)")
         _check(self.data.image_size not in self.tta_sizes,
                f"tta_sizes lists extra sizes: data.image_size ({self.data.image_size}) is always "
                f"used, leave it out of {self.tta_sizes}")
@@ -310,7 +346,7 @@ class TrainConfig:
         return _build(cls, d, "")
 
     def save(self, path: Path | str) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def warnings(self) -> list[str]:
         """Valid but unwise combinations, each as a sentence saying what to do instead."""
@@ -403,8 +439,8 @@ def _coerce(value, tp, key: str):
                 raise ValueError
             return int(value)
         if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
+            if isinstance(value, bool) or not math.isfinite(float(value)):
+                raise ValueError  # nan or inf would silently break training or the decisions
             return float(value)
         if tp is str:
             if isinstance(value, bool):  # YAML reads a bare off/on/no/yes as a boolean
@@ -417,6 +453,8 @@ def _coerce(value, tp, key: str):
     else:
         return value
     name = getattr(tp, "__name__", str(tp))
+    if name == "float":
+        name = "a finite number"
     raise ConfigError(f"{key}: expected {name}{' or null' if optional else ''}, got {value!r}")
 
 
@@ -427,7 +465,7 @@ def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _parse_yaml(path.read_text(), f"config file {path}") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return TrainConfig.from_dict(apply_overrides(raw, overrides))
@@ -448,6 +486,20 @@ def recipe_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a built-in recipe {names}")
 
 
+def _parse_yaml(text: str, where: str, line: bool = True):
+    """YAML's plain data (safe_load: no tags that build objects), or a ConfigError naming
+    `where`, the line and what is wrong."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f", line {mark.line + 1}" if line and mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}{at}: not valid YAML ({problem}); write plain values "
+                          f"(numbers, true/false, text, [lists]), quoting text that holds "
+                          f"':' or '#'") from None
+
+
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Set `section.key=value` items (values parsed as YAML) in a nested config dict."""
     for item in overrides:
@@ -460,5 +512,6 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+        node[parts[-1]] = (_parse_yaml(value, f"--set {item}", line=False) if value.strip()
+                           else value)
     return raw

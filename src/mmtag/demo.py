@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+from mmtag.atomic import atomic_write
 from mmtag.config import load_config, recipe_path
 from mmtag.data.csv_io import read_csv
-from mmtag.data.demo import make_demo_data
+from mmtag.data.demo import DEMO_DATA_MARKER, make_demo_data
+from mmtag.training.loop import is_run_file
+
+_OWNED = ".mmtag-demo-run"  # in --out: this folder was made by `mmtag demo`
+
+
+def claim_demo_folder(out: Path) -> None:
+    """Create `out` for the demo, or accept one an earlier demo made; refuse anything else
+    before touching it."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"demo --out {out} is a file; choose a new folder for --out")
+    earlier_demo = (out / _OWNED).exists() or (out / "data" / DEMO_DATA_MARKER).exists()
+    if out.is_dir() and any(out.iterdir()) and not earlier_demo:
+        raise FileExistsError(f"demo --out {out} is not empty and was not made by mmtag demo; "
+                              f"nothing in it was touched: choose a new or empty folder for --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / _OWNED, "made by mmtag demo: it may replace run/ and Predicted_labels.csv\n")
+
+
+def clear_demo_run(run_dir: Path) -> None:
+    """Delete an earlier demo's run folder: only the files a run writes, and only when nothing
+    else is in it (a file of the user's there stops the demo before anything is deleted)."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise FileExistsError(f"{run_dir} is a file, not a demo run: move it away or choose a "
+                              f"new --out")
+    foreign = sorted(p.name for p in run_dir.iterdir() if not is_run_file(p))
+    if foreign:
+        raise FileExistsError(f"{run_dir} holds {', '.join(foreign[:3])}, which mmtag demo did "
+                              f"not write; nothing was deleted: move it elsewhere, or choose a "
+                              f"new --out")
+    for p in run_dir.iterdir():
+        p.unlink()
+    run_dir.rmdir()
 
 
 def run_demo(out: Path, n: int = 2000, seed: int = 0, epochs: int | None = None,
@@ -19,11 +53,11 @@ def run_demo(out: Path, n: int = 2000, seed: int = 0, epochs: int | None = None,
     from mmtag.training.metrics import multilabel_metrics
 
     data_dir, run_dir = out / "data", out / "run"
+    claim_demo_folder(out)
     if not (data_dir / "train.csv").exists():
         make_demo_data(data_dir, n=n, seed=seed)
         print(f"demo dataset written to {data_dir}")
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # the demo always trains afresh
+    clear_demo_run(run_dir)  # the demo always trains afresh
     overrides = [f"seed={seed}"] + ([f"optim.epochs={epochs}"] if epochs else [])
     cfg = load_config(recipe_path("demo"), overrides)
     summary = fit(cfg, data_dir, run_dir, progress=progress)

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from mmtag.data.csv_io import read_csv
+from mmtag.data.images import to_rgb
 
 RUN_SH = """#!/usr/bin/env bash
 # On the GPU machine, from the repository root: bash {bundle}/run.sh [--set KEY=VALUE ...]
@@ -144,7 +145,7 @@ def write_subset(data: Path, out: Path, rows: int, max_side: int, quality: int) 
     for r in records:
         src = data / "data" / r.image_id
         with Image.open(src) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)
             im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
             im.save(out / "data" / r.image_id, "JPEG", quality=quality)
     return [r.caption for r in records]

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mmtag.data.csv_io import Record, read_csv
+from mmtag.data.images import to_rgb
 
 __all__ = ["DataLayoutError", "check_data", "format_report"]
 
@@ -47,6 +48,8 @@ EXPECTED_LAYOUT = (
 # Lists of offending rows are capped so that a folder with every image missing still gives a
 # JSON report of reasonable size; the counts next to them are always complete.
 MAX_LISTED = 1000
+# a label on fewer rows than this is reported as unexpected (likely a typo in the file)
+RARE_LABEL_ROWS = 5
 # How many entries the text report shows per list (the JSON report has up to MAX_LISTED).
 _TEXT_LISTED = 10
 # How many example names the informative lists (unreferenced files, test rows without an image)
@@ -102,7 +105,7 @@ def _decode_one(job: tuple[str, str]) -> tuple[str, str | None, int, int, str, s
             warnings.simplefilter("always")
             with Image.open(path) as im:
                 width, height, mode = im.width, im.height, im.mode
-                im.convert("RGB").load()
+                to_rgb(im).load()  # as the data loaders will
     except Exception as exc:  # any failure to decode is what we report, whatever its type
         return image_id, f"{type(exc).__name__}: {exc}", 0, 0, "", None
     warning = str(caught[0].message) if caught else None
@@ -214,7 +217,20 @@ def _label_stats(train: Sequence[Record]) -> dict[str, Any]:
             "max": max(per_image) if per_image else None,
         },
         "rows_with_repeated_labels": _listing(repeated),
+        "unexpected": _rare_labels(train, images_with),
     }
+
+
+def _rare_labels(train: Sequence[Record], images_with: Counter) -> list[dict[str, Any]]:
+    """Labels on fewer than RARE_LABEL_ROWS rows, with those rows: a typo in the file, or a
+    label too rare to learn or to tune a threshold for."""
+    rare = {label for label, n in images_with.items() if n < RARE_LABEL_ROWS}
+    rows: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in train:
+        for label in sorted(rare.intersection(r.labels)):
+            rows[label].append(_row_ref("train.csv", r))
+    return [{"label": label, "images": images_with[label], "rows": rows[label][:MAX_LISTED]}
+            for label in sorted(rare)]
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -228,17 +244,6 @@ def _row_ref(csv_name: str, record: Record, **extra: Any) -> dict[str, Any]:
 
 def _listing(items: list[Any], cap: int = MAX_LISTED) -> dict[str, Any]:
     return {"count": len(items), "items": items[:cap], "truncated": len(items) > cap}
-
-
-def _is_plain_name(image_id: str) -> bool:
-    """True when the ImageID names a file directly inside the image folder (no path parts)."""
-    return (
-        bool(image_id)
-        and image_id not in (".", "..")
-        and "/" not in image_id
-        and "\\" not in image_id
-        and "\0" not in image_id
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,11 +325,6 @@ def check_data(
         problems.append(f"{len(empty_labels):,} train row(s) with no labels")
 
     labelled = [("train.csv", r) for r in train] + [("test.csv", r) for r in test]
-    invalid_ids = [_row_ref(name, r) for name, r in labelled if not _is_plain_name(r.image_id)]
-    if invalid_ids:
-        problems.append(
-            f"{len(invalid_ids):,} row(s) whose ImageID is not a plain file name in the image folder"
-        )
 
     rows_by_id: dict[str, list[tuple[str, Record]]] = defaultdict(list)
     for name, r in labelled:
@@ -341,6 +341,10 @@ def check_data(
         problems.append(f"{len(duplicates):,} ImageID(s) used by more than one row")
 
     labels = _label_stats(train)
+    if labels["unexpected"]:
+        notes.append(f"{len(labels['unexpected'])} label(s) on fewer than {RARE_LABEL_ROWS} rows "
+                     f"(see the label table): "
+                     + ", ".join(str(u["label"]) for u in labels["unexpected"]))
     if labels["rows_with_repeated_labels"]["count"]:
         notes.append(
             f"{labels['rows_with_repeated_labels']['count']} train row(s) repeat a label "
@@ -365,8 +369,6 @@ def check_data(
     to_decode: list[str] = []  # distinct ImageIDs in file order, train first
     queued = set()
     for name, r in labelled:
-        if not _is_plain_name(r.image_id):
-            continue
         if r.image_id not in on_disk:
             if name == "train.csv":
                 missing_train.append(_row_ref(name, r))
@@ -446,7 +448,7 @@ def check_data(
     decoded = len(results)
     images = {
         "on_disk": len(on_disk),
-        "referenced": len([i for i in referenced if _is_plain_name(i)]),
+        "referenced": len(referenced),
         "decoded": decoded,
         "limit": limit,
         "limited": limit is not None and decoded < len(queued),
@@ -479,7 +481,6 @@ def check_data(
         "rows": {"train": len(train), "test": len(test) if has_test else None},
         "labels": labels,
         "rows_with_empty_labels": _listing(empty_labels),
-        "invalid_image_ids": _listing(invalid_ids),
         "duplicate_image_ids": _listing(duplicates),
         "captions": captions,
         "images": images,
@@ -540,6 +541,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"  {f['label']:>5} {f['images']:>8,} {f['pct_images']:>8.2f}% "
             f"{f['pct_occurrences']:>13.2f}%"
         )
+    for u in labels["unexpected"]:
+        where = ", ".join(f"line {ref['line']} ({ref['image_id']})" for ref in u["rows"][:3])
+        out.append(f"  unexpected label {u['label']}: only {u['images']} row(s) carry it ({where}): "
+                   f"a typo, or too rare to learn; check those rows")
     per = labels["per_image"]
     hist = ", ".join(f"{k}: {_fmt_num(v)}" for k, v in per["histogram"].items())
     out.append(
@@ -603,7 +608,6 @@ def format_report(report: dict[str, Any]) -> str:
 
     for key, title in (
         ("rows_with_empty_labels", "train rows with no labels"),
-        ("invalid_image_ids", "ImageIDs that are not plain file names"),
     ):
         if report[key]["count"]:
             out.append("")

@@ -19,20 +19,23 @@ Anything that cannot be read unambiguously raises :class:`CSVFormatError` with t
 line and the offending text; no row is ever dropped or merged silently.
 
 Known limitation: inside a caption that spans several lines, a line that itself looks like the
-start of a row (``12.jpg,3,...``) is taken as a new row, which then makes the caption
-unterminated and raises an error; it never merges or splits rows silently.
+start of a row (``12.jpg,3,...``) is taken as a new row. That usually leaves the caption
+unterminated and raises an error, but if the caption line before it ends with ``"`` the text is
+indistinguishable from two rows and is read as two rows. :func:`write_csv` therefore refuses to
+write such captions, so a file it writes always reads back exactly.
 """
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import operator
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from mmtag.atomic import atomic_write
 
 # File extensions accepted at the end of an image id (compared case-insensitively).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff")
@@ -103,6 +106,7 @@ class _Grammar:
     def __init__(self, has_labels: bool, has_caption: bool) -> None:
         self.has_labels = has_labels
         self.has_caption = has_caption
+        self.columns = ",".join(["ImageID", *["Labels"] * has_labels, *["Caption"] * has_caption])
         ext = "|".join(IMAGE_EXTENSIONS)
         self.image_id = re.compile(rf'[^\s,"]+\.(?:{ext})', re.IGNORECASE)
         self.labels = re.compile(r"[0-9 ]*")
@@ -124,6 +128,13 @@ class _Grammar:
 
     def looks_like_row(self, line: str) -> bool:
         return self.row_like.match(line) is not None
+
+
+def is_plain_file_name(image_id: str) -> bool:
+    """True when `image_id` names a file directly inside a folder: no path separator, no
+    '.'/'..', no NUL byte (so joining it onto the image folder stays inside that folder)."""
+    return (bool(image_id) and image_id not in (".", "..")
+            and not any(c in image_id for c in ("/", "\\", "\0")))
 
 
 def csv_columns(path: str | os.PathLike[str]) -> tuple[bool, bool]:
@@ -167,10 +178,22 @@ def read_csv(path: str | os.PathLike[str]) -> list[Record]:
         raise CSVFormatError(path, 1, "", "the file is empty",
                              f"Expected a header ({_EXPECTED_HEADERS}) followed by one row per image")
     grammar = _Grammar(*_parse_header(path, lines[0]))
+    records = _parse_rows(path, lines, breaks, grammar, 1)
+    if not records:
+        raise CSVFormatError(path, 1, lines[0], "the file has a header but no rows",
+                             "Expected one row per image after the header")
+    return records
 
+
+def _parse_rows(path: Path, lines: list[str], breaks: list[str], grammar: _Grammar,
+                first: int) -> list[Record]:
+    """Parse the rows in ``lines[first:]`` (the rows after the header, for read_csv).
+
+    Separate from read_csv so that the writer can read a single row back with the very same code.
+    """
     records: list[Record] = []
     first_line_of: dict[str, int] = {}
-    i, n = 1, len(lines)
+    i, n = first, len(lines)
     while i < n:
         line = lines[i]
         if not line.strip():
@@ -197,9 +220,6 @@ def read_csv(path: str | os.PathLike[str]) -> list[Record]:
                 "Each image may appear only once; remove or merge one of the two rows")
         first_line_of[image_id] = start
         records.append(Record(image_id, labels, caption, start))
-    if not records:
-        raise CSVFormatError(path, 1, lines[0], "the file has a header but no rows",
-                             "Expected one row per image after the header")
     return records
 
 
@@ -231,57 +251,183 @@ def write_submission(
         raise ValueError(f"got {len(ids)} image ids but {len(sets)} label sets; they must pair up")
     if not ids:
         raise ValueError("refusing to write a submission with no rows")
-    grammar = _Grammar(True, False)
+    rows = zip(ids, sets, itertools.repeat(""))
+    atomic_write(path, _format_rows(rows, _Grammar(True, False)))
+
+
+def write_csv(
+    path: str | os.PathLike[str],
+    records: Iterable[Record],
+    *,
+    labels: bool = True,
+    captions: bool = True,
+) -> None:
+    """Write records in the competition's layout so that :func:`read_csv` reads them back exactly.
+
+    The layout is ``ImageID,Labels,Caption`` (the default, as train.csv), ``ImageID,Caption``
+    (``labels=False``, as test.csv) or ``ImageID,Labels`` (``captions=False``, a submission).
+    Captions are written in double quotes as the competition does, inner quotes kept as they are
+    (see :func:`format_csv` for the few that are written as standard CSV instead). Rows end in
+    ``\\n``; line breaks inside captions are written unchanged. Like :func:`write_submission`, the
+    file is replaced atomically and a failure leaves any previous file untouched.
+
+    Args:
+        path: the file to write (its folder must exist).
+        records: the rows, in order; their ``line`` is ignored (it is where the row lands).
+        labels: write a Labels column.
+        captions: write a Caption column.
+
+    Raises:
+        ValueError: no rows, both columns switched off, an invalid or duplicate image id, a
+            negative label, labels or a caption given for a column the layout does not have,
+            text that is not valid Unicode, or a caption that the reader could not give back
+            exactly; the message names the row (0-based index and image id) and why.
+        TypeError: a label is not an integer or a caption is not a string.
+    """
+    text = format_csv(records, labels=labels, captions=captions)
+    atomic_write(path, text)
+
+
+def format_csv(records: Iterable[Record], *, labels: bool = True, captions: bool = True) -> str:
+    """The text :func:`write_csv` writes, built without touching the disk.
+
+    A caption is written between double quotes with its inner quotes as they are (the Kaggle
+    style). Where :func:`read_csv` would read that back differently, every inner quote is doubled
+    instead (standard CSV), which the reader un-doubles: that is needed when the caption happens
+    to be valid standard CSV itself (``a""b`` would be read as ``a"b``), and it also keeps a
+    caption line such as ``"7.jpg",...`` from looking like a new row. A caption that reads back
+    wrongly both ways (in practice: a line of it looks like the start of a row) raises ValueError.
+    Arguments and errors as for :func:`write_csv`.
+    """
+    if not (labels or captions):
+        raise ValueError("a CSV file needs a Labels or a Caption column (or both)")
+    rows = ((r.image_id, r.labels, r.caption) for r in records)
+    return _format_rows(rows, _Grammar(labels, captions))
+
+
+# Stands in for a file name in errors raised while a caption is read back in memory.
+_ROW_CHECK = Path("<row being written>")
+
+
+def _format_rows(rows: Iterable[tuple[str, Iterable[int], str]], grammar: _Grammar) -> str:
+    """Header plus one line (or several, for a caption with line breaks) per (id, labels, caption).
+
+    Checks every row so that the text reads back exactly under ``grammar``'s layout.
+    """
+    out = [grammar.columns + "\n"]
     seen: set[str] = set()
-    rows = ["ImageID,Labels\n"]
-    for index, (image_id, labels) in enumerate(zip(ids, sets, strict=True)):
-        if not isinstance(image_id, str) or not grammar.image_id.fullmatch(image_id):
-            raise ValueError(
-                f"row {index}: invalid image id {image_id!r}; expected a file name such as "
-                f"'30000.jpg' without spaces, commas or quotes")
-        if image_id in seen:
-            raise ValueError(f"row {index}: duplicate image id {image_id!r}")
-        seen.add(image_id)
-        texts = []
-        for label in labels:
-            # operator.index accepts Python and numpy integers but rejects floats and strings,
-            # which would otherwise be written as "3.0" or split into characters.
-            if isinstance(label, bool):
-                raise TypeError(f"row {index} ({image_id}): label {label!r} is not an integer")
-            try:
-                value = operator.index(label)
-            except TypeError:
-                raise TypeError(
-                    f"row {index} ({image_id}): label {label!r} is not an integer") from None
-            if value < 0:
-                raise ValueError(f"row {index} ({image_id}): label {value} is negative")
-            texts.append(str(value))
-        rows.append(f"{image_id},{' '.join(texts)}\n")
-    _atomic_write_text(path, "".join(rows))
+    for index, (image_id, labels, caption) in enumerate(rows):
+        _check_image_id(index, image_id, grammar, seen)
+        values = _label_values(index, image_id, labels)
+        fields = [image_id]
+        if grammar.has_labels:
+            fields.append(" ".join(map(str, values)))
+        elif values:  # the reader would give back () instead
+            raise ValueError(f"row {index} ({image_id}): labels {values} given but the layout "
+                             "has no Labels column; write with labels=True or drop them")
+        if grammar.has_caption:
+            row = _row_with_caption(index, fields, values, caption, grammar)
+        elif caption != "":  # the reader would give back "" instead
+            raise ValueError(f"row {index} ({image_id}): a caption is given but the layout has "
+                             "no Caption column; write with captions=True or drop it")
+        else:
+            row = ",".join(fields)
+        out.append(row + "\n")
+    if len(out) == 1:  # read_csv rejects a file without rows
+        raise ValueError("refusing to write a CSV file with no rows")
+    return "".join(out)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    if path.exists():
-        mode = path.stat().st_mode & 0o777
-    else:
-        # mkstemp creates the file as 0600; give the new file the usual permissions instead.
-        # The umask can only be read by setting it, so set it back at once.
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _check_image_id(index: int, image_id: object, grammar: _Grammar, seen: set[str]) -> None:
+    """Raise ValueError unless ``image_id`` is an id that read_csv accepts and not yet used."""
+    if not isinstance(image_id, str) or not grammar.image_id.fullmatch(image_id):
+        raise ValueError(
+            f"row {index}: invalid image id {image_id!r}; expected a file name such as "
+            f"'30000.jpg' without spaces, commas or quotes")
+    if not is_plain_file_name(image_id):  # the reader refuses these: see _parse_row_start
+        raise ValueError(
+            f"row {index}: image id {image_id!r} is not a plain file name (no '/', '\\', '..' "
+            "or absolute path)")
+    _check_utf8(image_id, f"row {index}: image id {image_id!r}")
+    if image_id in seen:
+        raise ValueError(f"row {index}: duplicate image id {image_id!r}")
+    seen.add(image_id)
+
+
+def _label_values(index: int, image_id: str, labels: Iterable[int]) -> tuple[int, ...]:
+    """The labels as non-negative Python ints, else TypeError / ValueError naming the row."""
+    values = []
+    for label in labels:
+        # operator.index accepts Python and numpy integers but rejects floats and strings,
+        # which would otherwise be written as "3.0" or split into characters.
+        if isinstance(label, bool):
+            raise TypeError(f"row {index} ({image_id}): label {label!r} is not an integer")
+        try:
+            value = operator.index(label)
+        except TypeError:
+            raise TypeError(
+                f"row {index} ({image_id}): label {label!r} is not an integer") from None
+        if value < 0:
+            raise ValueError(f"row {index} ({image_id}): label {value} is negative")
+        values.append(value)
+    return tuple(values)
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """Lone surrogates cannot be encoded: fail here, naming the row, not in the middle of writing."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid Unicode text ({exc.reason} at character "
+                         f"{exc.start})") from None
+
+
+def _row_with_caption(index: int, fields: list[str], labels: tuple[int, ...], caption: str,
+                      grammar: _Grammar) -> str:
+    """The row: ``fields`` (the id and labels) plus a quoted caption that reads back exactly.
+
+    The reader returns what lies between the quotes either as it is or, if every quote in it is
+    doubled, un-doubled; so the Kaggle style and standard CSV are the only two ways to quote a
+    caption, and if neither reads back there is none (an unquoted caption has to fit on one line,
+    and a one-line caption always reads back in standard CSV).
+    """
+    image_id, prefix = fields[0], ",".join(fields)
+    if not isinstance(caption, str):
+        raise TypeError(f"row {index} ({image_id}): caption {caption!r} is not a string")
+    _check_utf8(caption, f"row {index} ({image_id}): the caption")
+    expected = [(image_id, labels, caption)]
+    for content in (caption, caption.replace('"', '""')):
+        row = f'{prefix},"{content}"'
+        # Reading the row alone is reading it in the file: a caption ends at the first line
+        # ending in a quote that is followed by the start of a row or by the end of the file,
+        # and every row written here starts like a row.
+        if _read_back(row, grammar) == expected:
+            return row
+    raise ValueError(f"row {index} ({image_id}): cannot write caption {caption[:_CLIP]!r} so that "
+                     f"it reads back exactly: {_unreadable_reason(caption, grammar)}")
+
+
+def _read_back(row: str, grammar: _Grammar) -> list[tuple[str, tuple[int, ...], str]] | None:
+    """(id, labels, caption) of each record read_csv reads from ``row``; None if it raises."""
+    lines, breaks = _split_lines(row)
+    try:
+        records = _parse_rows(_ROW_CHECK, lines, breaks, grammar, 0)
+    except CSVFormatError:
+        return None
+    return [(r.image_id, r.labels, r.caption) for r in records]
+
+
+def _unreadable_reason(caption: str, grammar: _Grammar) -> str:
+    """Why a caption cannot be written: the first of its lines that looks like a row."""
+    lines = _split_lines(caption)[0]
+    for number, line in enumerate(lines[1:], start=2):
+        # With quotes doubled (and the closing quote on the last line); both forms failed, and
+        # the doubled one reads back un-doubled, so it failed on a line that looks like a row.
+        written = line.replace('"', '""') + ('"' if number == len(lines) else "")
+        if grammar.looks_like_row(written):
+            return (f"its line {number} ({line[:_CLIP]!r}) looks like the start of a new row, "
+                    "which the reader cannot tell apart from one")
+    return "the reader would not give it back unchanged"  # not expected: see _row_with_caption
 
 
 def _decode(raw: bytes, path: Path) -> str:
@@ -351,14 +497,19 @@ def _parse_row_start(path: Path, line_no: int, line: str, grammar: _Grammar,
     Returns (image id, labels, caption field as it starts on this line or None if the layout has
     no caption column).
     """
-    columns = ("ImageID,Labels,Caption" if grammar.has_labels and grammar.has_caption
-               else "ImageID,Caption" if grammar.has_caption else "ImageID,Labels")
-    field_hint = f"Each row needs the fields {columns}"
+    field_hint = f"Each row needs the fields {grammar.columns}"
 
     split = _split_field(line)
     if split is None:
         raise CSVFormatError(path, line_no, line, "malformed quoted image id", field_hint)
     image_id, rest = split
+    if grammar.image_id.fullmatch(image_id) and not is_plain_file_name(image_id):
+        # One rule for every command: an id is joined onto the image folder, so a path in it
+        # would read (or, for a writer, write) a file outside that folder.
+        raise CSVFormatError(
+            path, line_no, line, f"image id {image_id!r} is not a plain file name",
+            "An ImageID names a file directly inside the image folder (e.g. 0.jpg): no '/', "
+            "'\\', '..' or absolute path; move the image into the folder and use its name")
     if not grammar.image_id.fullmatch(image_id):
         # Only call it a bad id if the line is shaped like a row; otherwise it is more likely
         # stray text, such as an unquoted caption that continues on a second line.

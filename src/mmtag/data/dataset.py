@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mmtag.atomic import atomic_write
 from mmtag.data.csv_io import Record
 from mmtag.data.images import ImageReadError, load_image
 from mmtag.data.labels import LabelMap
@@ -23,12 +24,14 @@ class TaggingDataset(Dataset):
     """(image, token ids, caption length, multi-hot target) for each CSV row, in file order.
 
     Captions are encoded once up front: lemmatising in every epoch (and every worker) is waste.
-    Rows without labels (test.csv) get an all-zero target.
+    Rows without labels (test.csv), and every row when not `with_targets`, get an all-zero
+    target.
     """
 
     def __init__(self, records: Sequence[Record], image_dir: Path | str, encode_caption: CaptionFn,
                  label_map: LabelMap, transform: Callable | None = None, source: str = "",
-                 blank_missing_images: bool = False, load_images: bool = True):
+                 blank_missing_images: bool = False, load_images: bool = True,
+                 with_targets: bool = True):
         self.records = list(records)
         self.load_images = load_images  # False for caption-only models: no decoding at all
         self.image_dir = Path(image_dir)
@@ -39,8 +42,10 @@ class TaggingDataset(Dataset):
             if self.records else ((), ())
         self.tokens = torch.as_tensor(np.stack(ids)) if ids else torch.zeros(0, 1, dtype=torch.long)
         self.lengths = torch.as_tensor(lengths, dtype=torch.long)
+        # predict needs no labels: a Labels column there is ignored, not checked
         self.targets = torch.as_tensor(np.stack(
-            [label_map.encode(r.labels, self._where(r)) for r in self.records]
+            [label_map.encode(r.labels if with_targets else (), self._where(r))
+             for r in self.records]
         )) if self.records else torch.zeros(0, label_map.num_classes)
 
     def _where(self, rec: Record) -> str:
@@ -112,7 +117,7 @@ class Split:
         return [by_id[i] for i in self.train], [by_id[i] for i in self.val]
 
     def save(self, path: Path | str) -> None:
-        Path(path).write_text(json.dumps(asdict(self)))
+        atomic_write(path, json.dumps(asdict(self)))
 
     @classmethod
     def load(cls, path: Path | str) -> Split:

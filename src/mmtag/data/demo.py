@@ -164,7 +164,7 @@ _BACKGROUND_WORDS: dict[str, tuple[str, ...]] = {
 }
 _BACKGROUND_KINDS = tuple(_BACKGROUND_WORDS)
 
-_MARKER = ".mmtag-demo.json"
+DEMO_DATA_MARKER = ".mmtag-demo.json"  # a folder of demo data that make_demo_data may refresh
 _GENERATOR = "mmtag.data.demo"  # written into the marker; not __name__, which may be "__main__"
 _FORMAT_VERSION = 1
 
@@ -597,7 +597,7 @@ def _prepare_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"demo output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
-        marker = out / _MARKER
+        marker = out / DEMO_DATA_MARKER
         try:
             ok = json.loads(marker.read_text(encoding="utf-8")).get("generator") == _GENERATOR
         except (OSError, ValueError, AttributeError):
@@ -605,7 +605,7 @@ def _prepare_out_dir(out: Path) -> None:
         if not ok:
             raise FileExistsError(
                 f"refusing to write demo data into {out}: the directory is not empty and has no "
-                f"{_MARKER} marker from an earlier demo run. Pick a new or empty directory."
+                f"{DEMO_DATA_MARKER} marker from an earlier demo run. Pick a new or empty directory."
             )
         # Our own earlier output: drop its images so none is left over from a larger n.
         data = out / "data"
@@ -686,7 +686,7 @@ def make_demo_data(
         "n": n,
         "n_test": n_test,
     }
-    (out / _MARKER).write_text(
+    (out / DEMO_DATA_MARKER).write_text(
         json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )
     image_dir = out / "data"

@@ -8,8 +8,9 @@ once over the data and its outputs are stored on disk, one `.npy` file per image
 * Keys are content hashes, and the spec folder's name hashes everything else that changes the
   output (encoder, fingerprint of the frozen weights, stage, input size, normalisation, flip, format
   version): an edited image, another backbone, resolution or preprocessing is never served stale.
-* Each file is written to a temporary name and renamed, so a run killed while caching leaves only
-  complete entries behind and the next run extracts just what is missing.
+* Each file is written through mmtag.atomic (temporary name, fsync, rename), so a run killed
+  while caching, or one that ran out of disk, leaves only complete entries behind and the next
+  run extracts just what is missing; runs sharing the store write identical entries.
 * With `flip`, each entry also holds the features of the horizontally flipped image: flip
   augmentation for training and flip test-time augmentation come from the cache too.
 """
@@ -20,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmtag.atomic import atomic_write
 from mmtag.data.csv_io import Record
 from mmtag.data.images import ImageReadError, ImageTransformSpec, build_transform, load_image
 from mmtag.training.runtime import autocast
@@ -110,14 +111,9 @@ class FeatureStore:
     def put(self, key: str, array: np.ndarray) -> None:
         p = self.path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=p.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, array)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # atomic and synced: another run reading this store, or a run resumed after a crash or
+        # a full disk, sees the whole entry or none
+        atomic_write(p, lambda f: np.save(f, array))
 
 
 class _Images(torch.utils.data.Dataset):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 # name -> (mean, std) on 0..1 pixels
@@ -69,8 +70,23 @@ def load_image(path: Path | str, where: str = "") -> Image.Image:
     at = f" ({where})" if where else ""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError:
         raise ImageReadError(f"image {path}{at} does not exist") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"image {path}{at} cannot be decoded: {e}") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. High-bit-depth greyscale (16-bit PNG/TIFF: modes I;16*, I) is scaled to 0-255
+    first: `convert("RGB")` would clip it, turning nearly every pixel white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        a = np.clip(a, 0, top) * (255.0 / top)
+        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":  # 32-bit float greyscale: 0-1 or 0-255
+        a = np.asarray(im).astype(np.float64)
+        a = a * 255.0 if a.max(initial=0) <= 1.0 else a
+        return Image.fromarray(np.round(np.clip(a, 0, 255)).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")

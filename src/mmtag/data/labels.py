@@ -15,6 +15,10 @@ import numpy as np
 class UnknownLabelError(ValueError):
     """A labelled row carries a label that the training rows never had."""
 
+    def __init__(self, label: int, where: str, message: str):
+        super().__init__(message)
+        self.label, self.where = label, where
+
 
 @dataclass(frozen=True)
 class LabelMap:
@@ -48,7 +52,7 @@ class LabelMap:
             return self._positions[label]
         except KeyError:
             at = f" ({where})" if where else ""
-            raise UnknownLabelError(
+            raise UnknownLabelError(label, where,
                 f"label {label}{at} was never seen in the training rows; known labels are "
                 f"{list(self.labels)}. Retrain with rows that include it, or remove it from the file."
             ) from None

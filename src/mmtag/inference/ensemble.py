@@ -16,14 +16,15 @@ The folder it writes is a run folder for `evaluate`, `predict` and `benchmark` (
 from __future__ import annotations
 
 import csv
+import io
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mmtag.atomic import atomic_write
 from mmtag.config import TrainConfig
 from mmtag.training.checkpoint import (
     FORMAT_VERSION,
@@ -56,12 +57,29 @@ def _read_val_probs(run: Path) -> tuple[list[str], list[list[str]], np.ndarray, 
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: only a finished run (one that chose its "
                                 f"thresholds) can join an ensemble")
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
+    redo = (f"it is written when a run ends: rewrite it with mmtag train --resume {run} "
+            f"--data DIR")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path} is damaged ({e}); {redo}") from None
+    if len(rows) < 2 or rows[0][:2] != ["ImageID", "Labels"] or len(rows[0]) < 3:
+        raise ValueError(f"{path} is empty or damaged (it needs the header ImageID,Labels,<one "
+                         f"column per label> and one row per validation image); {redo}")
     header, body = rows[0], rows[1:]
     labels = header[2:]
+    p = np.zeros((len(body), len(labels)))
+    for i, r in enumerate(body):
+        try:
+            if len(r) != len(header):
+                raise ValueError(f"{len(r)} fields, the header has {len(header)}")
+            p[i] = [float(x) for x in r[2:]]
+            if not np.all((p[i] >= 0) & (p[i] <= 1)):
+                raise ValueError("a probability outside [0, 1]")
+        except ValueError as e:
+            raise ValueError(f"{path}, line {i + 2}: {e}; the file is damaged; {redo}") from None
     y = np.array([[int(lab in r[1].split()) for lab in labels] for r in body])
-    p = np.array([[float(x) for x in r[2:]] for r in body])
     return header, [r[:2] for r in body], y, p
 
 
@@ -138,18 +156,19 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
                               "members": members}}, out / "best.pt")
     for name in ("config.yaml", "labels.json", "vocab.json", "split.json"):
         if (first / name).exists():
-            shutil.copyfile(first / name, out / name)
-    with (out / "val_probs.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for id_labels, row in zip(ids, p, strict=True):
-            w.writerow([*id_labels, *[f"{x:.5f}" for x in row]])
+            atomic_write(out / name, (first / name).read_bytes())
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for id_labels, row in zip(ids, p, strict=True):
+        w.writerow([*id_labels, *[f"{x:.5f}" for x in row]])
+    atomic_write(out / "val_probs.csv", buf.getvalue())
     tta = (json.loads((first / "summary.json").read_text()).get("tta")
            if (first / "summary.json").exists() else None)
     summary = {"members": [str(r) for r in runs], **figures, "tta": tta,
                "saved_model_mb": round(mb, 2), "shared_tensors": len(shared),
                "val_rows": len(ids)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

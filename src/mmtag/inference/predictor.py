@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import logging
 from collections.abc import Sequence
@@ -14,18 +15,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmtag.atomic import atomic_write_many
 from mmtag.config import TrainConfig
-from mmtag.data.csv_io import Record, csv_columns, read_csv, write_submission
+from mmtag.data.csv_io import Record, csv_columns, format_csv, read_csv
 from mmtag.data.dataset import Split, TaggingDataset, make_loader
-from mmtag.data.images import ImageReadError, build_transform, load_image
-from mmtag.data.labels import LabelMap
+from mmtag.data.images import ImageReadError, build_transform, load_image, to_rgb
+from mmtag.data.labels import LabelMap, UnknownLabelError
 from mmtag.inference.ensemble import member_states
 from mmtag.models.build import build_tagger, caption_encoder_from_dict
 from mmtag.training.checkpoint import load_checkpoint
 from mmtag.training.loop import _logits, encoder_normalisation, evaluate, image_spec
 from mmtag.training.metrics import multilabel_metrics
 from mmtag.training.runtime import amp_dtype, autocast, resolve_device
-from mmtag.training.thresholds import apply_thresholds, decide
+from mmtag.training.thresholds import apply_thresholds, check_threshold, decide
 
 log = logging.getLogger("mmtag.predict")
 
@@ -91,11 +93,14 @@ class Predictor:
                                train=False)
 
     def dataset(self, records: Sequence[Record], image_dir: Path | str, source: str = "",
-                blank_missing_images: bool = False) -> TaggingDataset:
+                blank_missing_images: bool = False, with_targets: bool = True) -> TaggingDataset:
+        """`records` as model inputs; their labels become targets only `with_targets` (for
+        scoring), which must then be in the run's label set."""
         return TaggingDataset(records, image_dir, self.caption_enc, self.label_map,
                               self.transform(), source=source,
                               blank_missing_images=blank_missing_images,
-                              load_images=self.model.image_encoder is not None)
+                              load_images=self.model.image_encoder is not None,
+                              with_targets=with_targets)
 
     def probabilities(self, dataset: TaggingDataset, batch_size: int = 64,
                       num_workers: int = 0) -> np.ndarray:
@@ -134,7 +139,8 @@ class Predictor:
         when given."""
         alo = self.at_least_one if at_least_one is None else at_least_one
         if threshold is not None:
-            return apply_thresholds(probs, np.full(probs.shape[1], threshold), alo)
+            return apply_thresholds(probs, np.full(probs.shape[1], check_threshold(threshold)),
+                                    alo)
         return decide(probs, self.thresholds, at_least_one=alo,
                       rule=decision or self.config.decision)
 
@@ -162,7 +168,7 @@ class Predictor:
         for i, (img, caption) in enumerate(pairs):
             if not isinstance(img, Image.Image):
                 img = load_image(img, f"pair {i}")
-            pil.append(img.convert("RGB"))
+            pil.append(to_rgb(img))
             tok, n = self.caption_enc(caption)
             ids.append(torch.as_tensor(tok))
             lengths.append(n)
@@ -179,6 +185,34 @@ class Predictor:
                     probs = probs + (torch.sigmoid(logits.float()).cpu().numpy()
                                      / (len(self.image_sizes) * len(self.models)))
         return [self.label_map.decode(row) for row in self.decide(probs, threshold)]
+
+
+def check_outputs(inputs: dict[str, Path], outputs: dict[str, Path | None]) -> None:
+    """Refuse an output path that is one of the inputs or another output (it would be
+    overwritten), or a folder."""
+    seen: dict[Path, str] = {}
+    for name, path in inputs.items():
+        seen[path.resolve()] = name
+    for name, path in outputs.items():
+        if path is None:
+            continue
+        key = path.resolve()
+        if key in seen:
+            raise ValueError(f"{name} {path} is also {seen[key]}: writing it would replace that "
+                             f"file; give {name} another path")
+        if path.is_dir():
+            raise ValueError(f"{name} {path} is a folder; give a file path for {name}")
+        seen[key] = name
+
+
+def probs_csv(image_ids: Sequence[str], label_map: LabelMap, probs: np.ndarray) -> str:
+    """The text of a probabilities CSV: ImageID, then one column per label."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["ImageID", *[str(lab) for lab in label_map.labels]])
+    for image_id, p in zip(image_ids, probs, strict=True):
+        w.writerow([image_id, *[f"{x:.5f}" for x in p]])
+    return buf.getvalue()
 
 
 def find_missing_images(records: Sequence[Record], image_dir: Path,
@@ -226,7 +260,13 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
         validation_of = run_dir
     else:
         raise ValueError("evaluate needs --data DIR (the run's validation split) or --csv FILE")
-    ds = pred.dataset(rows, image_dir, source)
+    try:
+        ds = pred.dataset(rows, image_dir, source)
+    except UnknownLabelError as e:
+        raise UnknownLabelError(e.label, e.where, (
+            f"label {e.label} ({e.where}) is not one this run predicts "
+            f"({' '.join(map(str, pred.label_map.labels))}), so it cannot be scored: remove it "
+            f"from the file, or evaluate a run trained on rows that carry it")) from None
     probs = pred.probabilities(ds, batch_size, num_workers)
     y = ds.targets.numpy().astype(int)
     m = multilabel_metrics(y, pred.decide(probs, threshold, decision=decision),
@@ -271,9 +311,12 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
                 threshold: float | None = None, decision: str | None = None,
                 caption_only_missing: bool = False, batch_size: int = 64, device: str = "auto",
                 num_workers: int = 0, tta_sizes: Sequence[int] | None = None) -> dict:
-    """Write the Kaggle submission for every row of `csv_path`, in order."""
-    pred = Predictor.load(run, device, tta_sizes)
+    """Write the Kaggle submission for every row of `csv_path`, in order (and the
+    probabilities to `probs_out`): both files or neither."""
     csv_path, images = Path(csv_path), Path(images)
+    check_outputs({"--csv": csv_path, "run": _checkpoint_path(run)},
+                  {"--out": Path(out), "--probs": probs_out and Path(probs_out)})
+    pred = Predictor.load(run, device, tta_sizes)
     pred.check_captions(csv_path)
     rows = read_csv(csv_path)
     bad = find_missing_images(rows, images, str(csv_path)) if pred.model.image_encoder else {}
@@ -303,22 +346,23 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
         good = [i for i in range(len(rows)) if i not in bad]
         probs = np.zeros((len(rows), pred.label_map.num_classes))
         if good:
-            probs[good] = pred.probabilities(pred.dataset([rows[i] for i in good], images, src),
-                                             batch_size, num_workers)
+            probs[good] = pred.probabilities(
+                pred.dataset([rows[i] for i in good], images, src, with_targets=False),
+                batch_size, num_workers)
         probs[list(bad)] = pred.caption_probabilities(
-            pred.dataset([rows[i] for i in bad], images, src), batch_size)
+            pred.dataset([rows[i] for i in bad], images, src, with_targets=False), batch_size)
     else:
-        ds = pred.dataset(rows, images, str(csv_path), blank_missing_images=bool(bad))
+        ds = pred.dataset(rows, images, str(csv_path), blank_missing_images=bool(bad),
+                          with_targets=False)
         probs = pred.probabilities(ds, batch_size, num_workers)
     decisions = pred.decide(probs, threshold, decision=decision)
     label_sets = [pred.label_map.decode(d) for d in decisions]
-    write_submission(out, [r.image_id for r in rows], label_sets)
+    files = [(out, format_csv([Record(r.image_id, labs, "", r.line)
+                               for r, labs in zip(rows, label_sets, strict=True)],
+                              captions=False))]
     if probs_out is not None:
-        with Path(probs_out).open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["ImageID", *[str(lab) for lab in pred.label_map.labels]])
-            for r, p in zip(rows, probs, strict=True):
-                w.writerow([r.image_id, *[f"{x:.5f}" for x in p]])
+        files.append((probs_out, probs_csv([r.image_id for r in rows], pred.label_map, probs)))
+    atomic_write_many(files)
     return {"rows": len(rows), "out": str(out), "probs": str(probs_out) if probs_out else None,
             "caption_only": msgs, "caption_only_via": via if msgs else None,
             "decision": pred.describe_decision(threshold, decision)}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from mmtag.atomic import atomic_write
+
 
 def read_metrics(path: Path | str) -> dict[str, list[float]]:
     """metrics.csv as columns of floats."""
@@ -43,6 +45,6 @@ def plot_curves(metrics_csv: Path | str, out_png: Path | str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return Path(out_png)

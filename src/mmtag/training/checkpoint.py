@@ -6,12 +6,14 @@ thresholds) so it loads with `torch.load(..., weights_only=True)` and predict ne
 
 from __future__ import annotations
 
-import os
-import tempfile
+import hashlib
+import io
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from mmtag.atomic import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -20,18 +22,43 @@ class ModelTooLargeError(ValueError):
     """The saved inference model would exceed the configured size limit."""
 
 
-def atomic_save(obj, path: Path | str) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash mid-write never
-    leaves a truncated checkpoint behind."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_save(obj: dict, path: Path | str) -> None:
+    """torch.save through mmtag.atomic: a crash or a full disk mid-write never leaves a
+    truncated checkpoint behind (the previous one stays). A digest of the contents is saved
+    with them, so bytes changed later (a bad disk, a tampered file) are refused on load rather
+    than read as other weights or thresholds."""
+    payload = {k: v for k, v in obj.items() if k != "digest"}
+    payload["digest"] = content_digest(payload)
+    buf = io.BytesIO()  # serialised first: torch reports a failed file write as a RuntimeError
+    torch.save(payload, buf)
+    atomic_write(path, buf.getbuffer())
+
+
+def content_digest(obj) -> str:
+    """sha256 over every key and value of nested dicts/lists of tensors and plain values."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h, obj) -> None:
+    if isinstance(obj, dict):
+        h.update(b"{")
+        for k, v in obj.items():
+            h.update(repr(k).encode())
+            _feed(h, v)
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _feed(h, v)
+        h.update(b"]")
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"tensor:{t.dtype}:{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    else:
+        h.update(repr(obj).encode())  # floats' repr round-trips exactly
 
 
 def inference_state_dict(model: nn.Module, fp16: bool = False) -> dict[str, torch.Tensor]:
@@ -65,12 +92,39 @@ def check_model_size(model: nn.Module, limit_mb: float, fp16: bool) -> float:
     return mb
 
 
-def load_checkpoint(path: Path | str) -> dict:
-    """Load a checkpoint written by mmtag (plain data + tensors only)."""
+class CheckpointError(ValueError):
+    """A checkpoint file is damaged, truncated or not mmtag's; it was not loaded."""
+
+
+def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict:
+    """Load a checkpoint written by mmtag (plain data + tensors only).
+
+    Only the restricted loader (`weights_only=True`) is ever used: a file it refuses (tampered,
+    truncated, empty, or holding code) is reported as an error, never loaded any other way."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # UnpicklingError, EOFError, RuntimeError (zip), ...: all damage
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's own message may advise weights_only=False: that would run code in the file
+        if "weights_only" in reason or "Weights only load failed" in reason:
+            reason = "it holds objects other than plain data and tensors"
+        raise CheckpointError(
+            f"{what} {path} cannot be read safely ({type(e).__name__}: {reason[:160]}); it was "
+            f"not loaded. It is damaged, truncated or not written by mmtag: use an intact copy, "
+            f"or train the run again") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not an mmtag checkpoint of format {FORMAT_VERSION}")
+        raise CheckpointError(f"{what} {path} is not an mmtag checkpoint of format "
+                              f"{FORMAT_VERSION}; it was not loaded")
+    digest = ckpt.pop("digest", None)  # checkpoints written before digests have none
+    if digest is not None and digest != content_digest(ckpt):
+        raise CheckpointError(f"{what} {path} does not match the digest saved with it: its "
+                              f"bytes changed after it was written (a damaged disk or copy, or "
+                              f"an edit); it was not loaded. Use an intact copy, or train again")
     return ckpt

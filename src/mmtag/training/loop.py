@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import logging
 import math
+import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from mmtag.allocator import keep_freed_memory
+from mmtag.atomic import atomic_write
 from mmtag.config import TrainConfig
 from mmtag.data.csv_io import Record, read_csv
 from mmtag.data.dataset import Split, TaggingDataset, make_loader
@@ -233,13 +236,13 @@ class RunData:
     image_dir: Path
 
 
-def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool) -> RunData:
-    """Read train.csv, split (or reload the saved split), fit labels and vocabulary on the
+def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
+                 rows: list[Record]) -> RunData:
+    """Split train.csv's `rows` (or reload the saved split), fit labels and vocabulary on the
     training rows only, and save them in the run folder."""
     from mmtag.models.build import caption_encoder_from_dict
 
     csv_path = _train_csv(data_dir)
-    rows = read_csv(csv_path)
     unlabelled = [r for r in rows if not r.labels]
     if unlabelled:
         where = ", ".join(f"line {r.line} ({r.image_id})" for r in unlabelled[:5])
@@ -250,8 +253,8 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool) 
                     "lists them)", csv_path, len(unlabelled), where, more)
     if resume:
         split = Split.load(run_dir / "split.json")
-        label_map = LabelMap.from_dict(json.loads((run_dir / "labels.json").read_text()))
-        caption_enc = caption_encoder_from_dict(json.loads((run_dir / "vocab.json").read_text()))
+        label_map = LabelMap.from_dict(_read_json(run_dir / "labels.json"))
+        caption_enc = caption_encoder_from_dict(_read_json(run_dir / "vocab.json"))
     else:
         split = Split.make([r.image_id for r in rows], cfg.data.train_prop, cfg.data.split_seed,
                            cfg.data.val_block)
@@ -264,8 +267,8 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool) 
     if not resume:
         label_map = LabelMap.from_records(train_rows)
         caption_enc = fit_caption_encoder(cfg.model, cfg.data, [r.caption for r in train_rows])
-        (run_dir / "labels.json").write_text(json.dumps(label_map.to_dict()))
-        (run_dir / "vocab.json").write_text(json.dumps(caption_encoder_to_dict(caption_enc)))
+        atomic_write(run_dir / "labels.json", json.dumps(label_map.to_dict()))
+        atomic_write(run_dir / "vocab.json", json.dumps(caption_encoder_to_dict(caption_enc)))
     return RunData(train_rows, val_rows, label_map, caption_enc, split, data_dir / "data")
 
 
@@ -313,28 +316,44 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module):
         return cls(groups, lr=o.lr, weight_decay=o.weight_decay)
 
 
+def _read_json(path: Path):
+    """A run file written by this module; a missing or damaged one is an error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: this run folder is incomplete; start the "
+                                f"run over in a new folder") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e}); start the run over in a new folder") from None
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    """metrics.csv rewritten whole, atomically: a crash never leaves half a row in it."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(path, buf.getvalue())
+
+
 def _append_metrics(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    _write_metrics(path, [*_read_metrics(path), row])
 
 
 def _metrics_upto(path: Path, epoch: int) -> None:
     """Drop rows after `epoch` (written by an interrupted run after its last checkpoint)."""
-    if not path.exists():
-        return
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
+    rows = _read_metrics(path)
     keep = [r for r in rows if int(r["epoch"]) <= epoch]
-    if len(keep) != len(rows) and keep:
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(keep[0]))
-            w.writeheader()
-            w.writerows(keep)
-    elif not keep:
+    if keep and len(keep) != len(rows):
+        _write_metrics(path, keep)
+    elif not keep and path.exists():
         path.unlink()
 
 
@@ -363,51 +382,116 @@ def _train_csv(data_dir: Path) -> Path:
     return csv_path
 
 
-# What a run writes before its first epoch ends (no checkpoint yet); a folder holding only
-# these is a run that stopped early, which `fit(..., restart=True)` starts over.
-_PRE_EPOCH_FILES = {"config.yaml", "split.json", "labels.json", "vocab.json", "metrics.csv"}
+# What a run writes before its first checkpoint (last.pt) is complete; a folder holding only
+# these is a run that stopped early, which `fit(..., restart=True)` (or a resume) starts over.
+# (best.pt of epoch 1 is written just before last.pt.)
+_PRE_EPOCH_FILES = {"config.yaml", "split.json", "labels.json", "vocab.json", "metrics.csv",
+                    "best.pt"}
+_LOCK = ".lock"  # held by the process training in the folder (see run_lock)
+
+
+# Every file a run writes (and the temporary ones of mmtag.atomic): what `mmtag demo` may delete
+RUN_FILES = _PRE_EPOCH_FILES | {_LOCK, "last.pt", "summary.json", "val_probs.csv",
+                                "curves.png"}
+
+
+def is_run_file(p: Path) -> bool:
+    return p.is_file() and (p.name in RUN_FILES or _is_temp(p))
+
+
+class RunInUseError(RuntimeError):
+    """Another process is training in the run folder."""
 
 
 def _never_checkpointed(run_dir: Path) -> bool:
-    return run_dir.is_dir() and all(p.name in _PRE_EPOCH_FILES for p in run_dir.iterdir())
+    return run_dir.is_dir() and all(p.name in _PRE_EPOCH_FILES | {_LOCK} or _is_temp(p)
+                                    for p in run_dir.iterdir())
+
+
+def _is_temp(p: Path) -> bool:
+    """A temporary file mmtag.atomic left behind when killed mid-write (never read)."""
+    return p.name.startswith(".") and p.name.endswith(".tmp")
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold an exclusive lock on `run_dir` while training in it: a second process (a resume
+    started while the run is still going) is refused instead of writing over the same files.
+    The operating system drops the lock when the process ends, even by SIGKILL."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    fd = os.open(run_dir / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInUseError(f"run folder {run_dir} is in use by another mmtag process; wait "
+                                f"for it to end (or stop it), then continue it with --resume "
+                                f"{run_dir}") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: bool = False,
         restart: bool = False, progress: bool | None = None) -> dict:
     """Train, keep the best and last checkpoints, choose thresholds; returns the summary.
 
-    `restart`: `run_dir` may hold the files of a run that stopped before its first epoch ended
-    (no checkpoint: nothing to resume); they are deleted and the run starts over."""
+    `resume` continues from `last.pt` (a run that stopped before its first checkpoint starts
+    over with the same config). `restart`: `run_dir` may hold the files of a run that stopped
+    before its first epoch ended; they are deleted and the run starts over."""
     started = time.time()
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     progress = sys.stderr.isatty() if progress is None else progress
-    _train_csv(data_dir)  # before anything is written to the run folder
+    rows = read_csv(_train_csv(data_dir))  # a bad file is reported before anything is written
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"run folder {run_dir} is a file; choose another --out")
+    if resume and not run_dir.is_dir():
+        raise FileNotFoundError(f"cannot resume: run folder {run_dir} does not exist")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        resume = _claim_run_folder(cfg, data_dir, run_dir, resume, restart)
+        return _fit(cfg, data_dir, run_dir, rows, resume, progress, started)
+
+
+def _claim_run_folder(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
+                      restart: bool) -> bool:
+    """Check what `run_dir` holds against the request, clear the files of a run that never
+    reached a checkpoint when asked to, save the config; returns whether to resume."""
+    if resume and (run_dir / "last.pt").exists():
+        return True
     restart_hint = (f"if no run is using it, start it over with its own settings: mmtag train "
                     f"--data {data_dir} --config {run_dir / 'config.yaml'} --out {run_dir} "
                     f"--restart")
+    if resume and not (_never_checkpointed(run_dir) and (run_dir / "config.yaml").exists()):
+        raise FileNotFoundError(f"cannot resume: {run_dir / 'last.pt'} does not exist and "
+                                f"{run_dir} holds no run that stopped before it")
     if resume:
-        if not (run_dir / "last.pt").exists():
-            raise FileNotFoundError(
-                f"cannot resume: {run_dir / 'last.pt'} does not exist"
-                + (f" (the run stopped before its first epoch ended, or is still in it); "
-                   f"{restart_hint}" if _never_checkpointed(run_dir) else ""))
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not (restart and _never_checkpointed(run_dir)):
-            raise FileExistsError(
-                f"run folder {run_dir} is not empty; choose another --out"
-                + (f", or continue it with --resume {run_dir}" if (run_dir / "last.pt").exists()
-                   else f". It holds no checkpoint (a run that stopped before its first epoch "
-                        f"ended, or one still in it): {restart_hint}"
-                   if _never_checkpointed(run_dir) else ""))
+        log.warning("%s stopped before its first checkpoint: starting it over with its saved "
+                    "config", run_dir)
+    elif (any(p.name != _LOCK for p in run_dir.iterdir())
+          and not (restart and _never_checkpointed(run_dir))):
+        raise FileExistsError(
+            f"run folder {run_dir} is not empty; choose another --out"
+            + (f", or continue it with --resume {run_dir}" if (run_dir / "last.pt").exists()
+               else f". It holds no checkpoint (a run that stopped before its first epoch "
+                    f"ended): {restart_hint}"
+               if _never_checkpointed(run_dir) else ""))
+    leftovers = sorted(p for p in run_dir.iterdir() if p.name != _LOCK)
+    if leftovers:
         log.warning("%s: deleting the files of a run that stopped before its first epoch ended "
-                    "(%s) and starting over", run_dir, ", ".join(sorted(p.name for p in
-                                                                        run_dir.iterdir())))
-        for leftover in run_dir.iterdir():
-            leftover.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+                    "(%s) and starting over", run_dir, ", ".join(p.name for p in leftovers))
+    for p in leftovers:
+        p.unlink()
     cfg.save(run_dir / "config.yaml")
+    return False
+
+
+def _fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, rows: list[Record], resume: bool,
+         progress: bool, started: float) -> dict:
     keep_freed_memory()  # a no-op when the CLI already did it
     seed_everything(cfg.seed)
     set_deterministic(cfg.deterministic)
@@ -425,9 +509,14 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     for warning in cfg.warnings():
         log.warning(warning)
 
-    data = prepare_data(cfg, data_dir, run_dir, resume)
+    data = prepare_data(cfg, data_dir, run_dir, resume, rows)
     model = build_tagger(cfg.model, data.label_map.num_classes, data.caption_enc,
                          load_pretrained=not resume)
+    last = load_checkpoint(run_dir / "last.pt", "resume checkpoint") if resume else None
+    if last is not None:
+        # before anything runs the model: the frozen stages compute the feature cache, and on
+        # a resume they hold random weights until the checkpoint's are in
+        model.load_state_dict(last["model"])
     size_mb = check_model_size(model, cfg.model.max_size_mb, cfg.model.fp16_storage)
     log.info("model: %.1f MB saved (%s), limit %g MB; %d train / %d validation rows; device %s",
              size_mb, "fp16" if cfg.model.fp16_storage else "fp32", cfg.model.max_size_mb,
@@ -486,9 +575,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
     start_epoch, best_value, best_epoch, bad_epochs = 1, None, 0, 0
-    if resume:
-        last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(last["model"])
+    if last is not None:
         optimizer.load_state_dict(last["optimizer"])
         if scheduler is not None and last.get("scheduler") is not None:
             scheduler.load_state_dict(last["scheduler"])
@@ -502,7 +589,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
                  cfg.best_metric, best_value, best_epoch)
 
     ema = EMA(model, o.ema) if o.ema > 0 else None  # from the (resumed) weights
-    if ema is not None and resume and last.get("ema") is not None:
+    if ema is not None and last is not None and last.get("ema") is not None:
         ema.load_state_dict(last["ema"])
     higher_better = cfg.best_metric != "val_loss"
     # Flip TTA (from raw images, or from cached flipped features when they exist) is for the
@@ -575,7 +662,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     # what this process took (a resumed run: since --resume), and on what
     summary["wall_seconds"] = round(time.time() - started, 1)
     summary["machine"] = machine
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     try:
         from mmtag.reporting.plots import plot_curves
 
@@ -639,11 +726,12 @@ def decision_figures(cfg: TrainConfig, y: np.ndarray, probs: np.ndarray,
 
 def _write_probs(path: Path, data: RunData, probs: np.ndarray) -> None:
     """Validation probabilities of the best model, for threshold and error analysis."""
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["ImageID", "Labels", *[str(lab) for lab in data.label_map.labels]])
-        for r, p in zip(data.val_rows, probs, strict=True):
-            w.writerow([r.image_id, " ".join(map(str, r.labels)), *[f"{x:.5f}" for x in p]])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["ImageID", "Labels", *[str(lab) for lab in data.label_map.labels]])
+    for r, p in zip(data.val_rows, probs, strict=True):
+        w.writerow([r.image_id, " ".join(map(str, r.labels)), *[f"{x:.5f}" for x in p]])
+    atomic_write(path, buf.getvalue())
 
 
 def _crossfit(cfg: TrainConfig, y: np.ndarray, probs: np.ndarray, rule: str,

@@ -55,6 +55,16 @@ def _check_probs(probs) -> np.ndarray:
     return arr
 
 
+def check_threshold(value: float) -> float:
+    """A user's global threshold: a probability strictly between 0 and 1 (at 0 or below every
+    label is predicted for every image, at 1 or above none, and nan predicts nothing)."""
+    t = float(value)
+    if not (0.0 < t < 1.0):  # also False for nan
+        raise ValueError(f"threshold {value!r} must be a number strictly between 0 and 1 (e.g. "
+                         f"0.4): at 0 or below every label is set, at 1 or above none is")
+    return t
+
+
 def apply_thresholds(probs, thresholds, at_least_one: bool = False) -> np.ndarray:
     """0/1 int array (N, C): 1 where `probs` >= `thresholds` (a scalar or one per class).
 
