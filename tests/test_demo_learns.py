@@ -1,6 +1,7 @@
 """The README's first command: the demo trains a model that clearly learns (takes ~2-3 min)."""
 
 import numpy as np
+import pytest
 
 from mmtag.demo import run_demo
 from mmtag.training.metrics import multilabel_metrics
@@ -18,6 +19,7 @@ def best_constant_micro_f1(y: np.ndarray) -> float:
     return best
 
 
+@pytest.mark.slow  # the whole demo: about 1.5 minutes on 2 cores
 def test_demo_beats_the_best_constant_prediction_by_a_wide_margin(tmp_path, capsys):
     res = run_demo(tmp_path / "demo", progress=False)
     out = capsys.readouterr().out

@@ -71,6 +71,7 @@ def _limit_file_size(nbytes):
     return set_limit
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_a_clear_error_and_the_next_run_trusts_no_partial_file(demo, reference,
                                                                              tmp_path):
     run, cache = tmp_path / "run", tmp_path / "cache"
@@ -91,6 +92,7 @@ def test_a_full_disk_is_a_clear_error_and_the_next_run_trusts_no_partial_file(de
     assert fault_inject.differences(reference, fault_inject.fingerprint(run)) == []
 
 
+@pytest.mark.slow
 def test_a_cache_entry_cut_short_by_a_full_disk_is_never_read(demo, reference, tmp_path):
     run, cache = tmp_path / "run", tmp_path / "cache"
     res = subprocess.run(train_cmd(demo, run, cache), capture_output=True, text=True,
@@ -103,6 +105,7 @@ def test_a_cache_entry_cut_short_by_a_full_disk_is_never_read(demo, reference, t
     assert fault_inject.differences(reference, fault_inject.fingerprint(run)) == []
 
 
+@pytest.mark.slow
 def test_two_runs_sharing_one_cache_folder_at_once_both_end_correct(demo, reference, tmp_path):
     cache = tmp_path / "cache"
     procs = [subprocess.Popen(train_cmd(demo, tmp_path / f"run{i}", cache),

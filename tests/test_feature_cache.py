@@ -134,8 +134,9 @@ def test_cached_maps_train_on_random_windows_and_validate_whole():
     # the cpu recipe's pieces: class-attention image head (on the cached last map when all is
     # frozen), bf16 autocast for caching, training and prediction alike, EMA weights
     ("all", ["model.aux_heads=ensemble", "model.image_head=attention"]),
-    ("5", ["model.aux_heads=ensemble", "model.image_head=attention", "amp=bf16", "optim.ema=0.9",
-             "optim.epochs=1"]),
+    pytest.param("5", ["model.aux_heads=ensemble", "model.image_head=attention", "amp=bf16",
+                       "optim.ema=0.9", "optim.epochs=1"],
+                 marks=pytest.mark.slow),  # 20 s where the CPU emulates bf16
     # label queries with hidden memory tokens, trained on random windows of the cached 2x2 map
     ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2",
            "model.query_memory_drop=0.3", "cache.crop=0.5"]),

@@ -95,6 +95,7 @@ def test_cut_minilm_gives_the_full_models_token_states(bundle, monkeypatch):
         te.resolve_minilm_source()
 
 
+@pytest.mark.slow  # trains the gpu recipe in bf16: minutes on a CPU without native bf16
 def test_run_sh_trains_and_benchmarks_without_the_offline_packages(bundle, tmp_path):
     root, _ = bundle
     b = root / ".gpu"
@@ -119,6 +120,7 @@ def test_run_sh_trains_and_benchmarks_without_the_offline_packages(bundle, tmp_p
     assert probe.returncode != 0
 
 
+@pytest.mark.slow  # four trainings and a benchmark: about 6 minutes on 2 cores
 def test_compare_sh_trains_both_recipes_and_packs_each_stage(bundle, tmp_path):
     root, _ = bundle
     b = root / ".gpu"
