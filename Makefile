@@ -22,10 +22,10 @@ demo: $(STAMP)
 	$(PY) -m mmtag demo --out demo_run
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests tools
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests tools
 	$(PY) -m pytest -q -m "not slow"
 
 # everything: the slow fault tests too, and 10,000 Hypothesis examples per CSV property

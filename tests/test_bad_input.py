@@ -264,3 +264,13 @@ def test_a_failed_atomic_write_leaves_the_previous_file_and_no_temporary(tmp_pat
     assert not other.exists() and target.read_text() == "old"
     atomic_write_many([(other, b"new"), (target, lambda f: torch.save({"a": 1}, f))])
     assert other.read_bytes() == b"new" and torch.load(target, weights_only=True) == {"a": 1}
+
+
+def test_a_damaged_run_file_is_named(run, demo, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "split.json").write_text('{"train_prop": 0.8, "se')  # cut short
+    err = cli_error(["evaluate", str(copy), "--data", str(demo)], capsys)
+    assert f"{copy / 'split.json'} is damaged" in err

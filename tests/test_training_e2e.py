@@ -196,7 +196,7 @@ def test_a_run_stopped_before_its_first_epoch_starts_over(demo, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         loop.fit(load_config(None, [*TINY, "optim.epochs=1"]), demo, out, progress=False)
     assert (out / "config.yaml").exists() and not (out / "last.pt").exists()
-    hint = f"--config {out / 'config.yaml'} --out {out} --restart"
+    hint = f"mmtag train --resume {out} --data {demo}"
     monkeypatch.undo()
     # without --restart the folder is left alone (it may be a run still in its first epoch)
     with pytest.raises(FileExistsError, match="holds no checkpoint") as e:

@@ -8,7 +8,7 @@ summary.json's figures and best.pt's thresholds.
 
 Moments: most are drawn at random over the reference run's duration; a few are aimed at phases
 a random time rarely hits: while the feature cache fills, while last.pt or best.pt is being
-written, and right after the last epoch's checkpoint (the final evaluation).
+written, while the last epoch's checkpoint is written, and in the final evaluation (after it).
 
     python tools/fault_inject.py --out /tmp/fi --kills 20           # about 15 min on 2 cores
     python tools/fault_inject.py --out /tmp/fi --kills 4 --n 120    # a quick look
@@ -33,7 +33,8 @@ from pathlib import Path
 
 # summary.json keys that describe the process, not the result
 PROCESS_KEYS = {"wall_seconds", "machine"}
-TARGETS = ("caching", "last.pt write", "best.pt write", "after the last epoch")
+TARGETS = ("caching", "last.pt write", "best.pt write", "the last checkpoint",
+           "final evaluation")
 
 
 def mmtag(*args: str) -> list[str]:
@@ -50,14 +51,16 @@ def run_to_end(cmd: list[str], log: Path) -> int:
         return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
 
 
-def _hit(target: str, run: Path, cache: Path, epochs: int) -> bool:
+def _hit(target: str, run: Path, cache: Path, epochs: int, log: Path) -> bool:
     """Whether the moment `target` has come, from what the run has written so far."""
     if target == "caching":
         return cache.exists() and any(cache.rglob("*.npy"))
     if target in ("last.pt write", "best.pt write"):
         stem = target.split()[0]
         return run.exists() and any(p.name.startswith(f".{stem}.") for p in run.iterdir())
-    metrics = run / "metrics.csv"  # "after the last epoch": all epoch rows are in
+    if target == "final evaluation":  # logged once the last epoch's last.pt is written
+        return f"epoch {epochs}/{epochs} " in log.read_text(errors="replace")
+    metrics = run / "metrics.csv"  # "the last checkpoint": the last epoch's row is in
     return metrics.exists() and len(metrics.read_text().splitlines()) == epochs + 1
 
 
@@ -71,7 +74,7 @@ def kill_at(cmd: list[str], log: Path, *, seconds: float | None = None,
         t0 = time.time()
         while proc.poll() is None and time.time() - t0 < limit:
             due = (time.time() - t0 >= seconds if seconds is not None
-                   else _hit(target, run, cache, epochs))
+                   else _hit(target, run, cache, epochs, log))
             if due:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
@@ -122,6 +125,20 @@ def make_data(out: Path, n: int) -> Path:
     return data
 
 
+def reference_run(out: Path, data: Path, overrides: list[str]) -> tuple[Path, float]:
+    """The uninterrupted run (made once, with its own empty cache) and how long it took."""
+    ref, timing = out / "reference", out / "reference-seconds.txt"
+    if not timing.exists():
+        shutil.rmtree(ref, ignore_errors=True)
+        shutil.rmtree(out / "reference-cache", ignore_errors=True)
+        t0 = time.time()
+        if run_to_end(train_command(data, ref, out / "reference-cache", overrides),
+                      out / "reference.log") != 0:
+            raise SystemExit(f"the reference run failed; see {out / 'reference.log'}")
+        timing.write_text(f"{time.time() - t0:.1f}\n")
+    return ref, float(timing.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="work folder (created)")
@@ -135,19 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"optim.epochs={args.epochs}", "data.num_workers=0", "cache.num_workers=0"]
     data = make_data(args.out, args.n)
 
-    ref, ref_cache = args.out / "reference", args.out / "reference-cache"
-    if not (ref / "summary.json").exists():
-        shutil.rmtree(ref, ignore_errors=True)
-        shutil.rmtree(ref_cache, ignore_errors=True)
-    t0 = time.time()
-    if not ref.exists() and run_to_end(train_command(data, ref, ref_cache, overrides),
-                                       args.out / "reference.log") != 0:
-        raise SystemExit(f"the reference run failed; see {args.out / 'reference.log'}")
-    duration = max(time.time() - t0, 10.0)
+    ref, duration = reference_run(args.out, data, overrides)
     expected = fingerprint(ref)
 
     rng = random.Random(args.seed)
-    aimed = list(TARGETS[: min(len(TARGETS), args.kills // 4)])
+    aimed = list(TARGETS[: min(len(TARGETS), args.kills // 4)])  # 20 kills: all 5 aimed
     plan = [("aimed", t) for t in aimed] + [
         ("random", round(rng.uniform(0.5, duration), 2)) for _ in range(args.kills - len(aimed))]
     results = []
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"trial": i, "kill": f"{kind} {when}", "killed": killed,
                         "last log line before the kill": phase, "resumed with": how,
                         "identical": not diff, "differs in": diff})
-        print(f"trial {i:2d}: kill at {kind} {when!s:>22}: {'identical' if not diff else diff}"
+        print(f"trial {i:2d}: kill at {kind} {when!s:>22}: {diff or 'identical'}"
               f" (resumed with {how}; {phase})", flush=True)
         shutil.rmtree(cache, ignore_errors=True)
 

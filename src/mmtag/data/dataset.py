@@ -121,8 +121,15 @@ class Split:
 
     @classmethod
     def load(cls, path: Path | str) -> Split:
-        d = json.loads(Path(path).read_text())
-        return cls(float(d["train_prop"]), int(d["seed"]), tuple(d["train"]), tuple(d["val"]))
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(float(d["train_prop"]), int(d["seed"]), tuple(d["train"]), tuple(d["val"]))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} does not exist: the run folder is incomplete (was "
+                                    f"it copied whole?)") from None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); it cannot be read "
+                             f"back: use an intact copy of the run folder") from None
 
 
 def _seed_worker(worker_id: int) -> None:

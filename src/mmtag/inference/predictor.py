@@ -283,7 +283,11 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     if validation_of is not None:
         m["source"] = f"the run's validation split of {source}"
         summary_path = validation_of / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        try:
+            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        except (ValueError, UnicodeDecodeError):
+            log.warning("%s is damaged: the run's cross-fit estimate is left out", summary_path)
+            summary = {}
         # the run's estimate holds for the sizes it was measured at, not for other TTA sizes
         same_sizes = (pred.model.image_encoder is None
                       or summary.get("tta", {}).get("sizes") == list(pred.image_sizes))

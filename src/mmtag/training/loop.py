@@ -385,13 +385,13 @@ def _train_csv(data_dir: Path) -> Path:
 # What a run writes before its first checkpoint (last.pt) is complete; a folder holding only
 # these is a run that stopped early, which `fit(..., restart=True)` (or a resume) starts over.
 # (best.pt of epoch 1 is written just before last.pt.)
-_PRE_EPOCH_FILES = {"config.yaml", "split.json", "labels.json", "vocab.json", "metrics.csv",
+_PRE_CHECKPOINT_FILES = {"config.yaml", "split.json", "labels.json", "vocab.json", "metrics.csv",
                     "best.pt"}
 _LOCK = ".lock"  # held by the process training in the folder (see run_lock)
 
 
 # Every file a run writes (and the temporary ones of mmtag.atomic): what `mmtag demo` may delete
-RUN_FILES = _PRE_EPOCH_FILES | {_LOCK, "last.pt", "summary.json", "val_probs.csv",
+RUN_FILES = _PRE_CHECKPOINT_FILES | {_LOCK, "last.pt", "summary.json", "val_probs.csv",
                                 "curves.png"}
 
 
@@ -404,7 +404,7 @@ class RunInUseError(RuntimeError):
 
 
 def _never_checkpointed(run_dir: Path) -> bool:
-    return run_dir.is_dir() and all(p.name in _PRE_EPOCH_FILES | {_LOCK} or _is_temp(p)
+    return run_dir.is_dir() and all(p.name in _PRE_CHECKPOINT_FILES | {_LOCK} or _is_temp(p)
                                     for p in run_dir.iterdir())
 
 
@@ -463,9 +463,8 @@ def _claim_run_folder(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: b
     reached a checkpoint when asked to, save the config; returns whether to resume."""
     if resume and (run_dir / "last.pt").exists():
         return True
-    restart_hint = (f"if no run is using it, start it over with its own settings: mmtag train "
-                    f"--data {data_dir} --config {run_dir / 'config.yaml'} --out {run_dir} "
-                    f"--restart")
+    restart_hint = (f"start it over with its own settings: mmtag train --resume {run_dir} "
+                    f"--data {data_dir}")
     if resume and not (_never_checkpointed(run_dir) and (run_dir / "config.yaml").exists()):
         raise FileNotFoundError(f"cannot resume: {run_dir / 'last.pt'} does not exist and "
                                 f"{run_dir} holds no run that stopped before it")
@@ -477,8 +476,8 @@ def _claim_run_folder(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: b
         raise FileExistsError(
             f"run folder {run_dir} is not empty; choose another --out"
             + (f", or continue it with --resume {run_dir}" if (run_dir / "last.pt").exists()
-               else f". It holds no checkpoint (a run that stopped before its first epoch "
-                    f"ended): {restart_hint}"
+               else f". It holds no checkpoint (a run that stopped before its first one): "
+                    f"{restart_hint}"
                if _never_checkpointed(run_dir) else ""))
     leftovers = sorted(p for p in run_dir.iterdir() if p.name != _LOCK)
     if leftovers:
