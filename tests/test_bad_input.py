@@ -121,7 +121,7 @@ def test_the_submission_and_probabilities_are_written_together_or_not_at_all(run
     ("data.hflip=7", "data.hflip is a probability"),
     ("loss.gamma=nan", "loss.gamma: expected a finite number"),
     ("data.image_size=100000", "data.image_size must be in [16, 2048]"),
-    ("min_support=-1", "min_support must be >= 1"),
+    ("min_support=-1", "min_support must be >= 0"),
     ("seed=-3", "seed must be >= 0"),
     ("optim.plateau_factor=2", "optim.plateau_factor must be in (0, 1)"),
     ("tta_sizes=[99999]", "tta_sizes must be image sizes"),
@@ -274,3 +274,39 @@ def test_a_damaged_run_file_is_named(run, demo, tmp_path, capsys):
     (copy / "split.json").write_text('{"train_prop": 0.8, "se')  # cut short
     err = cli_error(["evaluate", str(copy), "--data", str(demo)], capsys)
     assert f"{copy / 'split.json'} is damaged" in err
+
+
+def test_checkpoints_written_before_digests_still_load_for_predict_and_resume(run, demo,
+                                                                              tmp_path):
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(run, copy)
+    for name in ("best.pt", "last.pt"):  # as written before checkpoints carried a digest
+        ck = torch.load(copy / name, weights_only=True)
+        del ck["digest"]
+        torch.save(ck, copy / name)
+    assert predict_csv(copy, demo / "test.csv", demo / "data", tmp_path / "s.csv")["rows"] == 6
+    loop.fit(load_config(copy / "config.yaml"), demo, copy, resume=True, progress=False)
+    assert "digest" in torch.load(copy / "best.pt", weights_only=True)  # rewritten with one
+
+
+def test_a_checkpoint_missing_its_parts_and_a_bad_saved_config_are_named(run, demo, tmp_path,
+                                                                        capsys):
+    from mmtag.training.checkpoint import atomic_save
+
+    ck = load_checkpoint(run / "best.pt")
+    atomic_save({k: v for k, v in ck.items() if k != "labels"}, tmp_path / "nolabels.pt")
+    err = cli_error(["evaluate", str(tmp_path / "nolabels.pt"), "--data", str(demo)], capsys)
+    assert "lacks labels" in err
+    ck["config"]["data"]["hue"] = 0.9
+    atomic_save(ck, tmp_path / "badcfg.pt")
+    err = cli_error(["evaluate", str(tmp_path / "badcfg.pt"), "--data", str(demo)], capsys)
+    assert f"the config saved in {tmp_path / 'badcfg.pt'}: data.hue" in err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  hue: 0.9\n")
+    with pytest.raises(ConfigError, match=f"{cfg}: data.hue must be in"):
+        load_config(cfg)
+    cfg.write_bytes(b"data:\n  hue: \xff\n")
+    with pytest.raises(ConfigError, match="is not UTF-8"):
+        load_config(cfg)

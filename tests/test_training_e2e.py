@@ -236,12 +236,22 @@ def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_over(demo,
 
 
 def test_a_second_process_cannot_train_in_a_run_folder_in_use(run, demo):
-    import fcntl
+    import subprocess
+    import sys
 
-    with open(run / ".lock") as f:  # as a training process holds it
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder = subprocess.Popen([sys.executable, "-c", (  # holds the lock as a training process
+        "import os, sys, time; from pathlib import Path; from mmtag.training.loop import run_lock\n"
+        f"with run_lock(Path({str(run)!r})):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(loop.RunInUseError, match="in use by another mmtag process"):
             loop.fit(load_config(run / "config.yaml"), demo, run, resume=True, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    with loop.run_lock(run):  # released when its process ended
+        pass
 
 
 def test_evaluate_on_the_validation_split_marks_tuned_thresholds_optimistic(run, demo):

@@ -14,7 +14,7 @@ written, while the last epoch's checkpoint is written, and in the final evaluati
     python tools/fault_inject.py --out /tmp/fi --kills 4 --n 120    # a quick look
 
 It prints one line per trial and a table, writes results.json, and exits 1 if any trial
-differs. Not part of `make test` (tests/test_fault_injection.py runs one kill there).
+differs. Not part of `make test` (tests/test_faults.py runs one kill there).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def differences(a: dict, b: dict) -> list[str]:
 
 def make_data(out: Path, n: int) -> Path:
     data = out / "data"
-    if not (data / "train.csv").exists():
+    if not (data / "test_labels.csv").exists():  # written last
         subprocess.run(mmtag("make-demo-data", str(data), "--n", str(n)), check=True,
                        stdout=subprocess.DEVNULL)
     return data

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -34,8 +35,9 @@ def atomic_write(path: Path | str, payload: Payload) -> None:
 
 def atomic_write_many(items: Sequence[tuple[Path | str, Payload]]) -> None:
     """Write several files that belong together: every one is staged (written and fsynced)
-    before any is renamed into place, so a failure while writing leaves all of them as they
-    were, not one new and one old."""
+    before any is renamed into place, so a failure while writing (a full disk, an error) leaves
+    all of them as they were, not one new and one old. The renames then follow one another at
+    once; only a crash in the microseconds between two of them could separate the files."""
     staged: list[tuple[str, Path]] = []
     try:
         for path, payload in items:
@@ -50,6 +52,24 @@ def atomic_write_many(items: Sequence[tuple[Path | str, Payload]]) -> None:
                 os.unlink(tmp)
     for folder in {path.parent for _, path in staged}:
         fsync_dir(folder)
+
+
+def read_json(path: Path | str, hint: str = "use an intact copy of the run folder"):
+    """A JSON file written through this module; a missing or damaged one is an error naming
+    it and `hint` (what to do)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist: {hint}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); {hint}") from None
+
+
+def is_temp_file(path: Path | str) -> bool:
+    """A temporary file this module left behind when its process was killed mid-write:
+    never read, replaced by the next write (`.name.XXXX.tmp`)."""
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 def fsync_dir(folder: Path | str) -> None:
@@ -89,13 +109,21 @@ def _stage(path: Path, payload: Payload) -> str:
     return tmp
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the umask can only be read by setting it; set it back at once
+    os.umask(umask)
+    return umask
+
+
+# read once: os.umask is process-wide, so flipping it per write could race with other threads
+_UMASK = _read_umask()
+
+
 def _mode_for(path: Path) -> int:
     """The file's current permissions, or the usual ones for a new file (mkstemp's are 0600)."""
     with contextlib.suppress(FileNotFoundError):
         return path.stat().st_mode & 0o777
-    umask = os.umask(0)  # the umask can only be read by setting it; set it back at once
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_UMASK
 
 
 def _explain(e: OSError, paths: list[Path]) -> WriteError:

@@ -172,10 +172,13 @@ def _threshold(text: str) -> float:
     from mmtag.training.thresholds import check_threshold
 
     try:
-        return check_threshold(float(text))
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    try:
+        return check_threshold(value)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e) if "strictly" in str(e) else
-                                         f"expected a number between 0 and 1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_tta_arg(c: argparse.ArgumentParser) -> None:

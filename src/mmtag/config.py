@@ -323,7 +323,7 @@ class TrainConfig:
                f"tta_sizes must be image sizes in px (32 to {MAX_IMAGE_SIZE}), got "
                f"{self.tta_sizes}")
         _check(self.seed >= 0, "seed must be >= 0")
-        _check(self.min_support >= 1, "min_support must be >= 1 (validation positives)")
+        _check(self.min_support >= 0, "min_support must be >= 0 (validation positives)")
         _check(self.data.image_size not in self.tta_sizes,
                f"tta_sizes lists extra sizes: data.image_size ({self.data.image_size}) is always "
                f"used, leave it out of {self.tta_sizes}")
@@ -461,14 +461,24 @@ def _coerce(value, tp, key: str):
 def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Defaults <- YAML file (optional) <- `key.sub=value` overrides, validated."""
     raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        raw = _parse_yaml(path.read_text(), f"config file {path}") or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return TrainConfig.from_dict(apply_overrides(raw, overrides))
+    if path is None:
+        return TrainConfig.from_dict(apply_overrides(raw, overrides))
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte "
+                          f"{e.start}); save it as UTF-8") from None
+    raw = _parse_yaml(text, f"config file {path}") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return TrainConfig.from_dict(apply_overrides(raw, overrides))
+    except ConfigError as e:
+        where = " (or --set)" if overrides else ""
+        raise ConfigError(f"{path}{where}: {e}") from None
 
 
 RECIPES_DIR = Path(__file__).parent / "configs"

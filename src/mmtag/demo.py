@@ -7,8 +7,8 @@ from pathlib import Path
 from mmtag.atomic import atomic_write
 from mmtag.config import load_config, recipe_path
 from mmtag.data.csv_io import read_csv
-from mmtag.data.demo import DEMO_DATA_MARKER, make_demo_data
-from mmtag.training.loop import is_run_file
+from mmtag.data.demo import DEMO_DATA_MARKER, demo_data_complete, make_demo_data
+from mmtag.training.loop import LOCK_FILE, is_run_file, run_lock
 
 _OWNED = ".mmtag-demo-run"  # in --out: this folder was made by `mmtag demo`
 
@@ -27,8 +27,9 @@ def claim_demo_folder(out: Path) -> None:
 
 
 def clear_demo_run(run_dir: Path) -> None:
-    """Delete an earlier demo's run folder: only the files a run writes, and only when nothing
-    else is in it (a file of the user's there stops the demo before anything is deleted)."""
+    """Empty an earlier demo's run folder: only the files a run writes, only when nothing else
+    is in it (a file of the user's there stops the demo before anything is deleted), and only
+    while no other process trains there (its lock)."""
     if not run_dir.exists():
         return
     if not run_dir.is_dir():
@@ -39,9 +40,10 @@ def clear_demo_run(run_dir: Path) -> None:
         raise FileExistsError(f"{run_dir} holds {', '.join(foreign[:3])}, which mmtag demo did "
                               f"not write; nothing was deleted: move it elsewhere, or choose a "
                               f"new --out")
-    for p in run_dir.iterdir():
-        p.unlink()
-    run_dir.rmdir()
+    with run_lock(run_dir):
+        for p in run_dir.iterdir():
+            if p.name != LOCK_FILE:  # the lock stays with the folder (fit accepts it)
+                p.unlink()
 
 
 def run_demo(out: Path, n: int = 2000, seed: int = 0, epochs: int | None = None,
@@ -54,10 +56,10 @@ def run_demo(out: Path, n: int = 2000, seed: int = 0, epochs: int | None = None,
 
     data_dir, run_dir = out / "data", out / "run"
     claim_demo_folder(out)
-    if not (data_dir / "train.csv").exists():
+    clear_demo_run(run_dir)  # the demo always trains afresh; refused before anything is made
+    if not demo_data_complete(data_dir):
         make_demo_data(data_dir, n=n, seed=seed)
         print(f"demo dataset written to {data_dir}")
-    clear_demo_run(run_dir)  # the demo always trains afresh
     overrides = [f"seed={seed}"] + ([f"optim.epochs={epochs}"] if epochs else [])
     cfg = load_config(recipe_path("demo"), overrides)
     summary = fit(cfg, data_dir, run_dir, progress=progress)

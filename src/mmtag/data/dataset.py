@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmtag.atomic import atomic_write
+from mmtag.atomic import atomic_write, read_json
 from mmtag.data.csv_io import Record
 from mmtag.data.images import ImageReadError, load_image
 from mmtag.data.labels import LabelMap
@@ -121,15 +121,12 @@ class Split:
 
     @classmethod
     def load(cls, path: Path | str) -> Split:
+        d = read_json(path)
         try:
-            d = json.loads(Path(path).read_text())
             return cls(float(d["train_prop"]), int(d["seed"]), tuple(d["train"]), tuple(d["val"]))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} does not exist: the run folder is incomplete (was "
-                                    f"it copied whole?)") from None
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); it cannot be read "
-                             f"back: use an intact copy of the run folder") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); use an intact copy "
+                             f"of the run folder") from None
 
 
 def _seed_worker(worker_id: int) -> None:

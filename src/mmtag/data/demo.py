@@ -61,6 +61,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmtag.atomic import atomic_write, atomic_write_many
+
 __all__ = [
     "DEMO_CLASS_WORDS",
     "DEMO_LABEL_NAMES",
@@ -592,6 +594,12 @@ def make_caption(
 # -- writing the dataset ---------------------------------------------------------------------
 
 
+def demo_data_complete(out: Path) -> bool:
+    """Whether `out` holds a whole demo dataset (its CSVs are written last, together)."""
+    return all((Path(out) / name).is_file()
+               for name in ("train.csv", "test.csv", "test_labels.csv"))
+
+
 def _prepare_out_dir(out: Path) -> None:
     """Create ``out``, or refresh it if an earlier demo run made it; refuse anything else."""
     if out.exists() and not out.is_dir():
@@ -686,9 +694,7 @@ def make_demo_data(
         "n": n,
         "n_test": n_test,
     }
-    (out / DEMO_DATA_MARKER).write_text(
-        json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
+    atomic_write(out / DEMO_DATA_MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
     image_dir = out / "data"
     image_dir.mkdir(exist_ok=True)
 
@@ -723,17 +729,15 @@ def make_demo_data(
         "labels_txt": out / "labels.txt",
         "readme": out / "README.txt",
     }
-    for key, lines in (
-        ("train_csv", train_lines),
-        ("test_csv", test_lines),
-        ("test_labels_csv", answer_lines),
-    ):
-        with open(paths[key], "w", encoding="utf-8", newline="") as f:
-            f.writelines(lines)
-    with open(paths["labels_txt"], "w", encoding="utf-8", newline="") as f:
-        f.writelines(f"{i} {name}\n" for i, name in DEMO_LABEL_NAMES.items())
-    with open(paths["readme"], "w", encoding="utf-8", newline="") as f:
-        f.write(_readme(seed, n, n_test, embedded_quotes))
+    # after every image, all together: a run killed before this point has no CSV, so the next
+    # one generates the data again instead of trusting a part of it (see demo_data_complete)
+    atomic_write_many([
+        (paths["train_csv"], "".join(train_lines)),
+        (paths["test_csv"], "".join(test_lines)),
+        (paths["test_labels_csv"], "".join(answer_lines)),
+        (paths["labels_txt"], "".join(f"{i} {name}\n" for i, name in DEMO_LABEL_NAMES.items())),
+        (paths["readme"], _readme(seed, n, n_test, embedded_quotes)),
+    ])
 
     return {
         "out_dir": str(out),

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmtag.atomic import atomic_write, atomic_write_many
+
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
 
@@ -88,11 +90,10 @@ def setup_wordnet(target: Path | None = None, source: Path = _DEBIAN_WORDNET,
                 f"setup-wordnet`, or put an NLTK data folder with corpora/wordnet in "
                 f"$MMTAG_NLTK_DATA.")
     dest.mkdir(parents=True, exist_ok=True)
-    for f in source.iterdir():
-        if f.is_file():
-            shutil.copyfile(f, dest / f.name)
+    # lexnames last, and every file whole: the check above trusts a folder that has them all
+    atomic_write_many([(dest / f.name, f.read_bytes()) for f in source.iterdir() if f.is_file()])
     lines = [f"{i:02d}\t{name}\t{pos}\n" for i, (name, pos) in enumerate(_LEXNAMES)]
-    (dest / "lexnames").write_text("".join(lines))
+    atomic_write(dest / "lexnames", "".join(lines))
     return dest
 
 

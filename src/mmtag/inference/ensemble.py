@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmtag.atomic import atomic_write
+from mmtag.atomic import atomic_write, read_json
 from mmtag.config import TrainConfig
 from mmtag.training.checkpoint import (
     FORMAT_VERSION,
@@ -163,7 +163,7 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
     for id_labels, row in zip(ids, p, strict=True):
         w.writerow([*id_labels, *[f"{x:.5f}" for x in row]])
     atomic_write(out / "val_probs.csv", buf.getvalue())
-    tta = (json.loads((first / "summary.json").read_text()).get("tta")
+    tta = (read_json(first / "summary.json").get("tta")
            if (first / "summary.json").exists() else None)
     summary = {"members": [str(r) for r in runs], **figures, "tta": tta,
                "saved_model_mb": round(mb, 2), "shared_tensors": len(shared),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,15 +14,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmtag.atomic import atomic_write_many
-from mmtag.config import TrainConfig
+from mmtag.atomic import atomic_write_many, read_json
+from mmtag.config import ConfigError, TrainConfig
 from mmtag.data.csv_io import Record, csv_columns, format_csv, read_csv
 from mmtag.data.dataset import Split, TaggingDataset, make_loader
 from mmtag.data.images import ImageReadError, build_transform, load_image, to_rgb
 from mmtag.data.labels import LabelMap, UnknownLabelError
 from mmtag.inference.ensemble import member_states
 from mmtag.models.build import build_tagger, caption_encoder_from_dict
-from mmtag.training.checkpoint import load_checkpoint
+from mmtag.training.checkpoint import CheckpointError, load_checkpoint
 from mmtag.training.loop import _logits, encoder_normalisation, evaluate, image_spec
 from mmtag.training.metrics import multilabel_metrics
 from mmtag.training.runtime import amp_dtype, autocast, resolve_device
@@ -55,11 +54,18 @@ class Predictor:
              tta_sizes: Sequence[int] | None = None) -> Predictor:
         """From a run folder (its best.pt) or a checkpoint file. `tta_sizes` replaces the run's
         extra sizes of multi-scale TTA ([]: data.image_size alone, the fastest)."""
-        ckpt = load_checkpoint(_checkpoint_path(run))
+        path = _checkpoint_path(run)
+        ckpt = load_checkpoint(path, required=("config", "labels", "caption", "thresholds",
+                                               "at_least_one"))
+        if "model" not in ckpt and "ensemble" not in ckpt:
+            raise CheckpointError(f"checkpoint {path} holds no weights; it was not loaded")
         cfg = ckpt["config"]
         if tta_sizes is not None:
             cfg = {**cfg, "tta_sizes": list(tta_sizes)}
-        cfg = TrainConfig.from_dict(cfg)
+        try:
+            cfg = TrainConfig.from_dict(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"the config saved in {path}: {e}") from None
         label_map = LabelMap.from_dict(ckpt["labels"])
         caption_enc = caption_encoder_from_dict(ckpt["caption"])
         dev = resolve_device(device)
@@ -238,6 +244,8 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     On the validation split with the run's tuned thresholds, the thresholds were chosen on these
     very rows: the figures are then marked optimistic (`tuned_on_these_rows`), with the run's
     cross-fit estimate from summary.json beside them (`crossfit`)."""
+    if threshold is not None:
+        check_threshold(threshold)  # before any inference
     pred = Predictor.load(run, device, tta_sizes)
     validation_of = None
     if csv_path is not None:
@@ -283,11 +291,7 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     if validation_of is not None:
         m["source"] = f"the run's validation split of {source}"
         summary_path = validation_of / "summary.json"
-        try:
-            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        except (ValueError, UnicodeDecodeError):
-            log.warning("%s is damaged: the run's cross-fit estimate is left out", summary_path)
-            summary = {}
+        summary = read_json(summary_path) if summary_path.exists() else {}
         # the run's estimate holds for the sizes it was measured at, not for other TTA sizes
         same_sizes = (pred.model.image_encoder is None
                       or summary.get("tta", {}).get("sizes") == list(pred.image_sizes))
@@ -320,6 +324,8 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
     csv_path, images = Path(csv_path), Path(images)
     check_outputs({"--csv": csv_path, "run": _checkpoint_path(run)},
                   {"--out": Path(out), "--probs": probs_out and Path(probs_out)})
+    if threshold is not None:
+        check_threshold(threshold)  # before any inference
     pred = Predictor.load(run, device, tta_sizes)
     pred.check_captions(csv_path)
     rows = read_csv(csv_path)

@@ -26,7 +26,8 @@ def atomic_save(obj: dict, path: Path | str) -> None:
     """torch.save through mmtag.atomic: a crash or a full disk mid-write never leaves a
     truncated checkpoint behind (the previous one stays). A digest of the contents is saved
     with them, so bytes changed later (a bad disk, a tampered file) are refused on load rather
-    than read as other weights or thresholds."""
+    than read as other weights or thresholds (a digest guards against corruption, not against
+    someone who rewrites it too)."""
     payload = {k: v for k, v in obj.items() if k != "digest"}
     payload["digest"] = content_digest(payload)
     buf = io.BytesIO()  # serialised first: torch reports a failed file write as a RuntimeError
@@ -96,7 +97,8 @@ class CheckpointError(ValueError):
     """A checkpoint file is damaged, truncated or not mmtag's; it was not loaded."""
 
 
-def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict:
+def load_checkpoint(path: Path | str, what: str = "checkpoint",
+                    required: tuple[str, ...] = ()) -> dict:
     """Load a checkpoint written by mmtag (plain data + tensors only).
 
     Only the restricted loader (`weights_only=True`) is ever used: a file it refuses (tampered,
@@ -127,4 +129,8 @@ def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict:
         raise CheckpointError(f"{what} {path} does not match the digest saved with it: its "
                               f"bytes changed after it was written (a damaged disk or copy, or "
                               f"an edit); it was not loaded. Use an intact copy, or train again")
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{what} {path} lacks {', '.join(missing)}: it is not a whole "
+                              f"mmtag checkpoint of this kind; it was not loaded")
     return ckpt

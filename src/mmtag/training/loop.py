@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from mmtag.allocator import keep_freed_memory
-from mmtag.atomic import atomic_write
+from mmtag.atomic import atomic_write, is_temp_file, read_json
 from mmtag.config import TrainConfig
 from mmtag.data.csv_io import Record, read_csv
 from mmtag.data.dataset import Split, TaggingDataset, make_loader
@@ -253,8 +253,8 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
                     "lists them)", csv_path, len(unlabelled), where, more)
     if resume:
         split = Split.load(run_dir / "split.json")
-        label_map = LabelMap.from_dict(_read_json(run_dir / "labels.json"))
-        caption_enc = caption_encoder_from_dict(_read_json(run_dir / "vocab.json"))
+        label_map = LabelMap.from_dict(read_json(run_dir / "labels.json"))
+        caption_enc = caption_encoder_from_dict(read_json(run_dir / "vocab.json"))
     else:
         split = Split.make([r.image_id for r in rows], cfg.data.train_prop, cfg.data.split_seed,
                            cfg.data.val_block)
@@ -316,17 +316,6 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module):
         return cls(groups, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def _read_json(path: Path):
-    """A run file written by this module; a missing or damaged one is an error naming it."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: this run folder is incomplete; start the "
-                                f"run over in a new folder") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is damaged ({e}); start the run over in a new folder") from None
-
-
 def _read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -385,18 +374,16 @@ def _train_csv(data_dir: Path) -> Path:
 # What a run writes before its first checkpoint (last.pt) is complete; a folder holding only
 # these is a run that stopped early, which `fit(..., restart=True)` (or a resume) starts over.
 # (best.pt of epoch 1 is written just before last.pt.)
-_PRE_CHECKPOINT_FILES = {"config.yaml", "split.json", "labels.json", "vocab.json", "metrics.csv",
-                    "best.pt"}
-_LOCK = ".lock"  # held by the process training in the folder (see run_lock)
-
-
-# Every file a run writes (and the temporary ones of mmtag.atomic): what `mmtag demo` may delete
-RUN_FILES = _PRE_CHECKPOINT_FILES | {_LOCK, "last.pt", "summary.json", "val_probs.csv",
-                                "curves.png"}
+_PRE_CHECKPOINT_FILES = {"config.yaml", "split.json", "labels.json", "vocab.json",
+                         "metrics.csv", "best.pt"}
+LOCK_FILE = ".lock"  # held by the process training in the folder (see run_lock)
+# Every file a run writes: what `mmtag demo` may delete of an earlier demo's run
+RUN_FILES = _PRE_CHECKPOINT_FILES | {LOCK_FILE, "last.pt", "summary.json", "val_probs.csv",
+                                     "curves.png"}
 
 
 def is_run_file(p: Path) -> bool:
-    return p.is_file() and (p.name in RUN_FILES or _is_temp(p))
+    return p.is_file() and (p.name in RUN_FILES or is_temp_file(p))
 
 
 class RunInUseError(RuntimeError):
@@ -404,30 +391,27 @@ class RunInUseError(RuntimeError):
 
 
 def _never_checkpointed(run_dir: Path) -> bool:
-    return run_dir.is_dir() and all(p.name in _PRE_CHECKPOINT_FILES | {_LOCK} or _is_temp(p)
-                                    for p in run_dir.iterdir())
-
-
-def _is_temp(p: Path) -> bool:
-    """A temporary file mmtag.atomic left behind when killed mid-write (never read)."""
-    return p.name.startswith(".") and p.name.endswith(".tmp")
+    return run_dir.is_dir() and all(
+        p.name in _PRE_CHECKPOINT_FILES | {LOCK_FILE} or is_temp_file(p)
+        for p in run_dir.iterdir())
 
 
 @contextmanager
 def run_lock(run_dir: Path):
     """Hold an exclusive lock on `run_dir` while training in it: a second process (a resume
     started while the run is still going) is refused instead of writing over the same files.
-    The operating system drops the lock when the process ends, even by SIGKILL."""
+    A POSIX record lock: the operating system drops it when the process ends, even by SIGKILL,
+    and forked DataLoader workers do not inherit it (they may outlive a killed run briefly)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock, as before
         yield
         return
-    fd = os.open(run_dir / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             raise RunInUseError(f"run folder {run_dir} is in use by another mmtag process; wait "
                                 f"for it to end (or stop it), then continue it with --resume "
                                 f"{run_dir}") from None
@@ -442,7 +426,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
 
     `resume` continues from `last.pt` (a run that stopped before its first checkpoint starts
     over with the same config). `restart`: `run_dir` may hold the files of a run that stopped
-    before its first epoch ended; they are deleted and the run starts over."""
+    before its first checkpoint; they are deleted and the run starts over."""
     started = time.time()
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     progress = sys.stderr.isatty() if progress is None else progress
@@ -451,9 +435,15 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
         raise FileExistsError(f"run folder {run_dir} is a file; choose another --out")
     if resume and not run_dir.is_dir():
         raise FileNotFoundError(f"cannot resume: run folder {run_dir} does not exist")
+    made = [p for p in (run_dir, run_dir / LOCK_FILE) if not p.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
-        resume = _claim_run_folder(cfg, data_dir, run_dir, resume, restart)
+        try:
+            resume = _claim_run_folder(cfg, data_dir, run_dir, resume, restart)
+        except (FileExistsError, FileNotFoundError):
+            for p in reversed(made):  # a refused folder is left as it was found
+                p.rmdir() if p.is_dir() else p.unlink()
+            raise
         return _fit(cfg, data_dir, run_dir, rows, resume, progress, started)
 
 
@@ -463,30 +453,34 @@ def _claim_run_folder(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: b
     reached a checkpoint when asked to, save the config; returns whether to resume."""
     if resume and (run_dir / "last.pt").exists():
         return True
-    restart_hint = (f"start it over with its own settings: mmtag train --resume {run_dir} "
-                    f"--data {data_dir}")
-    if resume and not (_never_checkpointed(run_dir) and (run_dir / "config.yaml").exists()):
+    early = _never_checkpointed(run_dir)
+    if resume and not (early and (run_dir / "config.yaml").exists()):
         raise FileNotFoundError(f"cannot resume: {run_dir / 'last.pt'} does not exist and "
                                 f"{run_dir} holds no run that stopped before it")
     if resume:
         log.warning("%s stopped before its first checkpoint: starting it over with its saved "
                     "config", run_dir)
-    elif (any(p.name != _LOCK for p in run_dir.iterdir())
-          and not (restart and _never_checkpointed(run_dir))):
-        raise FileExistsError(
-            f"run folder {run_dir} is not empty; choose another --out"
-            + (f", or continue it with --resume {run_dir}" if (run_dir / "last.pt").exists()
-               else f". It holds no checkpoint (a run that stopped before its first one): "
-                    f"{restart_hint}"
-               if _never_checkpointed(run_dir) else ""))
-    leftovers = sorted(p for p in run_dir.iterdir() if p.name != _LOCK)
+    elif any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not (restart and early):
+        raise FileExistsError(_not_empty_message(run_dir, data_dir, early))
+    leftovers = sorted(p for p in run_dir.iterdir() if p.name != LOCK_FILE)
     if leftovers:
-        log.warning("%s: deleting the files of a run that stopped before its first epoch ended "
+        log.warning("%s: deleting the files of a run that stopped before its first checkpoint "
                     "(%s) and starting over", run_dir, ", ".join(p.name for p in leftovers))
     for p in leftovers:
         p.unlink()
     cfg.save(run_dir / "config.yaml")
     return False
+
+
+def _not_empty_message(run_dir: Path, data_dir: Path, early: bool) -> str:
+    msg = f"run folder {run_dir} is not empty; choose another --out"
+    if (run_dir / "last.pt").exists():
+        return f"{msg}, or continue it with --resume {run_dir}"
+    if early:
+        return (f"{msg}. It holds no checkpoint (a run that stopped before its first one): "
+                f"start it over with its own settings: mmtag train --resume {run_dir} --data "
+                f"{data_dir}")
+    return msg
 
 
 def _fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, rows: list[Record], resume: bool,
@@ -511,7 +505,9 @@ def _fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, rows: list[Record], re
     data = prepare_data(cfg, data_dir, run_dir, resume, rows)
     model = build_tagger(cfg.model, data.label_map.num_classes, data.caption_enc,
                          load_pretrained=not resume)
-    last = load_checkpoint(run_dir / "last.pt", "resume checkpoint") if resume else None
+    last = load_checkpoint(run_dir / "last.pt", "resume checkpoint", required=(
+        "model", "optimizer", "rng", "epoch", "best_value", "best_epoch", "bad_epochs")
+    ) if resume else None
     if last is not None:
         # before anything runs the model: the frozen stages compute the feature cache, and on
         # a resume they hold random weights until the checkpoint's are in
