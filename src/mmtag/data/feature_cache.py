@@ -18,6 +18,7 @@ once over the data and its outputs are stored on disk, one `.npy` file per image
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -113,7 +114,9 @@ class FeatureStore:
         p.parent.mkdir(parents=True, exist_ok=True)
         # atomic and synced: another run reading this store, or a run resumed after a crash or
         # a full disk, sees the whole entry or none
-        atomic_write(p, lambda f: np.save(f, array))
+        buf = io.BytesIO()  # serialised first: numpy reports a short write without its errno
+        np.save(buf, array)
+        atomic_write(p, buf.getbuffer())
 
 
 class _Images(torch.utils.data.Dataset):
