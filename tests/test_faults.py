@@ -65,6 +65,14 @@ def test_killed_after_its_first_checkpoint_a_run_resumes_byte_identical(demo, re
     assert fault_inject.differences(reference, fault_inject.fingerprint(run)) == []
 
 
+def assert_resumes_identical(demo, run, reference):
+    """`mmtag train --resume` (with room again) ends like the uninterrupted run."""
+    res = subprocess.run([sys.executable, "-m", "mmtag", "train", "--resume", str(run), "--data",
+                          str(demo)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert fault_inject.differences(reference, fault_inject.fingerprint(run)) == []
+
+
 def _limit_file_size(nbytes):
     def set_limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
@@ -86,10 +94,7 @@ def test_a_full_disk_is_a_clear_error_and_the_next_run_trusts_no_partial_file(de
     assert not list(run.glob("*.pt")) and not list(run.glob(".*.tmp"))
     assert any(cache.rglob("*.npy"))
     # with space again: the same command continues; nothing half-written is read
-    res = subprocess.run([sys.executable, "-m", "mmtag", "train", "--resume", str(run), "--data",
-                          str(demo)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert fault_inject.differences(reference, fault_inject.fingerprint(run)) == []
+    assert_resumes_identical(demo, run, reference)
 
 
 @pytest.mark.slow
@@ -99,10 +104,7 @@ def test_a_cache_entry_cut_short_by_a_full_disk_is_never_read(demo, reference, t
                          preexec_fn=_limit_file_size(2_500))  # smaller than one cache entry
     assert res.returncode == 2 and "could not write" in res.stderr and "Traceback" not in res.stderr
     assert not list(cache.rglob("*.npy")) and not list(cache.rglob("*.tmp"))
-    res = subprocess.run([sys.executable, "-m", "mmtag", "train", "--resume", str(run), "--data",
-                          str(demo)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert fault_inject.differences(reference, fault_inject.fingerprint(run)) == []
+    assert_resumes_identical(demo, run, reference)
 
 
 @pytest.mark.slow

@@ -242,7 +242,7 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
     training rows only, and save them in the run folder."""
     from mmtag.models.build import caption_encoder_from_dict
 
-    csv_path = _train_csv(data_dir)
+    csv_path = data_dir / "train.csv"  # `rows` came from it (fit reads it first)
     unlabelled = [r for r in rows if not r.labels]
     if unlabelled:
         where = ", ".join(f"line {r.line} ({r.image_id})" for r in unlabelled[:5])
