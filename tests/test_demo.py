@@ -12,13 +12,13 @@ import pytest
 from PIL import Image, ImageDraw
 
 from mmtag.data import demo
+from mmtag.data.csv_io import read_csv
 from mmtag.data.demo import (
     DEMO_CLASS_WORDS,
     DEMO_LABEL_NAMES,
     DOMINANT_LABEL,
     make_caption,
     make_demo_data,
-    read_test_labels,
     render_sample,
 )
 
@@ -87,7 +87,7 @@ def test_layout_counts_and_ids(tmp_path):
     assert [r[0] for r in train] == list(range(60))
     test = parse_test(out / "test.csv")
     assert [r[0] for r in test] == list(range(60, 60 + n_test))
-    answers = read_test_labels(out / "test_labels.csv")
+    answers = {r.image_id: r.labels for r in read_csv(out / "test_labels.csv")}
     assert list(answers) == [f"{i}.jpg" for i in range(60, 60 + n_test)]
 
     for _, labels, _ in train:

@@ -17,7 +17,6 @@ from mmtag.data.images import ImageTransformSpec
 from mmtag.inference.predictor import Predictor, evaluate_run
 from mmtag.models.image_encoders import build_image_encoder
 from mmtag.training import loop
-from mmtag.training.cached import CachedDataset
 
 
 @pytest.fixture(scope="module")
@@ -108,27 +107,6 @@ def test_killed_extraction_resumes_without_corrupt_entries(demo, tmp_path, monke
     np.testing.assert_array_equal(again, feats)
 
 
-def test_cached_maps_train_on_random_windows_and_validate_whole():
-    torch.manual_seed(0)
-    maps = np.random.default_rng(0).standard_normal((3, 2, 4, 12, 12)).astype(np.float16)
-    text, lengths, targets = torch.zeros(3, 5), torch.full((3,), 5), torch.zeros(3, 2)
-    train = CachedDataset(maps, text, lengths, targets, train=True, crop=0.84)
-    corners = set()
-    for _ in range(200):
-        img = train[1][0]
-        assert img.shape == (4, 10, 10)  # round(0.84 * 12)
-        # a window of one of the two cached views, at some offset
-        found = [(v, t, c) for v in range(2) for t in range(3) for c in range(3)
-                 if torch.equal(img, torch.from_numpy(maps[1, v, :, t:t + 10, c:c + 10]).float())]
-        assert len(found) == 1
-        corners.add(found[0][1:])
-    assert len(corners) == 9  # every offset is drawn
-    val = CachedDataset(maps, text, lengths, targets, train=False, crop=0.84)
-    torch.testing.assert_close(val[1][0], torch.from_numpy(maps[1, 0]).float())
-    pooled = CachedDataset(maps[:, :, :, 0, 0], text, lengths, targets, train=True, crop=0.5)
-    assert pooled[0][0].shape == (4,)  # pooled features are never cropped
-
-
 @pytest.mark.parametrize("freeze, extra", [
     ("5", []), ("all", []),
     # the cpu recipe's pieces: class-attention image head (on the cached last map when all is
@@ -137,21 +115,12 @@ def test_cached_maps_train_on_random_windows_and_validate_whole():
     pytest.param("5", ["model.aux_heads=ensemble", "model.image_head=attention", "amp=bf16",
                        "optim.ema=0.9", "optim.epochs=1"],
                  marks=pytest.mark.slow),  # 20 s where the CPU emulates bf16
-    # label queries with hidden memory tokens, trained on random windows of the cached 2x2 map
-    ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2",
-           "model.query_memory_drop=0.3", "cache.crop=0.5"]),
+    # label queries over the cached 2x2 map
+    ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2"]),
     # multi-scale TTA: the validation rows are also cached at the other sizes; the final
     # figures average the three sizes' probabilities, as evaluate and predict do from raw images
     ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2",
            "model.aux_heads=ensemble", "model.image_head=attention", "tta_sizes=[48,40]"]),
-    # with the fourth, pooled head in the weighted ensemble
-    ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2",
-           "model.aux_heads=ensemble", "model.pooled_head=true", "model.head_weights=[1,1,0.5,0.5]"]),
-    # the queries also read the finer map of stages [0, 3), cached beside stage 5's input in one
-    # pass, with the same view drawn for both; at an extra TTA size too
-    ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2",
-           "model.query_pre_head=true", "model.query_extra_stage=3", "model.aux_heads=ensemble",
-           "model.image_head=attention", "tta_sizes=[48]"]),
 ])
 def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze, extra):
     cfg = load_config(None, [
@@ -165,8 +134,6 @@ def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze, extra):
     assert summary["tta"] == {"flip": True, "sizes": cfg.image_sizes}
     for size in cfg.image_sizes:
         assert any(f"-{size}px-" in p.name for p in (tmp_path / "cache").iterdir()), size
-        if cfg.model.query_extra_stage:
-            assert any(f"-stage3-{size}px-" in p.name for p in (tmp_path / "cache").iterdir())
     # evaluate from raw images (the saved model is the whole network) agrees with the cached path
     m = evaluate_run(run, data_dir=demo)
     for k in ("micro_f1", "samples_f1"):
@@ -185,15 +152,13 @@ def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze, extra):
 
 @pytest.mark.parametrize("image, freeze_text, extra", [
     ("none", "4", []), ("efficientnet_lite0", "all", []),
-    # class attention over the caption's tokens: cached token states after the last layer (frozen
-    # whole) or after layer 4 (top layers train), never pooled features
-    ("efficientnet_lite0", "all", ["model.aux_heads=ensemble", "model.text_head=attention"]),
-    ("efficientnet_lite0", "4", ["model.aux_heads=ensemble", "model.text_head=attention"]),
-    # label queries read the image's feature map (here the last block stage's: the conv head is
-    # dropped) and the caption's token states
+    # label queries read the image's last feature map and the caption's token states: cached
+    # token states after the last layer (frozen whole) or after layer 4 (top layers train)
     ("efficientnet_lite0", "all", ["model.fusion=query", "model.query_dim=16",
-                                   "model.query_heads=2", "model.image_conv_head=false",
-                                   "model.aux_heads=ensemble", "model.image_head=attention"]),
+                                   "model.query_heads=2", "model.aux_heads=ensemble",
+                                   "model.image_head=attention"]),
+    ("efficientnet_lite0", "4", ["model.fusion=query", "model.query_dim=16",
+                                 "model.query_heads=2", "model.aux_heads=ensemble"]),
 ])
 def test_cached_caption_encoder_layers(demo, tmp_path, image, freeze_text, extra):
     cfg = load_config(None, [
@@ -206,52 +171,3 @@ def test_cached_caption_encoder_layers(demo, tmp_path, image, freeze_text, extra
     assert any(p.name.startswith("MiniLMEncoder") for p in (tmp_path / "cache").iterdir())
     m = evaluate_run(run, data_dir=demo)  # from raw captions through the whole encoder
     assert m["micro_f1"] == pytest.approx(summary["val"]["micro_f1"], abs=1e-6)
-
-
-def test_several_stages_are_cached_in_one_pass_into_their_own_stores(demo, tmp_path):
-    torch.manual_seed(0)
-    enc = build_image_encoder("efficientnet_lite0", pretrained=False, freeze=5)
-    rows = read_csv(demo / "train.csv")[:5]
-    spec = ImageTransformSpec(size=32, normalisation="tf")
-    one = cache_image_features(enc, 3, rows, demo / "data", spec, root=tmp_path / "a", flip=True)
-    five, three = cache_image_features(enc, [5, 3], rows, demo / "data", spec,
-                                       root=tmp_path / "b", flip=True)
-    np.testing.assert_array_equal(three, one)  # the same store a single stage would use
-    assert sorted(p.name for p in (tmp_path / "a").iterdir())[0] in {
-        p.name for p in (tmp_path / "b").iterdir()}
-    np.testing.assert_array_equal(
-        five, cache_image_features(enc, 5, rows, demo / "data", spec, root=tmp_path / "c"))
-    # a store that already has every entry is not written again; a missing one is filled in
-    files = _files(tmp_path / "b")
-    stamps = [p.stat().st_mtime_ns for p in files]
-    victim = next(p for p in files if "-stage3-" in str(p))
-    victim.unlink()
-    again = cache_image_features(enc, [5, 3], rows, demo / "data", spec, root=tmp_path / "b")
-    np.testing.assert_array_equal(again[1], one)
-    assert victim.exists()
-    kept = [p.stat().st_mtime_ns for p in files if p != victim]
-    assert kept == [s for p, s in zip(files, stamps, strict=True) if p != victim]
-
-
-def test_cached_dataset_draws_the_same_view_of_both_maps():
-    torch.manual_seed(0)
-    n = 3
-    maps = np.random.default_rng(0).standard_normal((n, 2, 4, 2, 2)).astype(np.float16)
-    fine = np.random.default_rng(1).standard_normal((n, 2, 3, 4, 4)).astype(np.float16)
-    text, lengths, targets = torch.zeros(n, 5, dtype=torch.long), torch.full((n,), 5), torch.zeros(n, 2)
-    ds = CachedDataset(maps, text, lengths, targets, train=True, extra=fine)
-    seen = set()
-    for _ in range(30):
-        (img, ext), *_ = ds[1]
-        v = [v for v in range(2) if torch.equal(img, torch.from_numpy(maps[1, v]).float())]
-        assert len(v) == 1 and torch.equal(ext, torch.from_numpy(fine[1, v[0]]).float())
-        seen.add(v[0])
-    assert seen == {0, 1}
-    val = CachedDataset(maps, text, lengths, targets, train=False, extra=fine)
-    (img, ext), *_ = val[2]
-    assert torch.equal(ext, torch.from_numpy(fine[2, 0]).float())
-    val.both_views = True
-    (img, ext), *_ = val[2]
-    assert img.shape == (2, 4, 2, 2) and ext.shape == (2, 3, 4, 4)
-    with pytest.raises(ValueError, match="leave cache.crop at 1"):
-        CachedDataset(maps, text, lengths, targets, train=True, crop=0.5, extra=fine)

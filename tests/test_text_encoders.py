@@ -15,7 +15,6 @@ from mmtag.models.text_encoders import (
     GloveLSTMEncoder,
     MiniLMEncoder,
     MiniLMTokenizer,
-    build_text_encoder,
     choose_minilm_max_len,
     resolve_minilm_source,
 )
@@ -272,21 +271,3 @@ def test_minilm_checkpoint_loads_into_random_init(minilm_pretrained):
     ids, lengths = pad_to([[101, 1037, 3899, 102], [101, 102]], 6)
     with torch.inference_mode():
         assert_close(fresh(ids, lengths), minilm_pretrained(ids, lengths))
-
-
-# ------------------------------------------------------------------------------------------------
-# Registry
-
-
-def test_build_text_encoder():
-    enc = build_text_encoder("glove_lstm", vocab_size=10, embed_dim=4, hidden=3)
-    assert isinstance(enc, GloveLSTMEncoder) and enc.out_dim == 6
-    with pytest.raises(ValueError, match=r"unknown text encoder 'bert'; choose from "
-                                         r"\['glove_lstm', 'minilm'\]"):
-        build_text_encoder("bert")
-
-
-@needs_minilm
-def test_build_text_encoder_minilm():
-    enc = build_text_encoder("minilm", pretrained=False, freeze="all")
-    assert isinstance(enc, MiniLMEncoder) and enc.out_dim == 384

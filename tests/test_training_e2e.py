@@ -314,19 +314,6 @@ def test_caption_only_and_image_only_models(demo, tmp_path):
                     caption_only_missing=True)
 
 
-def test_a_run_frozen_inside_a_stage_saves_and_reloads_the_split_encoder(demo, tmp_path):
-    out = tmp_path / "split"
-    cfg = load_config(None, [*TINY, "optim.epochs=1", "model.freeze_image=5.1",
-                             "model.train_depthwise=false"])
-    summary = loop.fit(cfg, demo, out, progress=False)
-    pred = Predictor.load(out)  # strict state-dict load into an encoder split the same way
-    enc = pred.model.image_encoder
-    assert enc.num_stages == 10 and len(enc.stages[5].blocks) == 1
-    m = evaluate_run(out, data_dir=demo)  # raw images through the whole saved network
-    assert m["rows"] == summary["val_rows"] == 8
-    assert m["micro_f1"] == pytest.approx(summary["val"]["micro_f1"], abs=1e-6)
-
-
 def test_bf16_on_a_cpu_without_native_bf16_warns(demo, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: False)
 

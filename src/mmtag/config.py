@@ -20,8 +20,7 @@ from mmtag.atomic import atomic_write
 # the largest square input accepted: one 2048 px image is 50 MB as float32, a batch of them GBs
 MAX_IMAGE_SIZE = 2048
 
-IMAGE_FREEZE_HELP = ("'none' (train all), 'all', an int k: freeze the first k stages, or 'k.j': "
-                     "freeze the first k stages and the first j blocks of stage k")
+IMAGE_FREEZE_HELP = "'none' (train all), 'all', or an int k: freeze the first k stages"
 
 
 @dataclass
@@ -76,60 +75,40 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The network: image encoder, caption encoder, fusion head."""
+    """The network: image encoder, caption encoder, fusion head. Validated here once; the
+    models are built from it (`mmtag.models.build.build_tagger`)."""
 
     image_encoder: str = "efficientnet_lite0"  # a name from IMAGE_ENCODERS, or 'none'
     pretrained: bool = True                    # ImageNet / pretrained text weights; false = random init
     freeze_image: str = "none"                 # IMAGE_FREEZE_HELP
     drop_path: float | None = None             # image stochastic depth (None: backbone default)
-    image_conv_head: bool = True               # false: drop the backbone's 1x1 conv head; the heads read
-                                               # the last block stage's map (Lite2: 352 ch, not 1280)
-    train_depthwise: bool = True               # false: depthwise kernels of trainable image stages stay
-                                               # pretrained (their bf16 weight gradient is slow on CPU)
     text_encoder: str = "glove_lstm"           # 'glove_lstm', 'minilm', or 'none'
     freeze_embeddings: bool = True             # keep GloVe vectors fixed
-    lstm_hidden: int = 128
+    lstm_hidden: int = 128                     # BiLSTM width per direction (report: 128)
     lstm_layers: int = 1
     bidirectional: bool = True
-    freeze_text: str = "none"                  # MiniLM: 'none', 'all', or first k layers
-    fusion: str = "concat"                     # 'concat', 'gated' or 'query' (label queries
-                                               # attend over image positions + caption tokens)
-    hidden: int = 512                          # fusion MLP width ('concat', 'gated')
+    freeze_text: str = "none"                  # MiniLM: 'none', 'all', or the first k layers
+    fusion: str = "concat"                     # 'concat' (pooled vectors -> MLP: the report's)
+                                               # or 'query' (label queries attend over image
+                                               # positions + caption tokens: the cpu recipe's)
+    hidden: int = 512                          # 'concat' fusion: MLP width
     query_dim: int = 256                       # 'query' fusion: width of the label-query decoder
     query_layers: int = 1                      # 'query' fusion: decoder layers
     query_heads: int = 8                       # 'query' fusion: attention heads
     query_dropout: float = 0.1                 # 'query' fusion: dropout inside the decoder
     query_pre_head: bool = False               # 'query' fusion: read the image map before the
                                                # encoder's 1x1 conv head (fewer channels, cheaper)
-    query_memory_drop: float = 0.0             # 'query' fusion, training only: the chance that
-                                               # an image position / caption token is hidden
-    query_extra_stage: int = 0                 # 'query' fusion: the queries also read the output
-                                               # of image stages [0, k), a finer map (Lite2: k=6
-                                               # is stride 16, 28x28 at 448 px); 0 = off
     aux_heads: str = "none"                    # per-modality heads: 'none', 'loss' (extra loss
                                                # terms), 'ensemble' (also averaged at prediction)
-    aux_weight: float = 0.5                    # weight of each per-modality (and pooled) head's
-                                               # loss term; > 0
+    aux_weight: float = 0.5                    # weight of each per-modality head's loss term; > 0
     head_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
                                                # 'ensemble': weights of the fused, image and
-                                               # caption heads' logits in the prediction (and of
-                                               # the pooled head's, fourth, with pooled_head)
-    pooled_head: bool = False                  # 'ensemble' with 'query' fusion: a fourth head, an
-                                               # MLP (width `hidden`) on the pooled image and
-                                               # caption vectors, concatenated
+                                               # caption heads' logits in the prediction
     image_head: str = "linear"                 # image aux head: 'linear' on the pooled vector or
                                                # 'attention' (class attention over the feature map)
-    text_head: str = "linear"                  # caption aux head: 'linear' on the pooled vector or
-                                               # 'attention' (class attention over MiniLM's tokens)
-    image_pool: str = "avg"                    # the fused MLP's image vector: 'avg' (global average)
-                                               # or 'avgmax' (average and max, concatenated)
     attn_lambda: float = 0.2                   # attention head: weight of the attention term
     attn_temperature: float = 1.0              # attention head: softmax temperature (large = max)
-    attn_temperatures: list[float] = field(default_factory=list)
-                                               # attention heads: several temperatures whose
-                                               # attention terms are averaged (e.g. [1, 99]);
-                                               # empty: attn_temperature alone
-    dropout: float = 0.3
+    dropout: float = 0.3                       # before the fusion MLP's layers and the aux heads
     max_size_mb: float = 100.0                 # saved inference model size limit
     fp16_storage: bool = False                 # store the inference model in fp16 (half the size)
 
@@ -138,41 +117,24 @@ class ModelConfig:
                "model.image_encoder and model.text_encoder cannot both be 'none'")
         _check(self.text_encoder in ("glove_lstm", "minilm", "none"),
                "model.text_encoder must be one of ['glove_lstm', 'minilm', 'none']")
-        _check(self.fusion in ("concat", "gated", "query"),
-               "model.fusion must be one of ['concat', 'gated', 'query']")
+        _check(self.fusion in ("concat", "query"), "model.fusion must be one of ['concat', 'query']")
         _check(self.query_dim >= 1 and self.query_layers >= 1 and self.query_heads >= 1
                and self.query_dim % self.query_heads == 0,
                "model.query_dim must be a positive multiple of model.query_heads (both >= 1), "
                "model.query_layers >= 1")
         _check(0.0 <= self.query_dropout < 1.0, "model.query_dropout must be in [0, 1)")
-        _check(0.0 <= self.query_memory_drop < 1.0, "model.query_memory_drop must be in [0, 1)")
-        _check(not self.pooled_head or (self.aux_heads == "ensemble" and self.fusion == "query"
-                                        and self.image_encoder != "none"
-                                        and self.text_encoder != "none"),
-               "model.pooled_head adds a fourth head to the per-modality ones of label-query "
-               "fusion: set model.aux_heads=ensemble and model.fusion=query, with both an image "
-               "and a caption encoder (with concat fusion the fused head already is that MLP)")
         _check(self.aux_heads == "none" or self.aux_weight > 0,
-               "model.aux_weight must be > 0 with model.aux_heads (the per-modality heads, and the "
-               "pooled head, learn only through their loss terms of that weight)")
-        _check(all(t > 0 for t in self.attn_temperatures + [self.attn_temperature]),
-               "model.attn_temperature and model.attn_temperatures must be > 0")
-        n_heads = 4 if self.pooled_head else 3
-        _check(len(self.head_weights) == n_heads and all(w >= 0 for w in self.head_weights)
+               "model.aux_weight must be > 0 with model.aux_heads (the per-modality heads learn "
+               "only through their loss terms of that weight)")
+        _check(len(self.head_weights) == 3 and all(w >= 0 for w in self.head_weights)
                and sum(self.head_weights) > 0,
-               f"model.head_weights must be {n_heads} weights >= 0 (fused, image, caption"
-               f"{', pooled' if self.pooled_head else ''} heads) with a positive sum, got "
-               f"{self.head_weights}" + ("" if self.pooled_head else
-                                         "; a fourth weight needs model.pooled_head=true"))
-        _check(self.query_extra_stage >= 0, "model.query_extra_stage must be 0 (off) or a stage "
-               "index k >= 1 (the queries also read the output of image stages [0, k))")
-        _check(_is_freeze(self.freeze_image) or _is_block_freeze(self.freeze_image),
-               f"model.freeze_image must be {IMAGE_FREEZE_HELP}")
+               f"model.head_weights must be 3 weights >= 0 (fused, image, caption heads) with a "
+               f"positive sum, got {self.head_weights}")
+        _check(_is_freeze(self.freeze_image), f"model.freeze_image must be {IMAGE_FREEZE_HELP}")
         _check(_is_freeze(self.freeze_text), "model.freeze_text must be 'none', 'all' or an int")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
         _check(self.aux_heads in ("none", "loss", "ensemble"),
                "model.aux_heads must be one of ['ensemble', 'loss', 'none']")
-        _check(self.image_pool in ("avg", "avgmax"), "model.image_pool must be one of ['avg', 'avgmax']")
         _check(self.image_head in ("linear", "attention"),
                "model.image_head must be one of ['attention', 'linear']")
         _check(self.image_head == "linear" or self.aux_heads != "none",
@@ -181,13 +143,6 @@ class ModelConfig:
         _check(self.image_head == "linear" or "none" not in (self.image_encoder, self.text_encoder),
                "model.image_head='attention' is a per-modality head of an image + caption model; "
                "use 'linear' for a single-modality model")
-        _check(self.text_head in ("linear", "attention"),
-               "model.text_head must be one of ['attention', 'linear']")
-        _check(self.text_head == "linear" or (self.text_encoder == "minilm"
-                                              and self.image_encoder != "none"
-                                              and self.aux_heads != "none"),
-               "model.text_head='attention' is the per-modality caption head of an image + MiniLM "
-               "model: set model.text_encoder=minilm and model.aux_heads to 'loss' or 'ensemble'")
         _check(self.attn_temperature > 0, "model.attn_temperature must be > 0")
         _check(self.hidden >= 1 and self.lstm_hidden >= 1 and self.lstm_layers >= 1,
                "model.hidden, lstm_hidden and lstm_layers must be >= 1")
@@ -208,13 +163,9 @@ class LossConfig:
     gamma_neg: float = 4.0      # ASL: focusing on negatives
     gamma_pos: float = 0.0      # ASL: focusing on positives
     clip: float = 0.05          # ASL: probability margin for negatives
-    self_distill: float = 0.0   # each head learns toward (1 - this) * label + this * the model's
-                                # own final probability (detached; the heads' weighted ensemble
-                                # with aux heads): soft bootstrapping / online self-distillation
 
     def __post_init__(self) -> None:
         _check(self.name in ("bce", "focal", "asl"), "loss.name must be one of ['asl', 'bce', 'focal']")
-        _check(0.0 <= self.self_distill < 1.0, "loss.self_distill must be in [0, 1)")
         _check(self.alpha <= 1.0, "loss.alpha must be <= 1 (a negative value turns it off)")
         _check(min(self.gamma, self.gamma_neg, self.gamma_pos) >= 0,
                "loss.gamma, gamma_neg and gamma_pos must be >= 0")
@@ -268,13 +219,9 @@ class CacheConfig:
     flip: bool = True         # also cache flipped images: flip augmentation and flip TTA
     batch_size: int = 32      # extraction batch size
     num_workers: int = 1      # extraction image decoding processes
-    crop: float = 1.0         # training on cached feature maps: each sample is a random window of
-                              # this fraction of the map's side (1.0: the whole map), a crop
-                              # augmentation without the raw pixels
 
     def __post_init__(self) -> None:
         _check(self.enabled in ("auto", "off"), "cache.enabled must be one of ['auto', 'off']")
-        _check(0.0 < self.crop <= 1.0, "cache.crop must be in (0, 1]")
         _check(self.batch_size >= 1 and self.num_workers >= 0,
                "cache.batch_size must be >= 1 and cache.num_workers >= 0")
 
@@ -329,9 +276,6 @@ class TrainConfig:
                f"used, leave it out of {self.tta_sizes}")
         _check(len(set(self.tta_sizes)) == len(self.tta_sizes),
                f"tta_sizes has a size twice: {self.tta_sizes}")
-        _check(self.cache.crop == 1 or not self.model.query_extra_stage,
-               "cache.crop < 1 crops one cached map, and model.query_extra_stage reads two: "
-               "leave cache.crop at 1 or model.query_extra_stage at 0")
 
     @property
     def image_sizes(self) -> list[int]:
@@ -343,7 +287,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        return _build(cls, d, "")
+        return _build(cls, _without_removed(d), "")
 
     def save(self, path: Path | str) -> None:
         atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -356,27 +300,45 @@ class TrainConfig:
                        f"is present, but loss.name={self.loss.name} skews the probabilities "
                        f"(measured: asl scored samples-F1 0.819 instead of 0.896, docs/quality.md); "
                        f"use loss.name=bce, or decision=threshold with this loss")
-        if self.decision == "expected_f1" and self.loss.self_distill > 0:
-            out.append(f"loss.self_distill={self.loss.self_distill:g} pulls the targets toward the "
-                       f"model's own probabilities and leaves them less confident, which "
-                       f"decision=expected_f1 takes at their word (measured with 0.3: samples-F1 "
-                       f"0.898 instead of 0.901, docs/quality.md session 10); use "
-                       f"decision=threshold with it, or leave loss.self_distill at 0")
         if self.model.head_weights != [1.0, 1.0, 1.0] and self.model.aux_heads != "ensemble":
             out.append("model.head_weights weigh the heads of model.aux_heads=ensemble: they do "
                        f"nothing with model.aux_heads={self.model.aux_heads}")
-        if self.model.query_memory_drop > 0 and self.model.fusion != "query":
-            out.append("model.query_memory_drop acts on label queries only: it does nothing with "
-                       f"model.fusion={self.model.fusion}; set model.fusion=query or leave it at 0")
-        if self.cache.crop < 1 and (self.cache.enabled == "off"
-                                    or self.model.freeze_image in ("none", "0")):
-            out.append("cache.crop crops cached feature maps, and this run caches none "
-                       "(cache.enabled=off or no frozen image stages): it does nothing here")
         return out
 
 
 class ConfigError(ValueError):
     """A config key or value is not valid; the message says what is."""
+
+
+# Options measured and not adopted, removed from the code (docs/experiments.md), with the value
+# that turned each off. Configs saved before their removal hold them at that value: such a key
+# is dropped, so old runs and checkpoints still load. Any other value needs the old code.
+REMOVED_OPTIONS = {
+    "model.image_conv_head": True, "model.train_depthwise": True, "model.query_memory_drop": 0.0,
+    "model.query_extra_stage": 0, "model.pooled_head": False, "model.text_head": "linear",
+    "model.image_pool": "avg", "model.attn_temperatures": [], "loss.self_distill": 0.0,
+    "cache.crop": 1.0,
+}
+LAST_COMMIT_WITH_REMOVED_OPTIONS = "c54b680"
+
+
+def _without_removed(d: dict) -> dict:
+    """`d` without the removed options it holds at their 'off' value; a ConfigError for one
+    that is on."""
+    if not isinstance(d, dict):
+        return d
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for key, off in REMOVED_OPTIONS.items():
+        section, name = key.split(".")
+        values = out.get(section)
+        if not isinstance(values, dict) or name not in values:
+            continue
+        if values[name] != off:
+            raise ConfigError(f"{key}={values[name]!r} was removed (measured, not adopted: "
+                              f"docs/experiments.md); to run it, check out commit "
+                              f"{LAST_COMMIT_WITH_REMOVED_OPTIONS}")
+        del values[name]
+    return out
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -386,11 +348,6 @@ def _check(ok: bool, msg: str) -> None:
 
 def _is_freeze(v: str) -> bool:
     return v in ("none", "all") or v.lstrip("-").isdigit() and int(v) >= 0
-
-
-def _is_block_freeze(v: str) -> bool:
-    k, _, j = v.partition(".")
-    return k.isdigit() and j.isdigit() and int(j) >= 1
 
 
 def _build(cls, d: dict, prefix: str):

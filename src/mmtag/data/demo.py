@@ -69,7 +69,6 @@ __all__ = [
     "DOMINANT_LABEL",
     "MENTION_PROB",
     "make_demo_data",
-    "read_test_labels",
     "render_sample",
 ]
 
@@ -752,17 +751,3 @@ def make_demo_data(
         "mean_labels_per_image": n_labels / n,
         "caption_label_recall": n_mentioned / max(1, n_labels),
     }
-
-
-def read_test_labels(path: str | Path) -> dict[str, list[int]]:
-    """Read ``test_labels.csv`` (``ImageID,Labels``, no quoting) into ``{image_id: labels}``."""
-    out: dict[str, list[int]] = {}
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().strip()
-        if header != "ImageID,Labels":
-            raise ValueError(f"{path}: expected header 'ImageID,Labels', got {header!r}")
-        for line in f:
-            if line.strip():
-                image_id, labels = line.rstrip("\n").split(",", 1)
-                out[image_id] = [int(t) for t in labels.split()]
-    return out

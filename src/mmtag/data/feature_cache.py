@@ -149,86 +149,86 @@ def image_digests(records: Sequence[Record], image_dir: Path, source: str) -> li
 
 
 @torch.inference_mode()
-def cache_image_features(encoder: nn.Module, stage: int | Sequence[int], records: Sequence[Record],
+def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Record],
                          image_dir: Path, transform_spec: ImageTransformSpec, *,
                          root: Path | None = None, flip: bool = True, batch_size: int = 32,
                          num_workers: int = 0, progress: bool = False, source: str = "",
-                         dtype: torch.dtype | None = None,
-                         _retry: bool = True) -> np.ndarray | list[np.ndarray]:
+                         dtype: torch.dtype | None = None) -> np.ndarray:
     """(N, V, ...) float16 outputs of `encoder` stages [0, stage) (pooled when stage is
     `num_stages + 1`) for every row, V = 2 with `flip` (original, flipped) else 1. `dtype`
     (e.g. torch.bfloat16) runs the encoder under CPU autocast, as the trained model's predictor
-    will (its `amp` setting), so cached and raw-image paths compute the same thing.
-
-    Several stages (a list) are extracted in one pass over the images, each into its own store
-    (the same one a single stage would use), and a list of arrays in that order is returned."""
+    will (its `amp` setting), so cached and raw-image paths compute the same thing."""
     image_dir = Path(image_dir)
-    stages = [stage] if isinstance(stage, int) else [int(k) for k in stage]
-    ends = {k: encoder.num_stages if k == encoder.num_stages + 1 else k for k in stages}
-    stores = {}
-    for k in stages:
-        spec = CacheSpec("image", encoder.name,
-                         module_fingerprint(nn.ModuleList(encoder.stages[:ends[k]])), k,
-                         transform_spec.size, transform_spec.normalisation, flip,
-                         precision=_precision(dtype))
-        stores[k] = FeatureStore(Path(root or default_cache_dir()) / spec.folder_name())
+    end = min(stage, encoder.num_stages)
+    spec = CacheSpec("image", encoder.name, module_fingerprint(nn.ModuleList(encoder.stages[:end])),
+                     stage, transform_spec.size, transform_spec.normalisation, flip,
+                     precision=_precision(dtype))
+    store = FeatureStore(Path(root or default_cache_dir()) / spec.folder_name())
     digests = image_digests(records, image_dir, source)
+    for attempt in range(2):
+        todo = _missing(store, digests)
+        if todo:
+            log.info("caching %s features (stage %d%s, %d px) of %d images into %s",
+                     encoder.name, stage, " pooled" if stage > end else "", transform_spec.size,
+                     len(todo), store.folder)
+            _extract_images(encoder, end, stage > end, store, [records[i] for i in todo],
+                            [digests[i] for i in todo], image_dir, transform_spec,
+                            flip=flip, batch_size=batch_size, num_workers=num_workers,
+                            progress=progress, source=source, dtype=dtype)
+        try:
+            return _load_all(store, digests, records)
+        except _CorruptEntry:
+            if attempt:  # the bad entry was deleted and extracted again, and is bad again
+                raise
+    raise AssertionError("unreachable")
+
+
+def _missing(store: FeatureStore, keys: Sequence[str]) -> list[int]:
+    """The index of the first row of each key the store lacks."""
     todo: dict[str, int] = {}
-    for i, d in enumerate(digests):
-        if d not in todo and any(not st.path(d).exists() for st in stores.values()):
-            todo[d] = i
-    if todo:
-        log.info("caching %s features (stage%s %s, %d px) of %d images into %s", encoder.name,
-                 "s" if len(stages) > 1 else "",
-                 ", ".join(f"{k}{' pooled' if k > ends[k] else ''}" for k in stages),
-                 transform_spec.size, len(todo), ", ".join(str(st.folder) for st in stores.values()))
-        fast = encoder.for_inference(channels_last=True)
-        dev = next(fast.parameters()).device
-        idx = list(todo.values())
-        ds = _Images([image_dir / records[i].image_id for i in idx],
-                     [f"{source} line {records[i].line}, {records[i].image_id}" for i in idx],
-                     build_transform(transform_spec, train=False))
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
-        t0, last, done = time.time(), time.time(), 0
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(idx), desc="caching image features", unit="img", leave=False)
-        order = sorted(stages, key=lambda k: (ends[k], k))
-        for x, pos in loader:
-            views = [x, x.flip(-1)] if flip else [x]
-            outs: dict[int, list[torch.Tensor]] = {k: [] for k in stages}
-            with autocast(dev, dtype):
-                for v in views:
-                    y, at = v.to(dev).contiguous(memory_format=torch.channels_last), 0
-                    for k in order:  # run on from the previous stage's output
-                        y, at = fast.run_stages(y, at, ends[k]), ends[k]
-                        outs[k].append((fast.pool(y.float()) if k > ends[k] else y.float()).cpu())
-            for k in stages:
-                feats = torch.stack(outs[k], 1).to(torch.float16).contiguous().numpy()  # (B, V, ...)
-                for j, p in enumerate(pos.tolist()):
-                    if not stores[k].path(digests[idx[p]]).exists():
-                        stores[k].put(digests[idx[p]], feats[j])
-            done += len(pos)
-            if bar is not None:
-                bar.update(len(pos))
-            elif time.time() - last > 30:
-                _report(done, len(idx), t0, "image features")
-                last = time.time()
+    for i, k in enumerate(keys):
+        if k not in todo and not store.path(k).exists():
+            todo[k] = i
+    return list(todo.values())
+
+
+def _extract_images(encoder: nn.Module, end: int, pooled: bool, store: FeatureStore,
+                    records: Sequence[Record], keys: Sequence[str], image_dir: Path,
+                    transform_spec: ImageTransformSpec, *, flip: bool, batch_size: int,
+                    num_workers: int, progress: bool, source: str,
+                    dtype: torch.dtype | None) -> None:
+    """Run stages [0, end) (then pooling when `pooled`) over `records`' images, original and
+    with `flip` mirrored, and store each row's (V, ...) float16 output under its key."""
+    fast = encoder.for_inference(channels_last=True)
+    dev = next(fast.parameters()).device
+    ds = _Images([image_dir / r.image_id for r in records],
+                 [f"{source} line {r.line}, {r.image_id}" for r in records],
+                 build_transform(transform_spec, train=False))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    t0, last, done = time.time(), time.time(), 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(ds), desc="caching image features", unit="img", leave=False)
+    for x, pos in loader:
+        outs = []
+        with autocast(dev, dtype):
+            for v in [x, x.flip(-1)] if flip else [x]:
+                y = fast.run_stages(v.to(dev).contiguous(memory_format=torch.channels_last), 0, end)
+                outs.append((fast.pool(y.float()) if pooled else y.float()).cpu())
+        feats = torch.stack(outs, 1).to(torch.float16).contiguous().numpy()  # (B, V, ...)
+        for j, p in enumerate(pos.tolist()):
+            store.put(keys[p], feats[j])
+        done += len(pos)
         if bar is not None:
-            bar.close()
-        log.info("cached %d images in %.0f s (%.1f images/s)", len(idx), time.time() - t0,
-                 len(idx) / max(time.time() - t0, 1e-9))
-    try:
-        arrays = [_load_all(stores[k], digests, records) for k in stages]
-    except _CorruptEntry:
-        if _retry:  # the bad entry was deleted: extract it again, once
-            return cache_image_features(encoder, stage, records, image_dir, transform_spec,
-                                        root=root, flip=flip, batch_size=batch_size,
-                                        num_workers=num_workers, progress=progress,
-                                        source=source, dtype=dtype, _retry=False)
-        raise
-    return arrays[0] if isinstance(stage, int) else arrays
+            bar.update(len(pos))
+        elif time.time() - last > 30:
+            _report(done, len(ds), t0, "image features")
+            last = time.time()
+    if bar is not None:
+        bar.close()
+    log.info("cached %d images in %.0f s (%.1f images/s)", len(ds), time.time() - t0,
+             len(ds) / max(time.time() - t0, 1e-9))
 
 
 def _precision(dtype: torch.dtype | None) -> str:
@@ -266,14 +266,10 @@ def cache_text_features(encoder: nn.Module, stage: int, ids: torch.Tensor, lengt
                      max_len=int(ids.shape[1]), precision=_precision(dtype))
     store = FeatureStore(Path(root or default_cache_dir()) / spec.folder_name())
     keys = [hashlib.sha1(c.encode("utf-8")).hexdigest() for c in captions]
-    todo: dict[str, int] = {}
-    for i, k in enumerate(keys):
-        if k not in todo and not store.path(k).exists():
-            todo[k] = i
-    if todo:
+    idx = _missing(store, keys)
+    if idx:
         encoder = encoder.eval()
         dev = next(encoder.parameters()).device
-        idx = list(todo.values())
         log.info("caching caption features of %d captions into %s", len(idx), store.folder)
         t0, last = time.time(), time.time()
         for s in range(0, len(idx), batch_size):

@@ -69,8 +69,7 @@ def build_tagger(cfg: ModelConfig, num_classes: int, caption_enc, *, load_pretra
 
         freeze = int(cfg.freeze_image) if cfg.freeze_image.isdigit() else cfg.freeze_image
         image = build_image_encoder(cfg.image_encoder, pretrained=pretrained, freeze=freeze,
-                                    drop_path=cfg.drop_path, train_depthwise=cfg.train_depthwise,
-                                    conv_head=cfg.image_conv_head)
+                                    drop_path=cfg.drop_path)
     text = None
     if cfg.text_encoder == "glove_lstm":
         from mmtag.models.text_encoders import GloveLSTMEncoder
@@ -84,14 +83,4 @@ def build_tagger(cfg: ModelConfig, num_classes: int, caption_enc, *, load_pretra
 
         freeze = int(cfg.freeze_text) if cfg.freeze_text.isdigit() else cfg.freeze_text
         text = MiniLMEncoder(pretrained=pretrained, freeze=freeze)
-    return Tagger(image, text, num_classes, hidden=cfg.hidden, dropout=cfg.dropout, fusion=cfg.fusion,
-                  aux_heads=cfg.aux_heads, image_head=cfg.image_head, text_head=cfg.text_head,
-                  image_pool=cfg.image_pool,
-                  attn_lambda=cfg.attn_lambda,
-                  attn_temperature=(tuple(cfg.attn_temperatures) or cfg.attn_temperature),
-                  query_dim=cfg.query_dim, query_layers=cfg.query_layers,
-                  query_heads=cfg.query_heads, query_dropout=cfg.query_dropout,
-                  query_pre_head=cfg.query_pre_head, query_memory_drop=cfg.query_memory_drop,
-                  query_extra_stage=cfg.query_extra_stage,
-                  head_weights=tuple(cfg.head_weights),
-                  pooled_head=cfg.pooled_head)
+    return Tagger(image, text, num_classes, cfg)

