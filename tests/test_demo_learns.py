@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mmtag.demo import run_demo
-from mmtag.training.metrics import multilabel_metrics
+from mmtag.evaluation.metrics import multilabel_metrics
 
 
 def best_constant_micro_f1(y: np.ndarray) -> float:

@@ -12,11 +12,11 @@ from PIL import Image
 from mmtag.config import load_config
 from mmtag.data.csv_io import read_csv
 from mmtag.data.demo import make_demo_data
-from mmtag.data.feature_cache import CacheSpec, FeatureStore, cache_image_features
 from mmtag.data.images import ImageTransformSpec
 from mmtag.inference.predictor import Predictor, evaluate_run
 from mmtag.models.image_encoders import build_image_encoder
 from mmtag.training import loop
+from mmtag.training.feature_cache import CacheSpec, FeatureStore, cache_image_features
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,28 @@
 """The GPU-machine bundle: small, self-sufficient, and the same model inputs as the full setup."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tarfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
+from mmtag.data import tokenizers as tk
 from mmtag.data.csv_io import read_csv
 from mmtag.data.demo import make_demo_data
-from mmtag.gpu_bundle import write_bundle
 from mmtag.models import text_encoders as te
+
+# lab tooling, not part of the package: loaded from its file
+_spec = importlib.util.spec_from_file_location(
+    "gpu_bundle", Path(__file__).parents[1] / "tools" / "gpu_bundle" / "gpu_bundle.py")
+gpu_bundle = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_bundle)
+write_bundle = gpu_bundle.write_bundle
 
 # What the GPU machines lack: mmtag's offline weight packages, GloVe, NLTK, and the Lite code
 # package (which the bundle carries itself)
@@ -77,13 +86,13 @@ def test_bundle_is_cut_from_the_installed_weights_only(bundle, monkeypatch):
 def test_cut_minilm_gives_the_full_models_token_states(bundle, monkeypatch):
     root, _ = bundle
     captions = [r.caption for r in read_csv(root / ".gpu" / "data" / "train.csv")[:6]]
-    full_tok = te.MiniLMTokenizer(max_len=16)
+    full_tok = tk.MiniLMTokenizer(max_len=16)
     ids, lengths = (torch.from_numpy(a) for a in full_tok.encode_batch(captions))
     full = te.MiniLMEncoder(pretrained=True).eval()
     monkeypatch.setenv("MMTAG_MINILM_DIR", str(root / ".gpu" / "minilm"))
     # no cache to clear: the tokenizer follows the variable within one process
     cut_ids, cut_lengths = (torch.from_numpy(a) for a in
-                            te.MiniLMTokenizer(max_len=16).encode_batch(captions))
+                            tk.MiniLMTokenizer(max_len=16).encode_batch(captions))
     cut = te.MiniLMEncoder(pretrained=True).eval()
     assert cut.transformer.config.vocab_size < 1000
     assert torch.equal(cut_lengths, lengths) and not torch.equal(cut_ids, ids)
@@ -92,7 +101,7 @@ def test_cut_minilm_gives_the_full_models_token_states(bundle, monkeypatch):
                                    atol=2e-3, rtol=1e-2)
     monkeypatch.setenv("MMTAG_MINILM_DIR", str(root / "nowhere"))
     with pytest.raises(FileNotFoundError, match="MMTAG_MINILM_DIR"):
-        te.resolve_minilm_source()
+        tk.resolve_minilm_source()
 
 
 @pytest.mark.slow  # a training and a benchmark in subprocesses: about a minute

@@ -3,8 +3,8 @@ import time
 import numpy as np
 import pytest
 
-from mmtag.training.metrics import format_per_class_table, multilabel_metrics
-from mmtag.training.thresholds import (
+from mmtag.evaluation.metrics import format_per_class_table, multilabel_metrics
+from mmtag.evaluation.thresholds import (
     apply_thresholds,
     choose_thresholds,
     decide,

@@ -10,14 +10,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mmtag.models.text_encoders import (
+from mmtag.data.tokenizers import (
     MINILM_NAME,
-    GloveLSTMEncoder,
-    MiniLMEncoder,
     MiniLMTokenizer,
     choose_minilm_max_len,
     resolve_minilm_source,
 )
+from mmtag.models.text_encoders import GloveLSTMEncoder, MiniLMEncoder
 
 CAPTIONS = [
     "A man riding a wave on top of a surfboard.",

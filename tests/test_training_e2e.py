@@ -12,11 +12,11 @@ from mmtag.config import load_config
 from mmtag.data.csv_io import read_csv
 from mmtag.data.dataset import Split
 from mmtag.data.demo import make_demo_data
+from mmtag.evaluation.metrics import multilabel_metrics
+from mmtag.evaluation.thresholds import expected_f1_sets
 from mmtag.inference.predictor import Predictor, evaluate_run, predict_csv
-from mmtag.training import loop
+from mmtag.training import engine, loop, run_folder
 from mmtag.training.checkpoint import ModelTooLargeError
-from mmtag.training.metrics import multilabel_metrics
-from mmtag.training.thresholds import expected_f1_sets
 
 TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
         "model.image_encoder=efficientnet_lite0", "model.lstm_hidden=8", "model.hidden=16",
@@ -240,17 +240,17 @@ def test_a_second_process_cannot_train_in_a_run_folder_in_use(run, demo):
     import sys
 
     holder = subprocess.Popen([sys.executable, "-c", (  # holds the lock as a training process
-        "import os, sys, time; from pathlib import Path; from mmtag.training.loop import run_lock\n"
+        "import os, sys, time; from pathlib import Path; from mmtag.training.run_folder import run_lock\n"
         f"with run_lock(Path({str(run)!r})):\n    print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(loop.RunInUseError, match="in use by another mmtag process"):
+        with pytest.raises(run_folder.RunInUseError, match="in use by another mmtag process"):
             loop.fit(load_config(run / "config.yaml"), demo, run, resume=True, progress=False)
     finally:
         holder.kill()
         holder.wait()
-    with loop.run_lock(run):  # released when its process ended
+    with run_folder.run_lock(run):  # released when its process ended
         pass
 
 
@@ -348,7 +348,7 @@ def test_evaluate_folds_batchnorm_on_a_copy_and_matches_the_model(run):
     loader = [(images, ids, lengths, target)]
     copies = []
     encoder.for_inference = lambda **kw: copies.append(type(encoder).for_inference(encoder, **kw)) or copies[-1]
-    _, probs, _ = loop.evaluate(model, loader, None, torch.device("cpu"))
+    _, probs, _ = engine.evaluate(model, loader, None, torch.device("cpu"))
     assert len(copies) == 1 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in copies[0].modules())
     torch.testing.assert_close(torch.from_numpy(probs), expected, rtol=1e-4, atol=1e-5)
     # the model keeps its own encoder, BatchNorms and all

@@ -22,20 +22,32 @@ def train(data_dir: Path | str, out: Path | str, config: TrainConfig | str | Pat
     first epoch ended."""
     from mmtag.training.loop import fit
 
+    return fit(resolve_config(out, config, overrides, resume=resume, restart=restart), data_dir,
+               out, resume=resume, restart=restart, progress=progress)
+
+
+def resolve_config(out: Path | str, config: TrainConfig | str | Path | None = None,
+                   overrides: list[str] | tuple[str, ...] = (), *, resume: bool = False,
+                   restart: bool = False) -> TrainConfig:
+    """The config a training into `out` runs with: the run's saved config.yaml on a resume
+    (which nothing may change), else `config` (a TrainConfig, a YAML path, a built-in recipe
+    name, or None for the defaults) with `overrides` applied. The one owner of these rules:
+    the CLI calls it through `train`."""
+    if resume and restart:
+        raise ValueError("resume continues a run, restart starts one over: choose one")
     if resume:
         if config is not None or overrides:
-            raise ValueError("resume=True continues the run with its saved config: config and "
-                             "overrides cannot change it (start a new run for that)")
+            raise ValueError("resume continues the run with its saved config.yaml, which cannot "
+                             "change: drop the config and overrides (--config/--set), or start "
+                             "a new run for them")
         saved = Path(out) / "config.yaml"
         if not saved.exists():
             raise FileNotFoundError(f"cannot resume {out}: it holds no run (no config.yaml); "
                                     f"start one there with mmtag train --out {out}")
-        cfg = load_config(saved)
-    elif isinstance(config, TrainConfig):
-        cfg = TrainConfig.from_dict(apply_overrides(config.to_dict(), overrides))
-    else:
-        cfg = load_config(recipe_path(config) if config else None, overrides)
-    return fit(cfg, data_dir, out, resume=resume, restart=restart, progress=progress)
+        return load_config(saved)
+    if isinstance(config, TrainConfig):
+        return TrainConfig.from_dict(apply_overrides(config.to_dict(), overrides))
+    return load_config(recipe_path(config) if config else None, overrides)
 
 
 def load_run(run: Path | str, device: str = "auto", tta_sizes: list[int] | None = None):

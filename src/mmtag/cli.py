@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
+
+from mmtag.process import configure_process
 
 log = logging.getLogger("mmtag")
 
@@ -38,20 +39,12 @@ def _cmd_setup_wordnet(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from mmtag.api import train
 
-    if args.resume:
-        if args.restart:
-            raise ValueError("--resume continues a run, --restart starts one over: choose one")
-        if args.config or args.set:
-            raise ValueError("--resume continues a run with its saved config.yaml; drop --config/--set")
-        if args.data is None:
-            raise ValueError("--resume also needs --data DIR (the folder the run was trained on)")
-        run = Path(args.resume)
-        summary = train(args.data, run, resume=True)
-    else:
-        if args.data is None or args.out is None:
-            raise ValueError("train needs --data DIR and --out RUN (or --resume RUN --data DIR)")
-        run = Path(args.out)
-        summary = train(args.data, run, args.config, args.set or (), restart=args.restart)
+    # what the flags mean is checked here; which config a run gets is api.resolve_config's rule
+    if args.data is None or (args.out is None and args.resume is None):
+        raise ValueError("train needs --data DIR and --out RUN (or --resume RUN --data DIR)")
+    run = Path(args.resume or args.out)
+    summary = train(args.data, run, args.config, args.set or (), resume=args.resume is not None,
+                    restart=args.restart)
     _print_summary(summary, run)
     return 0
 
@@ -90,8 +83,8 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from mmtag.evaluation.metrics import format_per_class_table
     from mmtag.inference.predictor import evaluate_run, optimism_note
-    from mmtag.training.metrics import format_per_class_table
 
     m = evaluate_run(args.run, data_dir=args.data, csv_path=args.csv, images=args.images,
                      threshold=args.threshold, decision=args.decision,
@@ -169,7 +162,7 @@ def _sizes(text: str) -> list[int]:
 
 def _threshold(text: str) -> float:
     """--threshold: a probability strictly between 0 and 1."""
-    from mmtag.training.thresholds import check_threshold
+    from mmtag.evaluation.thresholds import check_threshold
 
     try:
         value = float(text)
@@ -298,12 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that spin while waiting make torch many times slower when DataLoader
-    # workers (or anything else) share a small machine's cores; must be set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from mmtag.allocator import keep_freed_memory
-
-    keep_freed_memory()  # large CPU tensors reuse heap memory instead of fresh page-faulted maps
+    configure_process()  # OpenMP waiting, the allocator, cuDNN autotuning: before torch loads
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")

@@ -212,7 +212,7 @@ class OptimConfig:
 
 @dataclass
 class CacheConfig:
-    """The cached-feature fast path (see mmtag.data.feature_cache)."""
+    """The cached-feature fast path (see mmtag.training.feature_cache)."""
 
     enabled: str = "auto"     # 'auto': cache the frozen image prefix / frozen caption encoder; 'off'
     dir: str | None = None    # cache folder (default $MMTAG_CACHE_DIR or ~/.cache/mmtag/features)

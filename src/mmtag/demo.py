@@ -8,7 +8,7 @@ from mmtag.atomic import atomic_write
 from mmtag.config import load_config, recipe_path
 from mmtag.data.csv_io import read_csv
 from mmtag.data.demo import DEMO_DATA_MARKER, demo_data_complete, make_demo_data
-from mmtag.training.loop import LOCK_FILE, is_run_file, run_lock
+from mmtag.training.run_folder import LOCK_FILE, is_run_file, run_lock
 
 _OWNED = ".mmtag-demo-run"  # in --out: this folder was made by `mmtag demo`
 
@@ -50,9 +50,9 @@ def run_demo(out: Path, n: int = 2000, seed: int = 0, epochs: int | None = None,
              progress: bool | None = None) -> dict:
     """Generate data (once), train the demo recipe, evaluate, predict the test rows and score
     the predictions against the demo's hidden test labels. Returns the figures."""
+    from mmtag.evaluation.metrics import multilabel_metrics
     from mmtag.inference.predictor import evaluate_run, optimism_note, predict_csv
     from mmtag.training.loop import fit
-    from mmtag.training.metrics import multilabel_metrics
 
     data_dir, run_dir = out / "data", out / "run"
     claim_demo_folder(out)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mmtag.config import DataConfig
+
 # name -> (mean, std) on 0..1 pixels
 NORMALISATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -45,6 +47,16 @@ class ImageTransformSpec:
                              f"{sorted(NORMALISATIONS)}")
         if self.size < 8:
             raise ValueError(f"image size must be at least 8, got {self.size}")
+
+
+def transform_spec(d: DataConfig, normalisation: str, size: int | None = None) -> ImageTransformSpec:
+    """The image pipeline of a run's `data` config; `normalisation` is what the image encoder
+    expects, used when data.normalisation is 'auto'. `size` replaces data.image_size (the other
+    sizes of multi-scale TTA)."""
+    norm = normalisation if d.normalisation == "auto" else d.normalisation
+    return ImageTransformSpec(size=size or d.image_size, normalisation=norm, hflip=d.hflip,
+                              jitter=d.jitter, hue=d.hue, degrees=d.degrees,
+                              translate=d.translate, scale=(d.scale_min, d.scale_max))
 
 
 def build_transform(spec: ImageTransformSpec, train: bool):

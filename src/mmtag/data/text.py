@@ -228,7 +228,7 @@ class CaptionEncoder:
         return cls(vocab, max_len, stopwords, lemmas)
 
     def to_dict(self) -> dict:
-        return {"words": self.vocab.words, "max_len": self.max_len,
+        return {"kind": "glove", "words": self.vocab.words, "max_len": self.max_len,
                 "stopwords": self.stopwords, "lemmas": self.lemmas}
 
     @classmethod

@@ -11,7 +11,7 @@ import torch
 
 from mmtag.data.csv_io import read_csv
 from mmtag.inference.predictor import Predictor
-from mmtag.training.runtime import machine_info
+from mmtag.runtime import machine_info
 
 
 def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: int = 512,

@@ -1,7 +1,7 @@
 """`mmtag ensemble`: several trained runs as one model that averages their probabilities.
 
 Runs of one recipe trained with different seeds err differently enough that their averaged
-probabilities score higher than any of them (docs/quality.md, session 14). The members must
+probabilities score higher than any of them (docs/experiments.md). The members must
 share the architecture, the preprocessing and the validation rows: the ensemble's decision
 thresholds are chosen on the members' averaged validation probabilities (their
 ``val_probs.csv``), exactly as a run chooses its own. Weights that are equal in every member
@@ -15,17 +15,16 @@ The folder it writes is a run folder for `evaluate`, `predict` and `benchmark` (
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mmtag.atomic import atomic_write, read_json
 from mmtag.config import TrainConfig
+from mmtag.evaluation.estimate import decision_figures
+from mmtag.evaluation.probs_csv import VAL_PROBS, average_probs, read_val_probs, write_val_probs
 from mmtag.training.checkpoint import (
     FORMAT_VERSION,
     ModelTooLargeError,
@@ -51,38 +50,6 @@ def _prediction_config(cfg: dict) -> dict:
     return out
 
 
-def _read_val_probs(run: Path) -> tuple[list[str], list[list[str]], np.ndarray, np.ndarray]:
-    """Header, the (ImageID, Labels) of each row, multi-hot targets, probabilities."""
-    path = run / "val_probs.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: only a finished run (one that chose its "
-                                f"thresholds) can join an ensemble")
-    redo = (f"it is written when a run ends: rewrite it with mmtag train --resume {run} "
-            f"--data DIR")
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"{path} is damaged ({e}); {redo}") from None
-    if len(rows) < 2 or rows[0][:2] != ["ImageID", "Labels"] or len(rows[0]) < 3:
-        raise ValueError(f"{path} is empty or damaged (it needs the header ImageID,Labels,<one "
-                         f"column per label> and one row per validation image); {redo}")
-    header, body = rows[0], rows[1:]
-    labels = header[2:]
-    p = np.zeros((len(body), len(labels)))
-    for i, r in enumerate(body):
-        try:
-            if len(r) != len(header):
-                raise ValueError(f"{len(r)} fields, the header has {len(header)}")
-            p[i] = [float(x) for x in r[2:]]
-            if not np.all((p[i] >= 0) & (p[i] <= 1)):
-                raise ValueError("a probability outside [0, 1]")
-        except ValueError as e:
-            raise ValueError(f"{path}, line {i + 2}: {e}; the file is damaged; {redo}") from None
-    y = np.array([[int(lab in r[1].split()) for lab in labels] for r in body])
-    return header, [r[:2] for r in body], y, p
-
-
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
     for k in sorted(set(a) | set(b)):
         if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
@@ -97,8 +64,6 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
 def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
     """Write the ensemble of `runs` (finished run folders) to the folder `out`; returns its
     summary (validation figures of the averaged probabilities, as a run's summary.json)."""
-    from mmtag.training.loop import decision_figures  # what every run reports
-
     runs, out = [Path(r) for r in runs], Path(out)
     if len(runs) < 2:
         raise ValueError("an ensemble needs at least two runs")
@@ -124,13 +89,14 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
                 raise ValueError(f"{run} has another {what} than {first}: train both on the "
                                  f"same data")
 
-    read = [_read_val_probs(run) for run in runs]
-    header, ids, y, _ = read[0]
-    for run, (h, i, _, _) in zip(runs[1:], read[1:], strict=True):
-        if h != header or i != ids:
-            raise ValueError(f"{run / 'val_probs.csv'} does not list the same rows and labels as "
-                             f"{first / 'val_probs.csv'}")
-    p = np.mean([r[3] for r in read], axis=0)
+    read = [read_val_probs(run) for run in runs]
+    v = read[0]
+    for run, other in zip(runs[1:], read[1:], strict=True):
+        if (other.image_ids, other.true_labels, other.label_names) != (
+                v.image_ids, v.true_labels, v.label_names):
+            raise ValueError(f"{run / VAL_PROBS} does not list the same rows and labels as "
+                             f"{first / VAL_PROBS}")
+    p = average_probs(r.probs for r in read)
 
     # weights: those equal in every member once, the rest per member
     states = [ck["model"] for ck in ckpts]
@@ -147,7 +113,7 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
             f"{len(states[0])} weight tensors shared), over the limit of "
             f"{cfg.model.max_size_mb:g} MB (model.max_size_mb); use fewer runs")
 
-    figures = decision_figures(cfg, y, p, header[2:])
+    figures = decision_figures(cfg, v.targets, p, v.label_names)
     out.mkdir(parents=True, exist_ok=True)
     atomic_save({"format": FORMAT_VERSION, "config": base["config"], "labels": base["labels"],
                  "caption": base["caption"], "thresholds": figures["thresholds"],
@@ -157,17 +123,12 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
     for name in ("config.yaml", "labels.json", "vocab.json", "split.json"):
         if (first / name).exists():
             atomic_write(out / name, (first / name).read_bytes())
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    for id_labels, row in zip(ids, p, strict=True):
-        w.writerow([*id_labels, *[f"{x:.5f}" for x in row]])
-    atomic_write(out / "val_probs.csv", buf.getvalue())
+    write_val_probs(out, v.image_ids, v.true_labels, v.label_names, p)
     tta = (read_json(first / "summary.json").get("tta")
            if (first / "summary.json").exists() else None)
     summary = {"members": [str(r) for r in runs], **figures, "tta": tta,
                "saved_model_mb": round(mb, 2), "shared_tensors": len(shared),
-               "val_rows": len(ids)}
+               "val_rows": len(v.image_ids)}
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 

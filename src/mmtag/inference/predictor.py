@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,15 +16,17 @@ from mmtag.atomic import atomic_write_many, read_json
 from mmtag.config import ConfigError, TrainConfig
 from mmtag.data.csv_io import Record, csv_columns, format_csv, read_csv
 from mmtag.data.dataset import Split, TaggingDataset, make_loader
-from mmtag.data.images import ImageReadError, build_transform, load_image, to_rgb
+from mmtag.data.images import ImageReadError, build_transform, load_image, to_rgb, transform_spec
 from mmtag.data.labels import LabelMap, UnknownLabelError
+from mmtag.data.tokenizers import tokenizer_from_dict
+from mmtag.evaluation.metrics import multilabel_metrics
+from mmtag.evaluation.probs_csv import average_probs, format_probs
+from mmtag.evaluation.thresholds import apply_thresholds, check_threshold, decide
 from mmtag.inference.ensemble import member_states
-from mmtag.models.build import build_tagger, caption_encoder_from_dict
+from mmtag.models.build import build_tagger, encoder_normalisation
+from mmtag.runtime import amp_dtype, autocast, resolve_device
 from mmtag.training.checkpoint import CheckpointError, load_checkpoint
-from mmtag.training.loop import _logits, encoder_normalisation, evaluate, image_spec
-from mmtag.training.metrics import multilabel_metrics
-from mmtag.training.runtime import amp_dtype, autocast, resolve_device
-from mmtag.training.thresholds import apply_thresholds, check_threshold, decide
+from mmtag.training.engine import evaluate, flip_tta_logits
 
 log = logging.getLogger("mmtag.predict")
 
@@ -67,7 +67,7 @@ class Predictor:
         except ConfigError as e:
             raise ConfigError(f"the config saved in {path}: {e}") from None
         label_map = LabelMap.from_dict(ckpt["labels"])
-        caption_enc = caption_encoder_from_dict(ckpt["caption"])
+        caption_enc = tokenizer_from_dict(ckpt["caption"])
         dev = resolve_device(device)
         models = []
         for state in member_states(ckpt) if "ensemble" in ckpt else [ckpt["model"]]:
@@ -95,7 +95,7 @@ class Predictor:
 
     def transform(self, size: int | None = None):
         """Validation preprocessing at data.image_size, or at `size`."""
-        return build_transform(image_spec(self.config, encoder_normalisation(self.model), size),
+        return build_transform(transform_spec(self.config.data, encoder_normalisation(self.model), size),
                                train=False)
 
     def dataset(self, records: Sequence[Record], image_dir: Path | str, source: str = "",
@@ -112,18 +112,17 @@ class Predictor:
                       num_workers: int = 0) -> np.ndarray:
         """(N, C) sigmoid probabilities, in dataset order: averaged over the sizes of
         `image_sizes` (each a pass over `dataset` with that size's preprocessing)."""
-        probs = 0.0
+        parts = []
         for size in self.image_sizes:
             ds = copy.copy(dataset)  # the caller's dataset keeps its transform
             if size is not None:
                 ds.transform = self.transform(size)
             loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers)
             for model in self.models:
-                _, p, _ = evaluate(model, loader, None, self.device,
-                                   dtype=amp_dtype(self.config.amp, self.device),
-                                   tta=self.config.tta_flip, channels_last=True)
-                probs = probs + p / (len(self.image_sizes) * len(self.models))
-        return probs
+                parts.append(evaluate(model, loader, None, self.device,
+                                      dtype=amp_dtype(self.config.amp, self.device),
+                                      tta=self.config.tta_flip, channels_last=True)[1])
+        return average_probs(parts)
 
     def caption_probabilities(self, dataset: TaggingDataset, batch_size: int = 64) -> np.ndarray:
         """(N, C) probabilities of the caption's own head (`Tagger.caption_logits`), for rows
@@ -133,9 +132,9 @@ class Predictor:
         with torch.inference_mode(), autocast(self.device, dtype):
             for s in range(0, len(dataset), batch_size):
                 ids = dataset.tokens[s:s + batch_size].to(self.device)
-                out.append(np.mean([torch.sigmoid(m.caption_logits(
+                out.append(average_probs(torch.sigmoid(m.caption_logits(
                     ids, dataset.lengths[s:s + batch_size]).float()).cpu().numpy()
-                    for m in self.models], axis=0))
+                    for m in self.models))
         return np.concatenate(out) if out else np.zeros((0, self.label_map.num_classes))
 
     def decide(self, probs: np.ndarray, threshold: float | None = None,
@@ -179,7 +178,7 @@ class Predictor:
             ids.append(torch.as_tensor(tok))
             lengths.append(n)
         ids, lengths = torch.stack(ids).to(self.device), torch.as_tensor(lengths)
-        probs = 0.0
+        parts = []
         for size in self.image_sizes:
             tf = self.transform(size)
             with torch.inference_mode(), autocast(self.device,
@@ -187,9 +186,9 @@ class Predictor:
                 batch = torch.stack([tf(img) for img in pil]).to(self.device)
                 batch = batch.contiguous(memory_format=torch.channels_last)
                 for model in self.models:
-                    logits = _logits(model, batch, ids, lengths, self.config.tta_flip)
-                    probs = probs + (torch.sigmoid(logits.float()).cpu().numpy()
-                                     / (len(self.image_sizes) * len(self.models)))
+                    logits = flip_tta_logits(model, batch, ids, lengths, self.config.tta_flip)
+                    parts.append(torch.sigmoid(logits.float()).cpu().numpy())
+        probs = average_probs(parts)
         return [self.label_map.decode(row) for row in self.decide(probs, threshold)]
 
 
@@ -209,16 +208,6 @@ def check_outputs(inputs: dict[str, Path], outputs: dict[str, Path | None]) -> N
         if path.is_dir():
             raise ValueError(f"{name} {path} is a folder; give a file path for {name}")
         seen[key] = name
-
-
-def probs_csv(image_ids: Sequence[str], label_map: LabelMap, probs: np.ndarray) -> str:
-    """The text of a probabilities CSV: ImageID, then one column per label."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["ImageID", *[str(lab) for lab in label_map.labels]])
-    for image_id, p in zip(image_ids, probs, strict=True):
-        w.writerow([image_id, *[f"{x:.5f}" for x in p]])
-    return buf.getvalue()
 
 
 def find_missing_images(records: Sequence[Record], image_dir: Path,
@@ -371,7 +360,7 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
                                for r, labs in zip(rows, label_sets, strict=True)],
                               captions=False))]
     if probs_out is not None:
-        files.append((probs_out, probs_csv([r.image_id for r in rows], pred.label_map, probs)))
+        files.append((probs_out, format_probs([r.image_id for r in rows], [str(lab) for lab in pred.label_map.labels], probs)))
     atomic_write_many(files)
     return {"rows": len(rows), "out": str(out), "probs": str(probs_out) if probs_out else None,
             "caption_only": msgs, "caption_only_via": via if msgs else None,

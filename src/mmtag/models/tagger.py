@@ -164,7 +164,7 @@ class Tagger(nn.Module):
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.fusion = cfg.fusion
-        # Inputs other than raw data, for training on cached features (mmtag.data.feature_cache):
+        # Inputs other than raw data, for training on cached features (mmtag.training.feature_cache):
         # image_input_stage k > 0 means `images` are the outputs of image stages [0, k)
         # (num_stages + 1: already pooled); likewise text_input_stage k > 0 means `ids` are the
         # caption encoder's token states after k layers (num_layers + 1: pooled features).

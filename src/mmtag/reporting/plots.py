@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from mmtag.atomic import atomic_write
+from mmtag.training.run_folder import read_metrics_rows
 
 
 def read_metrics(path: Path | str) -> dict[str, list[float]]:
     """metrics.csv as columns of floats."""
-    with Path(path).open() as f:
-        rows = list(csv.DictReader(f))
+    rows = read_metrics_rows(Path(path))
     if not rows:
         raise ValueError(f"{path} has no epochs")
     return {k: [float(r[k]) for r in rows] for k in rows[0]}
@@ -19,14 +18,16 @@ def read_metrics(path: Path | str) -> dict[str, list[float]]:
 
 def plot_curves(metrics_csv: Path | str, out_png: Path | str) -> Path:
     """Loss, micro-F1, samples-F1 and precision/recall per epoch, train vs validation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure with its own Agg canvas: no pyplot, so the process's matplotlib backend is left
+    # as the caller set it
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     m = read_metrics(metrics_csv)
     ep = m["epoch"]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig = Figure(figsize=(16, 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 4)
     panels = [("loss", "loss"), ("micro_f1", "micro-F1 (threshold 0.5, no TTA)"),
               ("samples_f1", "samples-F1 (Kaggle; threshold 0.5, no TTA)")]
     for ax, (key, title) in zip(axes, panels, strict=False):
@@ -46,5 +47,4 @@ def plot_curves(metrics_csv: Path | str, out_png: Path | str) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
     return Path(out_png)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmtag.config import TrainConfig
-from mmtag.data.feature_cache import cache_image_features, cache_text_features
+from mmtag.training.feature_cache import cache_image_features, cache_text_features
 
 log = logging.getLogger("mmtag.train")
 

@@ -1,4 +1,4 @@
-"""The malloc setting that keeps CPU training steps out of the kernel (mmtag.allocator)."""
+"""The malloc setting that keeps CPU training steps out of the kernel (mmtag.process)."""
 
 import ctypes
 import os
@@ -32,7 +32,7 @@ def _run(code: str, **env) -> str:
 @pytest.mark.skipif(not glibc, reason="mallopt is glibc's")
 def test_applies_once_on_glibc():
     out = _run("""
-        from mmtag.allocator import keep_freed_memory
+        from mmtag.process import keep_freed_memory
         print(keep_freed_memory(), keep_freed_memory())
     """)
     assert out == "True True"
@@ -46,7 +46,7 @@ def test_large_buffers_come_from_the_heap(on):
     # from the heap and stays there for reuse.
     out = _run(f"""
         import ctypes
-        from mmtag.allocator import keep_freed_memory
+        from mmtag.process import keep_freed_memory
         if {on}:
             keep_freed_memory()
         libc = ctypes.CDLL("libc.so.6")
@@ -64,7 +64,7 @@ def test_large_buffers_come_from_the_heap(on):
 
 def test_opt_out_by_environment():
     out = _run("""
-        from mmtag.allocator import keep_freed_memory
+        from mmtag.process import keep_freed_memory
         print(keep_freed_memory())
     """, MMTAG_MALLOC="default")
     assert out == "False"

@@ -1,4 +1,6 @@
-"""Process-wide memory allocator setting for CPU training (no torch import: the CLI calls it first)."""
+"""Process-wide settings mmtag's commands run with, made by an explicit call (the CLI's first
+step), never as a side effect of importing or training. No torch import at module level: the
+OpenMP setting must be in the environment before torch loads."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ def keep_freed_memory() -> bool:
     each training step on the CPU maps, page-faults (zeroes) and unmaps its large activations
     anew: measured here on the cpu recipe's step (PyTorch on Linux), 5.6 of 19 CPU-seconds went to
     the kernel and a step took 0.49 s; with allocations up to 256 MB served from the heap and no
-    trimming, 0.4 s of kernel time and 0.34 s per step (docs/quality.md, session 4). The cost: the
+    trimming, 0.4 s of kernel time and 0.34 s per step (docs/experiments.md). The cost: the
     process keeps its peak heap instead of shrinking after it. Only on Linux with glibc; a no-op
     elsewhere or with MMTAG_MALLOC=default in the environment. Returns whether it applied.
     """
@@ -38,3 +40,21 @@ def keep_freed_memory() -> bool:
     _ALLOCATOR_TUNED = ok
     log.debug("malloc: keep freed memory %s", "on" if ok else "not available")
     return ok
+
+
+def configure_process() -> None:
+    """What `mmtag` sets for itself before anything else: library users may call it first too.
+
+    - OMP_WAIT_POLICY=PASSIVE (unless set): OpenMP threads that spin while waiting make torch
+      many times slower when DataLoader workers share a small machine's cores. Applies only if
+      torch has not been imported yet.
+    - `keep_freed_memory()`: large CPU tensors reuse heap memory.
+    - cuDNN autotuning (`torch.backends.cudnn.benchmark`): the inputs have fixed sizes, so the
+      fastest convolution kernels are found once and reused (a run with `deterministic: true`
+      turns it off again).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    keep_freed_memory()
+    import torch
+
+    torch.backends.cudnn.benchmark = True

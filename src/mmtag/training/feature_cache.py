@@ -34,7 +34,7 @@ from torch import nn
 from mmtag.atomic import atomic_write
 from mmtag.data.csv_io import Record
 from mmtag.data.images import ImageReadError, ImageTransformSpec, build_transform, load_image
-from mmtag.training.runtime import autocast
+from mmtag.runtime import autocast
 
 log = logging.getLogger("mmtag.cache")
 

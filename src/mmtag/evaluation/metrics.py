@@ -33,7 +33,7 @@ def as_binary(name: str, a) -> np.ndarray:
         i, j = np.argwhere(bad)[0]
         raise ValueError(
             f"{name} must hold only 0/1, found {arr[i, j].item()!r} at row {i}, column {j}; "
-            "turn probabilities into 0/1 first (mmtag.training.thresholds.apply_thresholds)"
+            "turn probabilities into 0/1 first (mmtag.evaluation.thresholds.apply_thresholds)"
         )
     return arr.astype(bool)
 

@@ -2,7 +2,7 @@
 torchvision and transformers but none of mmtag's offline weight packages, and that takes only a
 few tens of MiB of files along (this project's lent GPU machines: 64 MiB per call, no network).
 
-    python -m mmtag.gpu_bundle --data ../shared/data/comp5329 --out .gpu
+    python tools/gpu_bundle/gpu_bundle.py --data ../shared/data/comp5329 --out .gpu
 
 writes into OUT (git-ignored; never commit it):
 
@@ -16,7 +16,7 @@ writes into OUT (git-ignored; never commit it):
 - ``site/efficientnet_lite_pytorch/``: the small code package that builds that backbone;
 - ``run.sh``: the command for the GPU machine (train, then benchmark; results under $OUT);
 - ``compare.sh``: one device call that trains the gpu and the cpu recipe on these rows, two seeds
-  each while its time lasts (docs/quality.md, session 13).
+  each while its time lasts (docs/experiments.md).
 
 The bundle is for that check only: a model trained with the cut vocabulary needs ``minilm/``
 beside it (MMTAG_MINILM_DIR) to be loaded again.
@@ -29,7 +29,6 @@ import csv
 import importlib
 import json
 import os
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -40,86 +39,7 @@ from PIL import Image
 from mmtag.data.csv_io import read_csv
 from mmtag.data.images import to_rgb
 
-RUN_SH = """#!/usr/bin/env bash
-# On the GPU machine, from the repository root: bash {bundle}/run.sh [--set KEY=VALUE ...]
-# Trains --config {config} on the bundled rows, then measures prediction speed; the summary,
-# metrics, curves and logs land in $OUT (or {bundle}/out).
-set -euo pipefail
-B=$(cd "$(dirname "$0")" && pwd)
-OUT=${{OUT:-$B/out}}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src:$B/site${{PYTHONPATH:+:$PYTHONPATH}}"
-export MMTAG_MINILM_DIR="$B/minilm" MMTAG_LITE_WEIGHTS_DIR="$B/weights"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt" || true
-RUN=$(mktemp -d)/run
-"${{PYTHON:-python3}}" -m mmtag train --data "$B/data" --out "$RUN" --config {config} "$@" 2>&1 | tee "$OUT/train.log"
-"${{PYTHON:-python3}}" -m mmtag benchmark "$RUN" --csv "$B/data/test.csv" --images "$B/data/data" 2>&1 \\
-    | tee "$OUT/benchmark.log"
-cp "$RUN/summary.json" "$RUN/metrics.csv" "$RUN/config.yaml" "$OUT/"
-cp "$RUN/curves.png" "$OUT/" 2>/dev/null || true
-"""
-
-
-# One device call that compares the two recipes on the bundled rows (docs/quality.md, session 13)
-COMPARE_SH = r"""#!/usr/bin/env bash
-# On the GPU machine, from the repository root: DEADLINE=520 bash BUNDLE/compare.sh
-# Trains --config gpu (s1, then benchmarks it) and --config cpu with 12 epochs (s2) on the
-# bundled rows, then a second seed of each (s3, s4) while DEADLINE seconds are not used up.
-# $OUT gets check.log (every stage's epochs and figures) and one sN.tgz per stage (log, summary,
-# metrics, curves, validation probabilities). EXTRA (extra --set arguments for every stage) is
-# for trying the script on a CPU with tiny settings.
-set -u -o pipefail
-T0=$(date +%s); DEADLINE=${DEADLINE:-520}
-B=$(cd "$(dirname "$0")" && pwd)
-OUT=${OUT:-$B/out}; mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-WORK=$(mktemp -d)
-export PYTHONPATH="$PWD/src:$B/site${PYTHONPATH:+:$PYTHONPATH}"
-export MMTAG_MINILM_DIR="$B/minilm" MMTAG_LITE_WEIGHTS_DIR="$B/weights"
-export MMTAG_CACHE_DIR="$WORK/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-LOG=$OUT/check.log
-el() { echo $(( $(date +%s) - T0 )); }
-say() { echo "[$(el)s] $*" | tee -a "$LOG"; }
-say "start"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc
-  "$PY" -c "import sys, torch, torchvision, transformers; print(sys.version.split()[0], torch.__version__, torchvision.__version__, transformers.__version__, 'cuda:', torch.cuda.is_available())"
-} 2>&1 | tee -a "$LOG"
-stage() {  # stage NAME NEED_S ARGS...: train, if about NEED_S seconds are left
-  local name=$1 need=$2; shift 2
-  local left=$(( DEADLINE - $(el) ))
-  if (( left < need )); then say "$name skipped: ${left}s left, needs about ${need}s"; return 1; fi
-  say "$name begins (limit $((left - 10))s): $*"
-  local t=$(date +%s) rc=0
-  timeout $((left - 10)) "$PY" -m mmtag train --data "$B/data" --out "$WORK/$name" "$@" ${EXTRA:-} \
-      > "$WORK/$name.train.log" 2>&1 || rc=$?
-  say "$name train rc=$rc in $(( $(date +%s) - t ))s"
-  grep -E "model:|epoch [0-9]+/[0-9]+ |best|validation|each half|decision|Error|error" \
-      "$WORK/$name.train.log" | tail -40 | tee -a "$LOG"
-  (( rc == 0 )) || tail -40 "$WORK/$name.train.log" | tee -a "$LOG"
-  return $rc
-}
-pack() {  # pack NAME: a stage's small files into $OUT/NAME.tgz (no checkpoints), if it ran
-  [[ -f "$WORK/$1.train.log" ]] || return 0
-  (cd "$WORK" && tar czf "$OUT/$1.tgz" $(ls "$1".*.log "$1"/*.json "$1"/*.csv "$1"/*.yaml \
-      "$1"/*.png 2>/dev/null))
-}
-S1T0=$(date +%s)
-if stage s1 120 --config gpu; then
-  S1=$(( $(date +%s) - S1T0 ))
-  say "s1 benchmark"
-  timeout 120 "$PY" -m mmtag benchmark "$WORK/s1" --csv "$B/data/test.csv" \
-      --images "$B/data/data" > "$WORK/s1.bench.log" 2>&1
-  tail -6 "$WORK/s1.bench.log" | tee -a "$LOG"
-else
-  S1=200
-fi
-pack s1
-stage s2 $(( S1 * 2 / 3 )) --config cpu --set optim.epochs=12; pack s2
-stage s3 $(( S1 + 10 )) --config gpu --set seed=1; pack s3
-stage s4 $(( S1 * 2 / 3 )) --config cpu --set optim.epochs=12 --set seed=1; pack s4
-say "done"
-"""
+SCRIPTS = Path(__file__).parent  # run.sh and compare.sh, copied into each bundle
 
 
 def folder_mib(path: Path) -> float:
@@ -156,10 +76,10 @@ def write_trimmed_minilm(captions: list[str], out: Path) -> int:
     size. Raises RuntimeError if the cut tokenizer would split any caption differently."""
     from transformers import AutoModel, AutoTokenizer, BertTokenizerFast
 
-    from mmtag.models.text_encoders import MINILM_NAME, _quiet_transformers, resolve_minilm_source
+    from mmtag.data.tokenizers import MINILM_NAME, quiet_transformers, resolve_minilm_source
 
     src = resolve_minilm_source(MINILM_NAME)
-    with _quiet_transformers():
+    with quiet_transformers():
         tok = AutoTokenizer.from_pretrained(src, local_files_only=Path(src).is_dir())
     original = tok(captions)["input_ids"]
     used = {i for ids in original for i in ids}
@@ -181,14 +101,14 @@ def write_trimmed_minilm(captions: list[str], out: Path) -> int:
         if again != ids:
             raise RuntimeError(f"the cut vocabulary splits {caption!r} differently: {again} "
                                f"instead of {ids}")
-    with _quiet_transformers():
+    with quiet_transformers():
         model = AutoModel.from_pretrained(src, add_pooling_layer=False,
                                           local_files_only=Path(src).is_dir())
     weight = model.get_input_embeddings().weight.data[new_to_old].clone()
     model.resize_token_embeddings(len(keep))
     model.get_input_embeddings().weight.data.copy_(weight)
     model.config.vocab_size = len(keep)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.half().save_pretrained(out)
     return len(keep)
 
@@ -222,8 +142,9 @@ def write_bundle(data: Path, out: Path, *, rows: int = 1600, max_side: int = 448
     package = Path(importlib.import_module("efficientnet_lite_pytorch").__file__).parent
     shutil.copytree(package, out / "site" / package.name,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (out / "run.sh").write_text(RUN_SH.format(bundle=out.as_posix(), config=shlex.quote(config)))
-    (out / "compare.sh").write_text(COMPARE_SH)
+    for script in ("run.sh", "compare.sh"):
+        shutil.copy(SCRIPTS / script, out / script)
+    (out / "recipe.txt").write_text(config)
     info = {"rows": len(captions), "max_side": max_side, "quality": quality,
             "minilm_vocab": vocab, "image_encoder": image_encoder, "config": config,
             "mib": {p.name: round(folder_mib(p), 1) for p in sorted(out.iterdir()) if p.is_dir()}}
@@ -237,7 +158,7 @@ def write_bundle(data: Path, out: Path, *, rows: int = 1600, max_side: int = 448
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmtag.gpu_bundle", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python tools/gpu_bundle/gpu_bundle.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, type=Path, help="Kaggle-layout folder (train.csv, data/)")
     p.add_argument("--out", required=True, type=Path, help="bundle folder (replaced; git-ignore it)")
     p.add_argument("--rows", type=int, default=1600, help="first rows of train.csv to take")

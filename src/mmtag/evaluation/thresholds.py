@@ -6,7 +6,7 @@ probabilities, not of probability / threshold: with calibrated probabilities the
 label is the one most likely to be right, which is what the image's F1 rewards).
 
 `choose_thresholds` maximises micro F1 or samples F1 (the conventions of
-`mmtag.training.metrics`) over a grid of candidate thresholds:
+`mmtag.evaluation.metrics`) over a grid of candidate thresholds:
 
 - mode 'global': one threshold for every class.
 - mode 'per_class': coordinate ascent started from the best global threshold; each tuned
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmtag.training.metrics import as_binary
+from mmtag.evaluation.metrics import as_binary
 
 MODES = ("global", "per_class")
 DECISIONS = ("threshold", "expected_f1")

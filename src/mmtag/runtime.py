@@ -19,12 +19,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_deterministic(enabled: bool) -> None:
-    """Deterministic kernels where torch has them (slower); warns instead of failing otherwise."""
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
-    torch.backends.cudnn.benchmark = not enabled
+def set_deterministic() -> None:
+    """Deterministic kernels where torch has them (slower; warns instead of failing otherwise),
+    for the rest of the process: a run with `deterministic: true` asks for it."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def resolve_device(name: str) -> torch.device:

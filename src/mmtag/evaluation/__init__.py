@@ -1,0 +1,1 @@
+"""Scoring predictions: metrics, decision rules and thresholds, the cross-fit estimate."""

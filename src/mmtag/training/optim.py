@@ -1,0 +1,54 @@
+"""The optimizer and the learning-rate schedule of a run, from its `optim` config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mmtag.config import OptimConfig
+
+
+def make_optimizer(o: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam/AdamW; pretrained encoders get `lr * encoder_lr_mult` (fine-tuning pretrained
+    weights wants smaller steps than the freshly initialised head)."""
+    encoders = [m for m in (model.image_encoder, model.text_encoder) if m is not None]
+    enc_ids = {id(p) for m in encoders for p in m.parameters()}
+    enc_params = [p for m in encoders for p in m.parameters() if p.requires_grad]
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in enc_ids]
+    if not enc_params and not rest:
+        raise ValueError("every parameter is frozen: nothing to train")
+    groups = [{"params": rest, "lr": o.lr}]
+    if enc_params:
+        groups.append({"params": enc_params, "lr": o.lr * o.encoder_lr_mult})
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    groups = [g for g in groups if g["params"]]
+    try:
+        # one fused kernel per step instead of a handful of ops per parameter tensor: the same
+        # update (tests/test_optim.py); it pays with many small tensors and on GPUs, while a cpu
+        # recipe step is dominated by convolutions (no measurable change there,
+        # docs/experiments.md); PyTorch < 2.4 fuses on CUDA only
+        return cls(groups, lr=o.lr, weight_decay=o.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return cls(groups, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def make_scheduler(o: OptimConfig, optimizer, steps_per_epoch: int):
+    """ReduceLROnPlateau (stepped once per epoch), cosine with linear warm-up (stepped once per
+    optimizer step), or None."""
+    if o.scheduler == "plateau":
+        mode = "min" if o.plateau_on == "val_loss" else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=o.plateau_factor, patience=o.plateau_patience)
+    if o.scheduler == "cosine":
+        total = max(1, o.epochs * steps_per_epoch)
+        warm = int(o.warmup_epochs * steps_per_epoch)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return None

@@ -1,0 +1,153 @@
+"""The run folder: what a run writes, who may write it (the run lock), and metrics.csv.
+
+A run folder holds:
+    config.yaml     the resolved config
+    labels.json     the label map            vocab.json   the caption tokenizer (vocabulary)
+    split.json      train / validation ids   metrics.csv  one row per epoch
+    best.pt         everything predict needs (weights, config, labels, vocab, thresholds)
+    last.pt         model + optimizer + scheduler + epoch + RNG states, for --resume
+    summary.json    final validation metrics with the chosen thresholds
+    val_probs.csv   the best model's validation probabilities (mmtag.evaluation.probs_csv)
+    curves.png      the learning curves drawn from metrics.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from mmtag.atomic import atomic_write, is_temp_file
+from mmtag.config import TrainConfig
+
+log = logging.getLogger("mmtag.train")
+
+
+def train_csv_path(data_dir: Path) -> Path:
+    """data_dir/train.csv, or an error saying what --data must be."""
+    csv_path = data_dir / "train.csv"
+    if not csv_path.exists():
+        raise FileNotFoundError(f"{csv_path} not found: --data must be a Kaggle-layout folder "
+                                f"(train.csv, data/*.jpg)")
+    return csv_path
+
+
+# What a run writes before its first checkpoint (last.pt) is complete; a folder holding only
+# these is a run that stopped early, which `fit(..., restart=True)` (or a resume) starts over.
+# (best.pt of epoch 1 is written just before last.pt.)
+PRE_CHECKPOINT_FILES = {"config.yaml", "split.json", "labels.json", "vocab.json",
+                         "metrics.csv", "best.pt"}
+LOCK_FILE = ".lock"  # held by the process training in the folder (see run_lock)
+# Every file a run writes: what `mmtag demo` may delete of an earlier demo's run
+RUN_FILES = PRE_CHECKPOINT_FILES | {LOCK_FILE, "last.pt", "summary.json", "val_probs.csv",
+                                     "curves.png"}
+
+
+def is_run_file(p: Path) -> bool:
+    return p.is_file() and (p.name in RUN_FILES or is_temp_file(p))
+
+
+class RunInUseError(RuntimeError):
+    """Another process is training in the run folder."""
+
+
+def never_checkpointed(run_dir: Path) -> bool:
+    return run_dir.is_dir() and all(
+        p.name in PRE_CHECKPOINT_FILES | {LOCK_FILE} or is_temp_file(p)
+        for p in run_dir.iterdir())
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold an exclusive lock on `run_dir` while training in it: a second process (a resume
+    started while the run is still going) is refused instead of writing over the same files.
+    A POSIX record lock: the operating system drops it when the process ends, even by SIGKILL,
+    and forked DataLoader workers do not inherit it (they may outlive a killed run briefly)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RunInUseError(f"run folder {run_dir} is in use by another mmtag process; wait "
+                                f"for it to end (or stop it), then continue it with --resume "
+                                f"{run_dir}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def claim_run_folder(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
+                     restart: bool) -> bool:
+    """Check what `run_dir` holds against the request, clear the files of a run that never
+    reached a checkpoint when asked to, save the config; returns whether to resume."""
+    if resume and (run_dir / "last.pt").exists():
+        return True
+    early = never_checkpointed(run_dir)
+    if resume and not (early and (run_dir / "config.yaml").exists()):
+        raise FileNotFoundError(f"cannot resume: {run_dir / 'last.pt'} does not exist and "
+                                f"{run_dir} holds no run that stopped before it")
+    if resume:
+        log.warning("%s stopped before its first checkpoint: starting it over with its saved "
+                    "config", run_dir)
+    elif any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not (restart and early):
+        raise FileExistsError(not_empty_message(run_dir, data_dir, early))
+    leftovers = sorted(p for p in run_dir.iterdir() if p.name != LOCK_FILE)
+    if leftovers:
+        log.warning("%s: deleting the files of a run that stopped before its first checkpoint "
+                    "(%s) and starting over", run_dir, ", ".join(p.name for p in leftovers))
+    for p in leftovers:
+        p.unlink()
+    cfg.save(run_dir / "config.yaml")
+    return False
+
+
+def not_empty_message(run_dir: Path, data_dir: Path, early: bool) -> str:
+    msg = f"run folder {run_dir} is not empty; choose another --out"
+    if (run_dir / "last.pt").exists():
+        return f"{msg}, or continue it with --resume {run_dir}"
+    if early:
+        return (f"{msg}. It holds no checkpoint (a run that stopped before its first one): "
+                f"start it over with its own settings: mmtag train --resume {run_dir} --data "
+                f"{data_dir}")
+    return msg
+
+
+def read_metrics_rows(path: Path) -> list[dict]:
+    """metrics.csv's rows (one per epoch) as dicts of strings; [] when it does not exist."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_metrics_rows(path: Path, rows: list[dict]) -> None:
+    """metrics.csv rewritten whole, atomically: a crash never leaves half a row in it."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(path, buf.getvalue())
+
+
+def append_metrics_row(path: Path, row: dict) -> None:
+    """Add one epoch's row, its floats rounded to 6 decimals."""
+    row = {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+    write_metrics_rows(path, [*read_metrics_rows(path), row])
+
+
+def truncate_metrics(path: Path, epoch: int) -> None:
+    """Drop rows after `epoch` (written by an interrupted run after its last checkpoint)."""
+    rows = read_metrics_rows(path)
+    keep = [r for r in rows if int(r["epoch"]) <= epoch]
+    if keep and len(keep) != len(rows):
+        write_metrics_rows(path, keep)
+    elif not keep and path.exists():
+        path.unlink()
