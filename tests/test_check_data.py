@@ -249,3 +249,39 @@ def test_real_comp5329_folder_subset() -> None:
     assert report["images"]["limited"] is True
     if report["rows"]["test"] is not None:
         assert report["rows"]["test"] == 10_000
+
+
+def test_problems_and_notes_keep_their_order(tmp_path: Path) -> None:
+    """Every kind of finding at once: the report lists them in a fixed order (rows, then image
+    presence, then decoding), which the text report and anyone diffing reports rely on."""
+    train = ['0.jpg,1,"a"', '1.jpg,,"no labels"', '2.jpg,1 1,""', '3.jpg,1,"missing image"']
+    test = ['0.jpg,"train image again"', '9.jpg,"no image"']
+    root = _make_folder(tmp_path / "all", train, test, {"0.jpg": (8, 8), "1.jpg": (8, 8)})
+    (root / "data" / "2.jpg").write_bytes(b"not an image")
+    _write_jpeg(root / "data" / "stray.jpg")
+    data = root / "data"
+
+    report = check_data(root, workers=1, progress=False, strict_test=True, limit=2)
+    assert report["problems"] == [
+        "1 train row(s) with no labels",
+        "1 ImageID(s) used by more than one row",
+        "1 train row(s) whose image is missing",
+        f"1 test row(s) without an image in {data}",
+    ]
+    assert report["notes"] == [
+        "1 label(s) on fewer than 5 rows (see the label table): 1",
+        "1 train row(s) repeat a label (counted once per image)",
+        "1 train row(s) with an empty caption",
+        f"1 file(s) in {data} not referenced by any CSV row",
+        "image decoding limited to the first 2 of 3 present images; the rest were not checked",
+    ]
+
+    report = check_data(root, workers=1, progress=False)
+    assert report["problems"][-1] == "1 image(s) that cannot be decoded, used by 1 row(s)"
+    assert report["notes"][3] == f"1 test row(s) without an image in {data}"
+    text = format_report(report)
+    order = ["Labels:", "Caption length", "Images:", "missing train images", "unreadable images",
+             "test rows without an image", "files not referenced", "train rows with no labels",
+             "ImageIDs used by more than one row", "Notes:", "PROBLEMS:", "Result: FAILED"]
+    positions = [text.index(marker) for marker in order]
+    assert positions == sorted(positions)

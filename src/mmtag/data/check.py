@@ -31,6 +31,7 @@ import time
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -247,8 +248,65 @@ def _listing(items: list[Any], cap: int = MAX_LISTED) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# The check
+# The check, step by step
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the parts of a Kaggle-layout folder are."""
+
+    root: Path
+    train_csv: Path
+    test_csv: Path | None  # None when the folder has no test.csv (it is optional)
+    images_dir: Path
+
+
+@dataclass
+class _Findings:
+    """The problem and note messages of one step, in the order the report lists them.
+
+    Each step's messages follow those of the steps before it, so concatenating the steps'
+    findings in order gives the report's lists.
+    """
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _RowCheck:
+    """What the CSV rows alone tell (no image is opened for these)."""
+
+    labels: dict[str, Any]
+    empty_labels: list[dict[str, Any]]
+    duplicates: list[dict[str, Any]]
+    captions: dict[str, dict[str, Any] | None]
+
+
+@dataclass
+class _Presence:
+    """Which referenced images have a file, from one listing of the image folder."""
+
+    on_disk: set[str]
+    referenced: set[str]
+    missing_train: list[dict[str, Any]]
+    test_without_image: list[dict[str, Any]]
+    present: list[str]  # distinct ImageIDs that have a file, in file order, train first
+    unreferenced: list[str]  # files no row names, in natural order
+
+
+@dataclass
+class _Decoding:
+    """The outcome of fully decoding the present images (or the first ``limit`` of them)."""
+
+    decoded: int
+    workers: int
+    seconds: float
+    errors: dict[str, str]  # ImageID -> the decoder's error
+    warned: list[dict[str, str]]  # in natural order of ImageID
+    sizes: Counter[tuple[int, int]]
+    modes: Counter[str]
 
 
 def check_data(
@@ -289,13 +347,62 @@ def check_data(
         ValueError: ``workers`` is less than 1 or ``limit`` is negative.
     """
     started = time.perf_counter()
+    workers = _validated_workers(workers)
+    _validate_limit(limit)
+    layout = _locate(data_dir, images_dir)
+
+    train = read_csv(layout.train_csv)
+    test = read_csv(layout.test_csv) if layout.test_csv is not None else []
+    # (csv name, row) for every row, train first: the order in which rows are reported
+    labelled = [("train.csv", r) for r in train] + [("test.csv", r) for r in test]
+
+    rows = _check_rows(train, test, labelled, has_test=layout.test_csv is not None)
+    presence = _find_images(labelled, layout.images_dir)
+    decoding = _decode_present(presence.present, layout.images_dir, workers, limit, progress)
+    unreadable = _unreadable_rows(labelled, decoding.errors)
+
+    findings = [
+        _layout_findings(layout, train),
+        _row_findings(rows),
+        _presence_findings(presence, layout.images_dir, strict_test),
+        _decode_findings(decoding, unreadable, limit, len(presence.present)),
+    ]
+    problems = [p for f in findings for p in f.problems]
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "notes": [n for f in findings for n in f.notes],
+        "strict_test": strict_test,
+        "paths": _paths_section(layout),
+        "rows": {"train": len(train), "test": len(test) if layout.test_csv is not None else None},
+        "labels": rows.labels,
+        "rows_with_empty_labels": _listing(rows.empty_labels),
+        "duplicate_image_ids": _listing(rows.duplicates),
+        "captions": rows.captions,
+        "images": _images_section(presence, decoding, unreadable, limit),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+# -- arguments and layout --------------------------------------------------------------------
+
+
+def _validated_workers(workers: int | None) -> int:
+    """The number of decoding processes: all cores unless told otherwise."""
     if workers is None:
         workers = os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    return workers
+
+
+def _validate_limit(limit: int | None) -> None:
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be at least 0, got {limit}")
 
+
+def _locate(data_dir: str | os.PathLike[str], images_dir: str | os.PathLike[str] | None) -> _Layout:
+    """Find the folder's parts, failing early (before any reading) if a required one is absent."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataLayoutError(f"data folder not found (or not a folder): {root}; {EXPECTED_LAYOUT}")
@@ -307,29 +414,57 @@ def check_data(
     img_dir = Path(images_dir) if images_dir is not None else root / "data"
     if not img_dir.is_dir():
         raise DataLayoutError(f"image folder not found: {img_dir}; {EXPECTED_LAYOUT}")
+    return _Layout(root, train_csv, test_csv if has_test else None, img_dir)
 
-    train = read_csv(train_csv)
-    test = read_csv(test_csv) if has_test else []
 
-    problems: list[str] = []
-    notes: list[str] = []
-
+def _layout_findings(layout: _Layout, train: Sequence[Record]) -> _Findings:
+    found = _Findings()
     if not train:
-        problems.append("train.csv has no rows")
-    if not has_test:
-        notes.append(f"no test.csv in {root} (optional)")
+        found.problems.append("train.csv has no rows")
+    if layout.test_csv is None:
+        found.notes.append(f"no test.csv in {layout.root} (optional)")
+    return found
 
-    # ---- rows: labels and identifiers ----------------------------------------------------
-    empty_labels = [_row_ref("train.csv", r) for r in train if not r.labels]
-    if empty_labels:
-        problems.append(f"{len(empty_labels):,} train row(s) with no labels")
 
-    labelled = [("train.csv", r) for r in train] + [("test.csv", r) for r in test]
+def _paths_section(layout: _Layout) -> dict[str, str | None]:
+    return {
+        "data_dir": str(layout.root),
+        "train_csv": str(layout.train_csv),
+        "test_csv": str(layout.test_csv) if layout.test_csv is not None else None,
+        "images_dir": str(layout.images_dir),
+    }
 
+
+# -- rows: labels, identifiers, captions -----------------------------------------------------
+
+
+def _check_rows(
+    train: Sequence[Record],
+    test: Sequence[Record],
+    labelled: Sequence[tuple[str, Record]],
+    has_test: bool,
+) -> _RowCheck:
+    return _RowCheck(
+        labels=_label_stats(train),
+        empty_labels=[_row_ref("train.csv", r) for r in train if not r.labels],
+        duplicates=_duplicate_ids(labelled),
+        captions={
+            "train": _caption_stats(train),
+            "test": _caption_stats(test) if has_test else None,
+        },
+    )
+
+
+def _duplicate_ids(labelled: Sequence[tuple[str, Record]]) -> list[dict[str, Any]]:
+    """ImageIDs named by more than one row, with every row that names them.
+
+    csv_io already rejects a repeat within one file; a repeat across train and test is only
+    visible here.
+    """
     rows_by_id: dict[str, list[tuple[str, Record]]] = defaultdict(list)
     for name, r in labelled:
         rows_by_id[r.image_id].append((name, r))
-    duplicates = [
+    return [
         {
             "image_id": image_id,
             "rows": [{"csv": name, "line": r.line} for name, r in refs],
@@ -337,64 +472,82 @@ def check_data(
         for image_id, refs in rows_by_id.items()
         if len(refs) > 1
     ]
-    if duplicates:
-        problems.append(f"{len(duplicates):,} ImageID(s) used by more than one row")
 
-    labels = _label_stats(train)
-    if labels["unexpected"]:
-        notes.append(f"{len(labels['unexpected'])} label(s) on fewer than {RARE_LABEL_ROWS} rows "
-                     f"(see the label table): "
-                     + ", ".join(str(u["label"]) for u in labels["unexpected"]))
-    if labels["rows_with_repeated_labels"]["count"]:
-        notes.append(
-            f"{labels['rows_with_repeated_labels']['count']} train row(s) repeat a label "
-            "(counted once per image)"
-        )
 
-    captions = {
-        "train": _caption_stats(train),
-        "test": _caption_stats(test) if has_test else None,
-    }
-    for split, stats in captions.items():
+def _row_findings(rows: _RowCheck) -> _Findings:
+    found = _Findings()
+    if rows.empty_labels:
+        found.problems.append(f"{len(rows.empty_labels):,} train row(s) with no labels")
+    if rows.duplicates:
+        found.problems.append(f"{len(rows.duplicates):,} ImageID(s) used by more than one row")
+    unexpected = rows.labels["unexpected"]
+    if unexpected:
+        found.notes.append(f"{len(unexpected)} label(s) on fewer than {RARE_LABEL_ROWS} rows "
+                           f"(see the label table): "
+                           + ", ".join(str(u["label"]) for u in unexpected))
+    repeated = rows.labels["rows_with_repeated_labels"]["count"]
+    if repeated:
+        found.notes.append(f"{repeated} train row(s) repeat a label (counted once per image)")
+    for split, stats in rows.captions.items():
         if stats and stats["empty"]:
-            notes.append(f"{stats['empty']} {split} row(s) with an empty caption")
+            found.notes.append(f"{stats['empty']} {split} row(s) with an empty caption")
+    return found
 
-    # ---- images: presence ----------------------------------------------------------------
+
+# -- images: presence ------------------------------------------------------------------------
+
+
+def _find_images(labelled: Sequence[tuple[str, Record]], img_dir: Path) -> _Presence:
+    """Sort every row into has-a-file or not, and list the files that no row names."""
     # One directory listing answers every existence question, far faster than a stat per row.
     with os.scandir(img_dir) as entries:
         on_disk = {e.name for e in entries if e.is_file()}
 
     missing_train = []
     test_without_image = []
-    to_decode: list[str] = []  # distinct ImageIDs in file order, train first
+    present: list[str] = []
     queued = set()
     for name, r in labelled:
         if r.image_id not in on_disk:
-            if name == "train.csv":
-                missing_train.append(_row_ref(name, r))
-            else:
-                test_without_image.append(_row_ref(name, r))
-        elif r.image_id not in queued:
+            (missing_train if name == "train.csv" else test_without_image).append(_row_ref(name, r))
+        elif r.image_id not in queued:  # an image shared by two rows is decoded once
             queued.add(r.image_id)
-            to_decode.append(r.image_id)
-    if missing_train:
-        problems.append(f"{len(missing_train):,} train row(s) whose image is missing")
-    if test_without_image:
-        message = f"{len(test_without_image):,} test row(s) without an image in {img_dir}"
-        (problems if strict_test else notes).append(message)
+            present.append(r.image_id)
+    referenced = {r.image_id for _, r in labelled}
+    return _Presence(
+        on_disk=on_disk,
+        referenced=referenced,
+        missing_train=missing_train,
+        test_without_image=test_without_image,
+        present=present,
+        unreferenced=sorted(on_disk - referenced, key=_natural_key),
+    )
 
-    referenced = set(rows_by_id)
-    unreferenced = sorted(on_disk - referenced, key=_natural_key)
-    if unreferenced:
-        notes.append(f"{len(unreferenced):,} file(s) in {img_dir} not referenced by any CSV row")
 
-    # ---- images: full decode -------------------------------------------------------------
-    if limit is not None and limit < len(to_decode):
-        notes.append(
-            f"image decoding limited to the first {limit:,} of {len(to_decode):,} present images; "
-            "the rest were not checked"
+def _presence_findings(presence: _Presence, img_dir: Path, strict_test: bool) -> _Findings:
+    found = _Findings()
+    if presence.missing_train:
+        found.problems.append(f"{len(presence.missing_train):,} train row(s) whose image is missing")
+    if presence.test_without_image:
+        message = f"{len(presence.test_without_image):,} test row(s) without an image in {img_dir}"
+        # the published folder has images for only part of test.csv: a note unless asked
+        (found.problems if strict_test else found.notes).append(message)
+    if presence.unreferenced:
+        found.notes.append(
+            f"{len(presence.unreferenced):,} file(s) in {img_dir} not referenced by any CSV row"
         )
-        to_decode = to_decode[:limit]
+    return found
+
+
+# -- images: full decode ---------------------------------------------------------------------
+
+
+def _decode_present(
+    present: Sequence[str], img_dir: Path, workers: int, limit: int | None, progress: bool
+) -> _Decoding:
+    """Decode the present images (the first ``limit`` of them) and tally what came out."""
+    to_decode = present[:limit] if limit is not None else present
+    # no more processes than images: starting idle workers costs more than a small check
     workers_used = max(1, min(workers, len(to_decode)))
     decode_started = time.perf_counter()
     results = _decode_all([(i, str(img_dir / i)) for i in to_decode], workers_used, progress)
@@ -412,86 +565,104 @@ def check_data(
         modes[mode] += 1
         if warning is not None:
             warned.append({"image_id": image_id, "warning": warning})
-    # One entry per referencing row, in file order, so each can be found and fixed.
-    unreadable = [
+    # Results arrive in completion order; sort so the list reads like the folder.
+    warned.sort(key=lambda w: _natural_key(w["image_id"]))
+    return _Decoding(len(results), workers_used, decode_seconds, errors, warned, sizes, modes)
+
+
+def _unreadable_rows(
+    labelled: Sequence[tuple[str, Record]], errors: dict[str, str]
+) -> list[dict[str, Any]]:
+    """One entry per row that uses an undecodable image, in file order, so each can be fixed."""
+    return [
         _row_ref(name, r, error=errors[r.image_id]) for name, r in labelled if r.image_id in errors
     ]
-    if unreadable:
-        problems.append(
-            f"{len(errors):,} image(s) that cannot be decoded, used by {len(unreadable):,} row(s)"
+
+
+def _decode_findings(
+    decoding: _Decoding, unreadable: list[dict[str, Any]], limit: int | None, n_present: int
+) -> _Findings:
+    found = _Findings()
+    if limit is not None and limit < n_present:
+        # an image past the limit may still be corrupt: say so rather than imply a full check
+        found.notes.append(
+            f"image decoding limited to the first {limit:,} of {n_present:,} present images; "
+            "the rest were not checked"
         )
-    if warned:
-        warned.sort(key=lambda w: _natural_key(w["image_id"]))
-        notes.append(f"{len(warned):,} image(s) decoded with a warning")
-    non_rgb = {m: c for m, c in modes.items() if m != "RGB"}
+    if unreadable:
+        found.problems.append(
+            f"{len(decoding.errors):,} image(s) that cannot be decoded, "
+            f"used by {len(unreadable):,} row(s)"
+        )
+    if decoding.warned:
+        found.notes.append(f"{len(decoding.warned):,} image(s) decoded with a warning")
+    non_rgb = {m: c for m, c in decoding.modes.items() if m != "RGB"}
     if non_rgb:
-        notes.append(
+        found.notes.append(
             "image modes other than RGB (converted on load): "
             + ", ".join(f"{m} x{c}" for m, c in sorted(non_rgb.items()))
         )
+    return found
 
-    if sizes:
-        widths = [w for w, _ in sizes]
-        heights = [h for _, h in sizes]
-        size_stats: dict[str, Any] = {
-            "min_width": min(widths),
-            "max_width": max(widths),
-            "min_height": min(heights),
-            "max_height": max(heights),
-            "most_common": [
-                {"size": f"{w}x{h}", "images": c} for (w, h), c in sizes.most_common(5)
-            ],
-        }
-    else:
-        size_stats = {}
 
-    decoded = len(results)
-    images = {
-        "on_disk": len(on_disk),
-        "referenced": len(referenced),
-        "decoded": decoded,
+def _size_stats(sizes: Counter[tuple[int, int]]) -> dict[str, Any]:
+    """Width and height ranges and the five commonest sizes; empty if nothing was decoded."""
+    if not sizes:
+        return {}
+    widths = [w for w, _ in sizes]
+    heights = [h for _, h in sizes]
+    return {
+        "min_width": min(widths),
+        "max_width": max(widths),
+        "min_height": min(heights),
+        "max_height": max(heights),
+        "most_common": [{"size": f"{w}x{h}", "images": c} for (w, h), c in sizes.most_common(5)],
+    }
+
+
+def _images_section(
+    presence: _Presence,
+    decoding: _Decoding,
+    unreadable: list[dict[str, Any]],
+    limit: int | None,
+) -> dict[str, Any]:
+    seconds = decoding.seconds
+    return {
+        "on_disk": len(presence.on_disk),
+        "referenced": len(presence.referenced),
+        "decoded": decoding.decoded,
         "limit": limit,
-        "limited": limit is not None and decoded < len(queued),
-        "workers": workers_used,
-        "decode_seconds": round(decode_seconds, 3),
-        "images_per_second": round(decoded / decode_seconds, 1) if decode_seconds > 0 else None,
-        "missing_train": _listing(missing_train),
+        "limited": limit is not None and decoding.decoded < len(presence.present),
+        "workers": decoding.workers,
+        "decode_seconds": round(seconds, 3),
+        "images_per_second": round(decoding.decoded / seconds, 1) if seconds > 0 else None,
+        "missing_train": _listing(presence.missing_train),
         "unreadable": _listing(unreadable),
-        "test_without_image": _listing(test_without_image, cap=_FIRST_FEW),
+        "test_without_image": _listing(presence.test_without_image, cap=_FIRST_FEW),
         "unreferenced": {
-            "count": len(unreferenced),
-            "first": unreferenced[:_FIRST_FEW],
+            "count": len(presence.unreferenced),
+            "first": presence.unreferenced[:_FIRST_FEW],
         },
-        "decoded_with_warning": _listing(warned),
-        "size": size_stats,
-        "modes": dict(sorted(modes.items())),
+        "decoded_with_warning": _listing(decoding.warned),
+        "size": _size_stats(decoding.sizes),
+        "modes": dict(sorted(decoding.modes.items())),
     }
-
-    report: dict[str, Any] = {
-        "ok": not problems,
-        "problems": problems,
-        "notes": notes,
-        "strict_test": strict_test,
-        "paths": {
-            "data_dir": str(root),
-            "train_csv": str(train_csv),
-            "test_csv": str(test_csv) if has_test else None,
-            "images_dir": str(img_dir),
-        },
-        "rows": {"train": len(train), "test": len(test) if has_test else None},
-        "labels": labels,
-        "rows_with_empty_labels": _listing(empty_labels),
-        "duplicate_image_ids": _listing(duplicates),
-        "captions": captions,
-        "images": images,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    return report
 
 
 # --------------------------------------------------------------------------------------------
 # Text rendering
 # --------------------------------------------------------------------------------------------
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Render a :func:`check_data` report as plain text for a terminal."""
+    out = _text_paths(report["paths"], report["rows"])
+    out += _text_labels(report["labels"])
+    out += _text_captions(report["captions"])
+    out += _text_images(report["images"])
+    out += _text_row_problems(report["rows_with_empty_labels"], report["duplicate_image_ids"])
+    out += _text_verdict(report)
+    return "\n".join(out)
 
 
 def _fmt_num(value: Any) -> str:
@@ -516,26 +687,35 @@ def _fmt_ref(item: dict[str, Any]) -> str:
     return f"{text} ({item['error']})" if "error" in item else text
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """Render a :func:`check_data` report as plain text for a terminal."""
-    out: list[str] = []
-    paths = report["paths"]
-    rows = report["rows"]
-    out.append(f"Data folder: {paths['data_dir']}")
-    out.append(f"  train.csv : {paths['train_csv']} ({_fmt_num(rows['train'])} rows)")
-    if paths["test_csv"] is None:
-        out.append("  test.csv  : (absent)")
-    else:
-        out.append(f"  test.csv  : {paths['test_csv']} ({_fmt_num(rows['test'])} rows)")
-    out.append(f"  images    : {paths['images_dir']}")
+def _fmt_warning(item: dict[str, str]) -> str:
+    return f"{item['image_id']}: {item['warning']}"
 
-    labels = report["labels"]
-    out.append("")
-    out.append(
+
+def _fmt_duplicate(item: dict[str, Any]) -> str:
+    return item["image_id"] + ": " + ", ".join(f"{r['csv']} line {r['line']}" for r in item["rows"])
+
+
+def _text_paths(paths: dict[str, Any], rows: dict[str, Any]) -> list[str]:
+    if paths["test_csv"] is None:
+        test = "  test.csv  : (absent)"
+    else:
+        test = f"  test.csv  : {paths['test_csv']} ({_fmt_num(rows['test'])} rows)"
+    return [
+        f"Data folder: {paths['data_dir']}",
+        f"  train.csv : {paths['train_csv']} ({_fmt_num(rows['train'])} rows)",
+        test,
+        f"  images    : {paths['images_dir']}",
+    ]
+
+
+def _text_labels(labels: dict[str, Any]) -> list[str]:
+    """The label set, a frequency table, the rare labels and the labels-per-image spread."""
+    out = [
+        "",
         f"Labels: {labels['count']} distinct, {_fmt_num(labels['occurrences'])} occurrences; "
-        f"set = {' '.join(str(x) for x in labels['set'])}"
-    )
-    out.append(f"  {'label':>5} {'images':>8} {'% images':>9} {'% occurrences':>14}")
+        f"set = {' '.join(str(x) for x in labels['set'])}",
+        f"  {'label':>5} {'images':>8} {'% images':>9} {'% occurrences':>14}",
+    ]
     for f in labels["frequency"]:
         out.append(
             f"  {f['label']:>5} {f['images']:>8,} {f['pct_images']:>8.2f}% "
@@ -551,30 +731,36 @@ def format_report(report: dict[str, Any]) -> str:
         f"  labels per image: mean {_fmt_num(per['mean'])}, min {_fmt_num(per['min'])}, "
         f"max {_fmt_num(per['max'])}; histogram {{{hist}}}"
     )
+    return out
 
-    out.append("")
-    out.append("Caption length (words):")
-    out.append(
+
+def _text_captions(captions: dict[str, dict[str, Any] | None]) -> list[str]:
+    out = [
+        "",
+        "Caption length (words):",
         f"  {'split':<6}{'rows':>8}{'min':>6}{'mean':>8}{'median':>8}"
-        f"{'p90':>7}{'p95':>7}{'p99':>7}{'max':>6}"
-    )
-    for split, s in report["captions"].items():
-        if not s or not s["rows"]:
+        f"{'p90':>7}{'p95':>7}{'p99':>7}{'max':>6}",
+    ]
+    for split, s in captions.items():
+        if not s or not s["rows"]:  # no test.csv, or a file without rows
             continue
         out.append(
             f"  {split:<6}{s['rows']:>8,}{s['min']:>6}{s['mean']:>8.2f}{_fmt_num(s['median']):>8}"
             f"{_fmt_num(s['p90']):>7}{_fmt_num(s['p95']):>7}{_fmt_num(s['p99']):>7}{s['max']:>6}"
         )
+    return out
 
-    img = report["images"]
-    out.append("")
+
+def _text_images(img: dict[str, Any]) -> list[str]:
+    """Counts and speed, sizes and modes, then each kind of image trouble that was found."""
     rate = f"{img['images_per_second']:,.0f}" if img["images_per_second"] else "-"
-    out.append(
+    out = [
+        "",
         f"Images: {_fmt_num(img['on_disk'])} files on disk, {_fmt_num(img['referenced'])} "
         f"referenced, {_fmt_num(img['decoded'])} fully decoded in {img['decode_seconds']:.1f} s "
         f"({rate} images/s, {img['workers']} worker(s))"
-        + (f" [limited to {img['limit']}]" if img["limited"] else "")
-    )
+        + (f" [limited to {img['limit']}]" if img["limited"] else ""),
+    ]
     size = img["size"]
     if size:
         common = ", ".join(f"{c['size']} x{c['images']:,}" for c in size["most_common"])
@@ -584,12 +770,18 @@ def format_report(report: dict[str, Any]) -> str:
         )
     if img["modes"]:
         out.append("  modes: " + ", ".join(f"{m} x{c:,}" for m, c in img["modes"].items()))
+    return out + _text_image_troubles(img)
+
+
+def _text_image_troubles(img: dict[str, Any]) -> list[str]:
+    out = []
     if img["missing_train"]["count"]:
         out.append(f"  missing train images: {img['missing_train']['count']:,}")
         out.extend(_fmt_rows(img["missing_train"], _fmt_ref))
     if img["unreadable"]["count"]:
         out.append(f"  unreadable images (rows): {img['unreadable']['count']:,}")
         out.extend(_fmt_rows(img["unreadable"], _fmt_ref))
+    # The two informative lists are long on the real data: one line each, first few names only.
     twi = img["test_without_image"]
     if twi["count"]:
         first = ", ".join(f"{i['image_id']} (line {i['line']})" for i in twi["items"][:5])
@@ -602,34 +794,23 @@ def format_report(report: dict[str, Any]) -> str:
         )
     if img["decoded_with_warning"]["count"]:
         out.append(f"  decoded with a warning: {img['decoded_with_warning']['count']:,}")
-        out.extend(
-            _fmt_rows(img["decoded_with_warning"], lambda w: f"{w['image_id']}: {w['warning']}")
-        )
+        out.extend(_fmt_rows(img["decoded_with_warning"], _fmt_warning))
+    return out
 
-    for key, title in (
-        ("rows_with_empty_labels", "train rows with no labels"),
-    ):
-        if report[key]["count"]:
-            out.append("")
-            out.append(f"{title}: {report[key]['count']:,}")
-            out.extend(_fmt_rows(report[key], _fmt_ref))
-    if report["duplicate_image_ids"]["count"]:
-        out.append("")
-        out.append(
-            f"ImageIDs used by more than one row: {report['duplicate_image_ids']['count']:,}"
-        )
-        out.extend(
-            _fmt_rows(
-                report["duplicate_image_ids"],
-                lambda d: (
-                    d["image_id"]
-                    + ": "
-                    + ", ".join(f"{r['csv']} line {r['line']}" for r in d["rows"])
-                ),
-            )
-        )
 
-    out.append("")
+def _text_row_problems(empty_labels: dict[str, Any], duplicates: dict[str, Any]) -> list[str]:
+    out = []
+    if empty_labels["count"]:
+        out += ["", f"train rows with no labels: {empty_labels['count']:,}"]
+        out.extend(_fmt_rows(empty_labels, _fmt_ref))
+    if duplicates["count"]:
+        out += ["", f"ImageIDs used by more than one row: {duplicates['count']:,}"]
+        out.extend(_fmt_rows(duplicates, _fmt_duplicate))
+    return out
+
+
+def _text_verdict(report: dict[str, Any]) -> list[str]:
+    out = [""]
     if report["notes"]:
         out.append("Notes:")
         out.extend(f"  - {n}" for n in report["notes"])
@@ -640,4 +821,4 @@ def format_report(report: dict[str, Any]) -> str:
         f"Result: {'OK, no problem found' if report['ok'] else 'FAILED'} "
         f"({report['seconds']:.1f} s)"
     )
-    return "\n".join(out)
+    return out

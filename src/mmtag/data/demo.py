@@ -424,12 +424,22 @@ def render_sample(rng: np.random.Generator) -> DemoSample:
     canvas = Image.fromarray(bg, "RGB").resize((W, H), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(canvas)
     _draw_clutter(rng, draw, W, H, int(rng.integers(1, 4)))
+    objects, fills = _lay_out_objects(rng, labels, w, h, bg_mean)
+    _draw_objects(rng, draw, objects, fills)
+    _draw_clutter(rng, draw, W, H, int(rng.integers(1, 5)))  # some clutter on top, too
+    image = canvas.reduce(_SS)
+    return DemoSample(image=image, labels=labels, objects=objects, background=bg_kind)
 
-    # Instances per class: the dominant class, like people in a photo, often comes in groups.
+
+def _lay_out_objects(
+    rng: np.random.Generator, labels: list[int], w: int, h: int, bg_mean: np.ndarray
+) -> tuple[list[DemoObject], list[tuple[int, int, int]]]:
+    """The instances of each label (size, place, colour, angle) and their fill colours."""
     objects: list[DemoObject] = []
     fills: list[tuple[int, int, int]] = []
     short = min(w, h)
     for label in labels:
+        # Instances per class: the dominant class, like people in a photo, often comes in groups.
         n_inst = int(
             rng.choice(
                 (1, 2, 3), p=(0.6, 0.25, 0.15) if label == DOMINANT_LABEL else (0.8, 0.2, 0.0)
@@ -444,7 +454,16 @@ def render_sample(rng: np.random.Generator) -> DemoSample:
             angle = float(rng.uniform(-math.pi, math.pi))
             objects.append(DemoObject(label, name, cx, cy, r, size, angle))
             fills.append(fill)
+    return objects, fills
 
+
+def _draw_objects(
+    rng: np.random.Generator,
+    draw: ImageDraw.ImageDraw,
+    objects: list[DemoObject],
+    fills: list[tuple[int, int, int]],
+) -> None:
+    """Draw the objects at drawing scale, some with a darker outline."""
     # Largest shapes first, so a small shape may sit on a big one but is never buried under it;
     # together with the spacing in _place every object stays at least partly visible.
     order = sorted(range(len(objects)), key=lambda i: -objects[i].r)
@@ -452,10 +471,6 @@ def render_sample(rng: np.random.Generator) -> DemoSample:
         o, fill = objects[i], fills[i]
         outline = tuple(int(v * 0.45) for v in fill) if rng.random() < 0.3 else None
         _draw_shape(draw, o.label, o.cx * _SS, o.cy * _SS, o.r * _SS, o.angle, fill, outline)
-
-    _draw_clutter(rng, draw, W, H, int(rng.integers(1, 5)))  # some clutter on top, too
-    image = canvas.reduce(_SS)
-    return DemoSample(image=image, labels=labels, objects=objects, background=bg_kind)
 
 
 # -- captions --------------------------------------------------------------------------------
@@ -566,28 +581,41 @@ def make_caption(
 
     ending = _pick(rng, ("", ".", ".", ".", "!", " ."))
     if rng.random() < _QUOTE_PROB:
-        q = _pick(rng, _QUOTATIONS)
-        form = int(rng.integers(3 if objs else 2))
-        if form == 2:
-            cap = f'a sign saying "{q}" is next to {objs}'
-        else:
-            cap = cap + _pick(rng, (' with a label that reads "{q}"', ', signed "{q}"')).format(q=q)
-            if q[-1].isalnum() and rng.random() < 0.5:
-                # Full stop inside the quotation, caption ending in '."' (as Kaggle's '"spray.""').
-                cap, ending = cap[:-1] + '."', ""
-        if not embedded_quotes:
-            cap = cap.replace('"', "'")
+        cap, ending = _add_quotation(rng, cap, objs, ending, embedded_quotes)
+    return _restyle(rng, cap) + ending, mentioned
 
+
+def _add_quotation(
+    rng: np.random.Generator, cap: str, objs: str, ending: str, embedded_quotes: bool
+) -> tuple[str, str]:
+    """Work an embedded quotation into the caption; return the caption and its new ending.
+
+    The quotes are written raw, as in the Kaggle files, unless ``embedded_quotes`` is False.
+    """
+    q = _pick(rng, _QUOTATIONS)
+    form = int(rng.integers(3 if objs else 2))
+    if form == 2:
+        cap = f'a sign saying "{q}" is next to {objs}'
+    else:
+        cap = cap + _pick(rng, (' with a label that reads "{q}"', ', signed "{q}"')).format(q=q)
+        if q[-1].isalnum() and rng.random() < 0.5:
+            # Full stop inside the quotation, caption ending in '."' (as Kaggle's '"spray.""').
+            cap, ending = cap[:-1] + '."', ""
+    if not embedded_quotes:
+        cap = cap.replace('"', "'")
+    return cap, ending
+
+
+def _restyle(rng: np.random.Generator, cap: str) -> str:
+    """Letter case as people type it: mostly a capital first letter, sometimes not."""
     style = rng.random()
     if style < 0.64:
-        cap = cap[0].upper() + cap[1:]
-    elif style < 0.70:
-        cap = cap.title()
-    elif style < 0.72:
-        cap = cap.upper()
-    else:
-        cap = cap.lower()
-    return cap + ending, mentioned
+        return cap[0].upper() + cap[1:]
+    if style < 0.70:
+        return cap.title()
+    if style < 0.72:
+        return cap.upper()
+    return cap.lower()
 
 
 # -- writing the dataset ---------------------------------------------------------------------
@@ -653,6 +681,31 @@ data/<number>.jpg files; other files here are left alone.
 """
 
 
+@dataclass
+class _Tables:
+    """The CSV lines of the dataset, built row by row, and tallies of the training labels."""
+
+    train: list[str] = field(default_factory=lambda: ["ImageID,Labels,Caption\n"])
+    test: list[str] = field(default_factory=lambda: ["ImageID,Caption\n"])
+    answers: list[str] = field(default_factory=lambda: ["ImageID,Labels\n"])
+    label_counts: dict[int, int] = field(default_factory=lambda: dict.fromkeys(DEMO_LABEL_NAMES, 0))
+    n_labels: int = 0  # label occurrences over the training rows
+    n_mentioned: int = 0  # of which the captions mention
+
+    def add_train(self, image_id: str, labels: list[int], caption: str, mentioned: list[int]) -> None:
+        # Kaggle style: caption always in double quotes, embedded quotes left as they are.
+        self.train.append(f'{image_id},{_label_field(labels)},"{caption}"\n')
+        for lab in labels:
+            self.label_counts[lab] += 1
+        self.n_labels += len(labels)
+        self.n_mentioned += len(mentioned)
+
+    def add_test(self, image_id: str, labels: list[int], caption: str) -> None:
+        # the labels go to the answers file only, as in the competition
+        self.test.append(f'{image_id},"{caption}"\n')
+        self.answers.append(f"{image_id},{_label_field(labels)}\n")
+
+
 def make_demo_data(
     out_dir: str | Path,
     n: int = 2000,
@@ -675,6 +728,32 @@ def make_demo_data(
     images), ``mean_labels_per_image`` and ``caption_label_recall`` (the fraction of training
     labels that the captions mention: what a caption-only oracle could find).
     """
+    n_test = _validated_sizes(n, n_test, seed)
+    out = Path(out_dir)
+    _prepare_out_dir(out)
+    _write_marker(out, seed, n, n_test, embedded_quotes)
+    image_dir = out / "data"
+    image_dir.mkdir(exist_ok=True)
+    tables = _write_images(image_dir, seed, n, n_test, embedded_quotes)
+    paths = _write_tables(out, tables, _readme(seed, n, n_test, embedded_quotes))
+    return {
+        "out_dir": str(out),
+        "image_dir": str(image_dir),
+        **{k: str(v) for k, v in paths.items()},
+        "n_train": n,
+        "n_test": n_test,
+        "seed": seed,
+        "label_names": dict(DEMO_LABEL_NAMES),
+        "label_counts": tables.label_counts,
+        "label_frequency": {lab: c / n for lab, c in tables.label_counts.items()},
+        "mean_labels_per_image": tables.n_labels / n,
+        "caption_label_recall": tables.n_mentioned / max(1, tables.n_labels),
+    }
+
+
+def _validated_sizes(n: int, n_test: int | None, seed: int) -> int:
+    """Check the arguments before anything is written; return ``n_test`` (default ``n // 4``)."""
+    # bool is an int subclass: n=True must not quietly mean one row
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     n_test = n // 4 if n_test is None else n_test
@@ -682,9 +761,11 @@ def make_demo_data(
         raise ValueError(f"n_test must be a non-negative integer, got {n_test!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return n_test
 
-    out = Path(out_dir)
-    _prepare_out_dir(out)
+
+def _write_marker(out: Path, seed: int, n: int, n_test: int, embedded_quotes: bool) -> None:
+    """Mark the folder as ours first, so that a run killed halfway can still be refreshed."""
     marker = {
         "embedded_quotes": embedded_quotes,
         "generator": _GENERATOR,
@@ -694,14 +775,13 @@ def make_demo_data(
         "n_test": n_test,
     }
     atomic_write(out / DEMO_DATA_MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
-    image_dir = out / "data"
-    image_dir.mkdir(exist_ok=True)
 
-    train_lines = ["ImageID,Labels,Caption\n"]
-    test_lines = ["ImageID,Caption\n"]
-    answer_lines = ["ImageID,Labels\n"]
-    counts = dict.fromkeys(DEMO_LABEL_NAMES, 0)
-    n_labels = n_mentioned = 0
+
+def _write_images(
+    image_dir: Path, seed: int, n: int, n_test: int, embedded_quotes: bool
+) -> _Tables:
+    """Render and save every image (train rows, then test rows); return the CSV lines."""
+    tables = _Tables()
     for i in range(n + n_test):
         # One generator per image: files do not depend on how (or in what order) rows are made.
         rng = np.random.default_rng([seed, i])
@@ -709,18 +789,19 @@ def make_demo_data(
         caption, mentioned = make_caption(rng, sample, embedded_quotes)
         image_id = f"{i}.jpg"
         sample.image.save(image_dir / image_id, "JPEG", quality=_JPEG_QUALITY)
-        labels = " ".join(str(lab) for lab in sample.labels)
-        # Kaggle style: caption always in double quotes, embedded quotes left as they are.
         if i < n:
-            train_lines.append(f'{image_id},{labels},"{caption}"\n')
-            for lab in sample.labels:
-                counts[lab] += 1
-            n_labels += len(sample.labels)
-            n_mentioned += len(mentioned)
+            tables.add_train(image_id, sample.labels, caption, mentioned)
         else:
-            test_lines.append(f'{image_id},"{caption}"\n')
-            answer_lines.append(f"{image_id},{labels}\n")
+            tables.add_test(image_id, sample.labels, caption)
+    return tables
 
+
+def _label_field(labels: list[int]) -> str:
+    return " ".join(str(lab) for lab in labels)
+
+
+def _write_tables(out: Path, tables: _Tables, readme: str) -> dict[str, Path]:
+    """Write the CSVs, labels.txt and README.txt together; return their paths by summary key."""
     paths = {
         "train_csv": out / "train.csv",
         "test_csv": out / "test.csv",
@@ -731,23 +812,10 @@ def make_demo_data(
     # after every image, all together: a run killed before this point has no CSV, so the next
     # one generates the data again instead of trusting a part of it (see demo_data_complete)
     atomic_write_many([
-        (paths["train_csv"], "".join(train_lines)),
-        (paths["test_csv"], "".join(test_lines)),
-        (paths["test_labels_csv"], "".join(answer_lines)),
+        (paths["train_csv"], "".join(tables.train)),
+        (paths["test_csv"], "".join(tables.test)),
+        (paths["test_labels_csv"], "".join(tables.answers)),
         (paths["labels_txt"], "".join(f"{i} {name}\n" for i, name in DEMO_LABEL_NAMES.items())),
-        (paths["readme"], _readme(seed, n, n_test, embedded_quotes)),
+        (paths["readme"], readme),
     ])
-
-    return {
-        "out_dir": str(out),
-        "image_dir": str(image_dir),
-        **{k: str(v) for k, v in paths.items()},
-        "n_train": n,
-        "n_test": n_test,
-        "seed": seed,
-        "label_names": dict(DEMO_LABEL_NAMES),
-        "label_counts": counts,
-        "label_frequency": {lab: c / n for lab, c in counts.items()},
-        "mean_labels_per_image": n_labels / n,
-        "caption_label_recall": n_mentioned / max(1, n_labels),
-    }
+    return paths
