@@ -60,7 +60,7 @@ class _QueryLayer(nn.Module):
     nn.TransformerDecoderLayer) so that the first layer's self-attention, which sees only the
     learned queries, runs once instead of once per sample, and so that the cross-attention's small
     (queries x positions) products avoid the fused CPU kernel, whose backward pass was a third
-    of the decoder's time here (docs/quality.md, session 6)."""
+    of the decoder's time here (docs/experiments.md)."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
