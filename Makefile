@@ -15,7 +15,6 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m mmtag setup-wordnet
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,7 +17,7 @@ def test_caption_pipeline_on_known_sentences():
     assert caption_tokens('A man reads "oh no, not beef..." in geese/mice') == \
         ["man", "read", "oh", "beef", "goose", "mouse"]
     # stopwords and lemmas can be switched off
-    assert caption_tokens("The dogs", stopwords=False, lemmas=False) == ["the", "dogs"]
+    assert caption_tokens("The dogs", stopwords=False, lemmatizer="none") == ["the", "dogs"]
     assert caption_tokens("1234 !!") == []
 
 
@@ -66,3 +66,43 @@ def test_wordnet_without_the_sense_index_names_the_package_to_install(tmp_path):
     with pytest.raises(text.WordNetMissingError, match=r"index\.sense.*wordnet-sense-index"):
         text.setup_wordnet(tmp_path / "nltk", source=source, allow_apt=False)
     assert not (tmp_path / "nltk").exists()
+
+
+def _has_wordnet() -> bool:
+    try:
+        text.lemmatize("dogs", "wordnet")
+    except text.WordNetMissingError:  # an option whose data comes apart from pip
+        return False
+    return True
+
+
+@pytest.mark.parametrize("lemmatizer", [
+    "lemminflect",
+    pytest.param("wordnet", marks=pytest.mark.skipif(not _has_wordnet(), reason="no WordNet data "
+                                                     "(mmtag setup-wordnet)"))])
+def test_both_lemmatizers_take_words_as_nouns(lemmatizer):
+    words = ["dogs", "children", "buses", "geese", "umbrellas", "kites", "skis", "running"]
+    assert [text.lemmatize(w, lemmatizer) for w in words] == \
+        ["dog", "child", "bus", "goose", "umbrella", "kite", "ski", "running"]
+    with pytest.raises(ValueError, match="unknown lemmatizer 'porter'"):
+        text.lemmatize("dogs", "porter")
+
+
+def test_a_vocabulary_saved_before_the_lemmatizer_choice_keeps_wordnet():
+    enc = CaptionEncoder(Vocabulary(["<pad>", "<unk>", "dog"]), 4)
+    d = enc.to_dict()
+    assert d["kind"] == "glove" and d["lemmatizer"] == "lemminflect"
+    assert CaptionEncoder.from_dict(d) == enc
+    old = {k: v for k, v in d.items() if k not in ("kind", "lemmatizer")}
+    assert CaptionEncoder.from_dict({**old, "lemmas": True}).lemmatizer == "wordnet"
+    assert CaptionEncoder.from_dict({**old, "lemmas": False}).lemmatizer == "none"
+
+
+def test_the_old_lemmatize_key_reads_as_the_lemmatizer_it_meant():
+    from mmtag.config import ConfigError, load_config
+
+    assert load_config(None, []).data.lemmatizer == "lemminflect"
+    assert load_config(None, ["data.lemmatize=true"]).data.lemmatizer == "wordnet"
+    assert load_config(None, ["data.lemmatize=false"]).data.lemmatizer == "none"
+    with pytest.raises(ConfigError, match="data.lemmatizer must be one of"):
+        load_config(None, ["data.lemmatizer=porter"])

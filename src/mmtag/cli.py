@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     c.set_defaults(func=_cmd_make_demo_data)
 
-    c = sub.add_parser("setup-wordnet", help="install WordNet for NLTK from Debian's files, offline")
+    c = sub.add_parser("setup-wordnet", help="install WordNet for NLTK from Debian's files, offline (for data.lemmatizer=wordnet)")
     c.add_argument("--target", type=Path, default=None,
                    help="NLTK data folder (default $MMTAG_NLTK_DATA or ~/.cache/mmtag/nltk_data)")
     c.set_defaults(func=_cmd_setup_wordnet)

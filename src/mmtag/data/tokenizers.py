@@ -196,7 +196,7 @@ def fit_tokenizer(model_cfg: ModelConfig, data_cfg: DataConfig,
         return MiniLMTokenizer(max_len=max_len)
     return CaptionEncoder.fit(captions, max_len=data_cfg.max_len, quantile=data_cfg.len_quantile,
                               min_freq=data_cfg.min_freq, stopwords=data_cfg.stopwords,
-                              lemmas=data_cfg.lemmatize)
+                              lemmatizer=data_cfg.lemmatizer)
 
 
 def tokenizer_from_dict(d: dict) -> CaptionTokenizer:
