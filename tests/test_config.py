@@ -111,3 +111,19 @@ def test_head_weights_from_the_command_line_and_their_warning():
     assert cfg.model.head_weights == [1.0, 1.0, 0.5] and not cfg.warnings()
     assert load_config(recipe_path("cpu")).model.head_weights == [1.0, 1.0, 0.5]
     assert any("head_weights" in w for w in load_config(None, ["model.head_weights=[1,1,0.5]"]).warnings())
+
+
+def test_docs_config_md_is_generated_from_the_config():
+    """docs/config.md lists every field with its comment; it is rewritten by the tool, never
+    by hand (a new field without a rerun fails here)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "tools" / "config_doc.py"
+    spec = importlib.util.spec_from_file_location("config_doc", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    text = tool.render()
+    assert "| `model.fusion` | str | `concat` | cpu, gpu, report | 'concat'" in text
+    assert "| `data.lemmatizer` | str | `lemminflect` | report |" in text
+    assert tool.main(["--check"]) == 0, "docs/config.md is out of date: python tools/config_doc.py"

@@ -158,12 +158,20 @@ def choose_thresholds(
     idx = np.full(y.shape[1], _best_index(global_scores))
     if mode == "global":
         return g[idx]
+    tuned = np.flatnonzero(y.sum(axis=0) >= min_support)
+    return g[_coordinate_ascent(y, p, g, idx, tuned, metric, at_least_one)]
 
+
+def _coordinate_ascent(y: np.ndarray, p: np.ndarray, g: np.ndarray, idx: np.ndarray,
+                       tuned: np.ndarray, metric: str, at_least_one: bool) -> np.ndarray:
+    """Per-class grid indices, from the global choice `idx`: each class of `tuned` in turn
+    moves to the grid value that scores best with the others held fixed, until a pass changes
+    nothing (or _MAX_PASSES). Counts are updated incrementally: one (N, G) product per class."""
+    n_true = y.sum(axis=1)  # (N,)
     pred = p >= g[idx]  # (N, C), thresholds only; the at_least_one fill is recomputed below
     n_pred = pred.sum(axis=1)  # (N,)
     n_hit = (pred & y).sum(axis=1)
     top_is_true = y[np.arange(len(y)), p.argmax(axis=1)]  # (N,) the fill label is right
-    tuned = np.flatnonzero(y.sum(axis=0) >= min_support)
     for _ in range(_MAX_PASSES):
         changed = False
         for c in tuned:
@@ -186,7 +194,7 @@ def choose_thresholds(
                 changed = True
         if not changed:
             break
-    return g[idx]
+    return idx
 
 
 def _count_distributions(p: np.ndarray) -> np.ndarray:

@@ -71,24 +71,7 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
         raise FileExistsError(f"{out} exists and is not an empty folder; choose another --out")
     ckpts = [load_checkpoint(r / "best.pt") for r in runs]
     first, base = runs[0], ckpts[0]
-    for run, ck in zip(runs[1:], ckpts[1:], strict=True):
-        if "ensemble" in ck or "ensemble" in base:
-            raise ValueError(f"{run if 'ensemble' in ck else first} is an ensemble already; give "
-                             f"the runs it was built from")
-        if (run / "split.json").read_text() != (first / "split.json").read_text():
-            raise ValueError(f"{run} validates on other rows than {first} (split.json differs): "
-                             f"the ensemble's thresholds are chosen on rows no member trained on, "
-                             f"so the members need the same data.split_seed and train_prop")
-        diff = _first_difference(_prediction_config(base["config"]),
-                                 _prediction_config(ck["config"]))
-        if diff:
-            raise ValueError(f"{run} predicts differently from {first} ({diff}): an ensemble's "
-                             f"members need the same model and preprocessing")
-        for key, what in (("labels", "label set"), ("caption", "caption vocabulary")):
-            if ck[key] != base[key]:
-                raise ValueError(f"{run} has another {what} than {first}: train both on the "
-                                 f"same data")
-
+    _check_members(runs, ckpts)
     read = [read_val_probs(run) for run in runs]
     v = read[0]
     for run, other in zip(runs[1:], read[1:], strict=True):
@@ -131,6 +114,30 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
                "val_rows": len(v.image_ids)}
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _check_members(runs: list[Path], ckpts: list[dict]) -> None:
+    """Refuse members that cannot be averaged: ensembles, other validation rows, another model
+    or preprocessing, another label set or vocabulary (each named against the first run)."""
+    first, base = runs[0], ckpts[0]
+    for run, ck in zip(runs[1:], ckpts[1:], strict=True):
+        if "ensemble" in ck or "ensemble" in base:
+            raise ValueError(f"{run if 'ensemble' in ck else first} is an ensemble already; give "
+                             f"the runs it was built from")
+        if (run / "split.json").read_text() != (first / "split.json").read_text():
+            raise ValueError(f"{run} validates on other rows than {first} (split.json differs): "
+                             f"the ensemble's thresholds are chosen on rows no member trained on, "
+                             f"so the members need the same data.split_seed and train_prop")
+        diff = _first_difference(_prediction_config(base["config"]),
+                                 _prediction_config(ck["config"]))
+        if diff:
+            raise ValueError(f"{run} predicts differently from {first} ({diff}): an ensemble's "
+                             f"members need the same model and preprocessing")
+        for key, what in (("labels", "label set"), ("caption", "caption vocabulary")):
+            if ck[key] != base[key]:
+                raise ValueError(f"{run} has another {what} than {first}: train both on the "
+                                 f"same data")
+
 
 
 def member_states(ckpt: dict) -> list[dict]:

@@ -236,25 +236,12 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     if threshold is not None:
         check_threshold(threshold)  # before any inference
     pred = Predictor.load(run, device, tta_sizes)
-    validation_of = None
     if csv_path is not None:
-        csv_path = Path(csv_path)
-        pred.check_captions(csv_path)
-        rows = read_csv(csv_path)
-        image_dir = Path(images) if images else csv_path.parent / "data"
-        source = str(csv_path)
-        if any(not r.labels for r in rows):
-            raise ValueError(f"{csv_path} has rows without labels (first: line "
-                             f"{next(r.line for r in rows if not r.labels)}); evaluate needs labels")
+        rows, image_dir, source = _labelled_csv(pred, Path(csv_path), images)
+        validation_of = None
     elif data_dir is not None:
-        run_dir = _checkpoint_path(run).parent
-        split = Split.load(run_dir / "split.json")
-        source = str(Path(data_dir) / "train.csv")
-        _, rows = split.apply(read_csv(source))
-        if pred.config.data.limit_val:
-            rows = rows[: pred.config.data.limit_val]
-        image_dir = Path(data_dir) / "data"
-        validation_of = run_dir
+        validation_of = _checkpoint_path(run).parent
+        rows, image_dir, source = _validation_rows(pred, validation_of, Path(data_dir))
     else:
         raise ValueError("evaluate needs --data DIR (the run's validation split) or --csv FILE")
     try:
@@ -279,17 +266,46 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
                                     and rule == "threshold")
     if validation_of is not None:
         m["source"] = f"the run's validation split of {source}"
-        summary_path = validation_of / "summary.json"
-        summary = read_json(summary_path) if summary_path.exists() else {}
-        # the run's estimate holds for the sizes it was measured at, not for other TTA sizes
-        same_sizes = (pred.model.image_encoder is None
-                      or summary.get("tta", {}).get("sizes") == list(pred.image_sizes))
-        if threshold is None and same_sizes:
-            for key in ("val_crossfit", "val_crossfit_other_rule"):
-                c = summary.get(key) or {}
-                if c.get("decision", summary.get("decision")) == rule and "micro_f1" in c:
-                    m["crossfit"] = {k: c[k] for k in ("micro_f1", "samples_f1")}
+        if threshold is None:
+            m.update(_crossfit_estimate(pred, validation_of, rule))
     return m
+
+
+def _labelled_csv(pred: Predictor, csv_path: Path,
+                  images: Path | str | None) -> tuple[list[Record], Path, str]:
+    pred.check_captions(csv_path)
+    rows = read_csv(csv_path)
+    if any(not r.labels for r in rows):
+        raise ValueError(f"{csv_path} has rows without labels (first: line "
+                         f"{next(r.line for r in rows if not r.labels)}); evaluate needs labels")
+    return rows, Path(images) if images else csv_path.parent / "data", str(csv_path)
+
+
+def _validation_rows(pred: Predictor, run_dir: Path,
+                     data_dir: Path) -> tuple[list[Record], Path, str]:
+    """The run's validation rows of data_dir/train.csv, by its saved split."""
+    split = Split.load(run_dir / "split.json")
+    source = str(data_dir / "train.csv")
+    _, rows = split.apply(read_csv(source))
+    if pred.config.data.limit_val:
+        rows = rows[: pred.config.data.limit_val]
+    return rows, data_dir / "data", source
+
+
+def _crossfit_estimate(pred: Predictor, run_dir: Path, rule: str) -> dict:
+    """{'crossfit': the run's cross-fit estimate for `rule`} from its summary.json, when it
+    holds one measured at the sizes `pred` reads (else {})."""
+    summary_path = run_dir / "summary.json"
+    summary = read_json(summary_path) if summary_path.exists() else {}
+    # the run's estimate holds for the sizes it was measured at, not for other TTA sizes
+    same_sizes = (pred.model.image_encoder is None
+                  or summary.get("tta", {}).get("sizes") == list(pred.image_sizes))
+    if same_sizes:
+        for key in ("val_crossfit", "val_crossfit_other_rule"):
+            c = summary.get(key) or {}
+            if c.get("decision", summary.get("decision")) == rule and "micro_f1" in c:
+                return {"crossfit": {k: c[k] for k in ("micro_f1", "samples_f1")}}
+    return {}
 
 
 def optimism_note(m: dict) -> str:
@@ -320,6 +336,35 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
     rows = read_csv(csv_path)
     bad = find_missing_images(rows, images, str(csv_path)) if pred.model.image_encoder else {}
     msgs = list(bad.values())
+    _check_missing_images(pred, bad, caption_only_missing)
+    # Rows without their image: the caption's own head where the model has one (trained on its
+    # own loss, so its probabilities hold for a caption alone); otherwise the whole model with
+    # a blank image in place of the photo, which is said so.
+    via = ("the caption head" if pred.model.has_caption_head
+           else "a blank image in place of the photo (this model has no caption head of its own)")
+    if msgs:  # every row is in the result (the CLI prints them); the log names the first few
+        more = f" and {len(msgs) - 3} more" if len(msgs) > 3 else ""
+        log.warning("predicting %d row(s) from the caption alone, by %s: %s%s", len(msgs), via,
+                    "; ".join(msgs[:3]), more)
+    probs = _csv_probabilities(pred, rows, images, str(csv_path), bad, batch_size, num_workers)
+    decisions = pred.decide(probs, threshold, decision=decision)
+    label_sets = [pred.label_map.decode(d) for d in decisions]
+    files = [(out, format_csv([Record(r.image_id, labs, "", r.line)
+                               for r, labs in zip(rows, label_sets, strict=True)],
+                              captions=False))]
+    if probs_out is not None:
+        files.append((probs_out, format_probs([r.image_id for r in rows],
+                                              [str(lab) for lab in pred.label_map.labels], probs)))
+    atomic_write_many(files)
+    return {"rows": len(rows), "out": str(out), "probs": str(probs_out) if probs_out else None,
+            "caption_only": msgs, "caption_only_via": via if msgs else None,
+            "decision": pred.describe_decision(threshold, decision)}
+
+
+def _check_missing_images(pred: Predictor, bad: dict[int, str], caption_only_missing: bool) -> None:
+    """Refuse rows whose image is missing or unreadable, unless they may be predicted from
+    their caption (--caption-only-missing) by a model that reads captions."""
+    msgs = list(bad.values())
     if bad and caption_only_missing and pred.model.text_encoder is None:
         raise ImageReadError(
             f"{len(bad)} image(s) missing or unreadable (first: {msgs[0]}), and this model reads "
@@ -331,37 +376,21 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
             f"{len(bad)} image(s) missing or unreadable: " + "; ".join(msgs[:5]) + more +
             ". Fix them, or pass --caption-only-missing to predict those rows from the caption "
             "alone (they are listed).")
-    # Rows without their image: the caption's own head where the model has one (trained on its
-    # own loss, so its probabilities hold for a caption alone); otherwise the whole model with
-    # a blank image in place of the photo, which is said so.
-    via = ("the caption head" if pred.model.has_caption_head
-           else "a blank image in place of the photo (this model has no caption head of its own)")
-    if msgs:  # every row is in the result (the CLI prints them); the log names the first few
-        more = f" and {len(msgs) - 3} more" if len(msgs) > 3 else ""
-        log.warning("predicting %d row(s) from the caption alone, by %s: %s%s", len(msgs), via,
-                    "; ".join(msgs[:3]), more)
-    if bad and pred.model.has_caption_head:
-        src = str(csv_path)
-        good = [i for i in range(len(rows)) if i not in bad]
-        probs = np.zeros((len(rows), pred.label_map.num_classes))
-        if good:
-            probs[good] = pred.probabilities(
-                pred.dataset([rows[i] for i in good], images, src, with_targets=False),
-                batch_size, num_workers)
-        probs[list(bad)] = pred.caption_probabilities(
-            pred.dataset([rows[i] for i in bad], images, src, with_targets=False), batch_size)
-    else:
-        ds = pred.dataset(rows, images, str(csv_path), blank_missing_images=bool(bad),
-                          with_targets=False)
-        probs = pred.probabilities(ds, batch_size, num_workers)
-    decisions = pred.decide(probs, threshold, decision=decision)
-    label_sets = [pred.label_map.decode(d) for d in decisions]
-    files = [(out, format_csv([Record(r.image_id, labs, "", r.line)
-                               for r, labs in zip(rows, label_sets, strict=True)],
-                              captions=False))]
-    if probs_out is not None:
-        files.append((probs_out, format_probs([r.image_id for r in rows], [str(lab) for lab in pred.label_map.labels], probs)))
-    atomic_write_many(files)
-    return {"rows": len(rows), "out": str(out), "probs": str(probs_out) if probs_out else None,
-            "caption_only": msgs, "caption_only_via": via if msgs else None,
-            "decision": pred.describe_decision(threshold, decision)}
+
+
+def _csv_probabilities(pred: Predictor, rows: list[Record], images: Path, source: str,
+                       bad: dict[int, str], batch_size: int, num_workers: int) -> np.ndarray:
+    """(N, C) probabilities of every row; rows in `bad` (no readable image) from the caption
+    head, or from a blank image when the model has none."""
+    if not (bad and pred.model.has_caption_head):
+        ds = pred.dataset(rows, images, source, blank_missing_images=bool(bad), with_targets=False)
+        return pred.probabilities(ds, batch_size, num_workers)
+    good = [i for i in range(len(rows)) if i not in bad]
+    probs = np.zeros((len(rows), pred.label_map.num_classes))
+    if good:
+        probs[good] = pred.probabilities(
+            pred.dataset([rows[i] for i in good], images, source, with_targets=False),
+            batch_size, num_workers)
+    probs[list(bad)] = pred.caption_probabilities(
+        pred.dataset([rows[i] for i in bad], images, source, with_targets=False), batch_size)
+    return probs

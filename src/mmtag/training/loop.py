@@ -169,7 +169,7 @@ def _runtime(cfg: TrainConfig) -> Runtime:
 
 @dataclass
 class RunData:
-    """What setup() prepares: rows, label map, caption encoder, split."""
+    """What prepare_data returns: rows, label map, caption tokenizer, split."""
 
     train_rows: list[Record]
     val_rows: list[Record]
