@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see mmtag.cli.main
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see mmtag.process.configure_process
 
 
 def comp5329_dir() -> Path:

@@ -22,7 +22,8 @@ from mmtag.training.checkpoint import ModelTooLargeError, atomic_save
 # image stages 0-2 frozen and cached: with one seed, the members' frozen weights are equal
 TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
         "model.image_encoder=efficientnet_lite0", "model.freeze_image=3", "model.lstm_hidden=8",
-        "model.hidden=16", "optim.batch_size=8", "data.len_quantile=1.0", "optim.epochs=1"]
+        "model.hidden=16", "optim.batch_size=8", "data.len_quantile=1.0", "optim.epochs=1",
+        "data.lemmatizer=none"]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,27 @@ def runs(demo, tmp_path_factory):
                         ("other_size", "data.image_size=64"), ("other_split", "data.split_seed=5")):
         loop.fit(load_config(None, [*TINY, cache, extra]), demo, root / name, progress=False)
     return root
+
+
+def test_a_member_saved_by_an_older_version_joins_an_ensemble(runs, tmp_path):
+    """A run saved before options were removed and before the lemmatizer was a choice (its
+    config holds the removed keys at their off values and data.lemmatize, its vocabulary
+    "lemmas") is the same model as today's, and is averaged with one."""
+    from mmtag.config import REMOVED_OPTIONS
+
+    old = tmp_path / "old"
+    shutil.copytree(runs / "b", old)
+    ck = torch.load(old / "best.pt", weights_only=True)
+    for key, off in REMOVED_OPTIONS.items():
+        section, name = key.split(".")
+        ck["config"][section][name] = off
+    assert ck["config"]["data"].pop("lemmatizer") == "none"
+    ck["config"]["data"]["lemmatize"] = False
+    assert ck["caption"].pop("lemmatizer") == "none"
+    ck["caption"]["lemmas"] = False
+    atomic_save(ck, old / "best.pt")
+    summary = build_ensemble([runs / "a", old], tmp_path / "ens")
+    assert summary["val_rows"] == len(_val_probs(old / "val_probs.csv")[0])
 
 
 def _val_probs(path):

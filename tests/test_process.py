@@ -68,3 +68,19 @@ def test_opt_out_by_environment():
         print(keep_freed_memory())
     """, MMTAG_MALLOC="default")
     assert out == "False"
+
+
+def test_the_cli_setup_loads_no_torch_and_training_setup_turns_on_cudnn_autotuning():
+    # `mmtag --help` and check-data stay instant: neither the CLI module nor its first call
+    # imports torch; only a process that trains asks for cuDNN autotuning
+    out = _run("""
+        import sys
+        import mmtag.cli
+        from mmtag.process import configure_process, configure_training
+        configure_process()
+        print("torch" in sys.modules)
+        configure_training()
+        import torch
+        print(torch.backends.cudnn.benchmark)
+    """)
+    assert out.split() == ["False", "True"]

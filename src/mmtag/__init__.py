@@ -5,7 +5,8 @@ need neither torch nor the pretrained weights, and names are imported only when 
 """
 
 __version__ = "0.1.0"
-__all__ = ["CSVFormatError", "Record", "load_run", "read_csv", "train", "write_submission"]
+__all__ = ["CSVFormatError", "Record", "configure_training", "load_run", "read_csv", "train",
+           "write_submission"]
 
 
 def __getattr__(name: str):
@@ -14,6 +15,10 @@ def __getattr__(name: str):
         from mmtag import api
 
         return getattr(api, name)
+    if name == "configure_training":
+        from mmtag import process
+
+        return process.configure_training
     if name in __all__:
         from mmtag.data import csv_io
 

@@ -19,7 +19,11 @@ def train(data_dir: Path | str, out: Path | str, config: TrainConfig | str | Pat
     """Train on a Kaggle-layout folder into the run folder `out`; returns the summary dict.
     `config` is a TrainConfig, a YAML path or a built-in recipe name ('cpu', 'report', ...);
     `resume` continues an interrupted run, `restart` starts over one that stopped before its
-    first epoch ended."""
+    first epoch ended.
+
+    Process-wide speed settings are not made behind your back: call
+    `mmtag.configure_training()` first, as `mmtag train` does (the allocator setting makes a
+    cpu-recipe step about 30 % faster; cuDNN autotuning helps on GPUs)."""
     from mmtag.training.loop import fit
 
     return fit(resolve_config(out, config, overrides, resume=resume, restart=restart), data_dir,
@@ -34,12 +38,12 @@ def resolve_config(out: Path | str, config: TrainConfig | str | Path | None = No
     name, or None for the defaults) with `overrides` applied. The one owner of these rules:
     the CLI calls it through `train`."""
     if resume and restart:
-        raise ValueError("resume continues a run, restart starts one over: choose one")
+        raise ValueError("--resume continues a run, --restart starts one over: choose one")
     if resume:
         if config is not None or overrides:
-            raise ValueError("resume continues the run with its saved config.yaml, which cannot "
-                             "change: drop the config and overrides (--config/--set), or start "
-                             "a new run for them")
+            raise ValueError("--resume continues the run with its saved config.yaml, which "
+                             "cannot change: drop --config/--set (config and overrides), or "
+                             "start a new run for them")
         saved = Path(out) / "config.yaml"
         if not saved.exists():
             raise FileNotFoundError(f"cannot resume {out}: it holds no run (no config.yaml); "

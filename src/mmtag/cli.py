@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mmtag.process import configure_process
+from mmtag.process import configure_process, configure_training
 
 log = logging.getLogger("mmtag")
 
@@ -40,8 +40,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mmtag.api import train
 
     # what the flags mean is checked here; which config a run gets is api.resolve_config's rule
+    if args.resume is not None and args.data is None:
+        raise ValueError("--resume also needs --data DIR (the folder the run was trained on)")
     if args.data is None or (args.out is None and args.resume is None):
         raise ValueError("train needs --data DIR and --out RUN (or --resume RUN --data DIR)")
+    configure_training()
     run = Path(args.resume or args.out)
     summary = train(args.data, run, args.config, args.set or (), resume=args.resume is not None,
                     restart=args.restart)
@@ -145,6 +148,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mmtag.demo import run_demo
 
+    configure_training()
     run_demo(Path(args.out), n=args.n, seed=args.seed, epochs=args.epochs)
     return 0
 

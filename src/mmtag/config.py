@@ -125,6 +125,9 @@ class ModelConfig:
                "model.image_encoder and model.text_encoder cannot both be 'none'")
         _check(self.text_encoder in ("glove_lstm", "minilm", "none"),
                "model.text_encoder must be one of ['glove_lstm', 'minilm', 'none']")
+        _check(self.fusion != "gated", _removed_value("model.fusion=gated"))
+        _check("." not in self.freeze_image, _removed_value(
+            f"model.freeze_image={self.freeze_image!r} (freezing inside a stage)"))
         _check(self.fusion in ("concat", "query"), "model.fusion must be one of ['concat', 'query']")
         _check(self.query_dim >= 1 and self.query_layers >= 1 and self.query_heads >= 1
                and self.query_dim % self.query_heads == 0,
@@ -330,6 +333,11 @@ REMOVED_OPTIONS = {
 LAST_COMMIT_WITH_REMOVED_OPTIONS = "c54b680"
 
 
+def _removed_value(what: str) -> str:
+    return (f"{what} was removed (measured, not adopted: docs/experiments.md); to run it, check "
+            f"out commit {LAST_COMMIT_WITH_REMOVED_OPTIONS}")
+
+
 def _without_removed(d: dict) -> dict:
     """`d` without the removed options it holds at their 'off' value (a ConfigError for one
     that is on), and with data.lemmatize (true: WordNet's lemmas, then the only ones) read as
@@ -349,9 +357,7 @@ def _without_removed(d: dict) -> dict:
         if not isinstance(values, dict) or name not in values:
             continue
         if values[name] != off:
-            raise ConfigError(f"{key}={values[name]!r} was removed (measured, not adopted: "
-                              f"docs/experiments.md); to run it, check out commit "
-                              f"{LAST_COMMIT_WITH_REMOVED_OPTIONS}")
+            raise ConfigError(_removed_value(f"{key}={values[name]!r}"))
         del values[name]
     return out
 

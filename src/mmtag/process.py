@@ -43,18 +43,24 @@ def keep_freed_memory() -> bool:
 
 
 def configure_process() -> None:
-    """What `mmtag` sets for itself before anything else: library users may call it first too.
+    """What `mmtag` sets for itself before anything else (no torch import: `mmtag --help` and
+    check-data stay instant); library users may call it first too.
 
     - OMP_WAIT_POLICY=PASSIVE (unless set): OpenMP threads that spin while waiting make torch
       many times slower when DataLoader workers share a small machine's cores. Applies only if
       torch has not been imported yet.
     - `keep_freed_memory()`: large CPU tensors reuse heap memory.
-    - cuDNN autotuning (`torch.backends.cudnn.benchmark`): the inputs have fixed sizes, so the
-      fastest convolution kernels are found once and reused (a run with `deterministic: true`
-      turns it off again).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     keep_freed_memory()
+
+
+def configure_training() -> None:
+    """For a process that trains (`mmtag train`, `mmtag demo`; API users call it themselves):
+    `configure_process()`, and cuDNN autotuning (`torch.backends.cudnn.benchmark`), since the
+    training inputs have fixed sizes, so the fastest convolution kernels are found once and
+    reused. A run with `deterministic: true` turns autotuning off again."""
+    configure_process()
     import torch
 
     torch.backends.cudnn.benchmark = True

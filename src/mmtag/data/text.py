@@ -113,9 +113,11 @@ def _wordnet_lemmatizer():
         lem.lemmatize("dogs")
     except (LookupError, OSError):  # OSError: a file of the WordNet folder is missing
         raise WordNetMissingError(
-            f"NLTK's WordNet data is missing (looked in {nltk.data.path[:3]}...). Run "
-            f"`mmtag setup-wordnet` (it needs Debian's wordnet-base and wordnet-sense-index "
-            f"files), or use the default lemmatizer: --set data.lemmatizer=lemminflect.") from None
+            f"NLTK's WordNet data is missing (looked in {nltk.data.path[:3]}...), and this run's "
+            f"captions are lemmatised by WordNet (data.lemmatizer=wordnet, and every run saved "
+            f"before lemminflect became the default): run `mmtag setup-wordnet` (it copies "
+            f"Debian's wordnet-base and wordnet-sense-index files). New runs can use "
+            f"data.lemmatizer=lemminflect, which needs no extra data.") from None
     return lem
 
 

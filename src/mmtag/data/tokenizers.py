@@ -39,6 +39,9 @@ class CaptionTokenizer(Protocol):
 
     def to_dict(self) -> dict: ...
 
+    @classmethod
+    def from_dict(cls, d: dict) -> CaptionTokenizer: ...
+
 
 class NoCaption:
     """Caption tokenizer of image-only models: a single padding id."""

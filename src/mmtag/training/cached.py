@@ -90,12 +90,3 @@ def cached_dataset(cfg: TrainConfig, model, ds, transform_spec, *, train: bool, 
             model.text_encoder, text_stage, ds.tokens, ds.lengths,
             [r.caption for r in ds.records], root=root, dtype=dtype))
     return CachedDataset(image, text, ds.lengths, ds.targets, train=train)
-
-
-def cached_datasets(cfg: TrainConfig, model, train_ds, val_ds, transform_spec, *, stage: int,
-                    text_stage: int, progress: bool,
-                    dtype: torch.dtype | None = None) -> tuple[CachedDataset, CachedDataset]:
-    """The training and validation datasets as cached features (`cached_dataset`)."""
-    return tuple(cached_dataset(cfg, model, ds, transform_spec, train=train, stage=stage,
-                                text_stage=text_stage, progress=progress, dtype=dtype)
-                 for ds, train in ((train_ds, True), (val_ds, False)))

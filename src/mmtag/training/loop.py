@@ -28,7 +28,7 @@ from mmtag.data.csv_io import Record, read_csv
 from mmtag.data.dataset import Split, TaggingDataset, make_loader
 from mmtag.data.images import build_transform, transform_spec
 from mmtag.data.labels import LabelMap
-from mmtag.data.tokenizers import fit_tokenizer, tokenizer_from_dict
+from mmtag.data.tokenizers import CaptionTokenizer, fit_tokenizer, tokenizer_from_dict
 from mmtag.evaluation.estimate import decision_figures, epoch_scores
 from mmtag.evaluation.probs_csv import average_probs, write_val_probs
 from mmtag.models.build import build_tagger, encoder_normalisation
@@ -174,7 +174,7 @@ class RunData:
     train_rows: list[Record]
     val_rows: list[Record]
     label_map: LabelMap
-    caption_enc: object
+    caption_enc: CaptionTokenizer
     split: Split
     image_dir: Path
 
@@ -475,7 +475,7 @@ def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, v
 
 def _draw_curves(run_dir: Path) -> None:
     try:
-        from mmtag.reporting.plots import plot_curves
+        from mmtag.training.curves import plot_curves
 
         plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
     except Exception as e:  # plotting must never cost a finished run

@@ -1,4 +1,4 @@
-"""Training curves drawn from `metrics.csv` (never from logs)."""
+"""A run's learning curves (curves.png), drawn from its `metrics.csv` (never from logs)."""
 
 from __future__ import annotations
 

@@ -1,2 +1,0 @@
-"""Plots and reports drawn from a run folder."""
-
