@@ -17,6 +17,9 @@ import yaml
 
 from mmtag.atomic import atomic_write
 
+# data.lemmatizer's choices (mmtag.data.text applies them)
+LEMMATIZERS = ("lemminflect", "none", "wordnet")
+
 # the largest square input accepted: one 2048 px image is 50 MB as float32, a batch of them GBs
 MAX_IMAGE_SIZE = 2048
 
@@ -67,8 +70,8 @@ class DataConfig:
         _check(0.0 <= self.translate <= 1.0, "data.translate must be in [0, 1]")
         _check(self.scale_min > 0, "data.scale_min must be > 0")
         _check(self.min_freq >= 1, "data.min_freq must be >= 1")
-        _check(self.lemmatizer in ("lemminflect", "none", "wordnet"),
-               "data.lemmatizer must be one of ['lemminflect', 'none', 'wordnet']")
+        _check(self.lemmatizer in LEMMATIZERS,
+               f"data.lemmatizer must be one of {list(LEMMATIZERS)}")
         _check(self.normalisation in ("auto", "imagenet", "tf"),
                "data.normalisation must be one of ['auto', 'imagenet', 'tf']")
         _check(self.scale_min <= self.scale_max, "data.scale_min must be <= data.scale_max")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from mmtag.atomic import atomic_write, atomic_write_many
+from mmtag.config import LEMMATIZERS
 
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
@@ -119,9 +120,6 @@ def _wordnet_lemmatizer():
             f"Debian's wordnet-base and wordnet-sense-index files). New runs can use "
             f"data.lemmatizer=lemminflect, which needs no extra data.") from None
     return lem
-
-
-LEMMATIZERS = ("lemminflect", "none", "wordnet")
 
 
 @lru_cache(maxsize=200_000)

@@ -212,11 +212,6 @@ class Tagger(nn.Module):
         vector."""
         return self.fusion == "query" and hasattr(self.text_encoder, "run_layers")
 
-    def embed(self, images: torch.Tensor | None, ids: torch.Tensor | None,
-              lengths: torch.Tensor | None) -> list[torch.Tensor]:
-        """Pooled embeddings of the modalities present: [(B, Di)] and/or [(B, Dt)]."""
-        return self._embed(images, ids, lengths)[0]
-
     def _embed(self, images, ids, lengths):
         """(pooled embeddings, the image feature map (B, Di, H', W') or None if not computed,
         the caption's (token states (B, T, Dt), mask (B, T)) or None if not needed, the map the
