@@ -145,6 +145,50 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from mmtag.reporting.ablation import (
+        RESULTS_MD,
+        load_grid,
+        prepare_ablation,
+        run_ablation,
+    )
+
+    configure_training()
+    base = args.base or _default_base()
+    abl = prepare_ablation(args.data, base, load_grid(args.grid), args.seeds, args.out)
+    rows = run_ablation(abl)
+    print(f"{len(rows)} runs; results: {abl.out / RESULTS_MD}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mmtag.reporting.compare import compare
+
+    for path in compare(args.paths, args.out):
+        print(path)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mmtag.reporting.report import write_report
+
+    md, html = write_report(args.path, data_dir=args.data, out=args.out)
+    print(md)
+    print(html)
+    return 0
+
+
+def _default_base() -> str:
+    """The report's recipe where it can run (a CUDA GPU), else its cached variant."""
+    import torch
+
+    base = "report" if torch.cuda.is_available() else "report-cached"
+    log.info("--base not given: the %s recipe (%s)", base,
+             "a CUDA GPU is available" if base == "report" else
+             "no CUDA GPU: image encoder frozen and cached")
+    return base
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mmtag.demo import run_demo
 
@@ -284,6 +328,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="folder for the ensemble (a run folder for "
                                                 "evaluate, predict and benchmark)")
     c.set_defaults(func=_cmd_ensemble)
+
+    c = sub.add_parser("ablate", help="train every variant of a grid for several seeds; "
+                                      "tables with paired tests (resumable)")
+    c.add_argument("--data", required=True, help="folder with train.csv and data/")
+    c.add_argument("--base", help="the recipe the variants modify: a built-in name or a YAML "
+                                  "file (default: report on a CUDA GPU, else report-cached)")
+    c.add_argument("--grid", default="report",
+                   help="a grid YAML file (variants: name -> [key=value, ...]) or a built-in "
+                        "grid: report, the COMP5329 report's three ablations (default)")
+    c.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant (default 3)")
+    c.add_argument("--out", required=True,
+                   help="ablation folder; run the same command again to resume it")
+    c.set_defaults(func=_cmd_ablate)
+
+    c = sub.add_parser("compare", help="figures that overlay runs or ablation variants per "
+                                       "epoch, and a bar chart of their final figures")
+    c.add_argument("paths", nargs="+", help="run folders and ablation folders")
+    c.add_argument("--out", required=True, help="folder for the PNG figures")
+    c.set_defaults(func=_cmd_compare)
+
+    c = sub.add_parser("report", help="report.md and a self-contained report.html for a run "
+                                      "or an ablation")
+    c.add_argument("path", help="a finished run folder or an ablation folder")
+    c.add_argument("--data", help="the data folder the run was trained on, for the data summary "
+                                  "and the error gallery (default: the one its summary.json names)")
+    c.add_argument("--out", help="folder for the report (default: the run or ablation folder)")
+    c.set_defaults(func=_cmd_report)
 
     c = sub.add_parser("demo", help="generate the demo dataset, train, evaluate and predict on it")
     c.add_argument("--out", default="demo_run", help="output folder (default demo_run)")

@@ -52,6 +52,7 @@ def run_demo(out: Path, n: int = 2000, seed: int = 0, epochs: int | None = None,
     the predictions against the demo's hidden test labels. Returns the figures."""
     from mmtag.evaluation.metrics import multilabel_metrics
     from mmtag.inference.predictor import evaluate_run, optimism_note, predict_csv
+    from mmtag.reporting.report import write_report
     from mmtag.training.loop import fit
 
     data_dir, run_dir = out / "data", out / "run"
@@ -83,6 +84,7 @@ def run_demo(out: Path, n: int = 2000, seed: int = 0, epochs: int | None = None,
           f"samples-F1 {val['samples_f1']:.4f}" + (f" {note}" if note else ""))
     print(f"demo test set ({len(ids)} rows, labels hidden from training): micro-F1 "
           f"{test['micro_f1']:.4f}, samples-F1 {test['samples_f1']:.4f}")
+    _, html = write_report(run_dir, data_dir=data_dir, out=out / "report")
     print(f"\ndata:        {data_dir}\nrun:         {run_dir}  (best.pt, metrics.csv, curves.png, "
-          f"summary.json)\nsubmission:  {sub}")
-    return {"summary": summary, "val": val, "test": test}
+          f"summary.json)\nsubmission:  {sub}\nreport:      {html}  (and report.md beside it)")
+    return {"summary": summary, "val": val, "test": test, "report": html}

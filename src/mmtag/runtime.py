@@ -68,13 +68,42 @@ def cpu_name() -> str:
 
 
 def machine_info(device: torch.device) -> dict:
-    """What a timing depends on, saved beside it (summary.json, the benchmark): the same recipe
-    caches and trains at different speeds on different CPUs of the same core count."""
+    """What a timing depends on, saved beside it (summary.json, the benchmark, the report): the
+    same recipe caches and trains at different speeds on different CPUs of the same core
+    count."""
+    gpu = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
     return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "fast_bf16": cpu_has_fast_bf16(),
             "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "python": platform.python_version()}
+            "gpu": gpu.name if gpu is not None else None,
+            "gpu_memory_gb": round(gpu.total_memory / 2**30, 1) if gpu is not None else None,
+            "memory_gb": _memory_gb(), "os": platform.platform(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "packages": package_versions()}
+
+
+# the packages whose versions a result depends on (torch is recorded on its own)
+KEY_PACKAGES = ("mmtag", "torchvision", "transformers", "numpy", "pillow", "scipy",
+                "lemminflect", "efficientnet-lite-pytorch")
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in KEY_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _memory_gb() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):  # not POSIX (Windows)
+        return None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -149,6 +149,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, rows: list[Record], 
     # what this process took (a resumed run: since --resume), and on what
     summary["wall_seconds"] = round(time.time() - started, 1)
     summary["machine"] = rt.machine
+    summary["data_dir"] = str(data_dir.resolve())  # where the report finds the images
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     _draw_curves(run_dir)
     return summary

@@ -1,0 +1,288 @@
+"""`mmtag report`: report.md and a self-contained report.html for a run or an ablation.
+
+Everything in a report is read from the run folder (config.yaml, metrics.csv, summary.json,
+val_probs.csv, best.pt) and, for the data summary and the error gallery, from the data folder
+the run was trained on. Figures go to `report_files/` beside report.md; report.html embeds them
+(data: URIs), so that it opens anywhere without network or other files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmtag.atomic import atomic_write, read_json
+from mmtag.config import TrainConfig, load_config
+from mmtag.data.csv_io import read_csv
+from mmtag.data.labels import LabelMap
+from mmtag.data.tokenizers import tokenizer_from_dict
+from mmtag.evaluation.metrics import multilabel_metrics
+from mmtag.evaluation.probs_csv import read_val_probs
+from mmtag.evaluation.thresholds import apply_thresholds, decide
+from mmtag.models.build import build_tagger
+from mmtag.reporting.ablation import RESULTS_MD, SPEC_FILE, collect, command, load_ablation
+from mmtag.reporting.compare import compare, groups_of
+from mmtag.reporting.figures import new_figure, relative, save_figure
+from mmtag.reporting.render import render
+from mmtag.reporting.tables import METRICS, paired_table, variant_table
+from mmtag.training.checkpoint import load_checkpoint
+from mmtag.training.run_folder import read_metrics_rows, train_csv_path
+
+ASSETS = "report_files"
+GALLERY_SIZE = 12
+THUMB_PX = 192
+# the per-epoch table's columns: (metrics.csv column, heading)
+EPOCH_COLUMNS = [("epoch", "epoch"), ("lr", "lr"), ("train_loss", "train loss"),
+                 ("train_micro_f1", "train micro-F1"), ("val_loss", "val loss"),
+                 ("val_precision", "val precision"), ("val_recall", "val recall"),
+                 ("val_micro_f1", "val micro-F1"), ("val_macro_f1", "val macro-F1"),
+                 ("val_samples_f1", "val samples-F1"), ("seconds", "seconds")]
+FINAL_FIGURES = ("precision", "recall", "micro_f1", "macro_f1", "samples_f1")
+
+
+def write_report(path: Path | str, *, data_dir: Path | str | None = None,
+                 out: Path | str | None = None) -> tuple[Path, Path]:
+    """Write report.md and report.html for a run folder or an ablation folder into `out`
+    (default: that folder); returns their paths."""
+    path = Path(path)
+    out = Path(out) if out else path
+    if (path / SPEC_FILE).exists():
+        context = ablation_context(path, out)
+        names = ("ablation_report.md.j2", "ablation_report.html.j2")
+    elif (path / "summary.json").exists():
+        context = run_context(path, out, data_dir)
+        names = ("report.md.j2", "report.html.j2")
+    else:
+        raise FileNotFoundError(f"{path} is neither a finished run (summary.json) nor an "
+                                f"ablation folder ({SPEC_FILE}); a run writes summary.json "
+                                f"when it ends")
+    md, html = out / "report.md", out / "report.html"
+    atomic_write(md, render(names[0], **context))
+    atomic_write(html, render(names[1], **context))
+    return md, html
+
+
+# -- a run -------------------------------------------------------------------------------------
+
+
+def run_context(run_dir: Path, out: Path, data_dir: Path | str | None) -> dict:
+    """Everything the run templates show."""
+    summary = read_json(run_dir / "summary.json")
+    data_dir = Path(data_dir) if data_dir else (
+        Path(summary["data_dir"]) if summary.get("data_dir") else None)
+    assets = out / ASSETS
+    assets.mkdir(parents=True, exist_ok=True)
+    for old in assets.glob("gallery_*.jpg"):  # an earlier report's errors are not this one's
+        old.unlink()
+    vp = read_val_probs(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    thresholds = np.asarray(summary["thresholds"], dtype=float)
+    return {
+        "title": f"mmtag report: run {run_dir}", "run": run_dir, "out": out,
+        "written": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "summary": summary, "config_yaml": (run_dir / "config.yaml").read_text(encoding="utf-8"),
+        "cfg": cfg, "model": model_facts(run_dir, summary),
+        "epochs": epoch_rows(run_dir), "epoch_columns": EPOCH_COLUMNS,
+        "finals": final_rows(summary, epoch_rows(run_dir)), "final_figures": FINAL_FIGURES,
+        "per_class": per_class_rows(summary, thresholds),
+        "decision": decision_facts(summary, cfg),
+        "curves": copy_into(run_dir / "curves.png", assets),
+        "threshold_plot": plot_threshold_curve(vp, summary, cfg, assets / "thresholds.png"),
+        "data": data_facts(data_dir) if data_dir else None, "data_dir": data_dir,
+        "gallery": error_gallery(vp, thresholds, cfg, data_dir, assets) if data_dir else [],
+        "machine": machine_facts(summary), "assets": ASSETS,
+        "rel": lambda p: relative(p, out),
+    }
+
+
+def model_facts(run_dir: Path, summary: dict) -> dict:
+    """Parameters (all, and those that train) of the run's network, built as best.pt holds it."""
+    ckpt = load_checkpoint(run_dir / "best.pt", required=("config", "labels", "caption"))
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = build_tagger(cfg.model, LabelMap.from_dict(ckpt["labels"]).num_classes,
+                         tokenizer_from_dict(ckpt["caption"]), load_pretrained=False)
+    params = list(model.parameters())
+    return {"total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "saved_mb": summary.get("saved_model_mb"), "image": cfg.model.image_encoder,
+            "text": cfg.model.text_encoder, "fusion": cfg.model.fusion,
+            "freeze_image": cfg.model.freeze_image, "freeze_text": cfg.model.freeze_text,
+            "labels": LabelMap.from_dict(ckpt["labels"]).labels}
+
+
+# what summary.json's machine holds (runs saved before a key existed lack it: "not recorded")
+MACHINE_KEYS = ("cpu", "logical_cpus", "torch_threads", "fast_bf16", "device", "gpu",
+                "gpu_memory_gb", "memory_gb", "os", "torch", "python", "packages")
+
+
+def machine_facts(summary: dict) -> dict:
+    return {**dict.fromkeys(MACHINE_KEYS), **summary.get("machine", {})}
+
+
+def epoch_rows(run_dir: Path) -> list[dict]:
+    return [{k: float(v) for k, v in r.items()} for r in read_metrics_rows(run_dir / "metrics.csv")]
+
+
+def final_rows(summary: dict, epochs: list[dict]) -> list[dict]:
+    """The report's Table 4.2: loss, precision, recall, micro-, macro- and samples-F1, time;
+    at threshold 0.5, under the run's decision rule (chosen on these rows) and its honest
+    cross-fit estimate."""
+    best = next((e for e in epochs if int(e["epoch"]) == summary["best_epoch"]), {})
+    seconds = sum(e["seconds"] for e in epochs)
+    rule = "expected-F1 label sets" if summary.get("decision") == "expected_f1" else "tuned threshold"
+    rows = [("threshold 0.5", "val_at_0.5"), (f"{rule} (chosen on these rows)", "val"),
+            (f"{rule}, cross-fit estimate", "val_crossfit")]
+    other = summary.get("val_crossfit_other_rule")
+    if other:
+        other_rule = ("expected-F1 label sets" if other.get("decision") == "expected_f1"
+                      else "tuned threshold")
+        rows.append((f"{other_rule}, cross-fit estimate", "val_crossfit_other_rule"))
+    return [{"name": name, "loss": best.get("val_loss"), "minutes": seconds / 60,
+             **{f: summary[key].get(f) for f in FINAL_FIGURES}}
+            for name, key in rows if key in summary]
+
+
+def per_class_rows(summary: dict, thresholds: np.ndarray) -> list[dict]:
+    rows = summary.get("per_class", [])
+    thr = np.broadcast_to(thresholds, (len(rows),)) if thresholds.size in (1, len(rows)) else None
+    return [{**r, "threshold": float(thr[i]) if thr is not None else None}
+            for i, r in enumerate(rows)]
+
+
+def decision_facts(summary: dict, cfg) -> dict:
+    expected = summary.get("decision") == "expected_f1"
+    thr = summary["thresholds"]
+    return {"expected_f1": expected, "mode": cfg.threshold_mode, "metric": cfg.threshold_metric,
+            "global": len(set(thr)) == 1, "threshold": thr[0] if thr else None,
+            "at_least_one": cfg.at_least_one, "val": summary.get("val", {}),
+            "crossfit": summary.get("val_crossfit", {}),
+            "other": summary.get("val_crossfit_other_rule")}
+
+
+def plot_threshold_curve(vp, summary: dict, cfg, out: Path) -> Path:
+    """Micro- and samples-F1 of one global threshold from 0.02 to 0.98 on the validation rows
+    (val_probs.csv), with the run's chosen threshold marked."""
+    grid = np.round(np.arange(0.02, 0.99, 0.02), 2)
+    scores = {"micro_f1": [], "samples_f1": []}
+    for t in grid:
+        m = multilabel_metrics(vp.targets, apply_thresholds(vp.probs, t, cfg.at_least_one))
+        for k in scores:
+            scores[k].append(m[k])
+    fig, axes = new_figure(1, 1, (6.5, 3.6), epochs=False)
+    ax = axes[0][0]
+    ax.plot(grid, scores["micro_f1"], "-", label="micro-F1")
+    ax.plot(grid, scores["samples_f1"], "--", label="samples-F1")
+    thr = summary["thresholds"]
+    if summary.get("decision") != "expected_f1" and len(set(thr)) == 1:
+        ax.axvline(thr[0], color="k", lw=1, ls=":", label=f"chosen threshold {thr[0]:.2f}")
+    elif summary.get("decision") == "expected_f1":
+        ax.axhline(summary["val"]["samples_f1"], color="k", lw=1, ls=":",
+                   label="expected-F1 sets: samples-F1")
+    ax.set_xlabel("global decision threshold")
+    ax.set_ylabel("F1 on the validation rows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, out)
+
+
+@dataclass
+class GalleryItem:
+    image_id: str
+    caption: str
+    true: list[str]
+    predicted: list[str]
+    missed: list[str]
+    spurious: list[str]
+    probs: list[tuple[str, float]]   # the labels involved (true or predicted), most probable first
+    thumb: Path | None
+    error: float
+
+
+def error_gallery(vp, thresholds: np.ndarray, cfg, data_dir: Path, assets: Path,
+                  n: int = GALLERY_SIZE) -> list[GalleryItem]:
+    """The validation rows with the largest errors under the run's decision rule: each missed
+    label counts 1 - p, each spurious one p."""
+    pred = decide(vp.probs, thresholds, at_least_one=cfg.at_least_one, rule=cfg.decision)
+    y = vp.targets.astype(bool)
+    pred = pred.astype(bool)
+    error = ((y & ~pred) * (1 - vp.probs) + (pred & ~y) * vp.probs).sum(axis=1)
+    captions = {r.image_id: r.caption for r in read_csv(train_csv_path(data_dir))}
+    names = vp.label_names
+    items = []
+    for i in np.argsort(-error, kind="stable")[:n]:
+        if error[i] <= 0:
+            break
+        involved = sorted(np.flatnonzero(y[i] | pred[i]), key=lambda c: -vp.probs[i, c])
+        image_id = vp.image_ids[i]
+        items.append(GalleryItem(
+            image_id, captions.get(image_id, ""),
+            [names[c] for c in np.flatnonzero(y[i])], [names[c] for c in np.flatnonzero(pred[i])],
+            [names[c] for c in np.flatnonzero(y[i] & ~pred[i])],
+            [names[c] for c in np.flatnonzero(pred[i] & ~y[i])],
+            [(names[c], float(vp.probs[i, c])) for c in involved],
+            thumbnail(data_dir / "data" / image_id, assets / f"gallery_{Path(image_id).stem}.jpg"),
+            float(error[i])))
+    return items
+
+
+def copy_into(src: Path, folder: Path) -> Path | None:
+    """`src` copied into `folder` (a report links only files beside it), or None if missing."""
+    if not src.exists():
+        return None
+    dst = folder / src.name
+    atomic_write(dst, src.read_bytes())
+    return dst
+
+
+def thumbnail(src: Path, dst: Path) -> Path | None:
+    """A small JPEG of `src`, or None when it is missing or unreadable (the gallery says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            im.thumbnail((THUMB_PX, THUMB_PX))
+            atomic_write(dst, lambda f: im.save(f, format="JPEG", quality=80))
+        return dst
+    except OSError:
+        return None
+
+
+def data_facts(data_dir: Path) -> dict | None:
+    """check-data's counts, label table and caption lengths (images are not decoded here:
+    `mmtag check-data` does that)."""
+    from mmtag.data.check import check_data
+
+    try:
+        rep = check_data(data_dir, limit=0, progress=False, workers=1)
+    except (OSError, ValueError):
+        return None
+    return {"rows": rep["rows"], "labels": rep["labels"], "captions": rep["captions"],
+            "images": rep["images"], "ok": rep["ok"], "problems": rep["problems"]}
+
+
+# -- an ablation -------------------------------------------------------------------------------
+
+
+def ablation_context(path: Path, out: Path) -> dict:
+    abl = load_ablation(path)
+    rows = collect(abl)
+    if not rows:
+        raise FileNotFoundError(f"ablation {path} has no finished run yet")
+    figures = compare([path], out / ASSETS)
+    groups, _ = groups_of([path])
+    first = read_json(abl.out / rows[0]["run"] / "summary.json")
+    return {"title": f"mmtag report: ablation {path}", "abl": abl, "out": out,
+            "written": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "command": command(abl), "metrics": METRICS, "rows": rows,
+            "variants": variant_table(abl, rows), "paired": paired_table(abl, rows),
+            "n_planned": len(abl.grid.variants) * len(abl.seeds), "n_runs": len(rows),
+            "summary": first, "image_encoder": abl.base_config.model.image_encoder,
+            "freeze": abl.base_config.model.freeze_image,
+            "machine": machine_facts(first), "figures": figures,
+            "results_md": RESULTS_MD, "cached": abl.base_config.model.freeze_image != "none",
+            "rel": lambda p: relative(p, out),
+            "groups": groups}
