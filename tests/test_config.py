@@ -59,6 +59,14 @@ def test_builtin_recipes_load():
     report = load_config(recipe_path("report"))
     assert (report.optim.lr, report.optim.epochs, report.optim.batch_size) == (5e-4, 15, 32)
     assert report.data.image_size == 256 and report.model.text_encoder == "glove_lstm"
+    # the report's recipe with its image encoder frozen and cached: everything else the same
+    cached = load_config(recipe_path("report-cached")).to_dict()
+    assert cached["model"].pop("freeze_image") == "all"
+    assert cached["data"].pop("image_size") == 256
+    for section in ("model", "optim", "loss"):
+        own = report.to_dict()[section]
+        own.pop("freeze_image", None)
+        assert cached[section] == own, section
     with pytest.raises(ConfigError, match="built-in recipe"):
         recipe_path("nope")
 
@@ -125,6 +133,6 @@ def test_docs_config_md_is_generated_from_the_config():
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     text = tool.render()
-    assert "| `model.fusion` | str | `concat` | cpu, gpu, report | 'concat'" in text
-    assert "| `data.lemmatizer` | str | `lemminflect` | report |" in text
+    assert "| `model.fusion` | str | `concat` | cpu, gpu, report, report-cached | 'concat'" in text
+    assert "| `data.lemmatizer` | str | `lemminflect` | report, report-cached |" in text
     assert tool.main(["--check"]) == 0, "docs/config.md is out of date: python tools/config_doc.py"

@@ -36,3 +36,7 @@ def test_demo_beats_the_best_constant_prediction_by_a_wide_margin(tmp_path, caps
     assert 0.4 < baseline < 0.7
     assert val_targets["micro_f1"] > baseline + 0.2, (val_targets["micro_f1"], baseline)
     assert res["test"]["micro_f1"] > baseline + 0.2
+    # it ends with the run's report, whose final table holds the run's own figure
+    assert str(res["report"]) in out and res["report"].name == "report.html"
+    md = (res["report"].parent / "report.md").read_text()
+    assert f"{res['summary']['val_crossfit']['micro_f1']:.4f}" in md

@@ -18,7 +18,8 @@ FORBIDDEN = {
     "evaluation": ("mmtag.models", "mmtag.training", "mmtag.inference", "mmtag.reporting",
                    "mmtag.api", "mmtag.cli"),
     "training": ("mmtag.inference", "mmtag.reporting", "mmtag.api", "mmtag.cli"),
-    "inference": ("mmtag.api", "mmtag.cli"),
+    "inference": ("mmtag.reporting", "mmtag.api", "mmtag.cli"),
+    "reporting": ("mmtag.cli",),
 }
 
 

@@ -123,9 +123,9 @@ def test_a_rerun_with_another_grid_or_base_is_refused(ablation, demo, files, tmp
 
 
 def test_killed_in_the_middle_of_a_run_the_ablation_resumes_it(ablation, demo, files, tmp_path):
-    """A real SIGKILL of `mmtag ablate` while the second run is half done: the rerun leaves the
-    first run alone, continues the second from its last.pt, and every run ends as in the
-    uninterrupted ablation."""
+    """A real SIGKILL of `mmtag ablate` while its second run is half done: the rerun leaves the
+    first run alone, continues the second from its last.pt, and both end as in the
+    uninterrupted ablation (one seed here: two runs)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -135,7 +135,7 @@ def test_killed_in_the_middle_of_a_run_the_ablation_resumes_it(ablation, demo, f
     base, grid = files
     out, log = tmp_path / "abl", tmp_path / "ablate.log"
     cmd = [sys.executable, "-m", "mmtag", "ablate", "--data", str(demo), "--base", str(base),
-           "--grid", str(grid), "--seeds", "2", "--out", str(out)]
+           "--grid", str(grid), "--seeds", "1", "--out", str(out)]
     half_done = out / "runs/focal/seed0"
     assert fi.kill_at(cmd, log, target="last.pt write", run=half_done, cache=None)
     assert (half_done / "config.yaml").exists() and not (half_done / "summary.json").exists()
@@ -146,7 +146,7 @@ def test_killed_in_the_middle_of_a_run_the_ablation_resumes_it(ablation, demo, f
     assert "1 already finished" in res.stderr
     assert "focal, seed 0 (resuming)" in res.stderr
     assert first.stat().st_mtime_ns == first_mtime
-    for run in ("base/seed0", "focal/seed0", "base/seed1", "focal/seed1"):
+    for run in ("base/seed0", "focal/seed0"):
         assert fi.differences(fi.fingerprint(ablation / "runs" / run),
                               fi.fingerprint(out / "runs" / run)) == [], run
 
@@ -333,3 +333,46 @@ def test_report_of_a_folder_that_is_no_run_is_one_clear_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "neither a finished run" in err[0]
+
+
+def test_a_diverged_run_is_marked_and_the_others_go_on(demo, files, tmp_path, monkeypatch):
+    from mmtag.training.engine import TrainingDivergedError
+
+    base, grid = files
+    real_train = ablation_mod.train
+
+    def train(data, run_dir, *args, **kwargs):
+        if "focal" in str(run_dir):
+            raise TrainingDivergedError("loss is nan at epoch 1, step 3")
+        return real_train(data, run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(ablation_mod, "train", train)
+    abl = prepare_ablation(demo, str(base), load_grid(grid), 1, tmp_path / "abl")
+    rows = run_ablation(abl, progress=False)
+    assert [r["variant"] for r in rows] == ["base"]
+    md = (tmp_path / "abl" / "results.md").read_text()
+    assert "- focal, seed 0: loss is nan at epoch 1, step 3" in md
+    monkeypatch.setattr(ablation_mod, "train", lambda *a, **k: pytest.fail("retrained"))
+    assert len(run_ablation(abl)) == 1  # the rerun neither retrains nor retries
+
+
+def test_ctrl_c_says_how_to_resume(demo, files, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablation_mod, "run_ablation", interrupted)
+    base, grid = files
+    assert main(["ablate", "--data", str(demo), "--base", str(base), "--grid", str(grid),
+                 "--out", str(tmp_path / "a")]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "mmtag ablate: interrupted; run the same command again to resume")
+
+
+def test_report_refuses_an_ensemble_and_a_wrong_data_folder(ablation, tmp_path, capsys):
+    assert main(["ensemble", str(ablation / "runs/base/seed0"), str(ablation / "runs/base/seed1"),
+                 "--out", str(tmp_path / "ens")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "ens")]) == 2
+    assert "is an ensemble" in capsys.readouterr().err
+    assert main(["report", str(ablation / "runs/base/seed0"), "--data", str(tmp_path)]) == 2
+    assert "no train.csv there" in capsys.readouterr().err

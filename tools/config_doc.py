@@ -55,7 +55,7 @@ def recipe_keys() -> dict[str, list[str]]:
     import yaml
 
     out: dict[str, list[str]] = {}
-    for path in sorted(config.RECIPES_DIR.glob("*.yaml")):
+    for path in sorted(config.RECIPES_DIR.glob("*.yaml"), key=lambda p: p.stem):
         for section, values in yaml.safe_load(path.read_text()).items():
             keys = ([f"{section}.{k}" for k in values] if isinstance(values, dict)
                     else [section])

@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("train", help="train a tagger on a Kaggle-layout folder")
     c.add_argument("--data", help="folder with train.csv and data/")
     c.add_argument("--out", help="new run folder")
-    c.add_argument("--config", help="YAML config file, or a built-in recipe name: demo, report, cpu, gpu")
+    c.add_argument("--config", help="YAML config file, or a built-in recipe name: demo, report, report-cached, cpu, gpu")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
     c.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
@@ -365,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_RESUME_HINTS = {"train": "; continue with mmtag train --resume RUN --data DIR",
+                 "ablate": "; run the same command again to resume"}
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_process()  # OpenMP waiting, the allocator, cuDNN autotuning: before torch loads
     args = build_parser().parse_args(argv)
@@ -372,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"mmtag {args.command}: interrupted{_RESUME_HINTS.get(args.command, '')}",
+              file=sys.stderr)
+        return 130
     except (ValueError, OSError, RuntimeError) as e:
         # Known failure modes carry messages meant for the user: print them, not a traceback.
         if args.verbose:

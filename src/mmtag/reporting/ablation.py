@@ -22,6 +22,8 @@ import yaml
 from mmtag.api import resolve_config, train
 from mmtag.atomic import atomic_write, read_json
 from mmtag.config import ConfigError, TrainConfig
+from mmtag.reporting.tables import ablation_markdown, rows_csv
+from mmtag.training.engine import TrainingDivergedError
 from mmtag.training.run_folder import LOCK_FILE, read_metrics_rows
 
 log = logging.getLogger("mmtag.ablate")
@@ -31,6 +33,7 @@ SPEC_FILE = "ablation.yaml"
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
 RUNS_DIR = "runs"
+DIVERGED = "diverged.txt"  # in a run folder: its loss became NaN; the rerun does not retry it
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 # the summary.json sections whose figures become results.csv columns, and their figures
@@ -164,9 +167,11 @@ def _check_same(saved: dict, spec: dict, out: Path) -> None:
 
 
 def run_state(run_dir: Path) -> str:
-    """'done' (summary.json written), 'resume' (a run began here), or 'new'."""
+    """'done' (summary.json written), 'diverged', 'resume' (a run began here), or 'new'."""
     if (run_dir / "summary.json").exists():
         return "done"
+    if (run_dir / DIVERGED).exists():
+        return "diverged"
     if (run_dir / "config.yaml").exists():
         return "resume"  # from last.pt, or started over when it never reached a checkpoint
     return "new"
@@ -183,17 +188,28 @@ def run_ablation(abl: Ablation, *, progress: bool | None = None) -> list[dict]:
     for i, (variant, seed) in enumerate(plan, 1):
         run_dir = abl.run_dir(variant, seed)
         state = run_state(run_dir)
-        if state == "done":
+        if state in ("done", "diverged"):
             continue
         log.info("run %d/%d: %s, seed %d (%s)", i, len(plan), variant, seed,
                  "resuming" if state == "resume" else "new")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        leftovers = [p for p in run_dir.iterdir() if p.name != LOCK_FILE]
+        train_one(abl, variant, seed, state, progress)
+        write_results(abl)
+    return write_results(abl)
+
+
+def train_one(abl: Ablation, variant: str, seed: int, state: str, progress: bool | None) -> None:
+    """Train (or resume) one run. A run whose loss diverges is a result of the grid, not a
+    failure of the ablation: it is marked, listed in results.md, and the others go on."""
+    run_dir = abl.run_dir(variant, seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    leftovers = [p for p in run_dir.iterdir() if p.name != LOCK_FILE]
+    try:
         train(abl.data_dir, run_dir, None if state == "resume" else abl.variant_config(variant, seed),
               resume=state == "resume", restart=state == "new" and bool(leftovers),
               progress=progress)
-        write_results(abl)
-    return write_results(abl)
+    except TrainingDivergedError as e:
+        log.error("%s, seed %d diverged: %s", variant, seed, e)
+        atomic_write(run_dir / DIVERGED, f"{e}\n")
 
 
 def run_row(run_dir: Path) -> dict:
@@ -216,6 +232,13 @@ def run_row(run_dir: Path) -> dict:
     return row
 
 
+def diverged(abl: Ablation) -> list[tuple[str, int, str]]:
+    """(variant, seed, message) of the runs whose loss diverged."""
+    return [(v, s, (abl.run_dir(v, s) / DIVERGED).read_text().strip())
+            for v in abl.grid.variants for s in abl.seeds
+            if run_state(abl.run_dir(v, s)) == "diverged"]
+
+
 def collect(abl: Ablation) -> list[dict]:
     """results.csv's rows: one per finished run, in grid order then seed order."""
     rows = []
@@ -229,12 +252,11 @@ def collect(abl: Ablation) -> list[dict]:
 
 
 def write_results(abl: Ablation) -> list[dict]:
-    from mmtag.reporting.tables import ablation_markdown, rows_csv
-
     rows = collect(abl)
     if rows:
         atomic_write(abl.out / RESULTS_CSV, rows_csv(rows))
-        atomic_write(abl.out / RESULTS_MD, ablation_markdown(abl, rows, command(abl)))
+        atomic_write(abl.out / RESULTS_MD,
+                     ablation_markdown(abl, rows, command(abl), diverged(abl)))
     return rows
 
 

@@ -9,6 +9,7 @@ the run was trained on. Figures go to `report_files/` beside report.md; report.h
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +24,22 @@ from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.probs_csv import read_val_probs
 from mmtag.evaluation.thresholds import apply_thresholds, decide
 from mmtag.models.build import build_tagger
-from mmtag.reporting.ablation import RESULTS_MD, SPEC_FILE, collect, command, load_ablation
+from mmtag.reporting.ablation import (
+    RESULTS_MD,
+    SPEC_FILE,
+    collect,
+    command,
+    diverged,
+    load_ablation,
+)
 from mmtag.reporting.compare import compare, groups_of
 from mmtag.reporting.figures import new_figure, relative, save_figure
 from mmtag.reporting.render import render
 from mmtag.reporting.tables import METRICS, paired_table, variant_table
 from mmtag.training.checkpoint import load_checkpoint
 from mmtag.training.run_folder import read_metrics_rows, train_csv_path
+
+log = logging.getLogger("mmtag.report")
 
 ASSETS = "report_files"
 GALLERY_SIZE = 12
@@ -53,6 +63,9 @@ def write_report(path: Path | str, *, data_dir: Path | str | None = None,
         context = ablation_context(path, out)
         names = ("ablation_report.md.j2", "ablation_report.html.j2")
     elif (path / "summary.json").exists():
+        if "members" in read_json(path / "summary.json"):
+            raise ValueError(f"{path} is an ensemble: report on each of its members (the run "
+                             f"folders it averages)")
         context = run_context(path, out, data_dir)
         names = ("report.md.j2", "report.html.j2")
     else:
@@ -71,8 +84,7 @@ def write_report(path: Path | str, *, data_dir: Path | str | None = None,
 def run_context(run_dir: Path, out: Path, data_dir: Path | str | None) -> dict:
     """Everything the run templates show."""
     summary = read_json(run_dir / "summary.json")
-    data_dir = Path(data_dir) if data_dir else (
-        Path(summary["data_dir"]) if summary.get("data_dir") else None)
+    data_dir = report_data_dir(summary, data_dir)
     assets = out / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
     for old in assets.glob("gallery_*.jpg"):  # an earlier report's errors are not this one's
@@ -96,6 +108,22 @@ def run_context(run_dir: Path, out: Path, data_dir: Path | str | None) -> dict:
         "machine": machine_facts(summary), "assets": ASSETS,
         "rel": lambda p: relative(p, out),
     }
+
+
+def report_data_dir(summary: dict, given: Path | str | None) -> Path | None:
+    """--data, else the folder the run was trained on (when it is still there)."""
+    if given is not None:
+        if not (Path(given) / "train.csv").exists():
+            raise FileNotFoundError(f"--data {given}: no train.csv there; give the folder the "
+                                    f"run was trained on")
+        return Path(given)
+    saved = summary.get("data_dir")
+    if saved and (Path(saved) / "train.csv").exists():
+        return Path(saved)
+    if saved:
+        log.warning("the run's data folder %s is gone: no data summary and no error gallery "
+                    "(give --data DIR)", saved)
+    return None
 
 
 def model_facts(run_dir: Path, summary: dict) -> dict:
@@ -279,7 +307,7 @@ def ablation_context(path: Path, out: Path) -> dict:
             "written": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "command": command(abl), "metrics": METRICS, "rows": rows,
             "variants": variant_table(abl, rows), "paired": paired_table(abl, rows),
-            "n_planned": len(abl.grid.variants) * len(abl.seeds), "n_runs": len(rows),
+            "diverged": diverged(abl), "n_planned": len(abl.grid.variants) * len(abl.seeds), "n_runs": len(rows),
             "summary": first, "image_encoder": abl.base_config.model.image_encoder,
             "freeze": abl.base_config.model.freeze_image,
             "machine": machine_facts(first), "figures": figures,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 
+from mmtag.atomic import read_json
 from mmtag.reporting.render import render
 from mmtag.reporting.stats import mean_sd, paired
 
@@ -81,14 +82,12 @@ def paired_table(abl, rows: list[dict]) -> list[dict]:
     return table
 
 
-def ablation_markdown(abl, rows: list[dict], command: str) -> str:
-    first = rows[0]
-    from mmtag.atomic import read_json
-
-    summary = read_json(abl.out / first["run"] / "summary.json")
+def ablation_markdown(abl, rows: list[dict], command: str, failed: list) -> str:
+    summary = read_json(abl.out / rows[0]["run"] / "summary.json")
     cfg = abl.base_config
     return render("results.md.j2", abl=abl, command=command, metrics=METRICS,
                   variants=variant_table(abl, rows), paired=paired_table(abl, rows),
                   n_runs=len(rows), n_planned=len(abl.grid.variants) * len(abl.seeds),
+                  diverged=failed,
                   summary=summary, cached=cfg.model.freeze_image != "none",
                   image_encoder=cfg.model.image_encoder, freeze=cfg.model.freeze_image)
