@@ -159,7 +159,10 @@ def test_paired_test_matches_the_textbook_t_test():
     assert p.low == pytest.approx(2 - 4.3027 / math.sqrt(3), abs=1e-3)
     assert p.verdict == "within seed noise"
     assert paired([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]).verdict == "identical on every seed"
-    assert paired([1.0], [0.5]).verdict == "one seed: no test"
+    same = paired([51.0, 52.0, 53.0], [50.0, 51.0, 52.0])
+    assert same.mean == 1.0 and same.verdict == "the same on every seed"
+    one = paired([1.0], [0.5])
+    assert one.verdict == "one seed: no test" and math.isnan(one.sd) and math.isnan(one.low)
 
 
 @pytest.mark.parametrize("grid,message", [
@@ -376,3 +379,53 @@ def test_report_refuses_an_ensemble_and_a_wrong_data_folder(ablation, tmp_path, 
     assert "is an ensemble" in capsys.readouterr().err
     assert main(["report", str(ablation / "runs/base/seed0"), "--data", str(tmp_path)]) == 2
     assert "no train.csv there" in capsys.readouterr().err
+
+
+def test_a_variant_that_would_validate_on_other_rows_is_refused(demo, files, tmp_path):
+    base, _ = files
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"variants": {"base": [], "more": ["data.train_prop=0.9"]}}))
+    with pytest.raises(ConfigError, match="variant more changes data.train_prop"):
+        prepare_ablation(demo, str(base), load_grid(grid), 1, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_folder_holding_another_config_is_not_mixed_in(ablation, demo, files, tmp_path):
+    import shutil
+
+    base, grid = files
+    out = tmp_path / "abl"
+    shutil.copytree(ablation, out)
+    (out / "ablation.yaml").write_text((out / "ablation.yaml").read_text().replace(
+        str(ablation), str(out)))
+    cfg = out / "runs/focal/seed1/config.yaml"
+    cfg.write_text(cfg.read_text().replace("lr: 0.001", "lr: 0.002"))
+    abl = prepare_ablation(demo, str(base), load_grid(grid), 2, out)
+    with pytest.raises(ValueError, match="runs/focal/seed1 holds a run with another config"):
+        run_ablation(abl)
+
+
+def test_user_text_cannot_inject_html_into_report_md():
+    from mmtag.reporting.render import environment
+
+    text = environment(False).from_string("{{ x | md }}").render(
+        x="<img src=x onerror=alert(1)> a|b & c")
+    assert text == "&lt;img src=x onerror=alert(1)&gt; a\\|b &amp; c"
+
+
+def test_a_report_of_a_run_saved_with_fewer_figures_still_renders(fabricated, demo, tmp_path):
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(fabricated[0], run)
+    s = json.loads((run / "summary.json").read_text())
+    for key in ("wall_seconds", "machine", "data_dir", "val_crossfit_other_rule"):
+        s.pop(key, None)
+    s["val_crossfit"] = {}  # too few validation rows to cross-fit
+    (run / "summary.json").write_text(json.dumps(s))
+    (run / "curves.png").unlink()
+    md, html = write_report(run)
+    text = md.read_text()
+    assert "wall time" not in text and "No data folder" in text and "| CPU | not recorded" in text
+    assert "Cross-fit: micro-F1\n**-**" in text or "micro-F1 **-**" in text.replace("\n", " ")
+    _assert_self_contained(html, min_images=1)

@@ -151,10 +151,12 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         load_grid,
         prepare_ablation,
         run_ablation,
+        saved_base,
     )
 
     configure_training()
-    base = args.base or _default_base()
+    # a rerun resumes with the base it began with, whatever this machine's default
+    base = args.base or saved_base(args.out) or _default_base()
     abl = prepare_ablation(args.data, base, load_grid(args.grid), args.seeds, args.out)
     rows = run_ablation(abl)
     print(f"{len(rows)} runs; results: {abl.out / RESULTS_MD}")

@@ -468,7 +468,7 @@ RECIPES_DIR = Path(__file__).parent / "configs"
 def recipe_path(name_or_path: str | Path) -> Path:
     """A YAML path, or the name of a built-in recipe ('report', 'demo', ...)."""
     p = Path(name_or_path)
-    if p.exists() or p.suffix in (".yaml", ".yml"):
+    if p.is_file() or p.suffix in (".yaml", ".yml"):
         return p
     builtin = RECIPES_DIR / f"{name_or_path}.yaml"
     if builtin.exists():

@@ -21,10 +21,11 @@ import yaml
 
 from mmtag.api import resolve_config, train
 from mmtag.atomic import atomic_write, read_json
-from mmtag.config import ConfigError, TrainConfig
+from mmtag.config import ConfigError, TrainConfig, load_config
+from mmtag.evaluation.estimate import METRIC_COLUMNS
 from mmtag.reporting.tables import ablation_markdown, rows_csv
 from mmtag.training.engine import TrainingDivergedError
-from mmtag.training.run_folder import LOCK_FILE, read_metrics_rows
+from mmtag.training.run_folder import read_metrics_rows, train_csv_path
 
 log = logging.getLogger("mmtag.ablate")
 
@@ -38,7 +39,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 # the summary.json sections whose figures become results.csv columns, and their figures
 SECTIONS = ("val", "val_at_0.5", "val_crossfit", "val_crossfit_other_rule")
-FIGURES = ("precision", "recall", "micro_f1", "macro_f1", "samples_f1")
+FIGURES = METRIC_COLUMNS[1:]  # precision, recall, micro-, macro-, samples-F1
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Ablation:
 def grid_path(name_or_path: str | Path) -> Path:
     """A grid YAML file, or the name of a built-in grid ('report')."""
     p = Path(name_or_path)
-    if p.exists() or p.suffix in (".yaml", ".yml"):
+    if p.is_file() or p.suffix in (".yaml", ".yml"):
         return p
     builtin = GRIDS_DIR / f"{name_or_path}.yaml"
     if builtin.exists():
@@ -124,23 +125,21 @@ def _overrides(sets, where: str) -> list[str]:
 
 def prepare_ablation(data_dir: Path | str, base: str, grid: Grid, n_seeds: int,
                      out: Path | str) -> Ablation:
-    """Check every variant's config, then start `out` or check that it holds this same
-    ablation (a rerun resumes it; more seeds extend it). Seeds are 0 .. n_seeds-1."""
+    """Check the data folder and every variant's config, then start `out` or check that it
+    holds this same ablation (a rerun resumes it; more seeds extend it). Seeds are
+    0 .. n_seeds-1."""
     out, data_dir = Path(out), Path(data_dir)
     if n_seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {n_seeds}")
-    seeds = list(range(n_seeds))
-    abl = Ablation(out, data_dir.resolve(), str(base), resolve_config(out, base), grid, seeds)
-    for variant in grid.variants:
-        try:
-            abl.variant_config(variant, seeds[0])
-        except ConfigError as e:
-            raise ConfigError(f"grid {grid.name}, variant {variant}: {e}") from None
+    train_csv_path(data_dir)  # a mistyped --data is refused before anything is saved
+    abl = Ablation(out, data_dir.resolve(), str(base), resolve_config(out, base), grid,
+                   list(range(n_seeds)))
+    check_variants(abl)
     spec = _spec(abl)
     saved = out / SPEC_FILE
     if saved.exists():
-        _check_same(yaml.safe_load(saved.read_text(encoding="utf-8")), spec, out)
-        abl.seeds = spec["seeds"]
+        abl.seeds = _same_ablation(yaml.safe_load(saved.read_text(encoding="utf-8")), spec, out)
+        spec["seeds"] = abl.seeds
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty and holds no ablation ({SPEC_FILE}); "
                               f"choose another --out")
@@ -149,21 +148,51 @@ def prepare_ablation(data_dir: Path | str, base: str, grid: Grid, n_seeds: int,
     return abl
 
 
+# the config fields that choose the validation rows: a paired comparison needs them equal
+SPLIT_FIELDS = ("train_prop", "split_seed", "val_block", "limit_val")
+
+
+def check_variants(abl: Ablation) -> None:
+    """Every variant's config is valid and validates on the baseline's rows."""
+    configs = {}
+    for variant in abl.grid.variants:
+        try:
+            configs[variant] = abl.variant_config(variant, abl.seeds[0])
+        except ConfigError as e:
+            raise ConfigError(f"grid {abl.grid.name}, variant {variant}: {e}") from None
+    base = configs[abl.grid.baseline].data
+    for variant, cfg in configs.items():
+        changed = [f"data.{f}" for f in SPLIT_FIELDS if getattr(cfg.data, f) != getattr(base, f)]
+        if changed:
+            raise ConfigError(f"grid {abl.grid.name}, variant {variant} changes "
+                              f"{', '.join(changed)}: its validation rows would differ from "
+                              f"the baseline's, and runs are compared on the same rows")
+
+
 def _spec(abl: Ablation) -> dict:
     return {"data": str(abl.data_dir), "base": abl.base, "grid": abl.grid.name,
             "baseline": abl.grid.baseline, "variants": abl.grid.variants, "seeds": abl.seeds,
             "base_config": abl.base_config.to_dict()}
 
 
-def _check_same(saved: dict, spec: dict, out: Path) -> None:
-    """A rerun may add seeds; anything else that differs would mix two experiments."""
+def _same_ablation(saved: dict, spec: dict, out: Path) -> list[int]:
+    """The seeds of the resumed ablation (a rerun may add seeds); anything else that differs
+    would mix two experiments. The saved base config is read as today's code reads it, so a
+    field added to mmtag since does not block the resume."""
+    saved = {**saved, "base_config": TrainConfig.from_dict(saved["base_config"]).to_dict()}
     for key, what in (("data", "data folder"), ("base_config", "base config"),
                       ("variants", "variants"), ("baseline", "baseline")):
         if saved.get(key) != spec[key]:
             raise ValueError(f"{out} holds an ablation with another {what} ({SPEC_FILE}); "
                              f"rerun it with its own arguments to resume it, or choose "
                              f"another --out")
-    spec["seeds"] = list(range(max(len(saved.get("seeds", [])), len(spec["seeds"]))))
+    return list(range(max(len(saved.get("seeds", [])), len(spec["seeds"]))))
+
+
+def saved_base(out: Path | str) -> str | None:
+    """The base recipe an existing ablation folder was started with (a rerun resumes with it)."""
+    path = Path(out) / SPEC_FILE
+    return yaml.safe_load(path.read_text(encoding="utf-8")).get("base") if path.is_file() else None
 
 
 def run_state(run_dir: Path) -> str:
@@ -188,6 +217,8 @@ def run_ablation(abl: Ablation, *, progress: bool | None = None) -> list[dict]:
     for i, (variant, seed) in enumerate(plan, 1):
         run_dir = abl.run_dir(variant, seed)
         state = run_state(run_dir)
+        if (run_dir / "config.yaml").exists():
+            check_run_config(abl, variant, seed)
         if state in ("done", "diverged"):
             continue
         log.info("run %d/%d: %s, seed %d (%s)", i, len(plan), variant, seed,
@@ -197,16 +228,23 @@ def run_ablation(abl: Ablation, *, progress: bool | None = None) -> list[dict]:
     return write_results(abl)
 
 
+def check_run_config(abl: Ablation, variant: str, seed: int) -> None:
+    """A run folder of the ablation holds the run of its own variant and seed, nothing else."""
+    run_dir = abl.run_dir(variant, seed)
+    if load_config(run_dir / "config.yaml").to_dict() != abl.variant_config(variant, seed).to_dict():
+        raise ValueError(f"{run_dir} holds a run with another config than variant {variant}, "
+                         f"seed {seed}: move it away (the ablation trains it afresh)")
+
+
 def train_one(abl: Ablation, variant: str, seed: int, state: str, progress: bool | None) -> None:
     """Train (or resume) one run. A run whose loss diverges is a result of the grid, not a
     failure of the ablation: it is marked, listed in results.md, and the others go on."""
     run_dir = abl.run_dir(variant, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    leftovers = [p for p in run_dir.iterdir() if p.name != LOCK_FILE]
     try:
+        # a new run may find the files of one killed before it saved its config: restart
         train(abl.data_dir, run_dir, None if state == "resume" else abl.variant_config(variant, seed),
-              resume=state == "resume", restart=state == "new" and bool(leftovers),
-              progress=progress)
+              resume=state == "resume", restart=state == "new", progress=progress)
     except TrainingDivergedError as e:
         log.error("%s, seed %d diverged: %s", variant, seed, e)
         atomic_write(run_dir / DIVERGED, f"{e}\n")
@@ -221,6 +259,7 @@ def run_row(run_dir: Path) -> dict:
         for fig in FIGURES:
             if fig in s.get(section, {}):
                 row[f"{section}.{fig}"] = s[section][fig]
+    row.update(best_rule_figures(s))
     epochs = read_metrics_rows(run_dir / "metrics.csv")
     best = next((r for r in epochs if int(r["epoch"]) == s["best_epoch"]), None)
     row["val_loss"] = float(best["val_loss"]) if best else None
@@ -237,6 +276,18 @@ def diverged(abl: Ablation) -> list[tuple[str, int, str]]:
     return [(v, s, (abl.run_dir(v, s) / DIVERGED).read_text().strip())
             for v in abl.grid.variants for s in abl.seeds
             if run_state(abl.run_dir(v, s)) == "diverged"]
+
+
+def best_rule_figures(summary: dict) -> dict:
+    """Each figure under the rule that is best for it, cross-fit, whichever rule the run
+    decides with: micro-F1 from the threshold rule, samples-F1 from expected-F1 label sets
+    (summary.json holds both rules' cross-fit figures)."""
+    by_rule = {summary.get("decision", "threshold"): summary.get("val_crossfit") or {}}
+    other = summary.get("val_crossfit_other_rule") or {}
+    if other:
+        by_rule[other.get("decision")] = other
+    return {"crossfit.threshold.micro_f1": by_rule.get("threshold", {}).get("micro_f1"),
+            "crossfit.expected_f1.samples_f1": by_rule.get("expected_f1", {}).get("samples_f1")}
 
 
 def collect(abl: Ablation) -> list[dict]:

@@ -9,18 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
-from mmtag.atomic import read_json
-from mmtag.reporting.ablation import SPEC_FILE, load_ablation, run_state
+from mmtag.reporting.ablation import SPEC_FILE, load_ablation, run_row, run_state
 from mmtag.reporting.figures import colors, new_figure, save_figure
+from mmtag.reporting.tables import METRICS
 from mmtag.training.run_folder import read_metrics_rows
 
 # metrics.csv columns drawn per epoch, after train_ / val_
 CURVES = [("loss", "loss"), ("precision", "precision"), ("recall", "recall"),
           ("micro_f1", "micro-F1"), ("samples_f1", "samples-F1")]
-# summary.json figures in the bar chart: (section, figure, label)
-FINALS = [("val_at_0.5", "micro_f1", "micro-F1\nat threshold 0.5"),
-          ("val_crossfit", "micro_f1", "micro-F1, tuned\nthreshold (cross-fit)"),
-          ("val_crossfit", "samples_f1", "samples-F1\n(cross-fit)")]
+# the bar chart's figures: the ablation tables' F1 figures, labels broken for the x axis
+FINALS = [(m.column, m.label.replace(" (", "\n(").replace(", ", ",\n"))
+          for m in METRICS if m.scale == 100]
 
 
 @dataclass
@@ -117,11 +116,10 @@ def plot_pair(base: Group, variant: Group, out: Path) -> Path:
 
 
 def final_figures(group: Group) -> list[list[float]]:
-    """Per FINALS entry, the group's runs' values (points)."""
-    summaries = [read_json(r / "summary.json") for r in group.runs
-                 if (r / "summary.json").exists()]
-    return [[100 * s[section][fig] for s in summaries if fig in s.get(section, {})]
-            for section, fig, _ in FINALS]
+    """Per FINALS entry, the group's finished runs' values (points)."""
+    rows = [run_row(r) for r in group.runs if (r / "summary.json").exists()]
+    return [[100 * row[column] for row in rows if row.get(column) is not None]
+            for column, _ in FINALS]
 
 
 def plot_finals(groups: list[Group], out: Path) -> Path | None:
@@ -143,7 +141,7 @@ def plot_finals(groups: list[Group], out: Path) -> Path | None:
         for xi, v in zip(x, vals, strict=True):
             ax.plot([xi] * len(v), v, "k.", ms=3)
         lows += [m - s for m, s in zip(means, sds, strict=True) if not np.isnan(m)]
-    ax.set_xticks(np.arange(len(FINALS)), [label for *_, label in FINALS])
+    ax.set_xticks(np.arange(len(FINALS)), [label for _, label in FINALS], fontsize=8)
     ax.set_ylabel("points (validation rows)")
     # bars that all sit near the top would hide their differences: start the axis below them
     ax.set_ylim(max(0.0, min(lows) - 3), None)

@@ -24,6 +24,13 @@ def _signed(value, digits: int = 2) -> str:
     return f"{value:+.{digits}f}"
 
 
+def _md(text) -> str:
+    """User text (a caption, an ID) for Markdown: no HTML gets through, and a | cannot break
+    a table row."""
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("|", "\\|"))
+
+
 def _data_uri(path: Path | str) -> str:
     """A PNG or JPEG as a data: URI, so that the HTML needs no other file and no network."""
     path = Path(path)
@@ -37,7 +44,7 @@ def environment(html: bool):
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
                              autoescape=html, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters.update(num=_num, signed=_signed, data_uri=_data_uri)
+    env.filters.update(num=_num, signed=_signed, data_uri=_data_uri, md=_md)
     return env
 
 

@@ -20,22 +20,22 @@ from mmtag.config import TrainConfig, load_config
 from mmtag.data.csv_io import read_csv
 from mmtag.data.labels import LabelMap
 from mmtag.data.tokenizers import tokenizer_from_dict
+from mmtag.evaluation.estimate import METRIC_COLUMNS
 from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.probs_csv import read_val_probs
 from mmtag.evaluation.thresholds import apply_thresholds, decide
 from mmtag.models.build import build_tagger
 from mmtag.reporting.ablation import (
-    RESULTS_MD,
     SPEC_FILE,
     collect,
     command,
     diverged,
     load_ablation,
 )
-from mmtag.reporting.compare import compare, groups_of
+from mmtag.reporting.compare import compare
 from mmtag.reporting.figures import new_figure, relative, save_figure
 from mmtag.reporting.render import render
-from mmtag.reporting.tables import METRICS, paired_table, variant_table
+from mmtag.reporting.tables import machine_facts, results_context
 from mmtag.training.checkpoint import load_checkpoint
 from mmtag.training.run_folder import read_metrics_rows, train_csv_path
 
@@ -50,7 +50,8 @@ EPOCH_COLUMNS = [("epoch", "epoch"), ("lr", "lr"), ("train_loss", "train loss"),
                  ("val_precision", "val precision"), ("val_recall", "val recall"),
                  ("val_micro_f1", "val micro-F1"), ("val_macro_f1", "val macro-F1"),
                  ("val_samples_f1", "val samples-F1"), ("seconds", "seconds")]
-FINAL_FIGURES = ("precision", "recall", "micro_f1", "macro_f1", "samples_f1")
+FINAL_FIGURES = METRIC_COLUMNS[1:]  # precision, recall, micro-, macro-, samples-F1
+RULE_NAMES = {"threshold": "tuned threshold", "expected_f1": "expected-F1 label sets"}
 
 
 def write_report(path: Path | str, *, data_dir: Path | str | None = None,
@@ -92,15 +93,19 @@ def run_context(run_dir: Path, out: Path, data_dir: Path | str | None) -> dict:
     vp = read_val_probs(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     thresholds = np.asarray(summary["thresholds"], dtype=float)
+    model = model_facts(run_dir, summary)
+    decision = decision_facts(summary, cfg)
     return {
         "title": f"mmtag report: run {run_dir}", "run": run_dir, "out": out,
         "written": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "summary": summary, "config_yaml": (run_dir / "config.yaml").read_text(encoding="utf-8"),
-        "cfg": cfg, "model": model_facts(run_dir, summary),
+        "cfg": cfg, "model": model,
+        "wall_minutes": summary["wall_seconds"] / 60 if "wall_seconds" in summary else None,
         "epochs": epoch_rows(run_dir), "epoch_columns": EPOCH_COLUMNS,
         "finals": final_rows(summary, epoch_rows(run_dir)), "final_figures": FINAL_FIGURES,
         "per_class": per_class_rows(summary, thresholds),
-        "decision": decision_facts(summary, cfg),
+        "decision": decision,
+        "model_card": model_card(summary, model, decision, data_dir),
         "curves": copy_into(run_dir / "curves.png", assets),
         "threshold_plot": plot_threshold_curve(vp, summary, cfg, assets / "thresholds.png"),
         "data": data_facts(data_dir) if data_dir else None, "data_dir": data_dir,
@@ -141,15 +146,6 @@ def model_facts(run_dir: Path, summary: dict) -> dict:
             "labels": LabelMap.from_dict(ckpt["labels"]).labels}
 
 
-# what summary.json's machine holds (runs saved before a key existed lack it: "not recorded")
-MACHINE_KEYS = ("cpu", "logical_cpus", "torch_threads", "fast_bf16", "device", "gpu",
-                "gpu_memory_gb", "memory_gb", "os", "torch", "python", "packages")
-
-
-def machine_facts(summary: dict) -> dict:
-    return {**dict.fromkeys(MACHINE_KEYS), **summary.get("machine", {})}
-
-
 def epoch_rows(run_dir: Path) -> list[dict]:
     return [{k: float(v) for k, v in r.items()} for r in read_metrics_rows(run_dir / "metrics.csv")]
 
@@ -160,17 +156,16 @@ def final_rows(summary: dict, epochs: list[dict]) -> list[dict]:
     cross-fit estimate."""
     best = next((e for e in epochs if int(e["epoch"]) == summary["best_epoch"]), {})
     seconds = sum(e["seconds"] for e in epochs)
-    rule = "expected-F1 label sets" if summary.get("decision") == "expected_f1" else "tuned threshold"
+    rule = RULE_NAMES[summary.get("decision", "threshold")]
     rows = [("threshold 0.5", "val_at_0.5"), (f"{rule} (chosen on these rows)", "val"),
             (f"{rule}, cross-fit estimate", "val_crossfit")]
     other = summary.get("val_crossfit_other_rule")
     if other:
-        other_rule = ("expected-F1 label sets" if other.get("decision") == "expected_f1"
-                      else "tuned threshold")
-        rows.append((f"{other_rule}, cross-fit estimate", "val_crossfit_other_rule"))
+        rows.append((f"{RULE_NAMES[other['decision']]}, cross-fit estimate",
+                     "val_crossfit_other_rule"))
     return [{"name": name, "loss": best.get("val_loss"), "minutes": seconds / 60,
-             **{f: summary[key].get(f) for f in FINAL_FIGURES}}
-            for name, key in rows if key in summary]
+             **{f: (summary.get(key) or {}).get(f) for f in FINAL_FIGURES}}
+            for name, key in rows]
 
 
 def per_class_rows(summary: dict, thresholds: np.ndarray) -> list[dict]:
@@ -181,13 +176,50 @@ def per_class_rows(summary: dict, thresholds: np.ndarray) -> list[dict]:
 
 
 def decision_facts(summary: dict, cfg) -> dict:
-    expected = summary.get("decision") == "expected_f1"
+    """The run's decision rule and its cross-fit figures (None where summary.json lacks one:
+    a validation split too small to cross-fit)."""
     thr = summary["thresholds"]
-    return {"expected_f1": expected, "mode": cfg.threshold_mode, "metric": cfg.threshold_metric,
+    other = summary.get("val_crossfit_other_rule") or {}
+
+    def figures(d: dict) -> dict:
+        return {f: d.get(f) for f in FINAL_FIGURES}
+
+    return {"expected_f1": summary.get("decision") == "expected_f1",
+            "mode": cfg.threshold_mode, "metric": cfg.threshold_metric,
             "global": len(set(thr)) == 1, "threshold": thr[0] if thr else None,
-            "at_least_one": cfg.at_least_one, "val": summary.get("val", {}),
-            "crossfit": summary.get("val_crossfit", {}),
-            "other": summary.get("val_crossfit_other_rule")}
+            "at_least_one": cfg.at_least_one,
+            "crossfit": figures(summary.get("val_crossfit") or {}),
+            "other": {**figures(other), "rule": RULE_NAMES[other["decision"]]} if other else None}
+
+
+def model_card(summary: dict, model: dict, decision: dict, data_dir: Path | None) -> list:
+    """(heading, text) items of the model card: the one source of both templates' card."""
+    text = {"minilm": "embedded by MiniLM",
+            "glove_lstm": "read as GloVe words (words outside its vocabulary are dropped)",
+            "none": "not used"}[model["text"]]
+    cf = decision["crossfit"]
+    return [
+        ("Intended use", f"tagging a photo and its one-line caption with a set of its "
+                         f"{len(model['labels'])} labels, for data like the training data. Not "
+                         f"for decisions about people."),
+        ("Training data", f"{summary['train_rows']} labelled rows"
+                          + (f" of {data_dir}" if data_dir else "")
+                          + f"; {summary['val_rows']} held-out validation rows (split.json) "
+                            f"give every figure in this report."),
+        ("Metrics", f"cross-fit micro-F1 {_fmt(cf['micro_f1'])}, samples-F1 "
+                    f"{_fmt(cf['samples_f1'])} on the validation rows, under the run's "
+                    f"decision rule."),
+        ("Limitations", "the figures hold for photos and captions like the training data's; "
+                        "labels with little support (the per-class table) are predicted less "
+                        "reliably; the model knows only its own labels"
+                        + ("" if decision["at_least_one"] else
+                           ", and may predict none for an image")
+                        + f"; captions are {text}."),
+    ]
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def plot_threshold_curve(vp, summary: dict, cfg, out: Path) -> Path:
@@ -238,6 +270,11 @@ def error_gallery(vp, thresholds: np.ndarray, cfg, data_dir: Path, assets: Path,
     pred = pred.astype(bool)
     error = ((y & ~pred) * (1 - vp.probs) + (pred & ~y) * vp.probs).sum(axis=1)
     captions = {r.image_id: r.caption for r in read_csv(train_csv_path(data_dir))}
+    missing = [i for i in vp.image_ids if i not in captions]
+    if missing:
+        raise ValueError(f"{len(missing)} of the run's validation images (e.g. {missing[0]}) "
+                         f"are not in {data_dir / 'train.csv'}: give --data the folder the "
+                         f"run was trained on")
     names = vp.label_names
     items = []
     for i in np.argsort(-error, kind="stable")[:n]:
@@ -300,17 +337,7 @@ def ablation_context(path: Path, out: Path) -> dict:
     rows = collect(abl)
     if not rows:
         raise FileNotFoundError(f"ablation {path} has no finished run yet")
-    figures = compare([path], out / ASSETS)
-    groups, _ = groups_of([path])
-    first = read_json(abl.out / rows[0]["run"] / "summary.json")
-    return {"title": f"mmtag report: ablation {path}", "abl": abl, "out": out,
+    return {**results_context(abl, rows, command(abl), diverged(abl)),
+            "title": f"mmtag report: ablation {path}", "out": out,
             "written": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "command": command(abl), "metrics": METRICS, "rows": rows,
-            "variants": variant_table(abl, rows), "paired": paired_table(abl, rows),
-            "diverged": diverged(abl), "n_planned": len(abl.grid.variants) * len(abl.seeds), "n_runs": len(rows),
-            "summary": first, "image_encoder": abl.base_config.model.image_encoder,
-            "freeze": abl.base_config.model.freeze_image,
-            "machine": machine_facts(first), "figures": figures,
-            "results_md": RESULTS_MD, "cached": abl.base_config.model.freeze_image != "none",
-            "rel": lambda p: relative(p, out),
-            "groups": groups}
+            "figures": compare([path], out / ASSETS), "rel": lambda p: relative(p, out)}

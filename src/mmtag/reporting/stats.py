@@ -12,9 +12,9 @@ ALPHA = 0.05
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+    """Mean and sample standard deviation (nan for a single value: no spread to measure)."""
     a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else math.nan
 
 
 @dataclass
@@ -30,8 +30,10 @@ class Paired:
 
     @property
     def verdict(self) -> str:
-        if self.n < 2 or math.isnan(self.p):
-            return "one seed: no test" if self.n < 2 else "identical on every seed"
+        if self.n < 2:
+            return "one seed: no test"
+        if self.sd == 0.0:
+            return "identical on every seed" if self.mean == 0.0 else "the same on every seed"
         return "real difference" if self.p < ALPHA else "within seed noise"
 
 
@@ -42,8 +44,10 @@ def paired(variant: list[float], baseline: list[float]) -> Paired:
     d = np.asarray(variant, dtype=float) - np.asarray(baseline, dtype=float)
     n = len(d)
     mean = float(d.mean()) if n else math.nan
-    sd = float(d.std(ddof=1)) if n > 1 else 0.0
-    if n < 2 or sd == 0.0:
+    if n < 2:
+        return Paired(n, mean, math.nan, math.nan, math.nan, math.nan)
+    sd = float(d.std(ddof=1))
+    if sd == 0.0:  # no spread: the t-test is undefined
         return Paired(n, mean, sd, mean, mean, math.nan)
     half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     p = float(stats.ttest_rel(variant, baseline).pvalue)
