@@ -123,10 +123,11 @@ def test_a_rerun_with_another_grid_or_base_is_refused(ablation, demo, files, tmp
 
 
 def test_killed_in_the_middle_of_a_run_the_ablation_resumes_it(ablation, demo, files, tmp_path):
-    """A real SIGKILL of `mmtag ablate` while its second run is half done: the rerun leaves the
-    first run alone, continues the second from its last.pt, and both end as in the
-    uninterrupted ablation (one seed here: two runs)."""
+    """A real SIGKILL of `mmtag ablate` while a run is half done: the rerun leaves the finished
+    run alone, continues the killed one from its last.pt, and both end as in the uninterrupted
+    ablation (one seed here: two runs, the first one already finished)."""
     import importlib.util
+    import shutil
 
     spec = importlib.util.spec_from_file_location(
         "fault_inject", Path(__file__).resolve().parents[1] / "tools" / "fault_inject.py")
@@ -134,13 +135,15 @@ def test_killed_in_the_middle_of_a_run_the_ablation_resumes_it(ablation, demo, f
     spec.loader.exec_module(fi)
     base, grid = files
     out, log = tmp_path / "abl", tmp_path / "ablate.log"
+    prepare_ablation(demo, str(base), load_grid(grid), 1, out)
+    shutil.copytree(ablation / "runs/base/seed0", out / "runs/base/seed0")  # finished before
+    first = out / "runs/base/seed0/best.pt"
+    first_mtime = first.stat().st_mtime_ns
     cmd = [sys.executable, "-m", "mmtag", "ablate", "--data", str(demo), "--base", str(base),
            "--grid", str(grid), "--seeds", "1", "--out", str(out)]
     half_done = out / "runs/focal/seed0"
     assert fi.kill_at(cmd, log, target="last.pt write", run=half_done, cache=None)
     assert (half_done / "config.yaml").exists() and not (half_done / "summary.json").exists()
-    first = out / "runs/base/seed0/best.pt"
-    first_mtime = first.stat().st_mtime_ns
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "1 already finished" in res.stderr
