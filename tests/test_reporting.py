@@ -373,6 +373,14 @@ def test_ctrl_c_says_how_to_resume(demo, files, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == (
         "mmtag ablate: interrupted; run the same command again to resume")
 
+    import mmtag.api
+
+    monkeypatch.setattr(mmtag.api, "train", interrupted)
+    assert main(["train", "--data", str(demo), "--out", str(tmp_path / "r")]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"mmtag train: interrupted; continue with mmtag train --resume {tmp_path / 'r'} "
+        f"--data {demo}")
+
 
 def test_report_refuses_an_ensemble_and_a_wrong_data_folder(ablation, tmp_path, capsys):
     assert main(["ensemble", str(ablation / "runs/base/seed0"), str(ablation / "runs/base/seed1"),

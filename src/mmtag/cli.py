@@ -367,8 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_RESUME_HINTS = {"train": "; continue with mmtag train --resume RUN --data DIR",
-                 "ablate": "; run the same command again to resume"}
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What to run after Ctrl-C, for the commands that resume."""
+    if args.command == "train":
+        return f"; continue with mmtag train --resume {args.resume or args.out} --data {args.data}"
+    if args.command == "ablate":
+        return "; run the same command again to resume"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,8 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"mmtag {args.command}: interrupted{_RESUME_HINTS.get(args.command, '')}",
-              file=sys.stderr)
+        print(f"mmtag {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as e:
         # Known failure modes carry messages meant for the user: print them, not a traceback.

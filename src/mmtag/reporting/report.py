@@ -312,7 +312,7 @@ def thumbnail(src: Path, dst: Path) -> Path | None:
             im.thumbnail((THUMB_PX, THUMB_PX))
             atomic_write(dst, lambda f: im.save(f, format="JPEG", quality=80))
         return dst
-    except OSError:
+    except (OSError, Image.DecompressionBombError):
         return None
 
 
