@@ -467,14 +467,21 @@ RECIPES_DIR = Path(__file__).parent / "configs"
 
 def recipe_path(name_or_path: str | Path) -> Path:
     """A YAML path, or the name of a built-in recipe ('report', 'demo', ...)."""
+    return builtin_or_file(name_or_path, RECIPES_DIR, "config", "recipe")
+
+
+def builtin_or_file(name_or_path: str | Path, folder: Path, noun: str, kind: str) -> Path:
+    """A YAML file's path, or the name of a built-in one in `folder` (a folder of that name in
+    the working directory never counts): the rule for recipes and ablation grids."""
     p = Path(name_or_path)
     if p.is_file() or p.suffix in (".yaml", ".yml"):
         return p
-    builtin = RECIPES_DIR / f"{name_or_path}.yaml"
+    builtin = folder / f"{name_or_path}.yaml"
     if builtin.exists():
         return builtin
-    names = sorted(f.stem for f in RECIPES_DIR.glob("*.yaml"))
-    raise ConfigError(f"config {name_or_path!r} is neither a file nor a built-in recipe {names}")
+    names = sorted(f.stem for f in folder.glob("*.yaml"))
+    raise ConfigError(f"{noun} {str(name_or_path)!r} is neither a file nor a built-in {kind} "
+                      f"{names}")
 
 
 def _parse_yaml(text: str, where: str, line: bool = True):

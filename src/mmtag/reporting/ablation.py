@@ -21,7 +21,7 @@ import yaml
 
 from mmtag.api import resolve_config, train
 from mmtag.atomic import atomic_write, read_json
-from mmtag.config import ConfigError, TrainConfig, load_config
+from mmtag.config import ConfigError, TrainConfig, builtin_or_file, load_config
 from mmtag.evaluation.estimate import METRIC_COLUMNS
 from mmtag.reporting.tables import ablation_markdown, rows_csv
 from mmtag.training.engine import TrainingDivergedError
@@ -70,14 +70,7 @@ class Ablation:
 
 def grid_path(name_or_path: str | Path) -> Path:
     """A grid YAML file, or the name of a built-in grid ('report')."""
-    p = Path(name_or_path)
-    if p.is_file() or p.suffix in (".yaml", ".yml"):
-        return p
-    builtin = GRIDS_DIR / f"{name_or_path}.yaml"
-    if builtin.exists():
-        return builtin
-    names = sorted(f.stem for f in GRIDS_DIR.glob("*.yaml"))
-    raise ConfigError(f"grid {name_or_path!r} is neither a file nor a built-in grid {names}")
+    return builtin_or_file(name_or_path, GRIDS_DIR, "grid", "grid")
 
 
 def load_grid(name_or_path: str | Path) -> Grid:

@@ -95,14 +95,15 @@ def run_context(run_dir: Path, out: Path, data_dir: Path | str | None) -> dict:
     thresholds = np.asarray(summary["thresholds"], dtype=float)
     model = model_facts(run_dir, summary)
     decision = decision_facts(summary, cfg)
+    epochs = epoch_rows(run_dir)
     return {
         "title": f"mmtag report: run {run_dir}", "run": run_dir, "out": out,
         "written": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "summary": summary, "config_yaml": (run_dir / "config.yaml").read_text(encoding="utf-8"),
         "cfg": cfg, "model": model,
         "wall_minutes": summary["wall_seconds"] / 60 if "wall_seconds" in summary else None,
-        "epochs": epoch_rows(run_dir), "epoch_columns": EPOCH_COLUMNS,
-        "finals": final_rows(summary, epoch_rows(run_dir)), "final_figures": FINAL_FIGURES,
+        "epochs": epochs, "epoch_columns": EPOCH_COLUMNS,
+        "finals": final_rows(summary, epochs), "final_figures": FINAL_FIGURES,
         "per_class": per_class_rows(summary, thresholds),
         "decision": decision,
         "model_card": model_card(summary, model, decision, data_dir),
@@ -135,15 +136,16 @@ def model_facts(run_dir: Path, summary: dict) -> dict:
     """Parameters (all, and those that train) of the run's network, built as best.pt holds it."""
     ckpt = load_checkpoint(run_dir / "best.pt", required=("config", "labels", "caption"))
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_tagger(cfg.model, LabelMap.from_dict(ckpt["labels"]).num_classes,
-                         tokenizer_from_dict(ckpt["caption"]), load_pretrained=False)
+    labels = LabelMap.from_dict(ckpt["labels"])
+    model = build_tagger(cfg.model, labels.num_classes, tokenizer_from_dict(ckpt["caption"]),
+                         load_pretrained=False)
     params = list(model.parameters())
     return {"total": sum(p.numel() for p in params),
             "trainable": sum(p.numel() for p in params if p.requires_grad),
             "saved_mb": summary.get("saved_model_mb"), "image": cfg.model.image_encoder,
             "text": cfg.model.text_encoder, "fusion": cfg.model.fusion,
             "freeze_image": cfg.model.freeze_image, "freeze_text": cfg.model.freeze_text,
-            "labels": LabelMap.from_dict(ckpt["labels"]).labels}
+            "labels": labels.labels}
 
 
 def epoch_rows(run_dir: Path) -> list[dict]:
