@@ -12,14 +12,16 @@ MODULES = sorted(str(p.relative_to(SRC).as_posix()) for p in SRC.rglob("*.py"))
 # layer -> the mmtag packages it must not import (lower layers never import higher ones)
 FORBIDDEN = {
     "data": ("mmtag.models", "mmtag.evaluation", "mmtag.training", "mmtag.inference",
-             "mmtag.reporting", "mmtag.api", "mmtag.cli"),
+             "mmtag.reporting", "mmtag.serving", "mmtag.api", "mmtag.cli"),
     "models": ("mmtag.evaluation", "mmtag.training", "mmtag.inference", "mmtag.reporting",
-               "mmtag.api", "mmtag.cli"),
+               "mmtag.serving", "mmtag.api", "mmtag.cli"),
     "evaluation": ("mmtag.models", "mmtag.training", "mmtag.inference", "mmtag.reporting",
-                   "mmtag.api", "mmtag.cli"),
-    "training": ("mmtag.inference", "mmtag.reporting", "mmtag.api", "mmtag.cli"),
-    "inference": ("mmtag.reporting", "mmtag.api", "mmtag.cli"),
-    "reporting": ("mmtag.cli",),
+                   "mmtag.serving", "mmtag.api", "mmtag.cli"),
+    "training": ("mmtag.inference", "mmtag.reporting", "mmtag.serving", "mmtag.api",
+                 "mmtag.cli"),
+    "inference": ("mmtag.reporting", "mmtag.serving", "mmtag.api", "mmtag.cli"),
+    "reporting": ("mmtag.serving", "mmtag.cli"),
+    "serving": ("mmtag.reporting", "mmtag.api", "mmtag.cli"),
 }
 
 

@@ -92,12 +92,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     m = evaluate_run(args.run, data_dir=args.data, csv_path=args.csv, images=args.images,
                      threshold=args.threshold, decision=args.decision,
                      batch_size=args.batch_size, device=args.device, num_workers=args.workers,
-                     tta_sizes=args.tta_sizes)
+                     tta_sizes=args.tta_sizes, engine=args.engine)
     if args.json:
         print(json.dumps(m))
         return 0
     print(f"{m['source']}: {m['rows']} rows; decision: {m['decision']}; images at "
-          f"{'+'.join(map(str, m['image_sizes']))} px")
+          f"{'+'.join(map(str, m['image_sizes']))} px; engine {m['engine']}")
     for k in ("precision", "recall", "micro_f1", "macro_f1", "samples_f1"):
         print(f"  {k:<11} {m[k]:.4f}")
     if note := optimism_note(m):
@@ -113,7 +113,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                       threshold=args.threshold, decision=args.decision,
                       caption_only_missing=args.caption_only_missing,
                       batch_size=args.batch_size, device=args.device, num_workers=args.workers,
-                      tta_sizes=args.tta_sizes)
+                      tta_sizes=args.tta_sizes, engine=args.engine)
     print(f"wrote {res['rows']} rows to {res['out']} (decision: {res['decision']})"
           + (f" and probabilities to {res['probs']}" if res["probs"] else ""))
     if res["caption_only"]:
@@ -129,19 +129,48 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
     res = benchmark(args.run, args.csv, args.images, n=args.n, batch_size=args.batch_size,
                     single=args.single, num_workers=args.workers, device=args.device,
-                    tta_sizes=args.tta_sizes)
+                    tta_sizes=args.tta_sizes, engines=args.engine)
     if args.json:
         print(json.dumps(res))
-    else:
-        gpu = res["machine"]["gpu"]
-        print(f"{res['rows']} samples, batch {res['batch_size']}, {res['threads']} threads on "
-              f"{res['device']} ({gpu or res['machine']['cpu']}; flip TTA: {res['tta_flip']}; images at "
-              f"{'+'.join(map(str, res['image_sizes']))} px):\n"
-              f"  batch prediction   {res['samples_per_second']:.1f} samples/s "
-              f"(JPEG decoding and preprocessing included)\n"
-              f"  single sample      {res['single_latency_ms_median']:.1f} ms median, "
-              f"{res['single_latency_ms_p90']:.1f} ms p90\n"
-              f"  loading the model  {res['load_seconds']:.1f} s")
+        return 0
+    m = res["machine"]
+    print(f"{res['rows']} samples, batch {res['batch_size']}, on {m['gpu'] or m['cpu']} "
+          f"(JPEG decoding and preprocessing included in samples/s)")
+    print(f"  {'engine':<10} {'samples/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'load s':>7} "
+          f"{'threads':>7}  flip TTA  sizes")
+    for e in res["engines"]:
+        print(f"  {e['engine']:<10} {e['samples_per_second']:>9.1f} "
+              f"{e['single_latency_ms_median']:>8.1f} {e['single_latency_ms_p90']:>8.1f} "
+              f"{e['load_seconds']:>7.1f} {e['threads']:>7}  {str(e['tta_flip']):<8}  "
+              f"{'+'.join(map(str, e['image_sizes']))}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mmtag.inference.export import export_run
+
+    out = Path(args.out) if args.out else _run_dir(args.run) / "export"
+    meta = export_run(args.run, out, int8=args.int8, data_dir=args.data,
+                      calibration_rows=args.calibration_rows)
+    files = ", ".join(f"{meta['files'][k]} ({meta['files_mb'][k]:.1f} MB)" for k in meta["files"])
+    print(f"exported to {out}: {files}, {Path(out) / 'model.json'}; ONNX Runtime agrees with "
+          f"PyTorch to {meta['parity_max_abs_diff']['fp32_vs_torch_random_inputs']:.1e}")
+    return 0
+
+
+def _run_dir(run: str) -> Path:
+    path = Path(run)
+    return path if path.is_dir() else path.parent
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from mmtag.serving.server import ServeOptions, serve
+
+    serve(args.path, ServeOptions(engine=args.engine, host=args.host, port=args.port,
+                                  max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                  max_image_mb=args.max_image_mb,
+                                  max_pixels=args.max_pixels, max_caption_chars=args.max_caption,
+                                  max_batch_items=args.max_batch_items), args.label_names)
     return 0
 
 
@@ -240,6 +269,25 @@ def _add_decision_args(c: argparse.ArgumentParser) -> None:
                         "the label set of highest expected F1 (samples-F1, Kaggle's metric)")
 
 
+ENGINES = ("torch", "onnx", "onnx-int8")
+
+
+def _add_engine_arg(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--engine", choices=ENGINES, default="torch",
+                   help="torch: the run's best.pt; onnx / onnx-int8: its export (mmtag export), "
+                        "an export folder or a run folder with export/ inside (default torch)")
+
+
+def _engines(text: str) -> list[str]:
+    """benchmark's --engine: one engine or a comma-separated list."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in ENGINES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown engine {', '.join(bad) or text!r}; choose "
+                                         f"from {', '.join(ENGINES)} (comma-separated)")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmtag",
@@ -290,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     _add_tta_arg(c)
+    _add_engine_arg(c)
     c.set_defaults(func=_cmd_evaluate)
 
     c = sub.add_parser("predict", help="write the Kaggle submission for a CSV of images + captions")
@@ -307,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "process, the fastest on 2 cores)")
     c.add_argument("--device", default="auto")
     _add_tta_arg(c)
+    _add_engine_arg(c)
     c.set_defaults(func=_cmd_predict)
 
     c = sub.add_parser("benchmark", help="prediction speed of a run: samples/s and latency")
@@ -321,7 +371,49 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto")
     c.add_argument("--json", action="store_true")
     _add_tta_arg(c)
+    c.add_argument("--engine", type=_engines, default=["torch"], metavar="ENGINES",
+                   help="torch, onnx, onnx-int8, or several side by side: torch,onnx,onnx-int8 "
+                        "(the onnx ones read the run's export/; default torch)")
     c.set_defaults(func=_cmd_benchmark)
+
+    c = sub.add_parser("export", help="the run as ONNX files (and int8) that predict without "
+                                      "mmtag's PyTorch code; model.json beside them")
+    c.add_argument("run", help="run folder (or a best.pt file)")
+    c.add_argument("--format", choices=["onnx"], default="onnx", help="only onnx so far")
+    c.add_argument("--int8", action="store_true",
+                   help="also model-int8.onnx: int8 convolutions calibrated on training images, "
+                        "int8 matrix products")
+    c.add_argument("--out", help="export folder (default RUN/export, where --engine onnx looks)")
+    c.add_argument("--data", help="the data folder the run was trained on, for --int8's "
+                                  "calibration images (default: the one its summary.json names)")
+    c.add_argument("--calibration-rows", type=int, default=200,
+                   help="training rows that calibrate --int8 (default %(default)s)")
+    c.set_defaults(func=_cmd_export)
+
+    c = sub.add_parser("serve", help="an HTTP service that tags images + captions (FastAPI), "
+                                     "with a page to try it at /")
+    c.add_argument("path", help="a run folder (with export/ for the onnx engines) or an export "
+                                "folder")
+    c.add_argument("--engine", choices=ENGINES, default=None,
+                   help="default: onnx-int8 when the export has it, else onnx, else torch")
+    c.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default %(default)s: this machine only; 0.0.0.0 "
+                        "opens it to the network)")
+    c.add_argument("--port", type=int, default=8000)
+    c.add_argument("--max-batch", type=int, default=16,
+                   help="concurrent requests run as one batch of up to this many samples")
+    c.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a request waits for others to join its batch")
+    c.add_argument("--max-image-mb", type=float, default=10.0, help="largest upload per image")
+    c.add_argument("--max-pixels", type=int, default=40_000_000,
+                   help="largest decoded image (width x height): bigger ones are refused as "
+                        "possible decompression bombs")
+    c.add_argument("--max-caption", type=int, default=1000, help="longest caption, characters")
+    c.add_argument("--label-names", help="a file of 'label-id name' lines for the page (default: "
+                                         "labels.txt of the run's data folder, if any)")
+    c.add_argument("--max-batch-items", type=int, default=64,
+                   help="most samples in one /v1/tag/batch request")
+    c.set_defaults(func=_cmd_serve)
 
     c = sub.add_parser("ensemble", help="average several runs (e.g. seeds of one recipe) into "
                                         "one model, with its own thresholds")

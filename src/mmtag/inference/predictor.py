@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import mmtag
 from mmtag.atomic import atomic_write_many, read_json
 from mmtag.config import ConfigError, TrainConfig
 from mmtag.data.csv_io import Record, csv_columns, format_csv, read_csv
@@ -37,17 +38,95 @@ def _checkpoint_path(run: Path | str) -> Path:
 
 
 @dataclass
-class Predictor:
-    """A trained tagger with its preprocessing and decision thresholds; for an ensemble
-    (`mmtag ensemble`), its members, whose probabilities are averaged."""
+class PredictorBase:
+    """What every engine shares: the labels, the caption tokenizer, the decision rule and its
+    thresholds, and how CSV rows become model inputs. `Predictor` runs the PyTorch model;
+    `mmtag.inference.onnx_engine.OnnxPredictor` an exported one."""
 
-    models: list[torch.nn.Module]
-    config: TrainConfig
     label_map: LabelMap
     caption_enc: object
     thresholds: np.ndarray
     at_least_one: bool
-    device: torch.device
+    rule: str  # the run's decision rule: 'threshold' or 'expected_f1'
+
+    reads_images: bool = True
+    reads_captions: bool = True
+    has_caption_head: bool = False  # a head of the caption alone (for rows without an image)
+    image_sizes: list = None  # the sizes each image is read at; [None] without images
+    limit_val: int = 0  # the run's data.limit_val: its validation rows are the first this many
+    engine: str = "torch"
+
+    def transform(self, size: int | None = None):
+        raise NotImplementedError
+
+    def dataset(self, records: Sequence[Record], image_dir: Path | str, source: str = "",
+                blank_missing_images: bool = False, with_targets: bool = True) -> TaggingDataset:
+        """`records` as model inputs; their labels become targets only `with_targets` (for
+        scoring), which must then be in the run's label set."""
+        return TaggingDataset(records, image_dir, self.caption_enc, self.label_map,
+                              self.transform(), source=source,
+                              blank_missing_images=blank_missing_images,
+                              load_images=self.reads_images, with_targets=with_targets)
+
+    def decide(self, probs: np.ndarray, threshold: float | None = None,
+               at_least_one: bool | None = None, decision: str | None = None) -> np.ndarray:
+        """0/1 decisions by the run's rule (`decision` in its config: the saved thresholds, or
+        per-image expected-F1 label sets) or the `decision` given, or at one global `threshold`
+        when given."""
+        alo = self.at_least_one if at_least_one is None else at_least_one
+        if threshold is not None:
+            return apply_thresholds(probs, np.full(probs.shape[1], check_threshold(threshold)),
+                                    alo)
+        return decide(probs, self.thresholds, at_least_one=alo, rule=decision or self.rule)
+
+    def describe_decision(self, threshold: float | None = None,
+                          decision: str | None = None) -> str:
+        """In words, the rule `decide` applies with these arguments."""
+        if threshold is not None:
+            return f"one global threshold {threshold:.3f}"
+        if (decision or self.rule) == "expected_f1":
+            return "expected-F1 label sets"
+        return "the run's tuned thresholds"
+
+    def predict_probs(self, images: Sequence[Image.Image | None],
+                      captions: Sequence[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, pairs: Sequence[tuple[Image.Image | str | Path, str]],
+                threshold: float | None = None) -> list[tuple[int, ...]]:
+        """Label ids for (image or image path, caption) pairs."""
+        images = [img if isinstance(img, Image.Image) or not self.reads_images
+                  else load_image(img, f"pair {i}") for i, (img, _) in enumerate(pairs)]
+        probs = self.predict_probs(images, [c for _, c in pairs])
+        return [self.label_map.decode(row) for row in self.decide(probs, threshold)]
+
+    def describe(self) -> dict:
+        """The model in a few facts (GET /v1/model, the benchmark)."""
+        return {"engine": self.engine, "labels": list(self.label_map.labels),
+                "decision": {"rule": self.rule,
+                             "thresholds": [round(float(t), 6) for t in self.thresholds],
+                             "at_least_one": self.at_least_one},
+                "reads_images": self.reads_images, "reads_captions": self.reads_captions,
+                "image_sizes": self.image_sizes, "tta_flip": self.tta_flip,
+                "caption_max_len": getattr(self.caption_enc, "max_len", None)}
+
+    def check_captions(self, csv_path: Path) -> None:
+        """A model that reads captions refuses a CSV without them, rather than predicting every
+        row from an empty caption."""
+        if self.reads_captions and not csv_columns(csv_path)[1]:
+            raise ValueError(f"{csv_path} has no Caption column, and this model reads captions: "
+                             f"give the CSV with the captions (ImageID,Caption or "
+                             f"ImageID,Labels,Caption)")
+
+
+@dataclass
+class Predictor(PredictorBase):
+    """A trained tagger with its preprocessing and decision thresholds; for an ensemble
+    (`mmtag ensemble`), its members, whose probabilities are averaged."""
+
+    models: list[torch.nn.Module] = None
+    config: TrainConfig = None
+    device: torch.device = None
 
     @classmethod
     def load(cls, run: Path | str, device: str = "auto",
@@ -79,8 +158,15 @@ class Predictor:
                 # BatchNorm folded into the convs and channels_last: same outputs, about 2x faster
                 model.image_encoder = model.image_encoder.for_inference(channels_last=True)
             models.append(model.to(dev).eval())
-        return cls(models, cfg, label_map, caption_enc,
-                   np.asarray(ckpt["thresholds"], dtype=float), bool(ckpt["at_least_one"]), dev)
+        first = models[0]
+        return cls(label_map=label_map, caption_enc=caption_enc,
+                   thresholds=np.asarray(ckpt["thresholds"], dtype=float),
+                   at_least_one=bool(ckpt["at_least_one"]), rule=cfg.decision,
+                   reads_images=first.image_encoder is not None,
+                   reads_captions=first.text_encoder is not None,
+                   has_caption_head=first.has_caption_head,
+                   image_sizes=cfg.image_sizes if first.image_encoder is not None else [None],
+                   limit_val=cfg.data.limit_val, models=models, config=cfg, device=dev)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -88,25 +174,23 @@ class Predictor:
         return self.models[0]
 
     @property
-    def image_sizes(self) -> list[int | None]:
-        """The sizes each image is read at (multi-scale TTA: data.image_size, then tta_sizes);
-        [None] for a caption-only model."""
-        return self.config.image_sizes if self.model.image_encoder is not None else [None]
+    def tta_flip(self) -> bool:
+        return self.config.tta_flip
+
+    def describe(self) -> dict:
+        m = self.config.model
+        return {**super().describe(), "model": {
+            "image_encoder": m.image_encoder, "text_encoder": m.text_encoder,
+            "fusion": m.fusion, "members": len(self.models)},
+            "versions": {"mmtag": mmtag.__version__, "torch": torch.__version__}}
+
+    def transform_spec(self, size: int | None = None):
+        """The validation preprocessing's parameters at data.image_size, or at `size`."""
+        return transform_spec(self.config.data, encoder_normalisation(self.model), size)
 
     def transform(self, size: int | None = None):
         """Validation preprocessing at data.image_size, or at `size`."""
-        return build_transform(transform_spec(self.config.data, encoder_normalisation(self.model), size),
-                               train=False)
-
-    def dataset(self, records: Sequence[Record], image_dir: Path | str, source: str = "",
-                blank_missing_images: bool = False, with_targets: bool = True) -> TaggingDataset:
-        """`records` as model inputs; their labels become targets only `with_targets` (for
-        scoring), which must then be in the run's label set."""
-        return TaggingDataset(records, image_dir, self.caption_enc, self.label_map,
-                              self.transform(), source=source,
-                              blank_missing_images=blank_missing_images,
-                              load_images=self.model.image_encoder is not None,
-                              with_targets=with_targets)
+        return build_transform(self.transform_spec(size), train=False)
 
     def probabilities(self, dataset: TaggingDataset, batch_size: int = 64,
                       num_workers: int = 0) -> np.ndarray:
@@ -137,59 +221,49 @@ class Predictor:
                     for m in self.models))
         return np.concatenate(out) if out else np.zeros((0, self.label_map.num_classes))
 
-    def decide(self, probs: np.ndarray, threshold: float | None = None,
-               at_least_one: bool | None = None, decision: str | None = None) -> np.ndarray:
-        """0/1 decisions by the run's rule (`decision` in its config: the saved thresholds, or
-        per-image expected-F1 label sets) or the `decision` given, or at one global `threshold`
-        when given."""
-        alo = self.at_least_one if at_least_one is None else at_least_one
-        if threshold is not None:
-            return apply_thresholds(probs, np.full(probs.shape[1], check_threshold(threshold)),
-                                    alo)
-        return decide(probs, self.thresholds, at_least_one=alo,
-                      rule=decision or self.config.decision)
-
-    def describe_decision(self, threshold: float | None = None,
-                          decision: str | None = None) -> str:
-        """In words, the rule `decide` applies with these arguments."""
-        if threshold is not None:
-            return f"one global threshold {threshold:.3f}"
-        if (decision or self.config.decision) == "expected_f1":
-            return "expected-F1 label sets"
-        return "the run's tuned thresholds"
-
-    def check_captions(self, csv_path: Path) -> None:
-        """A model that reads captions refuses a CSV without them, rather than predicting every
-        row from an empty caption."""
-        if self.model.text_encoder is not None and not csv_columns(csv_path)[1]:
-            raise ValueError(f"{csv_path} has no Caption column, and this model reads captions: "
-                             f"give the CSV with the captions (ImageID,Caption or "
-                             f"ImageID,Labels,Caption)")
-
-    def predict(self, pairs: Sequence[tuple[Image.Image | str | Path, str]],
-                threshold: float | None = None) -> list[tuple[int, ...]]:
-        """Label ids for (image or image path, caption) pairs."""
-        pil, ids, lengths = [], [], []
-        for i, (img, caption) in enumerate(pairs):
-            if not isinstance(img, Image.Image):
-                img = load_image(img, f"pair {i}")
-            pil.append(to_rgb(img))
-            tok, n = self.caption_enc(caption)
-            ids.append(torch.as_tensor(tok))
-            lengths.append(n)
-        ids, lengths = torch.stack(ids).to(self.device), torch.as_tensor(lengths)
+    def predict_probs(self, images: Sequence[Image.Image | None],
+                      captions: Sequence[str]) -> np.ndarray:
+        """(N, C) probabilities for decoded images (None: a blank one) and their captions."""
+        tokens = [self.caption_enc(c) for c in captions]
+        ids = torch.as_tensor(np.stack([t[0] for t in tokens])).to(self.device)
+        lengths = torch.as_tensor([t[1] for t in tokens])
+        pil = [to_rgb(img) if img is not None else Image.new("RGB", (32, 32)) for img in images]
         parts = []
         for size in self.image_sizes:
-            tf = self.transform(size)
+            tf = self.transform(size) if size is not None else None
             with torch.inference_mode(), autocast(self.device,
                                                   amp_dtype(self.config.amp, self.device)):
-                batch = torch.stack([tf(img) for img in pil]).to(self.device)
-                batch = batch.contiguous(memory_format=torch.channels_last)
+                batch = (torch.stack([tf(img) for img in pil]).to(self.device)
+                         .contiguous(memory_format=torch.channels_last)
+                         if tf is not None else torch.zeros(len(pil), 1))
                 for model in self.models:
                     logits = flip_tta_logits(model, batch, ids, lengths, self.config.tta_flip)
                     parts.append(torch.sigmoid(logits.float()).cpu().numpy())
-        probs = average_probs(parts)
-        return [self.label_map.decode(row) for row in self.decide(probs, threshold)]
+        return average_probs(parts)
+
+
+def load_predictor(run: Path | str, engine: str = "torch", device: str = "auto",
+                   tta_sizes: Sequence[int] | None = None) -> PredictorBase:
+    """The predictor of `engine`: 'torch' (the run's best.pt), 'onnx' or 'onnx-int8' (its
+    export: an export folder, or a run folder with export/ inside)."""
+    if engine == "torch":
+        return Predictor.load(run, device, tta_sizes)
+    from mmtag.inference.onnx_engine import OnnxPredictor  # it builds on this module
+
+    if tta_sizes:
+        raise ValueError("--tta-sizes needs --engine torch: an export reads images at its "
+                         "training size only")
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"--engine {engine} runs on the CPU (ONNX Runtime); leave --device out")
+    return OnnxPredictor.load(run, engine)
+
+
+def run_folder(run: Path | str, pred: PredictorBase) -> Path:
+    """The training run behind `run`: its folder, or for an export folder the run it names."""
+    path = _checkpoint_path(run).parent if pred.engine == "torch" else Path(run)
+    if pred.engine != "torch" and not (path / "split.json").exists():
+        path = Path(pred.meta["run"])
+    return path
 
 
 def check_outputs(inputs: dict[str, Path], outputs: dict[str, Path | None]) -> None:
@@ -227,7 +301,7 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
                  csv_path: Path | str | None = None, images: Path | str | None = None,
                  threshold: float | None = None, decision: str | None = None,
                  batch_size: int = 64, device: str = "auto", num_workers: int = 0,
-                 tta_sizes: Sequence[int] | None = None) -> dict:
+                 tta_sizes: Sequence[int] | None = None, engine: str = "torch") -> dict:
     """Metrics of a run on its saved validation split (`data_dir`) or on a labelled CSV.
 
     On the validation split with the run's tuned thresholds, the thresholds were chosen on these
@@ -235,12 +309,12 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     cross-fit estimate from summary.json beside them (`crossfit`)."""
     if threshold is not None:
         check_threshold(threshold)  # before any inference
-    pred = Predictor.load(run, device, tta_sizes)
+    pred = load_predictor(run, engine, device, tta_sizes)
     if csv_path is not None:
         rows, image_dir, source = _labelled_csv(pred, Path(csv_path), images)
         validation_of = None
     elif data_dir is not None:
-        validation_of = _checkpoint_path(run).parent
+        validation_of = run_folder(run, pred)
         rows, image_dir, source = _validation_rows(pred, validation_of, Path(data_dir))
     else:
         raise ValueError("evaluate needs --data DIR (the run's validation split) or --csv FILE")
@@ -261,7 +335,8 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     m["thresholds"] = (f"global {threshold:.3f}" if threshold is not None
                        else [round(float(t), 4) for t in pred.thresholds])
     m["decision"] = pred.describe_decision(threshold, decision)
-    rule = decision or pred.config.decision
+    m["engine"] = pred.engine
+    rule = decision or pred.rule
     m["tuned_on_these_rows"] = bool(validation_of is not None and threshold is None
                                     and rule == "threshold")
     if validation_of is not None:
@@ -271,7 +346,7 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     return m
 
 
-def _labelled_csv(pred: Predictor, csv_path: Path,
+def _labelled_csv(pred: PredictorBase, csv_path: Path,
                   images: Path | str | None) -> tuple[list[Record], Path, str]:
     pred.check_captions(csv_path)
     rows = read_csv(csv_path)
@@ -281,24 +356,24 @@ def _labelled_csv(pred: Predictor, csv_path: Path,
     return rows, Path(images) if images else csv_path.parent / "data", str(csv_path)
 
 
-def _validation_rows(pred: Predictor, run_dir: Path,
+def _validation_rows(pred: PredictorBase, run_dir: Path,
                      data_dir: Path) -> tuple[list[Record], Path, str]:
     """The run's validation rows of data_dir/train.csv, by its saved split."""
     split = Split.load(run_dir / "split.json")
     source = str(data_dir / "train.csv")
     _, rows = split.apply(read_csv(source))
-    if pred.config.data.limit_val:
-        rows = rows[: pred.config.data.limit_val]
+    if pred.limit_val:
+        rows = rows[: pred.limit_val]
     return rows, data_dir / "data", source
 
 
-def _crossfit_estimate(pred: Predictor, run_dir: Path, rule: str) -> dict:
+def _crossfit_estimate(pred: PredictorBase, run_dir: Path, rule: str) -> dict:
     """{'crossfit': the run's cross-fit estimate for `rule`} from its summary.json, when it
     holds one measured at the sizes `pred` reads (else {})."""
     summary_path = run_dir / "summary.json"
     summary = read_json(summary_path) if summary_path.exists() else {}
     # the run's estimate holds for the sizes it was measured at, not for other TTA sizes
-    same_sizes = (pred.model.image_encoder is None
+    same_sizes = (not pred.reads_images
                   or summary.get("tta", {}).get("sizes") == list(pred.image_sizes))
     if same_sizes:
         for key in ("val_crossfit", "val_crossfit_other_rule"):
@@ -323,7 +398,8 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
                 out: Path | str = "Predicted_labels.csv", *, probs_out: Path | str | None = None,
                 threshold: float | None = None, decision: str | None = None,
                 caption_only_missing: bool = False, batch_size: int = 64, device: str = "auto",
-                num_workers: int = 0, tta_sizes: Sequence[int] | None = None) -> dict:
+                num_workers: int = 0, tta_sizes: Sequence[int] | None = None,
+                engine: str = "torch") -> dict:
     """Write the Kaggle submission for every row of `csv_path`, in order (and the
     probabilities to `probs_out`): both files or neither."""
     csv_path, images = Path(csv_path), Path(images)
@@ -331,16 +407,16 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
                   {"--out": Path(out), "--probs": probs_out and Path(probs_out)})
     if threshold is not None:
         check_threshold(threshold)  # before any inference
-    pred = Predictor.load(run, device, tta_sizes)
+    pred = load_predictor(run, engine, device, tta_sizes)
     pred.check_captions(csv_path)
     rows = read_csv(csv_path)
-    bad = find_missing_images(rows, images, str(csv_path)) if pred.model.image_encoder else {}
+    bad = find_missing_images(rows, images, str(csv_path)) if pred.reads_images else {}
     msgs = list(bad.values())
     _check_missing_images(pred, bad, caption_only_missing)
     # Rows without their image: the caption's own head where the model has one (trained on its
     # own loss, so its probabilities hold for a caption alone); otherwise the whole model with
     # a blank image in place of the photo, which is said so.
-    via = ("the caption head" if pred.model.has_caption_head
+    via = ("the caption head" if pred.has_caption_head
            else "a blank image in place of the photo (this model has no caption head of its own)")
     if msgs:  # every row is in the result (the CLI prints them); the log names the first few
         more = f" and {len(msgs) - 3} more" if len(msgs) > 3 else ""
@@ -361,11 +437,11 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
             "decision": pred.describe_decision(threshold, decision)}
 
 
-def _check_missing_images(pred: Predictor, bad: dict[int, str], caption_only_missing: bool) -> None:
+def _check_missing_images(pred: PredictorBase, bad: dict[int, str], caption_only_missing: bool) -> None:
     """Refuse rows whose image is missing or unreadable, unless they may be predicted from
     their caption (--caption-only-missing) by a model that reads captions."""
     msgs = list(bad.values())
-    if bad and caption_only_missing and pred.model.text_encoder is None:
+    if bad and caption_only_missing and not pred.reads_captions:
         raise ImageReadError(
             f"{len(bad)} image(s) missing or unreadable (first: {msgs[0]}), and this model reads "
             f"no caption, so --caption-only-missing cannot predict them: every such row would get "
@@ -378,11 +454,11 @@ def _check_missing_images(pred: Predictor, bad: dict[int, str], caption_only_mis
             "alone (they are listed).")
 
 
-def _csv_probabilities(pred: Predictor, rows: list[Record], images: Path, source: str,
+def _csv_probabilities(pred: PredictorBase, rows: list[Record], images: Path, source: str,
                        bad: dict[int, str], batch_size: int, num_workers: int) -> np.ndarray:
     """(N, C) probabilities of every row; rows in `bad` (no readable image) from the caption
     head, or from a blank image when the model has none."""
-    if not (bad and pred.model.has_caption_head):
+    if not (bad and pred.has_caption_head):
         ds = pred.dataset(rows, images, source, blank_missing_images=bool(bad), with_targets=False)
         return pred.probabilities(ds, batch_size, num_workers)
     good = [i for i in range(len(rows)) if i not in bad]

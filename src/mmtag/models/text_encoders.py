@@ -83,6 +83,62 @@ class GloveLSTMEncoder(nn.Module):
         h_last = h_n.view(self.lstm.num_layers, self.num_directions, ids.shape[0], -1)[-1]
         return h_last.transpose(0, 1).reshape(ids.shape[0], self.out_dim)  # (B, dirs * H)
 
+    def for_export(self) -> UnpackedLSTMEncoder:
+        """The same encoder without packed sequences, which ONNX export cannot trace."""
+        return UnpackedLSTMEncoder(self)
+
+
+def _reverse_within(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) with each sequence's first `length` steps in reverse order (padding stays)."""
+    t = torch.arange(x.shape[1], device=x.device)[None, :]  # (1, T)
+    idx = lengths[:, None] - 1 - t  # (B, T)
+    idx = torch.where(idx >= 0, idx, t)
+    return x.gather(1, idx.unsqueeze(-1).expand_as(x))
+
+
+def _at_last_step(out: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) -> (B, H): each sequence's output at its last real step."""
+    idx = (lengths - 1).view(-1, 1, 1).expand(-1, 1, out.shape[-1])
+    return out.gather(1, idx).squeeze(1)
+
+
+class UnpackedLSTMEncoder(nn.Module):
+    """`GloveLSTMEncoder` for export: padded sequences, with the lengths applied by indexing
+    instead of packing. A forward LSTM's state at a sequence's last real step does not depend
+    on the padding after it; the backward direction runs over each sequence reversed within its
+    length. Same outputs up to float rounding (tests/test_export.py); eval mode only."""
+
+    def __init__(self, enc: GloveLSTMEncoder) -> None:
+        super().__init__()
+        self.embedding = enc.embedding
+        self.out_dim = enc.out_dim
+        lstm = enc.lstm
+        # one single-direction LSTM per layer and direction, holding the packed module's weights
+        self.steps = nn.ModuleList()
+        for layer in range(lstm.num_layers):
+            for suffix in [""] + (["_reverse"] if enc.num_directions == 2 else []):
+                one = nn.LSTM(lstm.input_size if layer == 0 else lstm.hidden_size * enc.num_directions,
+                              lstm.hidden_size, batch_first=True)
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    getattr(one, f"{name}_l0").data = getattr(lstm, f"{name}_l{layer}{suffix}").data
+                self.steps.append(one)
+        self.num_directions = enc.num_directions
+        self.eval()
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(ids)  # (B, T, E); dropout is off in eval mode
+        last = []
+        for k in range(0, len(self.steps), self.num_directions):
+            outs = [self.steps[k](x)[0]]  # (B, T, H)
+            if self.num_directions == 2:
+                outs.append(_reverse_within(self.steps[k + 1](_reverse_within(x, lengths))[0],
+                                            lengths))
+            x = torch.cat(outs, dim=-1)  # the next layer's input, real steps aligned
+            last = [_at_last_step(outs[0], lengths)]
+            if self.num_directions == 2:  # the backward pass ends at the first step
+                last.append(outs[1][:, 0])
+        return torch.cat(last, dim=-1)  # (B, dirs * H)
+
 
 # ------------------------------------------------------------------------------------------------
 # MiniLM (all-MiniLM-L6-v2)

@@ -1,0 +1,85 @@
+"""`mmtag serve`: load a model, warm it up, then open the port (uvicorn)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from mmtag.atomic import read_json
+from mmtag.inference.export import ExportError
+from mmtag.inference.predictor import PredictorBase, load_predictor
+from mmtag.serving.app import ServeOptions, create_app
+
+log = logging.getLogger("mmtag.serve")
+
+
+def choose_engine(path: Path, engine: str | None) -> str:
+    """`engine`, or the fastest that `path` offers: the int8 export, the fp32 export, the
+    run's best.pt."""
+    if engine:
+        return engine
+    from mmtag.inference.onnx_engine import export_folder, read_model_json
+
+    try:
+        files = read_model_json(export_folder(path))["files"]
+    except ExportError:
+        return "torch"
+    return "onnx-int8" if "int8" in files else "onnx"
+
+
+def read_label_names(path: Path) -> dict[str, str]:
+    """{label id: name} from a file of 'id name' lines (the demo data's labels.txt)."""
+    names = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise ValueError(f"{path} line {n}: expected 'label-id name', got {line!r}")
+        names[parts[0]] = parts[1].strip()
+    return names
+
+
+def default_label_names(path: Path) -> Path | None:
+    """labels.txt of the data folder the run was trained on, when there is one."""
+    for folder in (path, path.parent, path / ".."):
+        summary = folder / "summary.json"
+        if summary.is_file():
+            data_dir = read_json(summary).get("data_dir")
+            if data_dir and (Path(data_dir) / "labels.txt").is_file():
+                return Path(data_dir) / "labels.txt"
+    return None
+
+
+def warm_up(pred: PredictorBase, max_batch: int) -> float:
+    """Run the model once on one sample and once on a full batch, so that the first request
+    does not pay for lazy initialisation; the seconds it took."""
+    t = time.perf_counter()
+    size = pred.image_sizes[0] or 32
+    img = Image.new("RGB", (size, size), (128, 128, 128))
+    for n in (1, max_batch):
+        pred.predict_probs([img] * n, ["a photo"] * n)
+    return time.perf_counter() - t
+
+
+def serve(path: Path | str, opts: ServeOptions, label_names: Path | str | None = None) -> None:
+    import uvicorn
+
+    path = Path(path)
+    names_file = Path(label_names) if label_names else default_label_names(path)
+    names = read_label_names(names_file) if names_file else {}
+    engine = choose_engine(path, opts.engine)
+    t = time.perf_counter()
+    pred = load_predictor(path, engine, "cpu" if engine != "torch" else "auto")
+    log.info("loaded %s with the %s engine in %.1f s", path, engine, time.perf_counter() - t)
+    log.info("warmed up in %.1f s", warm_up(pred, opts.max_batch))
+    app = create_app(pred, opts, names)
+    if opts.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding %s: other machines can reach this service (it has no "
+                    "authentication)", opts.host)
+    log.info("serving on http://%s:%d (the page at /, the API docs at /docs)", opts.host,
+             opts.port)
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level="info")
