@@ -130,9 +130,10 @@ class Predictor(PredictorBase):
 
     @classmethod
     def load(cls, run: Path | str, device: str = "auto",
-             tta_sizes: Sequence[int] | None = None) -> Predictor:
+             tta_sizes: Sequence[int] | None = None, amp: str | None = None) -> Predictor:
         """From a run folder (its best.pt) or a checkpoint file. `tta_sizes` replaces the run's
-        extra sizes of multi-scale TTA ([]: data.image_size alone, the fastest)."""
+        extra sizes of multi-scale TTA ([]: data.image_size alone, the fastest); `amp` its
+        autocast setting ('none': fp32)."""
         path = _checkpoint_path(run)
         ckpt = load_checkpoint(path, required=("config", "labels", "caption", "thresholds",
                                                "at_least_one"))
@@ -141,6 +142,8 @@ class Predictor(PredictorBase):
         cfg = ckpt["config"]
         if tta_sizes is not None:
             cfg = {**cfg, "tta_sizes": list(tta_sizes)}
+        if amp is not None:
+            cfg = {**cfg, "amp": amp}
         try:
             cfg = TrainConfig.from_dict(cfg)
         except ConfigError as e:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 
-class _Feeds:
+class CalibrationFeeds:
     """onnxruntime's CalibrationDataReader protocol over an iterable of input dicts."""
 
     def __init__(self, feeds: Iterable[dict[str, np.ndarray]]):
@@ -46,7 +46,7 @@ def quantize_model(fp32: Path, int8: Path, feeds: Iterable[dict[str, np.ndarray]
         pre, static = Path(tmp) / "pre.onnx", Path(tmp) / "static.onnx"
         # constant folding and shape inference first, as onnxruntime recommends
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(static), _Feeds(feeds), quant_format=QuantFormat.QDQ,
+        quantize_static(str(pre), str(static), CalibrationFeeds(feeds), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["Conv"], per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
