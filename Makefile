@@ -25,7 +25,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests tools
-	$(PY) -m pytest -q -m "not slow" -n auto  # one worker per core (pytest-xdist)
+	$(PY) -m pytest -q -m "not slow" -n auto --dist loadgroup  # one worker per core (pytest-xdist); a module marked xdist_group stays on one worker
 
 # everything: the slow fault tests too, and 10,000 Hypothesis examples per CSV property
 test-slow: $(STAMP)

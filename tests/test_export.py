@@ -21,6 +21,9 @@ from mmtag.inference.predictor import Predictor, load_predictor
 from mmtag.models.text_encoders import GloveLSTMEncoder
 from mmtag.training import loop
 
+# one worker builds this module's runs (make test runs with --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("export")
+
 BASE = ["data.image_size=64", "data.num_workers=0", "model.pretrained=false",
         "model.image_encoder=efficientnet_lite0", "model.freeze_image=3", "optim.batch_size=8",
         "data.len_quantile=1.0", "optim.epochs=1", "data.lemmatizer=none", "amp=none"]
@@ -200,3 +203,22 @@ def test_int8_calibration_needs_the_training_data(runs, tmp_path):
     with pytest.raises(ValueError, match="give --data DIR"):
         export_run(run, run / "export", int8=True)
     assert not (run / "export").exists()  # refused before anything was written
+
+
+def test_a_program_without_mmtag_gets_the_same_answer_from_model_json(runs, demo):
+    """tools/onnx_standalone.py reads only model.json, the graph and the tokenizer files."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).parents[1] / "tools" / "onnx_standalone.py"
+    row = read_csv(demo / "train.csv")[3]
+    image = demo / "data" / row.image_id
+    out = subprocess.run([sys.executable, str(tool), str(runs / "query" / "export"), str(image),
+                          row.caption], capture_output=True, text=True, check=True).stdout
+    answer = json.loads(out)
+    pred = OnnxPredictor.load(runs / "query", "onnx")
+    probs = pred.predict_probs([Image.open(image)], [row.caption])
+    got = np.array([answer["probabilities"][str(lab)] for lab in pred.label_map.labels])
+    assert np.abs(got - probs[0]).max() < 1e-5
+    assert answer["labels"] == list(pred.predict([(image, row.caption)])[0])

@@ -29,6 +29,9 @@ from mmtag.serving.batcher import MicroBatcher
 from mmtag.serving.server import choose_engine, read_label_names, warm_up
 from mmtag.training import loop
 
+# one worker builds this module's runs (make test runs with --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("serve")
+
 TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
         "model.image_encoder=efficientnet_lite0", "model.freeze_image=3", "model.lstm_hidden=8",
         "model.hidden=16", "optim.batch_size=8", "data.len_quantile=1.0", "optim.epochs=1",

@@ -211,7 +211,7 @@ def model_json(pred: Predictor, graph: ExportGraph, run: Path, out: Path, files:
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "labels": list(pred.label_map.labels),
         "decision": {"rule": pred.config.decision,
-                     "thresholds": [round(float(t), 6) for t in pred.thresholds],
+                     "thresholds": [float(t) for t in pred.thresholds],
                      "at_least_one": pred.at_least_one},
         "inputs": graph.input_names, "outputs": graph.output_names,
         "image": image_spec(pred), "caption": caption_spec(pred, out),
