@@ -56,7 +56,13 @@ class PredictorBase:
     limit_val: int = 0  # the run's data.limit_val: its validation rows are the first this many
     engine: str = "torch"
 
+    @property
+    def tta_flip(self) -> bool:
+        """Whether each image is averaged with its mirror image."""
+        raise NotImplementedError
+
     def transform(self, size: int | None = None):
+        """The preprocessing of one PIL image into the model's input tensor."""
         raise NotImplementedError
 
     def dataset(self, records: Sequence[Record], image_dir: Path | str, source: str = "",
@@ -90,6 +96,7 @@ class PredictorBase:
 
     def predict_probs(self, images: Sequence[Image.Image | None],
                       captions: Sequence[str]) -> np.ndarray:
+        """(N, C) probabilities for decoded images (None: a blank one) and their captions."""
         raise NotImplementedError
 
     def predict(self, pairs: Sequence[tuple[Image.Image | str | Path, str]],
