@@ -15,6 +15,8 @@ from mmtag.config import load_config
 from mmtag.data.csv_io import read_csv
 from mmtag.data.demo import make_demo_data
 from mmtag.inference.ensemble import build_ensemble
+from mmtag.inference.export import export_run
+from mmtag.inference.onnx_engine import OnnxPredictor
 from mmtag.inference.predictor import Predictor, evaluate_run, predict_csv
 from mmtag.training import loop
 from mmtag.training.checkpoint import ModelTooLargeError, atomic_save
@@ -98,6 +100,18 @@ def test_ensemble_averages_its_members(runs, demo, tmp_path):
     # evaluate reads the ensemble's split and reports its cross-fit estimate
     m = evaluate_run(out, data_dir=demo)
     assert m["rows"] == len(rows) and "crossfit" in m
+
+
+def test_an_exported_ensemble_averages_its_members_in_one_graph(runs, demo, tmp_path):
+    out = tmp_path / "ens"
+    build_ensemble([runs / "a", runs / "b"], out)
+    export_run(out, out / "export")
+    test_rows = read_csv(demo / "test.csv")
+    torch_pred, onnx_pred = Predictor.load(out, "cpu"), OnnxPredictor.load(out, "onnx")
+    assert onnx_pred.describe()["model"]["members"] == 2
+    expected = torch_pred.probabilities(torch_pred.dataset(test_rows, demo / "data"))
+    got = onnx_pred.probabilities(onnx_pred.dataset(test_rows, demo / "data"))
+    assert np.abs(got - expected).max() < 1e-4
 
 
 def test_ensemble_refuses_members_that_do_not_fit(runs, tmp_path, capsys):
