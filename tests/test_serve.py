@@ -114,6 +114,7 @@ def test_model_health_and_docs(client, pred):
     assert m["labels"] == list(pred.label_map.labels)
     assert m["engine"] == "onnx" and m["label_names"] == {"1": "circle"}
     assert m["limits"]["max_batch_items"] == 3
+    assert m["recipe"]["data"]["image_size"] == 32 and m["size_mb"] > 0
     assert "/v1/tag" in client.get("/openapi.json").json()["paths"]
 
 

@@ -221,8 +221,9 @@ def model_json(pred: Predictor, graph: ExportGraph, run: Path, out: Path, files:
         "model": {"image_encoder": pred.config.model.image_encoder,
                   "text_encoder": pred.config.model.text_encoder,
                   "fusion": pred.config.model.fusion, "members": len(pred.models),
-                  "recipe": summary.get("recipe"), "best_epoch": summary.get("best_epoch"),
+                  "best_epoch": summary.get("best_epoch"),
                   "val": summary.get("val"), "val_crossfit": summary.get("val_crossfit")},
+        "recipe": pred.config.to_dict(),  # the run's resolved config
         "run": str(run.resolve()),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"mmtag": mmtag.__version__, "torch": torch.__version__,

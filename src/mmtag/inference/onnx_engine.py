@@ -173,4 +173,5 @@ class OnnxPredictor(PredictorBase):
         return {**super().describe(), "file": files[ENGINES[self.engine]],
                 "size_mb": self.meta.get("files_mb", {}).get(ENGINES[self.engine]),
                 "image": self.meta["image"], "model": self.meta["model"],
+                "recipe": self.meta["recipe"],
                 "versions": self.meta["versions"], "exported": self.meta["created"]}

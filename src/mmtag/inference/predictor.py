@@ -191,7 +191,7 @@ class Predictor(PredictorBase):
         m = self.config.model
         return {**super().describe(), "model": {
             "image_encoder": m.image_encoder, "text_encoder": m.text_encoder,
-            "fusion": m.fusion, "members": len(self.models)},
+            "fusion": m.fusion, "members": len(self.models)}, "recipe": self.config.to_dict(),
             "versions": {"mmtag": mmtag.__version__, "torch": torch.__version__}}
 
     def transform_spec(self, size: int | None = None):
