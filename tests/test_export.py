@@ -222,3 +222,34 @@ def test_a_program_without_mmtag_gets_the_same_answer_from_model_json(runs, demo
     got = np.array([answer["probabilities"][str(lab)] for lab in pred.label_map.labels])
     assert np.abs(got - probs[0]).max() < 1e-5
     assert answer["labels"] == list(pred.predict([(image, row.caption)])[0])
+
+
+def test_a_failed_export_leaves_the_earlier_one_whole(runs, tmp_path, monkeypatch):
+    out = tmp_path / "exp"
+    export_run(runs / "glove", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full while quantising")
+
+    monkeypatch.setattr("mmtag.inference.quantize.quantize_model", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_run(runs / "glove", out, int8=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["exp"]  # no staging folder left
+
+
+def test_export_never_replaces_a_folder_of_other_files(runs, tmp_path):
+    with pytest.raises(ValueError, match="not an export's"):
+        export_run(runs / "glove", runs / "glove")  # the run folder itself
+    assert (runs / "glove" / "best.pt").exists()
+
+
+def test_an_export_older_than_the_runs_best_pt_is_refused(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "glove", run)
+    load_predictor(run, "onnx")  # fresh: loads
+    torch.save({**torch.load(run / "best.pt", weights_only=False), "retrained": True},
+               run / "best.pt")
+    with pytest.raises(ValueError, match="made from an earlier"):
+        load_predictor(run, "onnx")

@@ -25,7 +25,7 @@ from mmtag.data.demo import make_demo_data
 from mmtag.inference.export import export_run
 from mmtag.inference.onnx_engine import OnnxPredictor
 from mmtag.serving.app import ServeOptions, create_app
-from mmtag.serving.batcher import MicroBatcher
+from mmtag.serving.batcher import MicroBatcher, QueueFull
 from mmtag.serving.server import choose_engine, read_label_names, warm_up
 from mmtag.training import loop
 
@@ -173,6 +173,22 @@ def test_a_stated_body_over_the_limit_is_refused_before_it_is_read(client):
     assert r.status_code == 413 and "over the limit" in r.json()["detail"]
 
 
+def test_a_streamed_body_over_the_limit_is_cut_off_with_413(client):
+    def chunks():  # no Content-Length: the body arrives in pieces
+        yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.jpg\"\r\n\r\n"
+        for _ in range(40):
+            yield b"x" * 65536
+    r = client.post("/v1/tag", content=chunks(),
+                    headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413 and "over the limit" in r.json()["detail"]
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_an_empty_batch_is_refused(client):
+    r = client.post("/v1/tag/batch", data={"other": "x"})
+    assert r.status_code == 422 and "no samples" in r.json()["detail"]
+
+
 def test_the_page_works_offline_and_calls_the_api(client):
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
@@ -222,6 +238,43 @@ def test_a_failing_batch_fails_its_requests_and_the_next_batch_runs():
         return out
 
     assert asyncio.run(go()).shape == (1, 1)
+
+
+def test_one_bad_sample_fails_only_its_own_request():
+    def predict(images, captions):
+        if "bad" in captions:
+            raise ValueError("cannot read this one")
+        return np.ones((len(images), 1))
+
+    async def go():
+        b = MicroBatcher(predict, max_batch=8, max_wait_ms=50)
+        b.start()
+        out = await asyncio.gather(*(b.submit([None], [c]) for c in ("a", "bad", "c")),
+                                   return_exceptions=True)
+        await b.stop()
+        return out
+
+    good1, bad, good2 = asyncio.run(go())
+    assert isinstance(bad, ValueError)
+    assert good1.shape == good2.shape == (1, 1)
+
+
+def test_a_full_queue_is_refused_not_grown():
+    async def overfill():
+        b = MicroBatcher(lambda i, c: np.ones((len(i), 1)), max_queue=2)
+        b._queue = asyncio.Queue()  # not started: nothing drains it
+        b._queue.put_nowait(object())
+        await b.submit([None, None], ["a", "b"])
+
+    with pytest.raises(QueueFull):
+        asyncio.run(overfill())
+
+
+def test_serve_options_are_checked():
+    with pytest.raises(ValueError, match="--max-batch must be at least 1"):
+        ServeOptions(max_batch=0)
+    with pytest.raises(ValueError, match="--port"):
+        ServeOptions(port=70000)
 
 
 def test_engine_choice_and_label_names(run, tmp_path):

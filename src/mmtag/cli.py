@@ -170,7 +170,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                   max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                   max_image_mb=args.max_image_mb,
                                   max_pixels=args.max_pixels, max_caption_chars=args.max_caption,
-                                  max_batch_items=args.max_batch_items), args.label_names)
+                                  max_batch_items=args.max_batch_items,
+                                  max_queue=args.max_queue), args.label_names)
     return 0
 
 
@@ -409,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest decoded image (width x height): bigger ones are refused as "
                         "possible decompression bombs")
     c.add_argument("--max-caption", type=int, default=1000, help="longest caption, characters")
+    c.add_argument("--max-queue", type=int, default=256,
+                   help="samples that may wait for the model; beyond, requests get 503")
     c.add_argument("--label-names", help="a file of 'label-id name' lines for the page (default: "
                                          "labels.txt of the run's data folder, if any)")
     c.add_argument("--max-batch-items", type=int, default=64,

@@ -3,7 +3,7 @@
     python tools/analysis/int8_schemes.py RUN --data ../shared/data/comp5329 --rows 1000
 
 RUN needs export/model.onnx (`mmtag export RUN`). Each scheme is written to
-RUN/export/schemes/<name>.onnx; for each: file size, single-sample latency (one image and its
+RUN/int8-schemes/<name>.onnx; for each: file size, single-sample latency (one image and its
 caption, median of 20 calls, model only: preprocessed inputs), batch throughput (batch 32,
 model only), and micro-F1 / samples-F1 on the first --rows validation rows by the run's rule,
 with the largest probability difference from fp32. The schemes:
@@ -101,7 +101,8 @@ def main() -> int:
                                         "static-conv+dynamic+gather")
     args = p.parse_args()
     export = args.run / "export"
-    (export / "schemes").mkdir(exist_ok=True)
+    schemes = args.run / "int8-schemes"
+    schemes.mkdir(exist_ok=True)
     fp32 = OnnxPredictor.load(export, "onnx")
     pred = Predictor.load(args.run, "cpu")
     _, rows = Split.load(args.run / "split.json").apply(read_csv(args.data / "train.csv"))
@@ -129,7 +130,7 @@ def main() -> int:
         export / "model.onnx", names, size, ids, lengths)
     cal_rows, cal_images = calibration_records(args.run, args.data, 200)
     for name in args.schemes.split(","):
-        out = export / "schemes" / f"{name}.onnx"
+        out = schemes / f"{name}.onnx"
         t = time.perf_counter()
         build(name, export / "model.onnx", out, calibration_feeds(pred, _Graph(names),
                                                                   cal_rows, cal_images))

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -36,7 +38,9 @@ from mmtag.data.csv_io import Record, read_csv
 from mmtag.data.dataset import Split
 from mmtag.data.images import NORMALISATIONS
 from mmtag.data.tokenizers import MiniLMTokenizer
+from mmtag.evaluation.probs_csv import average_probs
 from mmtag.inference.predictor import Predictor
+from mmtag.training.engine import flip_tta_logits
 
 log = logging.getLogger("mmtag.export")
 
@@ -104,7 +108,8 @@ def export_members(pred: Predictor) -> list[nn.Module]:
     sequences (the image encoders are already BatchNorm-folded by `Predictor.load`)."""
     members = []
     for model in pred.models:
-        m = copy.copy(model)  # a shallow copy: the run's modules are shared, not duplicated
+        m = copy.copy(model)  # shallow: the weights are shared, not duplicated...
+        m._modules = dict(model._modules)  # ...but swapping an encoder leaves `model` as it was
         if hasattr(m.text_encoder, "for_export"):
             m.text_encoder = m.text_encoder.for_export()
         if m.image_encoder is not None:
@@ -160,18 +165,32 @@ def onnx_probs(path: Path, feeds: dict[str, np.ndarray], threads: int | None = N
     return sess.run(None, feeds)
 
 
-def check_parity(graph: ExportGraph, inputs: tuple[torch.Tensor, ...], path: Path) -> float:
-    """Largest |ONNX - PyTorch| over the outputs for `inputs`; an error above
-    PARITY_TOLERANCE (the file is then not to be trusted)."""
+def reference_outputs(pred: Predictor, names: list[str],
+                      inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    """What the run's own PyTorch models give for `inputs`, by the Predictor's path (packed
+    LSTM, flip TTA as two passes): the reference the ONNX file is held to."""
+    named = dict(zip(names, inputs, strict=True))
+    images, ids, lengths = named.get("images"), named.get("ids"), named.get("lengths")
     with torch.no_grad():
-        ref = graph(*inputs)
-    ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
-    out = onnx_probs(path, {n: t.numpy() for n, t in zip(graph.input_names, inputs, strict=True)})
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(out, ref, strict=True))
+        outs = [average_probs(torch.sigmoid(flip_tta_logits(m, images, ids, lengths,
+                                                            pred.tta_flip)).numpy()
+                              for m in pred.models)]
+        if all(m.has_caption_head for m in pred.models):
+            outs.append(average_probs(torch.sigmoid(m.caption_logits(ids, lengths).float())
+                                      .numpy() for m in pred.models))
+    return outs
+
+
+def check_parity(reference: list[np.ndarray], names: list[str],
+                 inputs: tuple[torch.Tensor, ...], path: Path) -> float:
+    """Largest |ONNX - PyTorch| over the outputs; an error above PARITY_TOLERANCE (the file is
+    then not to be trusted)."""
+    out = onnx_probs(path, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(out, reference, strict=True))
     if not diff <= PARITY_TOLERANCE:
-        raise ExportError(f"{path}: ONNX Runtime's probabilities differ from PyTorch's by {diff:.2e} "
-                          f"(more than {PARITY_TOLERANCE:g}); please report this with the run's "
-                          f"config.yaml")
+        raise ExportError(f"{path.name}: ONNX Runtime's probabilities differ from PyTorch's by "
+                          f"{diff:.2e} (more than {PARITY_TOLERANCE:g}); please report this with "
+                          f"the run's config.yaml")
     return diff
 
 
@@ -201,7 +220,7 @@ def caption_spec(pred: Predictor, out: Path) -> dict | None:
 
 
 def model_json(pred: Predictor, graph: ExportGraph, run: Path, out: Path, files: dict,
-               parity: dict, dropped_sizes: list[int]) -> dict:
+               parity: dict) -> dict:
     """The contents of model.json."""
     import onnxruntime as ort
 
@@ -216,7 +235,7 @@ def model_json(pred: Predictor, graph: ExportGraph, run: Path, out: Path, files:
         "inputs": graph.input_names, "outputs": graph.output_names,
         "image": image_spec(pred), "caption": caption_spec(pred, out),
         "tta_flip": bool(graph.tta and graph.reads_images),
-        "dropped_tta_sizes": dropped_sizes, "limit_val": pred.limit_val,
+        "limit_val": pred.limit_val,
         "files": files, "parity_max_abs_diff": parity,
         "model": {"image_encoder": pred.config.model.image_encoder,
                   "text_encoder": pred.config.model.text_encoder,
@@ -231,41 +250,96 @@ def model_json(pred: Predictor, graph: ExportGraph, run: Path, out: Path, files:
     }
 
 
+EXPORT_NAMES = {MODEL_JSON, FP32_FILE, INT8_FILE, TOKENIZER_DIR}
+
+
 def export_run(run: Path | str, out: Path | str, *, int8: bool = False,
                data_dir: Path | str | None = None, calibration_rows: int = 200) -> dict:
     """Export a run folder (or best.pt) to `out`; with `int8` also a quantised copy, calibrated
     on `calibration_rows` of the run's training rows (from `data_dir`, by default the folder the
-    run was trained on). Returns model.json's contents."""
-    run_path = Path(run)
+    run was trained on). The files are made in a staging folder beside `out`, which replaces an
+    earlier export only once complete. Returns model.json's contents."""
+    run_path, out = Path(run), Path(out)
     run_dir = run_path if run_path.is_dir() else run_path.parent
-    out = Path(out)
-    pred = Predictor.load(run_path, "cpu")
+    check_out_folder(out)
+    if calibration_rows < 1:
+        raise ExportError(f"--calibration-rows must be at least 1, got {calibration_rows}")
+    pred = Predictor.load(run_path, "cpu", amp="none")
     dropped = [s for s in pred.image_sizes[1:] if s is not None]
     if dropped:
         log.warning("the run's multi-scale TTA sizes %s are not exported: the ONNX model reads "
                     "images at %d px only", dropped, pred.image_sizes[0])
-        pred = Predictor.load(run_path, "cpu", tta_sizes=[])
-    calibration = None
-    if int8:  # find the calibration rows before anything is written
-        calibration = calibration_records(run_dir, data_dir, calibration_rows)
-    out.mkdir(parents=True, exist_ok=True)
-    graph = ExportGraph(export_members(pred), pred.config.tta_flip).eval()
+        pred = Predictor.load(run_path, "cpu", tta_sizes=[], amp="none")
+    # the calibration rows are found before anything is written
+    calibration = calibration_records(run_dir, data_dir, calibration_rows) if int8 else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        meta = write_export(pred, run_dir, stage, calibration)
+        meta["checkpoint"] = checkpoint_digest(_checkpoint_file(run_path))
+        meta["dropped_tta_sizes"] = dropped
+        atomic_write(stage / MODEL_JSON, json.dumps(meta, indent=2) + "\n")
+        replace_folder(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
+    return meta
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an `out` that holds anything but an earlier export: it is replaced whole."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; give a folder for the export")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_NAMES)
+        if foreign:
+            raise ExportError(f"--out {out} holds files that are not an export's "
+                              f"({', '.join(foreign[:5])}); give an empty or new folder")
+
+
+def replace_folder(stage: Path, out: Path) -> None:
+    """`stage` becomes `out`; an earlier `out` is removed only after the swap."""
+    if not out.exists():
+        os.replace(stage, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(stage, out)
+    shutil.rmtree(old)
+
+
+def _checkpoint_file(run: Path) -> Path:
+    return run / "best.pt" if run.is_dir() else run
+
+
+def checkpoint_digest(path: Path) -> dict:
+    """What identifies the checkpoint an export was made from (to notice a stale export)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"file": path.name, "sha256": h.hexdigest()}
+
+
+def write_export(pred: Predictor, run_dir: Path, stage: Path,
+                 calibration: tuple[list[Record], Path] | None) -> dict:
+    """The ONNX files (and the tokenizer's) in `stage`, each checked; model.json's contents."""
+    graph = ExportGraph(pred.models, pred.tta_flip)  # names and outputs; traced below
     inputs = example_inputs(graph, pred.image_sizes[0] or 8, pred.caption_enc)
-    write_onnx(graph, inputs, out / FP32_FILE)
+    reference = reference_outputs(pred, graph.input_names, inputs)
+    graph = ExportGraph(export_members(pred), pred.tta_flip).eval()
+    write_onnx(graph, inputs, stage / FP32_FILE)
     files = {"fp32": FP32_FILE}
-    parity = {"fp32_vs_torch_random_inputs": check_parity(graph, inputs, out / FP32_FILE)}
-    if int8:
+    parity = {"fp32_vs_torch_random_inputs": check_parity(reference, graph.input_names, inputs,
+                                                           stage / FP32_FILE)}
+    if calibration is not None:
         from mmtag.inference.quantize import quantize_model
 
-        quantize_model(out / FP32_FILE, out / INT8_FILE,
+        quantize_model(stage / FP32_FILE, stage / INT8_FILE,
                        calibration_feeds(pred, graph, *calibration))
         files["int8"] = INT8_FILE
-    elif (out / INT8_FILE).exists():
-        os.unlink(out / INT8_FILE)  # a stale int8 file of an earlier export would not match
-    files_mb = {k: round((out / f).stat().st_size / 2**20, 2) for k, f in files.items()}
-    meta = model_json(pred, graph, run_dir, out, files, parity, dropped)
-    meta["files_mb"] = files_mb
-    atomic_write(out / MODEL_JSON, json.dumps(meta, indent=2) + "\n")
+    meta = model_json(pred, graph, run_dir, stage, files, parity)
+    meta["files_mb"] = {k: round((stage / f).stat().st_size / 2**20, 2) for k, f in files.items()}
     return meta
 
 

@@ -27,10 +27,14 @@ from mmtag.inference.export import (
     MODEL_JSON,
     TOKENIZER_DIR,
     ExportError,
+    checkpoint_digest,
 )
 from mmtag.inference.predictor import PredictorBase
 
 ENGINES = {"onnx": "fp32", "onnx-int8": "int8"}
+REQUIRED_KEYS = ("labels", "decision", "inputs", "outputs", "image", "caption", "tta_flip",
+                 "files", "model", "recipe", "versions", "created")
+BLANK = Image.new("RGB", (32, 32))  # what stands in for a missing photo, as in Predictor
 
 
 def export_folder(path: Path | str) -> Path:
@@ -56,7 +60,21 @@ def read_model_json(folder: Path) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{path} is export format version {meta.get('format_version')}; this "
                           f"mmtag reads version {FORMAT_VERSION}: export the run again")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ExportError(f"{path} lacks {', '.join(missing)}; export the run again")
     return meta
+
+
+def check_not_stale(path: Path, meta: dict) -> None:
+    """Refuse an export made from an earlier best.pt of the run beside it (retrained or
+    resumed since): it would predict with the old weights."""
+    run = path if (path / "best.pt").is_file() else Path(meta.get("run", ""))
+    ckpt = run / meta.get("checkpoint", {}).get("file", "best.pt")
+    digest = meta.get("checkpoint", {}).get("sha256")
+    if digest and ckpt.is_file() and checkpoint_digest(ckpt)["sha256"] != digest:
+        raise ExportError(f"the export in {export_folder(path)} was made from an earlier {ckpt}: "
+                          f"run mmtag export {run} again")
 
 
 def preprocess_image(img: Image.Image, spec: dict) -> np.ndarray:
@@ -93,6 +111,7 @@ class OnnxPredictor(PredictorBase):
             raise ValueError(f"unknown engine {engine!r}; choose from torch, {', '.join(ENGINES)}")
         folder = export_folder(path)
         meta = read_model_json(folder)
+        check_not_stale(Path(path), meta)
         file = meta["files"].get(ENGINES[engine])
         if file is None:
             raise ExportError(f"{folder} has no int8 model: export with mmtag export RUN --int8")
@@ -145,20 +164,24 @@ class OnnxPredictor(PredictorBase):
         if not self.has_caption_head:
             raise ValueError("this export has no caption head of its own")
         out = []
-        size = self.image_sizes[0] or 1
         for s in range(0, len(dataset), batch_size):
             ids = dataset.tokens[s:s + batch_size].numpy()
-            blank = np.zeros((len(ids), 3, size, size), np.float32)
+            blank = self.image_batch([None] * len(ids))
             out.append(self.run(blank, ids, dataset.lengths[s:s + batch_size].numpy())[1])
         return np.concatenate(out) if out else np.zeros((0, self.label_map.num_classes))
+
+    def image_batch(self, images: Sequence[Image.Image | None]) -> np.ndarray:
+        """(N, 3, S, S) inputs for PIL images (None: a blank one); (N, 1) zeros for a model
+        that reads no images."""
+        spec = self.meta["image"]
+        if not spec:
+            return np.zeros((len(images), 1), np.float32)
+        return np.stack([preprocess_image(BLANK if img is None else img, spec) for img in images])
 
     def inputs_for(self, images: Sequence[Image.Image | None],
                    captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(images, ids, lengths) arrays for PIL images (None: blank) and captions."""
-        size = self.image_sizes[0] or 1
-        spec = self.meta["image"]
-        arr = np.stack([preprocess_image(img, spec) if img is not None and spec
-                        else np.zeros((3, size, size), np.float32) for img in images])
+        arr = self.image_batch(images)
         tokens = [self.caption_enc(c) for c in captions]
         ids = np.stack([t[0] for t in tokens])
         return arr, ids, np.asarray([t[1] for t in tokens], dtype=np.int64)

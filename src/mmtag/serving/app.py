@@ -13,8 +13,10 @@ the server.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -26,10 +28,12 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
 
 import mmtag
 from mmtag.data.images import to_rgb
-from mmtag.serving.batcher import MicroBatcher
+from mmtag.serving.batcher import MicroBatcher, QueueFull
+from mmtag.serving.body_limit import BodyLimit
 
 log = logging.getLogger("mmtag.serve")
 
@@ -47,6 +51,18 @@ class ServeOptions:
     max_pixels: int = 40_000_000  # width x height; above: a possible decompression bomb
     max_caption_chars: int = 1000
     max_batch_items: int = 64  # samples in one /v1/tag/batch request
+    max_queue: int = 256  # samples waiting for the model; more are answered 503
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_pixels", "max_caption_chars", "max_batch_items",
+                     "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got "
+                                 f"{getattr(self, name)}")
+        if self.max_wait_ms < 0 or not self.max_image_mb > 0:
+            raise ValueError("--max-wait-ms must be 0 or more and --max-image-mb more than 0")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port must be between 1 and 65535, got {self.port}")
 
 
 class BadInput(Exception):
@@ -58,8 +74,10 @@ class BadInput(Exception):
         self.message = message
 
 
-def decode_image(data: bytes, name: str, opts: ServeOptions) -> Image.Image:
-    """An uploaded file as an RGB image, or BadInput saying what is wrong with it."""
+def decode_image(data: bytes, name: str, opts: ServeOptions,
+                 size: int | None = None) -> Image.Image:
+    """An uploaded file as an RGB image (resized to size x size, the model's own first step,
+    so that a large photo is not held at full size), or BadInput saying what is wrong."""
     if len(data) > opts.max_image_mb * 2**20:
         raise BadInput(413, f"{name}: {len(data) / 2**20:.1f} MB is over the limit of "
                             f"{opts.max_image_mb:g} MB per image")
@@ -80,7 +98,9 @@ def decode_image(data: bytes, name: str, opts: ServeOptions) -> Image.Image:
                             f"resize it first")
     try:
         img.load()
-        return to_rgb(img)
+        img = to_rgb(img)
+        # the same resize as the preprocessing's, which then leaves the image as it is
+        return img.resize((size, size), Image.BILINEAR) if size else img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadInput(400, f"{name}: the image is truncated or corrupt ({e})") from None
 
@@ -121,7 +141,8 @@ def page_html() -> str:
 def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = None) -> FastAPI:
     """The service around a loaded, warmed-up predictor (any engine); `label_names` maps label
     ids (as text) to names shown on the page."""
-    batcher = MicroBatcher(pred.predict_probs, opts.max_batch, opts.max_wait_ms)
+    batcher = MicroBatcher(pred.predict_probs, opts.max_batch, opts.max_wait_ms,
+                           max_queue=opts.max_queue)
     page = page_html()
 
     @asynccontextmanager
@@ -132,18 +153,13 @@ def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = No
 
     app = FastAPI(title="mmtag", version=mmtag.__version__, lifespan=lifespan,
                   description="Tags a photo and its caption with a set of labels.")
+    # the multipart body may hold the image(s), the captions and the form's own bytes
     limit_single = opts.max_image_mb * 2**20 + 2**20
     limit_batch = opts.max_image_mb * 2**20 * opts.max_batch_items + 2**20
-
-    @app.middleware("http")
-    async def refuse_large_bodies(request: Request, call_next):
-        # before the multipart parser spools the body: a stated size over the limit is refused
-        size = request.headers.get("content-length")
-        limit = limit_batch if request.url.path.endswith("/batch") else limit_single
-        if size and size.isdigit() and int(size) > limit:
-            return JSONResponse({"detail": f"the request has {int(size) / 2**20:.1f} MB, over "
-                                           f"the limit of {limit / 2**20:.0f} MB"}, 413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit_for=lambda path: limit_batch if path.endswith("/batch")
+                       else limit_single)
+    # at most this many photos are decoded at once: a full-size decode can take hundreds of MB
+    decoding = asyncio.Semaphore(2 * (os.cpu_count() or 1))
 
     @app.exception_handler(BadInput)
     async def bad_input(request: Request, e: BadInput):
@@ -165,7 +181,9 @@ def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = No
         return page
 
     @app.get("/healthz")
-    async def healthz() -> dict:
+    async def healthz():
+        if not batcher.running:
+            return JSONResponse({"status": "the model worker has stopped"}, 503)
         return {"status": "ok"}
 
     @app.get("/v1/model")
@@ -173,20 +191,27 @@ def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = No
         return {**pred.describe(), "label_names": label_names or {}, "limits": asdict(opts),
                 "batching": batcher.stats.as_dict()}
 
-    async def tag_many(files: list[UploadFile], captions: list[str | None]) -> list[dict]:
+    size = pred.image_sizes[0] if len(pred.image_sizes) == 1 else None
+
+    async def read_image(f: UploadFile, where: str) -> Image.Image:
+        data = await f.read(int(opts.max_image_mb * 2**20) + 1)
+        async with decoding:  # decoded in a worker thread: the event loop keeps serving
+            return await run_in_threadpool(decode_image, data, where, opts, size)
+
+    async def tag_many(files: list[UploadFile | None], captions: list[str | None]) -> list[dict]:
+        many = len(files) > 1
         images = []
         for i, f in enumerate(files):
-            if f is None:  # a caption-only model
-                images.append(None)
-                continue
-            where = f"sample {i} ({f.filename or 'image'})" if len(files) > 1 else \
-                (f.filename or "image")
-            data = await f.read()
-            images.append(decode_image(data, where, opts) if pred.reads_images else None)
-        captions = [check_caption(c, f"sample {i}" if len(files) > 1 else "caption",
+            name = f.filename if f is not None and f.filename else "image"
+            images.append(await read_image(f, f"sample {i} ({name})" if many else name)
+                          if f is not None else None)
+        captions = [check_caption(c, f"sample {i}" if many else "caption",
                                   pred.reads_captions, opts) for i, c in enumerate(captions)]
         t = time.perf_counter()
-        probs = await batcher.submit(images, captions)
+        try:
+            probs = await batcher.submit(images, captions)
+        except QueueFull:
+            raise BadInput(503, "the server is at capacity; retry in a moment") from None
         chosen = pred.decide(probs)
         ms = round(1000 * (time.perf_counter() - t), 1)
         return [{**sample_result(pred, p, c), "model_ms": ms}
@@ -205,18 +230,17 @@ def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = No
             images: Annotated[list[UploadFile] | None, File(description="photos")] = None,
             captions: Annotated[list[str] | None, Form(description="one per photo")] = None
     ) -> dict:
-        images = images or []
-        if not images and pred.reads_images:
-            raise BadInput(422, "no images: send the photos as repeated multipart file fields "
+        images, captions = images or [], captions or []
+        n = max(len(images), len(captions))
+        if n == 0:
+            raise BadInput(422, "no samples: send the photos as repeated multipart file fields "
                                 "'images', with one 'captions' field each")
-        if len(images) > opts.max_batch_items:
-            raise BadInput(413, f"{len(images)} images in one request, over the limit of "
+        if n > opts.max_batch_items:
+            raise BadInput(413, f"{n} samples in one request, over the limit of "
                                 f"{opts.max_batch_items}; split the batch")
-        captions = captions or []
-        images = images or [None] * len(captions)  # a caption-only model
-        if pred.reads_captions and len(captions) != len(images):
+        if pred.reads_images and len(images) != n or pred.reads_captions and len(captions) != n:
             raise BadInput(422, f"{len(images)} images but {len(captions)} captions: send one "
                                 f"'captions' field per image, in the same order")
-        return {"results": await tag_many(images, captions or [None] * len(images))}
+        return {"results": await tag_many(images or [None] * n, captions or [None] * n)}
 
     return app

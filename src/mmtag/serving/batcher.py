@@ -31,6 +31,10 @@ class BatchStats:
                 "model_seconds": round(self.model_seconds, 3)}
 
 
+class QueueFull(RuntimeError):
+    """More samples are waiting than the batcher accepts."""
+
+
 @dataclass
 class _Item:
     image: object
@@ -45,9 +49,15 @@ class MicroBatcher:
     predict: PredictFn
     max_batch: int = 16
     max_wait_ms: float = 5.0
+    max_queue: int = 256
     stats: BatchStats = field(default_factory=BatchStats)
     _queue: asyncio.Queue | None = None
     _task: asyncio.Task | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker that runs the model is alive."""
+        return self._task is not None and not self._task.done()
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -61,6 +71,8 @@ class MicroBatcher:
 
     async def submit(self, images: Sequence[object], captions: Sequence[str]) -> np.ndarray:
         """(N, C) probabilities for these samples, predicted with whatever else is waiting."""
+        if self._queue.qsize() + len(images) > self.max_queue:
+            raise QueueFull(f"{self._queue.qsize()} samples are waiting")
         loop = asyncio.get_running_loop()
         items = [_Item(img, cap, loop.create_future()) for img, cap in zip(images, captions,
                                                                            strict=True)]
@@ -86,22 +98,36 @@ class MicroBatcher:
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            t = time.perf_counter()
             try:
-                probs = await loop.run_in_executor(
-                    None, self.predict, [b.image for b in batch], [b.caption for b in batch])
-            except Exception as e:  # the requests fail with it; the server goes on
-                for b in batch:
-                    if not b.future.done():
-                        b.future.set_exception(e)
-                continue
-            self.stats.batches += 1
-            self.stats.samples += len(batch)
-            self.stats.largest = max(self.stats.largest, len(batch))
-            self.stats.model_seconds += time.perf_counter() - t
-            for b, p in zip(batch, probs, strict=True):
-                if not b.future.done():  # a client that went away cancelled its future
-                    b.future.set_result(p)
+                await self._predict(batch)
+            except Exception as e:  # the worker must outlive any one batch
+                if len(batch) == 1:
+                    _fail(batch, e)
+                    continue
+                for item in batch:  # one bad sample fails only its own request
+                    try:
+                        await self._predict([item])
+                    except Exception as e1:
+                        _fail([item], e1)
+
+    async def _predict(self, batch: list[_Item]) -> None:
+        t = time.perf_counter()
+        probs = await asyncio.get_running_loop().run_in_executor(
+            None, self.predict, [b.image for b in batch], [b.caption for b in batch])
+        if len(probs) != len(batch):
+            raise RuntimeError(f"the model gave {len(probs)} answers for {len(batch)} samples")
+        self.stats.batches += 1
+        self.stats.samples += len(batch)
+        self.stats.largest = max(self.stats.largest, len(batch))
+        self.stats.model_seconds += time.perf_counter() - t
+        for b, p in zip(batch, probs, strict=True):
+            if not b.future.done():  # a client that went away cancelled its future
+                b.future.set_result(p)
+
+
+def _fail(batch: list[_Item], e: Exception) -> None:
+    for b in batch:
+        if not b.future.done():
+            b.future.set_exception(e)
