@@ -50,7 +50,9 @@ def start_server(path: str, engine: str | None, args) -> tuple[subprocess.Popen,
     cmd = [sys.executable, "-m", "mmtag", "serve", path, "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     cmd += ["--engine", engine] if engine else []
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the server's log goes to a file: a pipe nobody reads would fill and block it
+    log = open(args.server_log, "w")  # noqa: SIM115 -- open for the server's lifetime
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     t0 = time.time()
     while True:
@@ -59,7 +61,7 @@ def start_server(path: str, engine: str | None, args) -> tuple[subprocess.Popen,
             return proc, url
         except httpx.TransportError:
             if proc.poll() is not None:
-                raise SystemExit(f"the server exited: {proc.stderr.read()}") from None
+                raise SystemExit(f"the server exited; its log: {args.server_log}") from None
             if time.time() - t0 > 300:
                 proc.kill()
                 raise SystemExit("the server did not open its port in 300 s") from None
@@ -121,6 +123,8 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=200, help="distinct rows sent (default 200)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--server-log", default="loadtest-server.log",
+                   help="where --serve writes the server's log (default %(default)s)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     items = samples(Path(args.data), args.samples)

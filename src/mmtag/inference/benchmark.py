@@ -32,8 +32,9 @@ def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: i
         load_s = time.perf_counter() - t_load
         results.append({"engine": engine, "load_seconds": round(load_s, 2),
                         **_measure(pred, rows, images, batch_size, single, num_workers)})
-    dev = torch.device("cpu") if device == "auto" and engines[0] != "torch" else \
-        getattr(pred, "device", torch.device("cpu"))
+    # the machine as the torch engine saw it (its GPU, if it used one); ONNX runs on the CPU
+    torch_devices = [torch.device(e["device"]) for e in results if e["engine"] == "torch"]
+    dev = torch_devices[0] if torch_devices else torch.device("cpu")
     return {"rows": len(rows), "batch_size": batch_size, "engines": results,
             "machine": machine_info(dev)}
 
