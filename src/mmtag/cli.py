@@ -273,6 +273,12 @@ def _add_decision_args(c: argparse.ArgumentParser) -> None:
 ENGINES = ("torch", "onnx", "onnx-int8")
 
 
+def recipe_names() -> list[str]:
+    from mmtag.config import RECIPES_DIR
+
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
 def _add_engine_arg(c: argparse.ArgumentParser) -> None:
     c.add_argument("--engine", choices=ENGINES, default="torch",
                    help="torch: the run's best.pt; onnx / onnx-int8: its export (mmtag export), "
@@ -318,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("train", help="train a tagger on a Kaggle-layout folder")
     c.add_argument("--data", help="folder with train.csv and data/")
     c.add_argument("--out", help="new run folder")
-    c.add_argument("--config", help="YAML config file, or a built-in recipe name: demo, report, report-cached, cpu, gpu")
+    c.add_argument("--config", help="YAML config file, or a built-in recipe name: "
+                                    + ", ".join(recipe_names()))
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
     c.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
