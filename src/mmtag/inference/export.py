@@ -154,14 +154,11 @@ def write_onnx(graph: ExportGraph, inputs: tuple[torch.Tensor, ...], path: Path)
             os.unlink(tmp)
 
 
-def onnx_probs(path: Path, feeds: dict[str, np.ndarray], threads: int | None = None) -> list:
+def onnx_probs(path: Path, feeds: dict[str, np.ndarray]) -> list:
     """Every output of the ONNX file at `path` for `feeds` (onnxruntime on the CPU)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
 
 
