@@ -194,17 +194,6 @@ def test_a_missing_int8_file_or_a_damaged_model_json_is_named(runs, tmp_path, ca
         load_predictor(out, "onnx")
 
 
-def test_int8_calibration_needs_the_training_data(runs, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(runs / "glove", run, ignore=shutil.ignore_patterns("export"))
-    summary = json.loads((run / "summary.json").read_text())
-    summary.pop("data_dir", None)
-    (run / "summary.json").write_text(json.dumps(summary))
-    with pytest.raises(ValueError, match="give --data DIR"):
-        export_run(run, run / "export", int8=True)
-    assert not (run / "export").exists()  # refused before anything was written
-
-
 def test_a_program_without_mmtag_gets_the_same_answer_from_model_json(runs, demo):
     """tools/onnx_standalone.py reads only model.json, the graph and the tokenizer files."""
     import subprocess

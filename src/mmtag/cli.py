@@ -150,8 +150,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from mmtag.inference.export import export_run
 
     out = Path(args.out) if args.out else _run_dir(args.run) / "export"
-    meta = export_run(args.run, out, int8=args.int8, data_dir=args.data,
-                      calibration_rows=args.calibration_rows)
+    meta = export_run(args.run, out, int8=args.int8)
     files = ", ".join(f"{meta['files'][k]} ({meta['files_mb'][k]:.1f} MB)" for k in meta["files"])
     print(f"exported to {out}: {files}, {Path(out) / 'model.json'}; ONNX Runtime agrees with "
           f"PyTorch to {meta['parity_max_abs_diff']['fp32_vs_torch_random_inputs']:.1e}")
@@ -389,13 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run", help="run folder (or a best.pt file)")
     c.add_argument("--format", choices=["onnx"], default="onnx", help="only onnx so far")
     c.add_argument("--int8", action="store_true",
-                   help="also model-int8.onnx: int8 convolutions calibrated on training images, "
-                        "int8 matrix products")
+                   help="also model-int8.onnx: the matrix products and embedding tables in "
+                        "int8 (dynamic quantisation), the convolutions in fp32")
     c.add_argument("--out", help="export folder (default RUN/export, where --engine onnx looks)")
-    c.add_argument("--data", help="the data folder the run was trained on, for --int8's "
-                                  "calibration images (default: the one its summary.json names)")
-    c.add_argument("--calibration-rows", type=int, default=200,
-                   help="training rows that calibrate --int8 (default %(default)s)")
     c.set_defaults(func=_cmd_export)
 
     c = sub.add_parser("serve", help="an HTTP service that tags images + captions (FastAPI), "

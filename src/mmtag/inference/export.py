@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +34,6 @@ from torch import nn
 
 import mmtag
 from mmtag.atomic import atomic_write, read_json
-from mmtag.data.csv_io import Record, read_csv
-from mmtag.data.dataset import Split
 from mmtag.data.images import NORMALISATIONS
 from mmtag.data.tokenizers import MiniLMTokenizer
 from mmtag.evaluation.probs_csv import average_probs
@@ -250,29 +248,23 @@ def model_json(pred: Predictor, graph: ExportGraph, run: Path, out: Path, files:
 EXPORT_NAMES = {MODEL_JSON, FP32_FILE, INT8_FILE, TOKENIZER_DIR}
 
 
-def export_run(run: Path | str, out: Path | str, *, int8: bool = False,
-               data_dir: Path | str | None = None, calibration_rows: int = 200) -> dict:
-    """Export a run folder (or best.pt) to `out`; with `int8` also a quantised copy, calibrated
-    on `calibration_rows` of the run's training rows (from `data_dir`, by default the folder the
-    run was trained on). The files are made in a staging folder beside `out`, which replaces an
-    earlier export only once complete. Returns model.json's contents."""
+def export_run(run: Path | str, out: Path | str, *, int8: bool = False) -> dict:
+    """Export a run folder (or best.pt) to `out`; with `int8` also a quantised copy. The files
+    are made in a staging folder beside `out`, which replaces an earlier export only once
+    complete. Returns model.json's contents."""
     run_path, out = Path(run), Path(out)
     run_dir = run_path if run_path.is_dir() else run_path.parent
     check_out_folder(out)
-    if calibration_rows < 1:
-        raise ExportError(f"--calibration-rows must be at least 1, got {calibration_rows}")
     pred = Predictor.load(run_path, "cpu", amp="none")
     dropped = [s for s in pred.image_sizes[1:] if s is not None]
     if dropped:
         log.warning("the run's multi-scale TTA sizes %s are not exported: the ONNX model reads "
                     "images at %d px only", dropped, pred.image_sizes[0])
         pred = Predictor.load(run_path, "cpu", tta_sizes=[], amp="none")
-    # the calibration rows are found before anything is written
-    calibration = calibration_records(run_dir, data_dir, calibration_rows) if int8 else None
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        meta = write_export(pred, run_dir, stage, calibration)
+        meta = write_export(pred, run_dir, stage, int8)
         meta["checkpoint"] = checkpoint_digest(_checkpoint_file(run_path))
         meta["dropped_tta_sizes"] = dropped
         atomic_write(stage / MODEL_JSON, json.dumps(meta, indent=2) + "\n")
@@ -318,8 +310,7 @@ def checkpoint_digest(path: Path) -> dict:
     return {"file": path.name, "sha256": h.hexdigest()}
 
 
-def write_export(pred: Predictor, run_dir: Path, stage: Path,
-                 calibration: tuple[list[Record], Path] | None) -> dict:
+def write_export(pred: Predictor, run_dir: Path, stage: Path, int8: bool) -> dict:
     """The ONNX files (and the tokenizer's) in `stage`, each checked; model.json's contents."""
     graph = ExportGraph(pred.models, pred.tta_flip)  # names and outputs; traced below
     inputs = example_inputs(graph, pred.image_sizes[0] or 8, pred.caption_enc)
@@ -329,44 +320,11 @@ def write_export(pred: Predictor, run_dir: Path, stage: Path,
     files = {"fp32": FP32_FILE}
     parity = {"fp32_vs_torch_random_inputs": check_parity(reference, graph.input_names, inputs,
                                                            stage / FP32_FILE)}
-    if calibration is not None:
+    if int8:
         from mmtag.inference.quantize import quantize_model
 
-        quantize_model(stage / FP32_FILE, stage / INT8_FILE,
-                       calibration_feeds(pred, graph, *calibration))
+        quantize_model(stage / FP32_FILE, stage / INT8_FILE)
         files["int8"] = INT8_FILE
     meta = model_json(pred, graph, run_dir, stage, files, parity)
     meta["files_mb"] = {k: round((stage / f).stat().st_size / 2**20, 2) for k, f in files.items()}
     return meta
-
-
-def calibration_records(run_dir: Path, data_dir: Path | str | None,
-                        n: int) -> tuple[list[Record], Path]:
-    """The first `n` training rows of the run (its saved split of data_dir/train.csv) and the
-    image folder: int8 calibration reads rows the thresholds were not tuned on."""
-    if data_dir is None:
-        summary_path = run_dir / "summary.json"
-        data_dir = read_json(summary_path).get("data_dir") if summary_path.exists() else None
-        if data_dir is None:
-            raise ExportError(f"{run_dir} does not say which data folder it was trained on: give "
-                              f"--data DIR (int8 calibration reads training images)")
-    data_dir = Path(data_dir)
-    if not (data_dir / "train.csv").exists() or not (run_dir / "split.json").exists():
-        raise ExportError(f"int8 calibration needs {data_dir / 'train.csv'} and "
-                          f"{run_dir / 'split.json'}: give --data DIR, the folder the run was "
-                          f"trained on")
-    train_rows, _ = Split.load(run_dir / "split.json").apply(read_csv(data_dir / "train.csv"))
-    return train_rows[:n], data_dir / "data"
-
-
-def calibration_feeds(pred: Predictor, graph: ExportGraph, rows: list[Record],
-                      images: Path, batch: int = 8) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of real inputs for the quantiser, preprocessed as prediction does."""
-    from mmtag.inference.onnx_engine import feeds_for
-
-    ds = pred.dataset(rows, images, with_targets=False)
-    for s in range(0, len(ds), batch):
-        items = [ds[i] for i in range(s, min(s + batch, len(ds)))]
-        yield feeds_for(graph.input_names, torch.stack([it[0] for it in items]).numpy(),
-                        torch.stack([it[1] for it in items]).numpy(),
-                        torch.stack([it[2] for it in items]).numpy())
