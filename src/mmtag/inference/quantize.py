@@ -9,6 +9,7 @@ a point of micro-F1 on the cpu recipe (docs/performance.md#int8).
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +17,16 @@ from pathlib import Path
 
 def quantize_model(fp32: Path, int8: Path) -> None:
     """Write `int8`: `fp32` with int8 matrix products and embedding tables."""
+    previous = logging.root.manager.disable
+    # onnxruntime's quantiser reports every tensor it leaves alone on the root logger
+    logging.disable(logging.INFO)
+    try:
+        _quantize(fp32, int8)
+    finally:
+        logging.disable(previous)
+
+
+def _quantize(fp32: Path, int8: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
