@@ -291,9 +291,11 @@ def test_benchmark_reports_throughput_and_latency(run, demo):
     from mmtag.inference.benchmark import benchmark
 
     res = benchmark(run, demo / "test.csv", demo / "data", n=8, batch_size=4, single=3)
-    assert res["rows"] == 8 and res["samples_per_second"] > 0
-    assert 0 < res["single_latency_ms_median"] <= res["single_latency_ms_p90"] + 1e-9
-    assert res["machine"]["torch_threads"] == res["threads"] and res["machine"]["cpu"]
+    (torch_res,) = res["engines"]
+    assert res["rows"] == 8 and torch_res["engine"] == "torch"
+    assert torch_res["samples_per_second"] > 0
+    assert 0 < torch_res["single_latency_ms_median"] <= torch_res["single_latency_ms_p90"] + 1e-9
+    assert res["machine"]["torch_threads"] == torch_res["threads"] and res["machine"]["cpu"]
 
 
 def test_caption_only_and_image_only_models(demo, tmp_path):

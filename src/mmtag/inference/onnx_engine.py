@@ -134,12 +134,15 @@ class OnnxPredictor(PredictorBase):
                    at_least_one=bool(d["at_least_one"]), rule=d["rule"],
                    reads_images="images" in meta["inputs"], reads_captions="ids" in meta["inputs"],
                    has_caption_head="caption_probs" in meta["outputs"],
-                   image_sizes=[int(meta["image"]["size"])] if meta["image"] else [None],
                    limit_val=int(meta.get("limit_val") or 0), session=session, meta=meta, folder=folder, engine=engine)
 
     @property
     def tta_flip(self) -> bool:
         return bool(self.meta["tta_flip"])
+
+    @property
+    def image_sizes(self) -> list[int | None]:
+        return [int(self.meta["image"]["size"])] if self.meta["image"] else [None]
 
     def transform(self, size: int | None = None):
         spec = self.meta["image"]

@@ -52,13 +52,17 @@ class PredictorBase:
     reads_images: bool = True
     reads_captions: bool = True
     has_caption_head: bool = False  # a head of the caption alone (for rows without an image)
-    image_sizes: list = None  # the sizes each image is read at; [None] without images
     limit_val: int = 0  # the run's data.limit_val: its validation rows are the first this many
     engine: str = "torch"
 
     @property
     def tta_flip(self) -> bool:
         """Whether each image is averaged with its mirror image."""
+        raise NotImplementedError
+
+    @property
+    def image_sizes(self) -> list[int | None]:
+        """The sizes each image is read at; [None] for a model that reads no images."""
         raise NotImplementedError
 
     def transform(self, size: int | None = None):
@@ -175,7 +179,6 @@ class Predictor(PredictorBase):
                    reads_images=first.image_encoder is not None,
                    reads_captions=first.text_encoder is not None,
                    has_caption_head=first.has_caption_head,
-                   image_sizes=cfg.image_sizes if first.image_encoder is not None else [None],
                    limit_val=cfg.data.limit_val, models=models, config=cfg, device=dev)
 
     @property
@@ -186,6 +189,11 @@ class Predictor(PredictorBase):
     @property
     def tta_flip(self) -> bool:
         return self.config.tta_flip
+
+    @property
+    def image_sizes(self) -> list[int | None]:
+        """data.image_size, then the extra sizes of multi-scale TTA."""
+        return self.config.image_sizes if self.reads_images else [None]
 
     def describe(self) -> dict:
         m = self.config.model
