@@ -138,28 +138,8 @@ def page_html() -> str:
     return resources.files("mmtag.serving").joinpath("page.html").read_text()
 
 
-def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = None) -> FastAPI:
-    """The service around a loaded, warmed-up predictor (any engine); `label_names` maps label
-    ids (as text) to names shown on the page."""
-    batcher = MicroBatcher(pred.predict_probs, opts.max_batch, opts.max_wait_ms,
-                           max_queue=opts.max_queue)
-    page = page_html()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        batcher.start()
-        yield
-        await batcher.stop()
-
-    app = FastAPI(title="mmtag", version=mmtag.__version__, lifespan=lifespan,
-                  description="Tags a photo and its caption with a set of labels.")
-    # the multipart body may hold the image(s), the captions and the form's own bytes
-    limit_single = opts.max_image_mb * 2**20 + 2**20
-    limit_batch = opts.max_image_mb * 2**20 * opts.max_batch_items + 2**20
-    app.add_middleware(BodyLimit, limit_for=lambda path: limit_batch if path.endswith("/batch")
-                       else limit_single)
-    # at most this many photos are decoded at once: a full-size decode can take hundreds of MB
-    decoding = asyncio.Semaphore(2 * (os.cpu_count() or 1))
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error answers JSON with a one-line "detail"."""
 
     @app.exception_handler(BadInput)
     async def bad_input(request: Request, e: BadInput):
@@ -175,6 +155,53 @@ def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = No
     async def server_error(request: Request, e: Exception):
         log.exception("request %s failed", request.url.path)
         return JSONResponse({"detail": f"the server failed on this request: {e}"}, 500)
+
+
+def add_body_limit(app: FastAPI, opts: ServeOptions) -> None:
+    """413 for a body over the limit: the multipart body holds the image(s), the captions and
+    the form's own bytes."""
+    single = opts.max_image_mb * 2**20 + 2**20
+    batch = opts.max_image_mb * 2**20 * opts.max_batch_items + 2**20
+    app.add_middleware(BodyLimit, limit_for=lambda path: batch if path.endswith("/batch")
+                       else single)
+
+
+def batch_size(pred, opts: ServeOptions, n_images: int, n_captions: int) -> int:
+    """The samples in a /v1/tag/batch request, or BadInput: none, too many, or counts that
+    differ where the model reads both."""
+    n = max(n_images, n_captions)
+    if n == 0:
+        raise BadInput(422, "no samples: send the photos as repeated multipart file fields "
+                            "'images', with one 'captions' field each")
+    if n > opts.max_batch_items:
+        raise BadInput(413, f"{n} samples in one request, over the limit of "
+                            f"{opts.max_batch_items}; split the batch")
+    if pred.reads_images and n_images != n or pred.reads_captions and n_captions != n:
+        raise BadInput(422, f"{n_images} images but {n_captions} captions: send one "
+                            f"'captions' field per image, in the same order")
+    return n
+
+
+def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = None) -> FastAPI:
+    """The service around a loaded, warmed-up predictor (any engine); `label_names` maps label
+    ids (as text) to names shown on the page."""
+    batcher = MicroBatcher(pred.predict_probs, opts.max_batch, opts.max_wait_ms,
+                           max_queue=opts.max_queue)
+    page = page_html()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="mmtag", version=mmtag.__version__, lifespan=lifespan,
+                  description="Tags a photo and its caption with a set of labels.")
+    add_body_limit(app, opts)
+    # at most this many photos are decoded at once: a full-size decode can take hundreds of MB
+    decoding = asyncio.Semaphore(2 * (os.cpu_count() or 1))
+
+    add_error_handlers(app)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
@@ -231,16 +258,7 @@ def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = No
             captions: Annotated[list[str] | None, Form(description="one per photo")] = None
     ) -> dict:
         images, captions = images or [], captions or []
-        n = max(len(images), len(captions))
-        if n == 0:
-            raise BadInput(422, "no samples: send the photos as repeated multipart file fields "
-                                "'images', with one 'captions' field each")
-        if n > opts.max_batch_items:
-            raise BadInput(413, f"{n} samples in one request, over the limit of "
-                                f"{opts.max_batch_items}; split the batch")
-        if pred.reads_images and len(images) != n or pred.reads_captions and len(captions) != n:
-            raise BadInput(422, f"{len(images)} images but {len(captions)} captions: send one "
-                                f"'captions' field per image, in the same order")
+        n = batch_size(pred, opts, len(images), len(captions))
         return {"results": await tag_many(images or [None] * n, captions or [None] * n)}
 
     return app
