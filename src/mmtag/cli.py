@@ -48,7 +48,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     run = Path(args.resume or args.out)
     summary = train(args.data, run, args.config, args.set or (), resume=args.resume is not None,
                     restart=args.restart)
-    _print_summary(summary, run)
+    if summary is not None:  # under torchrun, rank 0 speaks for all
+        _print_summary(summary, run)
     return 0
 
 
@@ -114,6 +115,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                       caption_only_missing=args.caption_only_missing,
                       batch_size=args.batch_size, device=args.device, num_workers=args.workers,
                       tta_sizes=args.tta_sizes, engine=args.engine)
+    if res is None:  # under torchrun, rank 0 writes and speaks for all
+        return 0
     print(f"wrote {res['rows']} rows to {res['out']} (decision: {res['decision']})"
           + (f" and probabilities to {res['probs']}" if res["probs"] else ""))
     if res["caption_only"]:

@@ -52,7 +52,12 @@ class DataConfig:
                                      # PyPI), 'wordnet' (NLTK, the report's: needs
                                      # `mmtag setup-wordnet`), or 'none'
     min_freq: int = 1                # minimum count of a word to enter the vocabulary
-    num_workers: int = 2             # DataLoader processes (0: load in the main process)
+    num_workers: int = 2             # DataLoader processes (0: load in the main process); the
+                                     # device pipeline's decoding processes
+    # 'loader': a DataLoader decodes and augments every image in worker processes each epoch;
+    # 'device': each image is decoded once into a uint8 cache (a memory-mapped file, in GPU
+    # memory when it fits) and batches are augmented on the device; 'auto': 'device' on CUDA
+    pipeline: str = "auto"
 
     def __post_init__(self) -> None:
         _check(0.0 < self.train_prop < 1.0, "data.train_prop must be in (0, 1)")
@@ -78,6 +83,8 @@ class DataConfig:
         _check(self.max_len is None or self.max_len >= 1, "data.max_len must be >= 1 or null")
         _check(0.5 <= self.len_quantile <= 1.0, "data.len_quantile must be in [0.5, 1]")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.pipeline in ("auto", "loader", "device"),
+               "data.pipeline must be one of ['auto', 'device', 'loader']")
 
 
 @dataclass
@@ -195,12 +202,16 @@ class OptimConfig:
     weight_decay: float = 0.0
     encoder_lr_mult: float = 1.0  # learning rate of the pretrained encoders = lr * this
     epochs: int = 15
-    batch_size: int = 32
+    batch_size: int = 32          # per process: under torchrun the global batch is N times this
     scheduler: str = "plateau"    # 'plateau', 'cosine', 'none'
     plateau_on: str = "val_loss"  # 'val_loss' or 'micro_f1'
     plateau_factor: float = 0.5
     plateau_patience: int = 1
-    warmup_epochs: float = 0.0    # cosine: linear warm-up length in epochs
+    warmup_epochs: float = 0.0    # linear warm-up length in epochs (any scheduler)
+    # large batches: the learning rates are scaled by (global batch / lr_batch) ('linear') or its
+    # square root ('sqrt'); the global batch is batch_size x the number of processes (torchrun)
+    lr_scale: str = "none"
+    lr_batch: int = 64            # the global batch the learning rates above were chosen for
     grad_clip: float = 0.0        # max gradient norm; 0: off
     early_stopping: int = 0       # stop after N epochs without a better best_metric; 0: off
     ema: float = 0.0              # decay of an exponential moving average of the weights per
@@ -209,6 +220,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check(self.name in ("adam", "adamw"), "optim.name must be one of ['adam', 'adamw']")
+        _check(self.lr_scale in ("none", "linear", "sqrt"),
+               "optim.lr_scale must be one of ['linear', 'none', 'sqrt']")
+        _check(self.lr_batch >= 1, "optim.lr_batch must be >= 1")
         _check(self.scheduler in ("plateau", "cosine", "none"),
                "optim.scheduler must be one of ['cosine', 'none', 'plateau']")
         _check(self.plateau_on in ("val_loss", "micro_f1"),
@@ -254,6 +268,8 @@ class TrainConfig:
     amp: str = "auto"               # 'auto' (bf16 on CUDA, off on CPU), 'bf16', 'fp16', 'none'
     channels_last: bool = True      # channels_last memory format for the image encoder (faster on CPU and CUDA)
     deterministic: bool = False     # torch deterministic algorithms (slower)
+    compile: bool = False           # torch.compile the training step's model (CUDA: measure with
+                                    # `mmtag bench train`; the first steps wait for compilation)
     best_metric: str = "micro_f1"   # validation metric that picks the best checkpoint
     # 'threshold': a label is predicted at or above its tuned threshold (micro-F1's best rule);
     # 'expected_f1': per image, the label set with the highest expected F1 under the predicted

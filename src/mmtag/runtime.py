@@ -6,10 +6,13 @@ import contextlib
 import os
 import platform
 import random
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+_IMPORTED = time.time()  # seconds_since_start's fallback where /proc is missing
 
 
 def seed_everything(seed: int) -> None:
@@ -132,3 +135,15 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seconds_since_start() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere since mmtag.runtime was
+    imported): the time a user waits from typing the command."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time() - _IMPORTED

@@ -20,6 +20,7 @@ from mmtag.data.dataset import Split, TaggingDataset, make_loader
 from mmtag.data.images import ImageReadError, build_transform, load_image, to_rgb, transform_spec
 from mmtag.data.labels import LabelMap, UnknownLabelError
 from mmtag.data.tokenizers import tokenizer_from_dict
+from mmtag.distributed import Dist, from_env, sharded, start, stop
 from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.probs_csv import average_probs, format_probs
 from mmtag.evaluation.thresholds import apply_thresholds, check_threshold, decide
@@ -417,9 +418,24 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
                 threshold: float | None = None, decision: str | None = None,
                 caption_only_missing: bool = False, batch_size: int = 64, device: str = "auto",
                 num_workers: int = 0, tta_sizes: Sequence[int] | None = None,
-                engine: str = "torch") -> dict:
+                engine: str = "torch") -> dict | None:
     """Write the Kaggle submission for every row of `csv_path`, in order (and the
-    probabilities to `probs_out`): both files or neither."""
+    probabilities to `probs_out`): both files or neither.
+
+    Under torchrun each process predicts every world-th row and rank 0 writes the files and
+    returns the result; the others return None."""
+    dist = from_env()
+    torch_device = start(dist, resolve_device(device))
+    try:
+        return _predict_csv(run, csv_path, images, out, probs_out, threshold, decision,
+                            caption_only_missing, batch_size, str(torch_device), num_workers,
+                            tta_sizes, engine, dist)
+    finally:
+        stop(dist)
+
+
+def _predict_csv(run, csv_path, images, out, probs_out, threshold, decision, caption_only_missing,
+                 batch_size, device, num_workers, tta_sizes, engine, dist: Dist) -> dict | None:
     csv_path, images = Path(csv_path), Path(images)
     check_outputs({"--csv": csv_path, "run": _checkpoint_path(run)},
                   {"--out": Path(out), "--probs": probs_out and Path(probs_out)})
@@ -440,7 +456,11 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
         more = f" and {len(msgs) - 3} more" if len(msgs) > 3 else ""
         log.warning("predicting %d row(s) from the caption alone, by %s: %s%s", len(msgs), via,
                     "; ".join(msgs[:3]), more)
-    probs = _csv_probabilities(pred, rows, images, str(csv_path), bad, batch_size, num_workers)
+    probs = sharded(len(rows), dist, torch.device(device), lambda idx: _csv_probabilities(
+        pred, [rows[i] for i in idx], images, str(csv_path),
+        {j: bad[i] for j, i in enumerate(idx) if i in bad}, batch_size, num_workers))
+    if not dist.main:
+        return None
     decisions = pred.decide(probs, threshold, decision=decision)
     label_sets = [pred.label_map.decode(d) for d in decisions]
     files = [(out, format_csv([Record(r.image_id, labs, "", r.line)

@@ -313,5 +313,8 @@ class Tagger(nn.Module):
         return seqs, masks
 
     def forward(self, images: torch.Tensor | None, ids: torch.Tensor | None,
-                lengths: torch.Tensor | None) -> torch.Tensor:
-        return self.forward_all(images, ids, lengths)["logits"]  # (B, C) logits
+                lengths: torch.Tensor | None, all_heads: bool = False):
+        """(B, C) logits; with `all_heads`, forward_all's dict (training calls the model this
+        way, so that DistributedDataParallel and torch.compile wrap the whole step)."""
+        out = self.forward_all(images, ids, lengths)
+        return out if all_heads else out["logits"]  # (B, C) logits

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmtag.distributed import SINGLE, Dist, all_sum, gather_rows
 from mmtag.runtime import autocast
 
 log = logging.getLogger("mmtag.train")
@@ -38,6 +40,10 @@ class StepOptions:
     ema: Any = None                    # mmtag.training.ema.EMA updated after every step
     progress: bool = False             # a tqdm bar (else a log line every 30 s)
     desc: str = "train"                # what the bar and the messages call this pass
+    train_model: nn.Module | None = None  # what runs the forward pass: the model wrapped in
+                                       # DistributedDataParallel and/or torch.compile (None: it)
+    dist: Dist = SINGLE                # the training processes: epoch figures cover all ranks
+    on_first_step: Callable[[], None] | None = None  # called once the first step has finished
 
 
 def batch_to(batch, device: torch.device, channels_last: bool):
@@ -90,35 +96,63 @@ def _step(model: nn.Module, loss: torch.Tensor, optimizer, opts: StepOptions) ->
 def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer,
                     opts: StepOptions) -> tuple[float, np.ndarray, np.ndarray]:
     """One pass over `loader`; returns (mean loss of the final logits against the labels,
-    probabilities, targets) of the pass."""
+    probabilities, targets) of the pass, over every rank's rows.
+
+    Nothing waits for the device inside the loop: losses, logits and a divergence flag stay
+    on it and come back once, at the end of the epoch (or with a 30-s progress line)."""
     model.train()
-    total, count = 0.0, 0
-    probs, targets = [], []
+    forward = opts.train_model or model
+    total = torch.zeros((), device=opts.device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=opts.device)
+    bad_loss = torch.zeros((), device=opts.device)
+    logits_seen, targets_seen, count = [], [], 0
     bar = progress_bar(loader, len(loader), opts.desc, opts.progress)
     last_log = time.time()
     for step, batch in enumerate(bar):
         images, ids, lengths, target = batch_to(batch, opts.device, opts.channels_last)
         with autocast(opts.device, opts.dtype):
-            out = model.forward_all(images, ids, lengths)
+            out = forward(images, ids, lengths, all_heads=True)
         loss = _objective(out, target, loss_fn, opts.aux_weight)
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(f"the loss became {loss.item()} at {opts.desc} step {step}")
+        newly_bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
+        first_bad = torch.where(newly_bad, step, first_bad)
+        bad_loss = torch.where(newly_bad, loss.detach(), bad_loss)
         _step(model, loss, optimizer, opts)
+        if step == 0 and opts.on_first_step is not None:
+            loss.item()  # waits for the step: its end is what is timed
+            opts.on_first_step()
         logits = out["logits"].detach().float()
-        n = target.shape[0]
         # reported: the final prediction's loss against the labels, what `evaluate` reports for
         # the validation rows (the objective adds the per-modality heads' terms)
         with torch.no_grad():
-            total += loss_fn(logits, target).item() * n
-        count += n
-        probs.append(torch.sigmoid(logits).cpu())
-        targets.append(target.cpu())
-        if opts.progress:
-            bar.set_postfix(loss=f"{total / count:.4f}")
-        elif time.time() - last_log > 30:
-            log.info("%s step %d/%d loss %.4f", opts.desc, step + 1, len(loader), total / count)
+            total += loss_fn(logits, target) * target.shape[0]
+        count += target.shape[0]
+        logits_seen.append(logits)
+        targets_seen.append(target)
+        if time.time() - last_log > (2 if opts.progress else 30):  # the only mid-epoch sync
+            _report_progress(bar, opts, step, len(loader), (total / count).item())
             last_log = time.time()
-    return total / max(count, 1), torch.cat(probs).numpy(), torch.cat(targets).numpy()
+    if first_bad.item() >= 0:
+        raise TrainingDivergedError(f"the loss became {bad_loss.item()} at {opts.desc} step "
+                                    f"{first_bad.item()}")
+    total = all_sum(torch.stack([total, torch.tensor(float(count), device=opts.device)]),
+                    opts.dist)
+    probs = torch.sigmoid(_cat(logits_seen, opts.device))
+    targets = _cat(targets_seen, opts.device)
+    n = len(probs) * opts.dist.world  # every rank ran the same number of rows
+    probs, targets = gather_rows(probs, n, opts.dist), gather_rows(targets, n, opts.dist)
+    return (total[0] / total[1].clamp(min=1)).item(), probs.cpu().numpy(), targets.cpu().numpy()
+
+
+def _cat(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The epoch's (B, C) batches as one (N, C) tensor (an empty pass: (0, 0))."""
+    return torch.cat(parts) if parts else torch.zeros(0, 0, device=device)
+
+
+def _report_progress(bar, opts: StepOptions, step: int, steps: int, loss: float) -> None:
+    if opts.progress:
+        bar.set_postfix(loss=f"{loss:.4f}")
+    else:
+        log.info("%s step %d/%d loss %.4f", opts.desc, step + 1, steps, loss)
 
 
 def flip_tta_logits(model: nn.Module, images, ids, lengths, tta: bool) -> torch.Tensor:
@@ -136,14 +170,17 @@ def flip_tta_logits(model: nn.Module, images, ids, lengths, tta: bool) -> torch.
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, loss_fn: nn.Module | None, device: torch.device, *,
              dtype: torch.dtype | None = None, channels_last: bool = False, tta: bool = False,
-             progress: bool = False, desc: str = "eval") -> tuple[float, np.ndarray, np.ndarray]:
+             progress: bool = False, desc: str = "eval", dist: Dist = SINGLE,
+             rows: int | None = None) -> tuple[float, np.ndarray, np.ndarray]:
     """(mean loss or nan, probabilities (N, C), targets (N, C)) over `loader`, in order.
 
-    The image encoder runs as its `for_inference` copy (BatchNorm folded into the convs: the same
-    outputs up to rounding, a quarter faster on CPU); `model` itself is left as it was."""
+    Under torchrun each rank's `loader` holds its `shard_indices(rows, dist, equal='pad')`
+    rows, and every rank gets all `rows` rows back. The image encoder runs as its
+    `for_inference` copy (BatchNorm folded into the convs: the same outputs up to rounding, a
+    quarter faster on CPU); `model` itself is left as it was. The logits stay on the device
+    until the pass ends."""
     model.eval()
-    total, count = 0.0, 0
-    probs, targets = [], []
+    logits_seen, targets_seen = [], []
     encoder = getattr(model, "image_encoder", None)
     if encoder is not None:
         model.image_encoder = encoder.for_inference(channels_last=channels_last)
@@ -151,14 +188,14 @@ def evaluate(model: nn.Module, loader, loss_fn: nn.Module | None, device: torch.
         for batch in progress_bar(loader, len(loader), desc, progress):
             images, ids, lengths, target = batch_to(batch, device, channels_last)
             with autocast(device, dtype):
-                logits = flip_tta_logits(model, images, ids, lengths, tta)
-            if loss_fn is not None:
-                total += loss_fn(logits, target).item() * target.shape[0]
-            count += target.shape[0]
-            probs.append(torch.sigmoid(logits).cpu())
-            targets.append(target.cpu())
+                logits_seen.append(flip_tta_logits(model, images, ids, lengths, tta))
+            targets_seen.append(target)
     finally:
         if encoder is not None:
             model.image_encoder = encoder
-    loss = total / max(count, 1) if loss_fn is not None else float("nan")
-    return loss, torch.cat(probs).numpy(), torch.cat(targets).numpy()
+    logits, targets = _cat(logits_seen, device), _cat(targets_seen, device)
+    n = rows if rows is not None else len(logits)
+    logits, targets = gather_rows(logits, n, dist), gather_rows(targets, n, dist)
+    loss = (loss_fn(logits, targets).item() if loss_fn is not None and n
+            else float("nan"))
+    return loss, torch.sigmoid(logits).cpu().numpy(), targets.cpu().numpy()

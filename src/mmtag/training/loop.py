@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,12 @@ from mmtag.atomic import atomic_write, read_json
 from mmtag.config import TrainConfig
 from mmtag.data.csv_io import Record, read_csv
 from mmtag.data.dataset import Split, TaggingDataset, make_loader
+from mmtag.data.device_batches import DeviceBatches, PixelDataset, as_tensor, shard_indices
 from mmtag.data.images import build_transform, transform_spec
 from mmtag.data.labels import LabelMap
+from mmtag.data.pixel_cache import cache_bytes, default_pixel_dir, pixel_cache
 from mmtag.data.tokenizers import CaptionTokenizer, fit_tokenizer, tokenizer_from_dict
+from mmtag.distributed import SINGLE, Dist, from_env, main_first, on_main, start, stop
 from mmtag.evaluation.estimate import decision_figures, epoch_scores
 from mmtag.evaluation.probs_csv import average_probs, write_val_probs
 from mmtag.models.build import build_tagger, encoder_normalisation
@@ -38,6 +41,7 @@ from mmtag.runtime import (
     machine_info,
     resolve_device,
     rng_state,
+    seconds_since_start,
     seed_everything,
     set_deterministic,
     set_rng_state,
@@ -54,7 +58,7 @@ from mmtag.training.checkpoint import (
 from mmtag.training.ema import EMA
 from mmtag.training.engine import StepOptions, TrainingDivergedError, evaluate, train_one_epoch
 from mmtag.training.losses import build_loss, pos_weight_from_targets
-from mmtag.training.optim import make_optimizer, make_scheduler
+from mmtag.training.optim import lr_factor, make_optimizer, make_scheduler, make_warmup
 from mmtag.training.run_folder import (
     LOCK_FILE,
     append_metrics_row,
@@ -75,7 +79,10 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
 
     `resume` continues from `last.pt` (a run that stopped before its first checkpoint starts
     over with the same config). `restart`: `run_dir` may hold the files of a run that stopped
-    before its first checkpoint; they are deleted and the run starts over."""
+    before its first checkpoint; they are deleted and the run starts over.
+
+    Under torchrun every process calls it: rank 0 claims the folder and writes every file and
+    returns the summary, the other ranks return None."""
     started = time.time()
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     progress = sys.stderr.isatty() if progress is None else progress
@@ -84,16 +91,30 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
         raise FileExistsError(f"run folder {run_dir} is a file; choose another --out")
     if resume and not run_dir.is_dir():
         raise FileNotFoundError(f"cannot resume: run folder {run_dir} does not exist")
+    dist = from_env()
+    device = start(dist, resolve_device(cfg.device))
+    try:
+        with ExitStack() as held:  # rank 0 holds the run folder's lock until training ends
+            resume = on_main(dist, lambda: _claim(cfg, data_dir, run_dir, resume, restart, held))
+            return _train(cfg, data_dir, run_dir, rows, resume, progress and dist.main, started,
+                          _runtime(cfg, device, dist))
+    finally:
+        stop(dist)
+
+
+def _claim(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, restart: bool,
+           held: ExitStack) -> bool:
+    """Lock `run_dir` (in `held`) and claim it (whether the run resumes); a refused folder is
+    left as it was found."""
     made = [p for p in (run_dir, run_dir / LOCK_FILE) if not p.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(run_dir):
-        try:
-            resume = claim_run_folder(cfg, data_dir, run_dir, resume, restart)
-        except (FileExistsError, FileNotFoundError):
-            for p in reversed(made):  # a refused folder is left as it was found
-                p.rmdir() if p.is_dir() else p.unlink()
-            raise
-        return _train(cfg, data_dir, run_dir, rows, resume, progress, started)
+    held.enter_context(run_lock(run_dir))
+    try:
+        return claim_run_folder(cfg, data_dir, run_dir, resume, restart)
+    except (FileExistsError, FileNotFoundError):
+        for p in reversed(made):
+            p.rmdir() if p.is_dir() else p.unlink()
+        raise
 
 
 @dataclass
@@ -103,6 +124,7 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype | None   # autocast dtype
     machine: dict               # runtime.machine_info, saved in summary.json
+    dist: Dist = SINGLE         # the training processes (torchrun), this one among them
 
 
 @dataclass
@@ -125,6 +147,8 @@ class TrainState:
     scheduler: Any
     scaler: Any
     ema: EMA | None
+    warmup: Any = None          # optim.LinearWarmup of the plateau / constant schedules
+    first_step_seconds: float | None = None  # from the process's start to its first step's end
     start_epoch: int = 1
     best_value: float | None = None
     best_epoch: int = 0
@@ -132,31 +156,71 @@ class TrainState:
 
 
 def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, rows: list[Record], resume: bool,
-           progress: bool, started: float) -> dict:
+           progress: bool, started: float, rt: Runtime) -> dict | None:
     seed_everything(cfg.seed)
     if cfg.deterministic:
         set_deterministic()
-    rt = _runtime(cfg)
     for warning in cfg.warnings():
         log.warning(warning)
-    data = prepare_data(cfg, data_dir, run_dir, resume, rows)
-    model, last, size_mb = _model(cfg, data, run_dir, resume, rt.device)
-    sets = _datasets(cfg, model, data, rt, progress)
+    s = setup(cfg, data_dir, run_dir, rows, resume, progress, rt)
+    _epochs(cfg, run_dir, s.model, s.train_model, s.data, s.sets, s.state, rt, progress)
+    summary = on_main(rt.dist, lambda: _summary(cfg, data_dir, run_dir, s.model, s.data, s.sets,
+                                                rt, s.size_mb, started,
+                                                s.state.first_step_seconds))
+    return summary if rt.dist.main else None
+
+
+@dataclass
+class Setup:
+    """Everything the epochs need, as `setup` makes it."""
+
+    data: RunData
+    model: nn.Module
+    train_model: nn.Module      # what runs the training forward pass (DDP / compiled)
+    sets: Datasets
+    state: TrainState
+    size_mb: float              # the saved model's size
+
+
+def setup(cfg: TrainConfig, data_dir: Path, run_dir: Path, rows: list[Record], resume: bool,
+          progress: bool, rt: Runtime) -> Setup:
+    """Split and vocabulary, model, datasets (and their caches), optimizer: what happens
+    between the command and the first step (`mmtag bench train` times it too)."""
+    t0 = time.time()
+    with main_first(rt.dist):  # rank 0 writes the split and vocabulary, the others read them
+        data = prepare_data(cfg, data_dir, run_dir, resume or not rt.dist.main, rows)
+    t1 = time.time()
+    model, last, size_mb = _model(cfg, data, run_dir, resume, rt)
+    t2 = time.time()
+    with main_first(rt.dist):  # rank 0 fills the caches, the others read them
+        sets = _datasets(cfg, model, data, rt, progress)
+    t3 = time.time()
     state = _training_state(cfg, model, sets, last, rt, run_dir)
-    _epochs(cfg, run_dir, model, data, sets, state, rt, progress)
+    train_model = _train_model(cfg, model, rt)
+    log.info("set-up: split and vocabulary %.1f s, model %.1f s, datasets %.1f s, optimizer "
+             "%.1f s; %.1f s since the command started", t1 - t0, t2 - t1, t3 - t2,
+             time.time() - t3, seconds_since_start())
+    return Setup(data, model, train_model, sets, state, size_mb)
+
+
+def _summary(cfg: TrainConfig, data_dir: Path, run_dir: Path, model: nn.Module, data: RunData,
+             sets: Datasets, rt: Runtime, size_mb: float, started: float,
+             first_step_seconds: float | None) -> dict:
+    """Thresholds on the validation rows, summary.json and the curves (rank 0)."""
     summary = _finish(cfg, run_dir, model, data, sets, rt)
     summary["model_mb"] = size_mb
     # what this process took (a resumed run: since --resume), and on what
     summary["wall_seconds"] = round(time.time() - started, 1)
+    summary["first_step_seconds"] = first_step_seconds  # from the process's start
     summary["machine"] = rt.machine
+    summary["processes"] = rt.dist.world
     summary["data_dir"] = str(data_dir.resolve())  # where the report finds the images
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     _draw_curves(run_dir)
     return summary
 
 
-def _runtime(cfg: TrainConfig) -> Runtime:
-    device = resolve_device(cfg.device)
+def _runtime(cfg: TrainConfig, device: torch.device, dist: Dist) -> Runtime:
     machine = machine_info(device)
     log.info("machine: %s, %d logical CPUs, %d torch threads%s; torch %s", machine["cpu"],
              machine["logical_cpus"], machine["torch_threads"],
@@ -165,7 +229,7 @@ def _runtime(cfg: TrainConfig) -> Runtime:
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
         log.warning("amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): it will run "
                     "slower than fp32 here; use --set amp=none")
-    return Runtime(device, dtype, machine)
+    return Runtime(device, dtype, machine, dist)
 
 
 @dataclass
@@ -215,14 +279,22 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
 
 
 def _model(cfg: TrainConfig, data: RunData, run_dir: Path, resume: bool,
-           device: torch.device) -> tuple[nn.Module, dict | None, float]:
-    """(the tagger on `device` with last.pt's weights on a resume, last.pt or None, its saved
+           rt: Runtime) -> tuple[nn.Module, dict | None, float]:
+    """(the tagger on the device with last.pt's weights on a resume, last.pt or None, its saved
     size in MB); a model over model.max_size_mb is refused here, before any training."""
+    device = rt.device
     model = build_tagger(cfg.model, data.label_map.num_classes, data.caption_enc,
                          load_pretrained=not resume)
     last = load_checkpoint(run_dir / "last.pt", "resume checkpoint", required=(
         "model", "optimizer", "rng", "epoch", "best_value", "best_epoch", "bad_epochs")
     ) if resume else None
+    if last is not None and last.get("world_size", 1) != rt.dist.world:
+        n = last.get("world_size", 1)
+        how = f"torchrun --nproc_per_node={n} (or nodes x processes = {n})" if n > 1 else \
+            "one process (without torchrun)"
+        raise ValueError(f"{run_dir} was trained by {n} process(es) and this resume has "
+                         f"{rt.dist.world}: the global batch, the shuffled shards and the "
+                         f"learning rate depend on it; resume with {how}")
     if last is not None:
         # before anything runs the model: the frozen stages compute the feature cache, and on
         # a resume they hold random weights until the checkpoint's are in
@@ -260,6 +332,8 @@ def _datasets(cfg: TrainConfig, model: nn.Module, data: RunData, rt: Runtime,
         others[-1].transform = build_transform(transform_spec(cfg.data, norm, size), train=False)
     stage, text_stage = plan_cache(cfg, model)
     if not (stage > 0 or (text_stage and not has_image)):
+        if has_image and pipeline(cfg, rt.device) == "device":
+            return _pixel_datasets(cfg, data, rt, norm, (train_ds, val_ds, others), progress)
         return Datasets(train_ds, val_ds, others, 0, cfg.data.num_workers)
     log.info("cached-feature path: %s%s; only the rest trains. Cached images get flip "
              "augmentation only (colour jitter and affine need the raw pixels).",
@@ -279,6 +353,54 @@ def _datasets(cfg: TrainConfig, model: nn.Module, data: RunData, rt: Runtime,
     return sets
 
 
+def pipeline(cfg: TrainConfig, device: torch.device) -> str:
+    """data.pipeline resolved: 'auto' is 'device' on CUDA, where decoding JPEGs every epoch
+    cannot keep up with the model, and 'loader' elsewhere."""
+    if cfg.data.pipeline != "auto":
+        return cfg.data.pipeline
+    return "device" if device.type == "cuda" else "loader"
+
+
+def _pixel_datasets(cfg: TrainConfig, data: RunData, rt: Runtime, norm: str, raw: tuple,
+                    progress: bool) -> Datasets:
+    """The device pipeline: every image decoded once into a uint8 cache at each size, moved to
+    the device with the captions and targets when it fits (else read from the memory map)."""
+    folder = Path(cfg.cache.dir) / "pixels" if cfg.cache.dir else default_pixel_dir()
+    train_ds, val_ds, others = raw
+    # an LSTM packs its sequences by lengths held on the CPU; MiniLM masks on the device
+    lengths_on_device = cfg.model.text_encoder != "glove_lstm"
+
+    def pixels(ds: TaggingDataset, train: bool, size: int | None = None) -> PixelDataset:
+        spec = transform_spec(cfg.data, norm, size)
+        paths = [data.image_dir / r.image_id for r in ds.records]
+        where = [f"train.csv line {r.line}, {r.image_id}" for r in ds.records]
+        cache = as_tensor(pixel_cache(paths, where, spec.size, folder,
+                                      workers=cfg.data.num_workers, progress=progress))
+        fits = _fits_on_device(cache_bytes(len(paths), spec.size), rt.device)
+        return PixelDataset(cache, ds.tokens, ds.lengths, ds.targets, spec, train).to(
+            rt.device, pixels=fits, lengths=lengths_on_device)
+
+    sizes = cfg.tta_sizes
+    log.info("device pipeline: images decoded once into uint8 caches in %s, augmented in "
+             "batches on %s", folder, rt.device)
+    return Datasets(pixels(train_ds, True), pixels(val_ds, False),
+                    [pixels(ds, False, size) for ds, size in zip(others, sizes, strict=True)],
+                    0, workers=0)
+
+
+def _fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether a pixel cache goes to the device: on CUDA when it takes under 40 % of the free
+    memory (the model's activations need the rest); a CPU reads it from the memory map."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = nbytes < 0.4 * free
+    if not fits:
+        log.info("pixel cache of %.1f GB stays in host memory (%.1f GB free on %s)",
+                 nbytes / 1e9, free / 1e9, device)
+    return fits
+
+
 def _training_state(cfg: TrainConfig, model: nn.Module, sets: Datasets, last: dict | None,
                     rt: Runtime, run_dir: Path) -> TrainState:
     """Loss, optimizer, schedule, gradient scaler and EMA: fresh, or as last.pt left them."""
@@ -288,76 +410,133 @@ def _training_state(cfg: TrainConfig, model: nn.Module, sets: Datasets, last: di
     lc = cfg.loss
     loss_fn = build_loss(lc.name, pos_weight=pos_weight, alpha=lc.alpha, gamma=lc.gamma,
                          gamma_neg=lc.gamma_neg, gamma_pos=lc.gamma_pos, clip=lc.clip)
-    optimizer = make_optimizer(cfg.optim, model)
-    scheduler = make_scheduler(cfg.optim, optimizer, math.ceil(len(sets.train) / cfg.optim.batch_size))
+    factor = lr_factor(cfg.optim, rt.dist.world)
+    if factor != 1.0:
+        log.info("learning rates x%.3g (optim.lr_scale=%s: global batch %d against lr_batch %d)",
+                 factor, cfg.optim.lr_scale, cfg.optim.batch_size * rt.dist.world,
+                 cfg.optim.lr_batch)
+    optimizer = make_optimizer(cfg.optim, model, factor)
+    steps = math.ceil(len(sets.train) // rt.dist.world / cfg.optim.batch_size)
+    scheduler = make_scheduler(cfg.optim, optimizer, steps)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.dtype == torch.float16 else None
-    state = TrainState(loss_fn, optimizer, scheduler, scaler, ema=None)
+    state = TrainState(loss_fn, optimizer, scheduler, scaler, ema=None,
+                       warmup=make_warmup(cfg.optim, optimizer, steps))
     if last is not None:
-        _restore(state, last, cfg, run_dir)
+        _restore(state, last, cfg, run_dir, rt.dist.main)
     state.ema = EMA(model, cfg.optim.ema) if cfg.optim.ema > 0 else None  # from the (resumed) weights
     if state.ema is not None and last is not None and last.get("ema") is not None:
         state.ema.load_state_dict(last["ema"])
     return state
 
 
-def _restore(state: TrainState, last: dict, cfg: TrainConfig, run_dir: Path) -> None:
+def _restore(state: TrainState, last: dict, cfg: TrainConfig, run_dir: Path,
+             rt_main: bool) -> None:
     state.optimizer.load_state_dict(last["optimizer"])
     if state.scheduler is not None and last.get("scheduler") is not None:
         state.scheduler.load_state_dict(last["scheduler"])
     if state.scaler is not None and last.get("scaler") is not None:
         state.scaler.load_state_dict(last["scaler"])
+    if state.warmup is not None and last.get("warmup") is not None:
+        state.warmup.load_state_dict(last["warmup"])
     set_rng_state(last["rng"])
     state.start_epoch = last["epoch"] + 1
     state.best_value, state.best_epoch = last["best_value"], last["best_epoch"]
     state.bad_epochs = last["bad_epochs"]
-    truncate_metrics(run_dir / "metrics.csv", last["epoch"])
+    if rt_main:
+        truncate_metrics(run_dir / "metrics.csv", last["epoch"])
     log.info("resuming %s at epoch %d (best %s = %s at epoch %d)", run_dir, state.start_epoch,
              cfg.best_metric, state.best_value, state.best_epoch)
 
 
-def _epochs(cfg: TrainConfig, run_dir: Path, model: nn.Module, data: RunData, sets: Datasets,
-            state: TrainState, rt: Runtime, progress: bool) -> None:
+def _train_model(cfg: TrainConfig, model: nn.Module, rt: Runtime) -> nn.Module:
+    """What runs the training forward pass: the model, wrapped in DistributedDataParallel
+    under torchrun (gradients averaged over the ranks) and compiled with `compile: true`."""
+    wrapped = model
+    if rt.dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def _loader(ds, batch_size: int, workers: int, rt: Runtime, channels_last: bool, *,
+            shuffle: bool, seed: int = 0, drop_last: bool = False, dist: Dist = SINGLE):
+    """One pass's batches over `ds`: made on the device for a PixelDataset, else by a
+    DataLoader; under torchrun (`dist`) this rank's shard of the seeded order."""
+    if isinstance(ds, PixelDataset):
+        return DeviceBatches(ds, batch_size, rt.device, shuffle=shuffle, seed=seed,
+                             drop_last=drop_last, rank=dist.rank, world=dist.world,
+                             channels_last=channels_last)
+    if dist.active:
+        order = (torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+                 if shuffle else torch.arange(len(ds)))
+        shard = shard_indices(len(ds), dist.rank, dist.world, equal="drop" if shuffle else "pad")
+        ds, shuffle = torch.utils.data.Subset(ds, order[shard].tolist()), False
+    return make_loader(ds, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                       num_workers=workers, pin_memory=rt.device.type == "cuda")
+
+
+def _epochs(cfg: TrainConfig, run_dir: Path, model: nn.Module, train_model: nn.Module,
+            data: RunData, sets: Datasets, state: TrainState, rt: Runtime,
+            progress: bool) -> None:
     """Train from state.start_epoch to optim.epochs (or early stopping): after each epoch,
-    validate, save best.pt when the best metric improved, append to metrics.csv, save last.pt."""
+    validate, save best.pt when the best metric improved, append to metrics.csv, save last.pt
+    (rank 0 writes; every rank has the same metrics row)."""
     o = cfg.optim
-    val_loader = make_loader(sets.val, o.batch_size * 2, shuffle=False, num_workers=sets.workers,
-                             pin_memory=rt.device.type == "cuda")
+    val_loader = _loader(sets.val, o.batch_size * 2, sets.workers, rt, cfg.channels_last,
+                         shuffle=False, dist=rt.dist)
     for epoch in range(state.start_epoch, o.epochs + 1):
         if o.early_stopping and state.bad_epochs >= o.early_stopping:
             log.info("early stopping: no better %s for %d epochs", cfg.best_metric,
                      state.bad_epochs)
             break
-        row = _epoch(cfg, run_dir, model, sets, val_loader, state, rt, epoch, progress)
+        row = _epoch(cfg, run_dir, model, train_model, sets, val_loader, state, rt, epoch,
+                     progress, first=epoch == state.start_epoch)
         improved = _track_best(cfg, state, row, epoch)
-        if improved:
-            with _validated_weights(model, state):
-                atomic_save(best_payload(cfg, model, data, epoch, row), run_dir / "best.pt")
-        append_metrics_row(run_dir / "metrics.csv", row)
-        atomic_save(_last_payload(model, state, epoch), run_dir / "last.pt")
+        if rt.dist.main:
+            _save_epoch(cfg, run_dir, model, data, state, rt, epoch, row, improved)
         log.info("epoch %d/%d  train loss %.4f micro-F1 %.4f | val loss %.4f micro-F1 %.4f "
                  "samples-F1 %.4f (F1 at 0.5, no TTA) | lr %.2g | %.0fs%s", epoch, o.epochs,
                  row["train_loss"], row["train_micro_f1"], row["val_loss"], row["val_micro_f1"],
                  row["val_samples_f1"], row["lr"], row["seconds"], "  *best*" if improved else "")
 
 
-def _epoch(cfg: TrainConfig, run_dir: Path, model: nn.Module, sets: Datasets, val_loader,
-           state: TrainState, rt: Runtime, epoch: int, progress: bool) -> dict:
+def _save_epoch(cfg: TrainConfig, run_dir: Path, model: nn.Module, data: RunData,
+                state: TrainState, rt: Runtime, epoch: int, row: dict, improved: bool) -> None:
+    """best.pt when the epoch improved, the metrics.csv row, last.pt."""
+    if improved:
+        with _validated_weights(model, state):
+            atomic_save(best_payload(cfg, model, data, epoch, row), run_dir / "best.pt")
+    append_metrics_row(run_dir / "metrics.csv", row)
+    atomic_save(_last_payload(model, state, epoch, rt.dist.world), run_dir / "last.pt")
+
+
+def _epoch(cfg: TrainConfig, run_dir: Path, model: nn.Module, train_model: nn.Module,
+           sets: Datasets, val_loader, state: TrainState, rt: Runtime, epoch: int,
+           progress: bool, first: bool) -> dict:
     """Train one epoch and validate (plain view: per-epoch validation ranks epochs, flip TTA is
-    for the final figures); returns metrics.csv's row."""
+    for the final figures); returns metrics.csv's row. `first`: this process's first epoch
+    (the time to its first step is logged and kept)."""
     o = cfg.optim
     # Re-seeded per epoch so a resumed run draws the same shuffles and augmentations as an
-    # uninterrupted one, whatever happened before the interruption.
-    seed_everything(cfg.seed * 1000 + epoch)
-    loader = make_loader(sets.train, o.batch_size, shuffle=True,
-                         drop_last=len(sets.train) > o.batch_size, seed=cfg.seed * 1000 + epoch,
-                         num_workers=sets.workers, pin_memory=rt.device.type == "cuda")
+    # uninterrupted one, whatever happened before the interruption; each rank its own draws
+    # (dropout), all of them the same shuffle (the loader's seed)
+    seed_everything(cfg.seed * 1000 + epoch + 1_000_003 * rt.dist.rank)
+    rows = len(sets.train) // rt.dist.world
+    loader = _loader(sets.train, o.batch_size, sets.workers, rt, cfg.channels_last, shuffle=True,
+                     seed=cfg.seed * 1000 + epoch, drop_last=rows > o.batch_size, dist=rt.dist)
     t0 = time.time()
     lr = state.optimizer.param_groups[0]["lr"]
     opts = StepOptions(
         rt.device, dtype=rt.dtype, scaler=state.scaler, grad_clip=o.grad_clip,
-        step_scheduler=state.scheduler if o.scheduler == "cosine" else None,
+        step_scheduler=state.scheduler if o.scheduler == "cosine" else state.warmup,
         channels_last=cfg.channels_last, progress=progress, desc=f"epoch {epoch}/{o.epochs}",
-        aux_weight=cfg.model.aux_weight if cfg.model.aux_heads != "none" else 0.0, ema=state.ema)
+        aux_weight=cfg.model.aux_weight if cfg.model.aux_heads != "none" else 0.0, ema=state.ema,
+        train_model=train_model, dist=rt.dist,
+        on_first_step=(lambda: _first_step(state)) if first else None)
     try:
         tr_loss, tr_probs, tr_targets = train_one_epoch(model, loader, state.loss_fn,
                                                         state.optimizer, opts)
@@ -369,13 +548,21 @@ def _epoch(cfg: TrainConfig, run_dir: Path, model: nn.Module, sets: Datasets, va
     with _validated_weights(model, state):
         va_loss, va_probs, va_targets = evaluate(model, val_loader, state.loss_fn, rt.device,
                                                  dtype=rt.dtype, channels_last=cfg.channels_last,
-                                                 tta=False, progress=progress, desc="validate")
+                                                 tta=False, progress=progress, desc="validate",
+                                                 dist=rt.dist, rows=len(sets.val))
     row = {"epoch": epoch, "lr": lr, **epoch_scores("train", tr_loss, tr_probs, tr_targets),
            **epoch_scores("val", va_loss, va_probs, va_targets),
            "seconds": round(time.time() - t0, 2)}
-    if state.scheduler is not None and o.scheduler == "plateau":
+    warming = state.warmup is not None and not state.warmup.finished
+    if state.scheduler is not None and o.scheduler == "plateau" and not warming:
         state.scheduler.step(va_loss if o.plateau_on == "val_loss" else row["val_micro_f1"])
     return row
+
+
+def _first_step(state: TrainState) -> None:
+    state.first_step_seconds = round(seconds_since_start(), 1)
+    log.info("first training step done %.1f s after the command started",
+             state.first_step_seconds)
 
 
 def _track_best(cfg: TrainConfig, state: TrainState, row: dict, epoch: int) -> bool:
@@ -396,14 +583,15 @@ def _validated_weights(model: nn.Module, state: TrainState):
     return state.ema.applied(model) if state.ema is not None else nullcontext()
 
 
-def _last_payload(model: nn.Module, state: TrainState, epoch: int) -> dict:
+def _last_payload(model: nn.Module, state: TrainState, epoch: int, world: int) -> dict:
     """last.pt: everything a resume needs to continue exactly."""
     return {"format": FORMAT_VERSION, "epoch": epoch, "model": model.state_dict(),
             "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
             "scaler": state.scaler.state_dict() if state.scaler is not None else None,
             "ema": state.ema.state_dict() if state.ema is not None else None,
-            "rng": rng_state(), "best_value": state.best_value, "best_epoch": state.best_epoch,
+            "warmup": state.warmup.state_dict() if state.warmup is not None else None,
+            "world_size": world, "rng": rng_state(), "best_value": state.best_value, "best_epoch": state.best_epoch,
             "bad_epochs": state.bad_epochs}
 
 
@@ -433,8 +621,9 @@ def _finish(cfg: TrainConfig, run_dir: Path, model: nn.Module, data: RunData, se
     for ds in (sets.val, *sets.val_other_sizes):
         if tta and sets.image_stage > 0:
             ds.both_views = True  # the loader reads the dataset afresh
-        loaders.append(make_loader(ds, cfg.optim.batch_size * 2, shuffle=False,
-                                   num_workers=sets.workers, pin_memory=rt.device.type == "cuda"))
+        # rank 0 alone: the other ranks wait for the summary
+        loaders.append(_loader(ds, cfg.optim.batch_size * 2, sets.workers, rt, cfg.channels_last,
+                               shuffle=False))
     return finalize(cfg, run_dir, data, model, loaders, rt.device, rt.dtype, cfg.channels_last,
                     tta)
 

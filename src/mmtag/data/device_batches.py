@@ -1,0 +1,110 @@
+"""Batches made on the device: the `device` data pipeline.
+
+Each image is decoded once into a uint8 cache (mmtag.data.pixel_cache); the rows' pixels,
+token ids and targets then sit on the training device (GPU memory when they fit), and every
+batch is gathered by index and augmented there (mmtag.data.batch_augment). No worker
+processes, no JPEG decoding per epoch, no host-to-device copy per step. The same code runs on
+a CPU, where it saves the decoding but not the augmentation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mmtag.data.batch_augment import augment_batch, normalise_batch
+from mmtag.data.images import ImageTransformSpec
+
+
+def shard_indices(n: int, rank: int, world: int, *, equal: str) -> torch.Tensor:
+    """Rank `rank`'s rows of 0..n-1 among `world` processes: every world-th from its rank.
+    Every rank gets the same count (DistributedDataParallel needs equal step counts):
+    `equal='drop'` leaves out the last n % world rows (training), 'pad' repeats row 0
+    (evaluation; mmtag.distributed.gather_rows trims the repeats)."""
+    if equal not in ("drop", "pad"):
+        raise ValueError(f"equal must be 'drop' or 'pad', got {equal!r}")
+    idx = torch.arange(rank, n, world)
+    if equal == "drop":
+        return idx[: n // world]
+    per = -(-n // world)
+    return torch.cat([idx, idx.new_zeros(per - len(idx))])
+
+
+def as_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """A read-only memory-mapped uint8 cache as a tensor without copying (nothing writes it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns that the array is read-only
+        return torch.from_numpy(pixels)
+
+
+@dataclass
+class PixelDataset:
+    """The rows of a split as tensors: uint8 pixels (N, 3, S, S) (on the device, or on the CPU
+    as a memory map when they do not fit), token ids (N, T), lengths (N,), targets (N, C)."""
+
+    pixels: torch.Tensor
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    targets: torch.Tensor
+    spec: ImageTransformSpec
+    train: bool                     # augment (else resize + normalise only)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def to(self, device: torch.device, *, pixels: bool, lengths: bool) -> PixelDataset:
+        """A copy with the tensors on `device`; the pixels only when `pixels` (they fit), the
+        lengths only when `lengths` (an LSTM packs sequences by lengths on the CPU)."""
+        return PixelDataset(self.pixels.to(device) if pixels else self.pixels,
+                            self.tokens.to(device), self.lengths.to(device) if lengths
+                            else self.lengths, self.targets.to(device), self.spec, self.train)
+
+
+class DeviceBatches:
+    """The batches of one pass over a PixelDataset, like a DataLoader's: shuffled by `seed`
+    (the same order on every rank), this rank's shard of it, in `batch_size` pieces."""
+
+    def __init__(self, ds: PixelDataset, batch_size: int, device: torch.device, *,
+                 shuffle: bool, seed: int = 0, drop_last: bool = False, rank: int = 0,
+                 world: int = 1, channels_last: bool = False):
+        self.ds, self.device, self.seed, self.rank = ds, device, seed, rank
+        self.channels_last = channels_last
+        order = (torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+                 if shuffle else torch.arange(len(ds)))
+        shard = shard_indices(len(ds), rank, world, equal="drop" if ds.train else "pad")
+        self.order = order[shard]
+        cuts = list(range(0, len(self.order), batch_size))
+        if drop_last and len(self.order) % batch_size and len(cuts) > 1:
+            cuts = cuts[:-1]
+        self.cuts = [(c, min(c + batch_size, len(self.order))) for c in cuts]
+
+    def __len__(self) -> int:
+        return len(self.cuts)
+
+    def _pixels(self, idx_host: torch.Tensor, idx_dev: torch.Tensor) -> torch.Tensor:
+        px = self.ds.pixels
+        if px.device == self.device:
+            return px.index_select(0, idx_dev)
+        batch = px[idx_host]  # from the memory map: pages in from disk or the page cache
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()  # so the copy below does not wait for the GPU
+        return batch.to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        ds = self.ds
+        order_dev = self.order.to(self.device)  # one copy per pass, sliced per batch
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.seed * 1009 + self.rank)
+        for start, end in self.cuts:
+            idx_host, idx_dev = self.order[start:end], order_dev[start:end]
+            pixels = self._pixels(idx_host, idx_dev)
+            if self.channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            images = (augment_batch(pixels, ds.spec, gen) if ds.train
+                      else normalise_batch(pixels, ds.spec.normalisation))
+            idx_len = idx_dev if ds.lengths.device == self.device else idx_host
+            yield (images, ds.tokens.index_select(0, idx_dev), ds.lengths[idx_len],
+                   ds.targets.index_select(0, idx_dev))
