@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mmtag.config import load_config
-from mmtag.training.optim import make_optimizer
+from mmtag.training.optim import lr_factor, make_optimizer, make_scheduler, make_warmup
 
 
 class _Net(nn.Module):
@@ -50,3 +50,48 @@ def test_fused_optimizer_makes_the_plain_loops_updates(name):
                            strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert (a - start).abs().max() > 1e-3  # every tensor was trained
+
+
+@pytest.mark.parametrize(("scale", "world", "want"), [
+    ("none", 4, 1.0), ("linear", 1, 4.0), ("linear", 2, 8.0), ("sqrt", 1, 2.0), ("sqrt", 4, 4.0)])
+def test_lr_scaling_follows_the_global_batch(scale, world, want):
+    o = load_config(None, ["optim.batch_size=256", "optim.lr_batch=64", f"optim.lr_scale={scale}",
+                           "optim.lr=1e-3", "optim.encoder_lr_mult=0.1"]).optim
+    assert lr_factor(o, world) == pytest.approx(want)
+    opt = make_optimizer(o, _Net(), lr_factor(o, world))
+    lrs = sorted(g["lr"] for g in opt.param_groups)
+    assert lrs == pytest.approx([1e-4 * want, 1e-3 * want])
+
+
+def test_plateau_warmup_rises_then_leaves_the_rate_to_the_plateau():
+    o = load_config(None, ["optim.scheduler=plateau", "optim.warmup_epochs=1", "optim.lr=1e-2",
+                           "optim.plateau_patience=0"]).optim
+    opt = make_optimizer(o, _Net())
+    warm = make_warmup(o, opt, steps_per_epoch=4)
+    seen = [opt.param_groups[0]["lr"]]
+    for _ in range(5):
+        warm.step()
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
+    assert warm.finished
+    plateau = make_scheduler(o, opt, 4)
+    plateau.step(1.0)
+    plateau.step(2.0)  # worse: halved, and the warm-up no longer touches it
+    warm.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)
+    again = make_warmup(o, make_optimizer(o, _Net()), 4)
+    again.load_state_dict(warm.state_dict())
+    assert again.finished and again.base == warm.base
+
+
+def test_cosine_keeps_its_own_warmup():
+    o = load_config(None, ["optim.scheduler=cosine", "optim.warmup_epochs=1"]).optim
+    assert make_warmup(o, make_optimizer(o, _Net()), 4) is None
+
+
+@pytest.mark.parametrize("bad", ["optim.lr_scale=cubic", "optim.lr_batch=0", "data.pipeline=gpu"])
+def test_new_speed_options_are_checked(bad):
+    from mmtag.config import ConfigError
+
+    with pytest.raises(ConfigError, match=bad.split("=")[0]):
+        load_config(None, [bad])

@@ -149,6 +149,26 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from mmtag.training.bench import format_bench
+
+    if args.what == "train":
+        from mmtag.api import resolve_config
+        from mmtag.training.bench import bench_train
+
+        configure_training()
+        cfg = resolve_config("", args.config, args.set or ())
+        res = bench_train(cfg, args.data, steps=args.steps, warmup=args.warmup)
+    else:
+        from mmtag.inference.benchmark import bench_predict
+
+        configure_training()  # cuDNN autotuning for the fixed batch shape
+        res = bench_predict(args.run, args.csv, args.images, n=args.n,
+                            batch_size=args.batch_size, device=args.device)
+    print(json.dumps(res) if args.json else format_bench(res, args.what))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from mmtag.inference.export import export_run
 
@@ -385,6 +405,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch, onnx, onnx-int8, or several side by side: torch,onnx,onnx-int8 "
                         "(the onnx ones read the run's export/; default torch)")
     c.set_defaults(func=_cmd_benchmark)
+
+    c = sub.add_parser("bench", help="images/s of data loading, the model alone and the whole "
+                                     "pipeline, for training or prediction; the bound; memory")
+    bench = c.add_subparsers(dest="what", required=True, metavar="train|predict")
+    b = bench.add_parser("train", help="a recipe's training on a Kaggle-layout folder")
+    b.add_argument("--data", required=True, help="folder with train.csv and data/")
+    b.add_argument("--config", help="YAML config file, or a built-in recipe name: "
+                                    + ", ".join(recipe_names()))
+    b.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.batch_size=256 (repeatable)")
+    b.add_argument("--steps", type=int, default=30, help="timed steps per part (default 30)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_bench)
+    b = bench.add_parser("predict", help="a run's batch prediction over a CSV's images")
+    b.add_argument("run", help="run folder (or a best.pt file)")
+    b.add_argument("--csv", required=True, help="CSV of rows (e.g. test.csv)")
+    b.add_argument("--images", required=True, help="image folder")
+    b.add_argument("--n", type=int, default=2048, help="rows (default 2048)")
+    b.add_argument("--batch-size", type=int, default=256)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("export", help="the run as ONNX files (and int8) that predict without "
                                       "mmtag's PyTorch code; model.json beside them")

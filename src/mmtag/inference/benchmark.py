@@ -7,11 +7,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from mmtag.data.batch_augment import normalise_batch
 from mmtag.data.csv_io import read_csv
-from mmtag.inference.predictor import PredictorBase, load_predictor
-from mmtag.runtime import machine_info
+from mmtag.data.pixel_cache import decode_resized
+from mmtag.inference.predictor import Predictor, PredictorBase, load_predictor
+from mmtag.runtime import amp_dtype, machine_info
+from mmtag.training.bench import bound_by, peak_mb, timed
+from mmtag.training.engine import evaluate
 
 
 def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: int = 512,
@@ -59,3 +64,55 @@ def _measure(pred: PredictorBase, rows, images: Path, batch_size: int, single: i
             "single_latency_ms_median": round(1000 * statistics.median(lat), 1),
             "single_latency_ms_p90": round(1000 * sorted(lat)[int(0.9 * (len(lat) - 1))], 1),
             "tta_flip": pred.tta_flip, "image_sizes": pred.image_sizes}
+
+
+def bench_predict(run: Path | str, csv_path: Path | str, images: Path | str, *, n: int = 2048,
+                  batch_size: int = 256, device: str = "auto", warmup: int = 2) -> dict:
+    """Batch prediction's rates in images/s at data.image_size (the first size of multi-scale
+    TTA), as `mmtag bench train` reports training's: decoding + resizing alone (nvJPEG on a
+    GPU, PIL elsewhere), the model alone (one batch already on the device, flip TTA as the run
+    predicts), and both, over the first `n` rows of `csv_path` whose images exist."""
+    images = Path(images)
+    pred = Predictor.load(run, device)
+    rows = [r for r in read_csv(csv_path) if (images / r.image_id).exists()][:n]
+    if not rows or not pred.reads_images:
+        raise ValueError(f"bench predict needs a model that reads images and rows of {csv_path} "
+                         f"with their images in {images}")
+    spec = pred.transform_spec(pred.image_sizes[0])
+    chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    if pred.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pred.device)
+
+    def decode(chunk) -> torch.Tensor:
+        return decode_resized([images / r.image_id for r in chunk],
+                              [f"{csv_path}, {r.image_id}" for r in chunk], spec.size,
+                              pred.device)
+
+    def batch(chunk, pixels):
+        tokens = [pred.caption_enc(r.caption) for r in chunk]
+        ids = torch.as_tensor(np.stack([t[0] for t in tokens])).to(pred.device)
+        lengths = torch.as_tensor([t[1] for t in tokens])
+        return (normalise_batch(pixels, spec.normalisation), ids, lengths,
+                torch.zeros(len(chunk), pred.label_map.num_classes, device=pred.device))
+
+    def model(batches) -> None:
+        for m in pred.models:
+            evaluate(m, batches, None, pred.device, dtype=amp_dtype(pred.config.amp, pred.device),
+                     channels_last=True, tta=pred.tta_flip)
+
+    one = batch(chunks[0], decode(chunks[0]))
+    model([one] * warmup)
+    t_decode = timed(pred.device, lambda: [decode(c) for c in chunks])
+    t_model = timed(pred.device, lambda: model([one] * len(chunks)))
+    t_whole = timed(pred.device, lambda: model([batch(c, decode(c)) for c in chunks]))
+    k = len(chunks) * len(chunks[0])  # the model alone ran full batches
+    rates = {"data": round(len(rows) / t_decode, 1), "step": round(k / t_model, 1),
+             "whole": round(len(rows) / t_whole, 1)}
+    ratio = rates["whole"] / rates["step"]
+    return {"device": str(pred.device), "machine": machine_info(pred.device),
+            "batch_size": batch_size, "image_size": spec.size, "rows": len(rows),
+            "pipeline": "nvJPEG" if pred.device.type == "cuda" else "PIL",
+            "amp": str(amp_dtype(pred.config.amp, pred.device)).replace("torch.", ""), "tta_flip": pred.tta_flip, "members": len(pred.models),
+            "images_per_second": rates, "whole_over_step": round(ratio, 3), "bound_by": bound_by(rates),
+            "peak_memory_mb": peak_mb(pred.device)}
+

@@ -97,7 +97,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
         with ExitStack() as held:  # rank 0 holds the run folder's lock until training ends
             resume = on_main(dist, lambda: _claim(cfg, data_dir, run_dir, resume, restart, held))
             return _train(cfg, data_dir, run_dir, rows, resume, progress and dist.main, started,
-                          _runtime(cfg, device, dist))
+                          runtime(cfg, device, dist))
     finally:
         stop(dist)
 
@@ -220,7 +220,7 @@ def _summary(cfg: TrainConfig, data_dir: Path, run_dir: Path, model: nn.Module, 
     return summary
 
 
-def _runtime(cfg: TrainConfig, device: torch.device, dist: Dist) -> Runtime:
+def runtime(cfg: TrainConfig, device: torch.device, dist: Dist = SINGLE) -> Runtime:
     machine = machine_info(device)
     log.info("machine: %s, %d logical CPUs, %d torch threads%s; torch %s", machine["cpu"],
              machine["logical_cpus"], machine["torch_threads"],
@@ -521,22 +521,10 @@ def _epoch(cfg: TrainConfig, run_dir: Path, model: nn.Module, train_model: nn.Mo
     for the final figures); returns metrics.csv's row. `first`: this process's first epoch
     (the time to its first step is logged and kept)."""
     o = cfg.optim
-    # Re-seeded per epoch so a resumed run draws the same shuffles and augmentations as an
-    # uninterrupted one, whatever happened before the interruption; each rank its own draws
-    # (dropout), all of them the same shuffle (the loader's seed)
-    seed_everything(cfg.seed * 1000 + epoch + 1_000_003 * rt.dist.rank)
-    rows = len(sets.train) // rt.dist.world
-    loader = _loader(sets.train, o.batch_size, sets.workers, rt, cfg.channels_last, shuffle=True,
-                     seed=cfg.seed * 1000 + epoch, drop_last=rows > o.batch_size, dist=rt.dist)
+    loader = train_batches(cfg, sets, rt, epoch)
     t0 = time.time()
     lr = state.optimizer.param_groups[0]["lr"]
-    opts = StepOptions(
-        rt.device, dtype=rt.dtype, scaler=state.scaler, grad_clip=o.grad_clip,
-        step_scheduler=state.scheduler if o.scheduler == "cosine" else state.warmup,
-        channels_last=cfg.channels_last, progress=progress, desc=f"epoch {epoch}/{o.epochs}",
-        aux_weight=cfg.model.aux_weight if cfg.model.aux_heads != "none" else 0.0, ema=state.ema,
-        train_model=train_model, dist=rt.dist,
-        on_first_step=(lambda: _first_step(state)) if first else None)
+    opts = step_options(cfg, train_model, state, rt, epoch, progress, first)
     try:
         tr_loss, tr_probs, tr_targets = train_one_epoch(model, loader, state.loss_fn,
                                                         state.optimizer, opts)
@@ -557,6 +545,31 @@ def _epoch(cfg: TrainConfig, run_dir: Path, model: nn.Module, train_model: nn.Mo
     if state.scheduler is not None and o.scheduler == "plateau" and not warming:
         state.scheduler.step(va_loss if o.plateau_on == "val_loss" else row["val_micro_f1"])
     return row
+
+
+def train_batches(cfg: TrainConfig, sets: Datasets, rt: Runtime, epoch: int):
+    """Epoch `epoch`'s training batches (this rank's shard)."""
+    # Re-seeded per epoch so a resumed run draws the same shuffles and augmentations as an
+    # uninterrupted one, whatever happened before the interruption; each rank its own draws
+    # (dropout), all of them the same shuffle (the loader's seed)
+    seed_everything(cfg.seed * 1000 + epoch + 1_000_003 * rt.dist.rank)
+    rows = len(sets.train) // rt.dist.world
+    b = cfg.optim.batch_size
+    return _loader(sets.train, b, sets.workers, rt, cfg.channels_last, shuffle=True,
+                   seed=cfg.seed * 1000 + epoch, drop_last=rows > b, dist=rt.dist)
+
+
+def step_options(cfg: TrainConfig, train_model: nn.Module, state: TrainState, rt: Runtime,
+                 epoch: int, progress: bool, first: bool) -> StepOptions:
+    """How epoch `epoch` steps; `first`: the time to the first step is logged and kept."""
+    o = cfg.optim
+    return StepOptions(
+        rt.device, dtype=rt.dtype, scaler=state.scaler, grad_clip=o.grad_clip,
+        step_scheduler=state.scheduler if o.scheduler == "cosine" else state.warmup,
+        channels_last=cfg.channels_last, progress=progress, desc=f"epoch {epoch}/{o.epochs}",
+        aux_weight=cfg.model.aux_weight if cfg.model.aux_heads != "none" else 0.0, ema=state.ema,
+        train_model=train_model, dist=rt.dist,
+        on_first_step=(lambda: _first_step(state)) if first else None)
 
 
 def _first_step(state: TrainState) -> None:
