@@ -34,7 +34,7 @@ def field_comments(source: str, class_name: str) -> dict[str, str]:
     out = {}
     for i, node in enumerate(fields):
         start = node.lineno - 1
-        end = fields[i + 1].lineno - 1 if i + 1 < len(fields) else node.end_lineno
+        end = fields[i + 1].lineno - 1 if i + 1 < len(fields) else cls.end_lineno
         parts = [lines[start].partition("#")[2].strip()] if "#" in lines[start] else []
         indent = node.col_offset
         for line in lines[node.end_lineno:end]:

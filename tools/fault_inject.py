@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 # summary.json keys that describe the process, not the result
-PROCESS_KEYS = {"wall_seconds", "machine"}
+PROCESS_KEYS = {"wall_seconds", "first_step_seconds", "machine"}
 TARGETS = ("caching", "last.pt write", "best.pt write", "the last checkpoint",
            "final evaluation")
 

@@ -52,12 +52,13 @@ class DataConfig:
                                      # PyPI), 'wordnet' (NLTK, the report's: needs
                                      # `mmtag setup-wordnet`), or 'none'
     min_freq: int = 1                # minimum count of a word to enter the vocabulary
-    num_workers: int = 2             # DataLoader processes (0: load in the main process); the
-                                     # device pipeline's decoding processes
-    # 'loader': a DataLoader decodes and augments every image in worker processes each epoch;
-    # 'device': each image is decoded once into a uint8 cache (a memory-mapped file, in GPU
-    # memory when it fits) and batches are augmented on the device; 'auto': 'device' on CUDA
-    pipeline: str = "auto"
+    num_workers: int = 2             # decoding processes: DataLoader workers, or the device
+                                     # pipeline's one cache build (0: the main process)
+    pipeline: str = "auto"           # 'loader': DataLoader workers decode and augment every
+                                     # image each epoch; 'device': each image is decoded once
+                                     # into a uint8 cache (a memory-mapped file, in GPU memory
+                                     # when it fits), batches are augmented on the device;
+                                     # 'auto': 'device' on CUDA, else 'loader'
 
     def __post_init__(self) -> None:
         _check(0.0 < self.train_prop < 1.0, "data.train_prop must be in (0, 1)")
