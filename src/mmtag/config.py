@@ -269,6 +269,9 @@ class TrainConfig:
     amp: str = "auto"               # 'auto' (bf16 on CUDA, off on CPU), 'bf16', 'fp16', 'none'
     channels_last: bool = True      # channels_last memory format for the image encoder (faster on CPU and CUDA)
     deterministic: bool = False     # torch deterministic algorithms (slower)
+    cudnn_benchmark: bool = True    # CUDA: cuDNN times each convolution's algorithms on the
+                                    # first batch of each shape and keeps the fastest (the first
+                                    # steps wait for it; measure with `mmtag bench train`)
     compile: bool = False           # torch.compile the training step's model (CUDA: measure with
                                     # `mmtag bench train`; the first steps wait for compilation)
     best_metric: str = "micro_f1"   # validation metric that picks the best checkpoint

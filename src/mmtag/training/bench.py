@@ -44,9 +44,9 @@ class Batches:
         return itertools.islice(self.source, self.n)
 
 
-def _epochs_of(cfg: TrainConfig, sets, rt):
-    """Training batches, epoch after epoch."""
-    for epoch in itertools.count(1):
+def _epochs_of(cfg: TrainConfig, sets, rt, first: int = 1):
+    """Training batches, epoch after epoch from epoch `first`."""
+    for epoch in itertools.count(first):
         yield from train_batches(cfg, sets, rt, epoch)
 
 
@@ -91,8 +91,7 @@ def bench_train(cfg: TrainConfig, data_dir: Path | str, *, steps: int = 30,
     opts.on_first_step = None
     whole = timed(rt.device, lambda: run(Batches(steps, source)))
     syncs = count_host_syncs(rt.device, lambda: run(Batches(steps, source)))
-    data = timed(rt.device, lambda: [batch_to(x, rt.device, cfg.channels_last)
-                                      for x in Batches(steps, source)])
+    data = _data_alone(cfg, s.sets, rt, steps, warmup)
     one = batch_to(next(source), rt.device, cfg.channels_last)
     run(Batches(warmup, batch=one))
     step = timed(rt.device, lambda: run(Batches(steps, batch=one)))
@@ -107,6 +106,18 @@ def bench_train(cfg: TrainConfig, data_dir: Path | str, *, steps: int = 30,
             "host_syncs": syncs,
             "first_step_seconds": first_step, "peak_memory_mb": peak_mb(rt.device),
             "seconds_since_start": round(seconds_since_start(), 1)}
+
+
+def _data_alone(cfg: TrainConfig, sets, rt, steps: int, warmup: int) -> float:
+    """Seconds for `steps` batches of a fresh pass with nothing else running; the batches its
+    workers made ahead while the first ones were taken are not counted (they were made
+    before the clock started)."""
+    ahead = 2 * sets.workers  # the DataLoader's default prefetch: 2 batches per worker
+    batches = _epochs_of(cfg, sets, rt, first=1000)  # a fresh loader
+    for _ in range(warmup + ahead):
+        next(batches)
+    return timed(rt.device, lambda: [batch_to(next(batches), rt.device, cfg.channels_last)
+                                     for _ in range(steps)])
 
 
 def count_host_syncs(device: torch.device, fn) -> int | None:

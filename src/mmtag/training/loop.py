@@ -225,6 +225,8 @@ def runtime(cfg: TrainConfig, device: torch.device, dist: Dist = SINGLE) -> Runt
     log.info("machine: %s, %d logical CPUs, %d torch threads%s; torch %s", machine["cpu"],
              machine["logical_cpus"], machine["torch_threads"],
              f"; GPU {machine['gpu']}" if machine["gpu"] else "", machine["torch"])
+    if device.type == "cuda" and not cfg.deterministic:
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     dtype = amp_dtype(cfg.amp, device)
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
         log.warning("amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): it will run "
