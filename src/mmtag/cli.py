@@ -317,6 +317,36 @@ def _engines(text: str) -> list[str]:
     return names
 
 
+def _add_rows_args(c: argparse.ArgumentParser, csv_help: str) -> None:
+    """A run and the rows it predicts: RUN --csv CSV --images DIR."""
+    c.add_argument("run", help="run folder (or a best.pt file)")
+    c.add_argument("--csv", required=True, help=csv_help)
+    c.add_argument("--images", required=True, help="image folder")
+
+
+def _add_bench_parser(sub) -> None:
+    c = sub.add_parser("bench", help="images/s of data loading, the model alone and the whole "
+                                     "pipeline, for training or prediction; the bound; memory")
+    bench = c.add_subparsers(dest="what", required=True, metavar="train|predict")
+    b = bench.add_parser("train", help="a recipe's training on a Kaggle-layout folder")
+    b.add_argument("--data", required=True, help="folder with train.csv and data/")
+    b.add_argument("--config", help="YAML config file, or a built-in recipe name: "
+                                    + ", ".join(recipe_names()))
+    b.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.batch_size=256 (repeatable)")
+    b.add_argument("--steps", type=int, default=30, help="timed steps per part (default 30)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_bench)
+    b = bench.add_parser("predict", help="a run's batch prediction over a CSV's images")
+    _add_rows_args(b, "CSV of rows (e.g. test.csv)")
+    b.add_argument("--n", type=int, default=2048, help="rows (default 2048)")
+    b.add_argument("--batch-size", type=int, default=256)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmtag",
@@ -372,9 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_evaluate)
 
     c = sub.add_parser("predict", help="write the Kaggle submission for a CSV of images + captions")
-    c.add_argument("run", help="run folder (or a best.pt file)")
-    c.add_argument("--csv", required=True, help="CSV with ImageID and Caption (e.g. test.csv)")
-    c.add_argument("--images", required=True, help="image folder")
+    _add_rows_args(c, "CSV with ImageID and Caption (e.g. test.csv)")
     c.add_argument("--out", default="Predicted_labels.csv", help="submission file (default %(default)s)")
     c.add_argument("--probs", help="also write per-class probabilities to this CSV")
     _add_decision_args(c)
@@ -390,9 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_predict)
 
     c = sub.add_parser("benchmark", help="prediction speed of a run: samples/s and latency")
-    c.add_argument("run", help="run folder (or a best.pt file)")
-    c.add_argument("--csv", required=True, help="CSV of rows to predict (e.g. test.csv)")
-    c.add_argument("--images", required=True, help="image folder")
+    _add_rows_args(c, "CSV of rows to predict (e.g. test.csv)")
     c.add_argument("--n", type=int, default=512, help="rows for the batch measurement")
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--single", type=int, default=30, help="single-sample calls to time")
@@ -406,28 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the onnx ones read the run's export/; default torch)")
     c.set_defaults(func=_cmd_benchmark)
 
-    c = sub.add_parser("bench", help="images/s of data loading, the model alone and the whole "
-                                     "pipeline, for training or prediction; the bound; memory")
-    bench = c.add_subparsers(dest="what", required=True, metavar="train|predict")
-    b = bench.add_parser("train", help="a recipe's training on a Kaggle-layout folder")
-    b.add_argument("--data", required=True, help="folder with train.csv and data/")
-    b.add_argument("--config", help="YAML config file, or a built-in recipe name: "
-                                    + ", ".join(recipe_names()))
-    b.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set optim.batch_size=256 (repeatable)")
-    b.add_argument("--steps", type=int, default=30, help="timed steps per part (default 30)")
-    b.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    b.add_argument("--json", action="store_true")
-    b.set_defaults(func=_cmd_bench)
-    b = bench.add_parser("predict", help="a run's batch prediction over a CSV's images")
-    b.add_argument("run", help="run folder (or a best.pt file)")
-    b.add_argument("--csv", required=True, help="CSV of rows (e.g. test.csv)")
-    b.add_argument("--images", required=True, help="image folder")
-    b.add_argument("--n", type=int, default=2048, help="rows (default 2048)")
-    b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--device", default="auto")
-    b.add_argument("--json", action="store_true")
-    b.set_defaults(func=_cmd_bench)
+    _add_bench_parser(sub)
 
     c = sub.add_parser("export", help="the run as ONNX files (and int8) that predict without "
                                       "mmtag's PyTorch code; model.json beside them")

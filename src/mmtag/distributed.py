@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -71,12 +73,15 @@ def start(dist: Dist, device: torch.device) -> torch.device:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # rank 0 alone builds caches and chooses thresholds while the others wait: longer than
+        # the 10-minute default on a large dataset
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                      timeout=timedelta(hours=2))
     if not dist.main:
         # one voice: the other ranks report only problems
         logging.getLogger("mmtag").setLevel(logging.WARNING)
-    log.info("distributed: %d processes (%s), this is rank %d on %s", dist.world,
-             torch_dist.get_backend(), dist.rank, device)
+    log.info("distributed: %d processes (%s); rank 0, which writes the run folder, is on %s "
+             "(%s)", dist.world, torch_dist.get_backend(), socket.gethostname(), device)
     return device
 
 
@@ -91,13 +96,13 @@ def barrier(dist: Dist) -> None:
 
 
 @contextmanager
-def main_first(dist: Dist) -> Iterator[None]:
-    """Rank 0 runs the body before the others do (it writes what they then read: the split,
-    the vocabulary, the caches)."""
-    if not dist.main:
+def local_first(dist: Dist) -> Iterator[None]:
+    """Each machine's first process (LOCAL_RANK 0) runs the body before the others do: it
+    fills the machine's caches (images, features), which the others then read."""
+    if dist.local_rank != 0:
         barrier(dist)
     yield
-    if dist.main:
+    if dist.local_rank == 0:
         barrier(dist)
 
 
@@ -121,6 +126,14 @@ def on_main(dist: Dist, fn, errors: tuple[type[Exception], ...] = (ValueError, O
     if error is not None:
         raise error
     return result
+
+
+def from_rank_zero(tensors, dist: Dist) -> None:
+    """Copy rank 0's values of `tensors` into every rank's, in place: the BatchNorm statistics
+    each rank updated from its own batches, so that all ranks validate the same model."""
+    if dist.active:
+        for t in tensors:
+            torch_dist.broadcast(t.data, src=0)
 
 
 def all_sum(x: torch.Tensor, dist: Dist) -> torch.Tensor:

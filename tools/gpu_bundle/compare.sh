@@ -7,13 +7,7 @@
 # for trying the script on a CPU with tiny settings.
 set -u -o pipefail
 T0=$(date +%s); DEADLINE=${DEADLINE:-520}
-B=$(cd "$(dirname "$0")" && pwd)
-OUT=${OUT:-$B/out}; mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-WORK=$(mktemp -d)
-export PYTHONPATH="$PWD/src:$B/site${PYTHONPATH:+:$PYTHONPATH}"
-export MMTAG_MINILM_DIR="$B/minilm" MMTAG_LITE_WEIGHTS_DIR="$B/weights"
-export MMTAG_CACHE_DIR="$WORK/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/bundle_env.sh"
 LOG=$OUT/check.log
 el() { echo $(( $(date +%s) - T0 )); }
 say() { echo "[$(el)s] $*" | tee -a "$LOG"; }

@@ -3,12 +3,7 @@
 # Trains the bundle's recipe (BUNDLE/recipe.txt) on the bundled rows, then measures
 # prediction speed; the summary, metrics, curves and logs land in $OUT (or BUNDLE/out).
 set -euo pipefail
-B=$(cd "$(dirname "$0")" && pwd)
-OUT=${OUT:-$B/out}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src:$B/site${PYTHONPATH:+:$PYTHONPATH}"
-export MMTAG_MINILM_DIR="$B/minilm" MMTAG_LITE_WEIGHTS_DIR="$B/weights"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/bundle_env.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt" || true
 RUN=$(mktemp -d)/run
 "${PYTHON:-python3}" -m mmtag train --data "$B/data" --out "$RUN" --config "$(cat "$B/recipe.txt")" "$@" 2>&1 | tee "$OUT/train.log"

@@ -117,11 +117,18 @@ class Split:
         return [by_id[i] for i in self.train], [by_id[i] for i in self.val]
 
     def save(self, path: Path | str) -> None:
-        atomic_write(path, json.dumps(asdict(self)))
+        atomic_write(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: Path | str) -> Split:
-        d = read_json(path)
+        return cls.from_dict(read_json(path), path)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, path: Path | str = "split.json") -> Split:
+        """The split saved as `to_dict()`; `path` names it in the error of a damaged one."""
         try:
             return cls(float(d["train_prop"]), int(d["seed"]), tuple(d["train"]), tuple(d["val"]))
         except (ValueError, KeyError, TypeError) as e:

@@ -86,7 +86,7 @@ class DeviceBatches:
 
     def _pixels(self, idx_host: torch.Tensor, idx_dev: torch.Tensor) -> torch.Tensor:
         px = self.ds.pixels
-        if px.device == self.device:
+        if px.device.type == self.device.type:  # on the training device (cuda == cuda:0 here)
             return px.index_select(0, idx_dev)
         batch = px[idx_host]  # from the memory map: pages in from disk or the page cache
         if self.device.type == "cuda":
@@ -105,6 +105,6 @@ class DeviceBatches:
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
             images = (augment_batch(pixels, ds.spec, gen) if ds.train
                       else normalise_batch(pixels, ds.spec.normalisation))
-            idx_len = idx_dev if ds.lengths.device == self.device else idx_host
+            idx_len = idx_dev if ds.lengths.device.type == self.device.type else idx_host
             yield (images, ds.tokens.index_select(0, idx_dev), ds.lengths[idx_len],
                    ds.targets.index_select(0, idx_dev))

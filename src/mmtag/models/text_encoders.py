@@ -76,12 +76,20 @@ class GloveLSTMEncoder(nn.Module):
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """ids (B, T) int64 with every length in [1, T]; returns (B, out_dim)."""
         x = self.dropout(self.embedding(ids))  # (B, T, E)
-        # pack_padded_sequence wants lengths on the CPU; enforce_sorted=False sorts internally
-        # and the LSTM hands h_n back in the original batch order.
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, (h_n, _) = self.lstm(packed)  # (layers * dirs, B, H)
+        # pack_padded_sequence wants lengths on the CPU, sorted longest first. Sorting here
+        # (rather than enforce_sorted=False) sends the order to the GPU from pinned memory
+        # without waiting: torch's own sort copies it from pageable memory, which makes the
+        # host wait for the GPU at every step.
+        lengths = lengths.cpu()
+        order = torch.argsort(lengths, descending=True, stable=True)
+        order_dev = (order.pin_memory().to(x.device, non_blocking=True) if x.device.type == "cuda"
+                     else order.to(x.device))
+        packed = pack_padded_sequence(x.index_select(0, order_dev), lengths[order],
+                                      batch_first=True)
+        _, (h_n, _) = self.lstm(packed)  # (layers * dirs, B, H), longest first
         h_last = h_n.view(self.lstm.num_layers, self.num_directions, ids.shape[0], -1)[-1]
-        return h_last.transpose(0, 1).reshape(ids.shape[0], self.out_dim)  # (B, dirs * H)
+        out = h_last.transpose(0, 1).reshape(ids.shape[0], self.out_dim)  # (B, dirs * H)
+        return out.new_empty(out.shape).index_copy(0, order_dev, out)  # the batch's order
 
     def for_export(self) -> UnpackedLSTMEncoder:
         """The same encoder without packed sequences, which ONNX export cannot trace."""

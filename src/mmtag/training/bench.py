@@ -30,10 +30,11 @@ AT_THE_LIMIT = 0.85
 
 
 class Batches:
-    """`n` batches, as a loader: from `source` (cycling epochs), or one batch repeated."""
+    """`n` batches, as a loader: the next ones of the iterator `source`, the ones a fresh
+    `make()` yields (each pass anew), or one `batch` repeated."""
 
-    def __init__(self, n: int, source=None, batch=None):
-        self.n, self.source, self.batch = n, source, batch
+    def __init__(self, n: int, source=None, batch=None, make=None):
+        self.n, self.source, self.batch, self.make = n, source, batch, make
 
     def __len__(self) -> int:
         return self.n
@@ -41,7 +42,7 @@ class Batches:
     def __iter__(self):
         if self.batch is not None:
             return itertools.repeat(self.batch, self.n)
-        return itertools.islice(self.source, self.n)
+        return itertools.islice(self.make() if self.make else self.source, self.n)
 
 
 def _epochs_of(cfg: TrainConfig, sets, rt, first: int = 1):
@@ -91,12 +92,12 @@ def bench_train(cfg: TrainConfig, data_dir: Path | str, *, steps: int = 30,
     opts.on_first_step = None
     whole = timed(rt.device, lambda: run(Batches(steps, source)))
     syncs = count_host_syncs(rt.device, lambda: run(Batches(steps, source)))
-    data = _data_alone(cfg, s.sets, rt, steps, warmup)
+    data_rate = _data_alone(cfg, s.sets, rt, steps, warmup)
     one = batch_to(next(source), rt.device, cfg.channels_last)
     run(Batches(warmup, batch=one))
     step = timed(rt.device, lambda: run(Batches(steps, batch=one)))
-    rates = {k: round(steps * b / t, 1) for k, t in
-             (("data", data), ("step", step), ("whole", whole))}
+    rates = {"data": round(data_rate, 1), "step": round(steps * b / step, 1),
+             "whole": round(steps * b / whole, 1)}
     return {"device": str(rt.device), "machine": rt.machine, "batch_size": b,
             "image_size": cfg.data.image_size, "pipeline": pipeline(cfg, rt.device),
             "compile": cfg.compile, "amp": str(rt.dtype).replace("torch.", "") if rt.dtype
@@ -109,15 +110,21 @@ def bench_train(cfg: TrainConfig, data_dir: Path | str, *, steps: int = 30,
 
 
 def _data_alone(cfg: TrainConfig, sets, rt, steps: int, warmup: int) -> float:
-    """Seconds for `steps` batches of a fresh pass with nothing else running; the batches its
-    workers made ahead while the first ones were taken are not counted (they were made
-    before the clock started)."""
-    ahead = 2 * sets.workers  # the DataLoader's default prefetch: 2 batches per worker
-    batches = _epochs_of(cfg, sets, rt, first=1000)  # a fresh loader
-    for _ in range(warmup + ahead):
+    """Images/s of one fresh pass's batches with nothing else running, timed within the pass
+    (no worker start-up inside the clock): after `warmup` batches, or one per DataLoader
+    worker if more (the workers' first batches were made in parallel before the clock)."""
+    loader = train_batches(cfg, sets, rt, epoch=1000)
+    skip = max(warmup, sets.workers)
+    n = min(steps, len(loader) - skip)
+    if n < 1:
+        raise ValueError(f"an epoch has {len(loader)} batches: too few to time the data alone "
+                         f"after {skip}; use a smaller optim.batch_size or more rows")
+    batches = iter(loader)
+    for _ in range(skip):
         next(batches)
-    return timed(rt.device, lambda: [batch_to(next(batches), rt.device, cfg.channels_last)
-                                     for _ in range(steps)])
+    seconds = timed(rt.device, lambda: [batch_to(next(batches), rt.device, cfg.channels_last)
+                                        for _ in range(n)])
+    return n * cfg.optim.batch_size / seconds
 
 
 def count_host_syncs(device: torch.device, fn) -> int | None:

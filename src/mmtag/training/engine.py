@@ -102,7 +102,11 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer,
     on it and come back once, at the end of the epoch (or with a 30-s progress line)."""
     model.train()
     forward = opts.train_model or model
-    total = torch.zeros((), device=opts.device)
+    # float64 sums, as Python floats were (MPS has no float64)
+    total = torch.zeros((), device=opts.device,
+                        dtype=torch.float32 if opts.device.type == "mps" else torch.float64)
+    # one process on a CPU checks every step (no GPU to wait for), and stops before a bad step
+    check_now = opts.device.type == "cpu" and not opts.dist.active
     first_bad = torch.full((), -1, dtype=torch.long, device=opts.device)
     bad_loss = torch.zeros((), device=opts.device)
     logits_seen, targets_seen, count = [], [], 0
@@ -116,6 +120,8 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer,
         newly_bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
         first_bad = torch.where(newly_bad, step, first_bad)
         bad_loss = torch.where(newly_bad, loss.detach(), bad_loss)
+        if check_now and bool(newly_bad):
+            break
         _step(model, loss, optimizer, opts)
         if step == 0 and opts.on_first_step is not None:
             loss.item()  # waits for the step: its end is what is timed
@@ -131,16 +137,19 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer,
         if time.time() - last_log > (2 if opts.progress else 30):  # the only mid-epoch sync
             _report_progress(bar, opts, step, len(loader), (total / count).item())
             last_log = time.time()
-    if first_bad.item() >= 0:
-        raise TrainingDivergedError(f"the loss became {bad_loss.item()} at {opts.desc} step "
-                                    f"{first_bad.item()}")
-    total = all_sum(torch.stack([total, torch.tensor(float(count), device=opts.device)]),
-                    opts.dist)
+    # every rank learns whether any rank diverged, and all stop together
+    sums = all_sum(torch.stack([total, torch.full_like(total, count),
+                                (first_bad >= 0).to(total.dtype)]), opts.dist)
+    if sums[2].item() > 0:
+        step = first_bad.item()
+        raise TrainingDivergedError(
+            f"the loss became {bad_loss.item()} at {opts.desc} step {step}" if step >= 0
+            else f"the loss became infinite or nan in another process during {opts.desc}")
     probs = torch.sigmoid(_cat(logits_seen, opts.device))
     targets = _cat(targets_seen, opts.device)
     n = len(probs) * opts.dist.world  # every rank ran the same number of rows
     probs, targets = gather_rows(probs, n, opts.dist), gather_rows(targets, n, opts.dist)
-    return (total[0] / total[1].clamp(min=1)).item(), probs.cpu().numpy(), targets.cpu().numpy()
+    return (sums[0] / sums[1].clamp(min=1)).item(), probs.cpu().numpy(), targets.cpu().numpy()
 
 
 def _cat(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:

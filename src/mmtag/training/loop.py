@@ -31,7 +31,16 @@ from mmtag.data.images import build_transform, transform_spec
 from mmtag.data.labels import LabelMap
 from mmtag.data.pixel_cache import cache_bytes, default_pixel_dir, pixel_cache
 from mmtag.data.tokenizers import CaptionTokenizer, fit_tokenizer, tokenizer_from_dict
-from mmtag.distributed import SINGLE, Dist, from_env, main_first, on_main, start, stop
+from mmtag.distributed import (
+    SINGLE,
+    Dist,
+    from_env,
+    from_rank_zero,
+    local_first,
+    on_main,
+    start,
+    stop,
+)
 from mmtag.evaluation.estimate import decision_figures, epoch_scores
 from mmtag.evaluation.probs_csv import average_probs, write_val_probs
 from mmtag.models.build import build_tagger, encoder_normalisation
@@ -187,12 +196,11 @@ def setup(cfg: TrainConfig, data_dir: Path, run_dir: Path, rows: list[Record], r
     """Split and vocabulary, model, datasets (and their caches), optimizer: what happens
     between the command and the first step (`mmtag bench train` times it too)."""
     t0 = time.time()
-    with main_first(rt.dist):  # rank 0 writes the split and vocabulary, the others read them
-        data = prepare_data(cfg, data_dir, run_dir, resume or not rt.dist.main, rows)
+    data = _shared_data(cfg, data_dir, run_dir, resume, rows, rt.dist)
     t1 = time.time()
     model, last, size_mb = _model(cfg, data, run_dir, resume, rt)
     t2 = time.time()
-    with main_first(rt.dist):  # rank 0 fills the caches, the others read them
+    with local_first(rt.dist):  # one process per machine fills its caches, the others read them
         sets = _datasets(cfg, model, data, rt, progress)
     t3 = time.time()
     state = _training_state(cfg, model, sets, last, rt, run_dir)
@@ -247,9 +255,11 @@ class RunData:
 
 
 def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
-                 rows: list[Record]) -> RunData:
+                 rows: list[Record], saved: dict | None = None) -> RunData:
     """Split train.csv's `rows` (or reload the saved split), fit labels and vocabulary on the
-    training rows only, and save them in the run folder."""
+    training rows only, and save them in the run folder. `saved`: the split, labels and
+    vocabulary as `saved_data` gives them, used instead of the run folder's files (the other
+    ranks of a torchrun get them from rank 0)."""
     csv_path = data_dir / "train.csv"  # `rows` came from it (fit reads it first)
     unlabelled = [r for r in rows if not r.labels]
     if unlabelled:
@@ -259,10 +269,14 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
         log.warning("%s: %d row(s) without labels (%s%s) are used as images that carry none of "
                     "the labels; if their labels are missing, fix the CSV (mmtag check-data "
                     "lists them)", csv_path, len(unlabelled), where, more)
-    if resume:
-        split = Split.load(run_dir / "split.json")
-        label_map = LabelMap.from_dict(read_json(run_dir / "labels.json"))
-        caption_enc = tokenizer_from_dict(read_json(run_dir / "vocab.json"))
+    if resume and saved is None:
+        saved = {"split": read_json(run_dir / "split.json"),
+                 "labels": read_json(run_dir / "labels.json"),
+                 "caption": read_json(run_dir / "vocab.json")}
+    if saved is not None:
+        split = Split.from_dict(saved["split"], run_dir / "split.json")
+        label_map = LabelMap.from_dict(saved["labels"])
+        caption_enc = tokenizer_from_dict(saved["caption"])
     else:
         split = Split.make([r.image_id for r in rows], cfg.data.train_prop, cfg.data.split_seed,
                            cfg.data.val_block)
@@ -272,12 +286,32 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
         train_rows = train_rows[: cfg.data.limit_train]
     if cfg.data.limit_val:
         val_rows = val_rows[: cfg.data.limit_val]
-    if not resume:
+    if saved is None:
         label_map = LabelMap.from_records(train_rows)
         caption_enc = fit_tokenizer(cfg.model, cfg.data, [r.caption for r in train_rows])
         atomic_write(run_dir / "labels.json", json.dumps(label_map.to_dict()))
         atomic_write(run_dir / "vocab.json", json.dumps(caption_enc.to_dict()))
     return RunData(train_rows, val_rows, label_map, caption_enc, split, data_dir / "data")
+
+
+def saved_data(data: RunData) -> dict:
+    """The split, labels and vocabulary of `data` as plain data (what the run folder holds)."""
+    return {"split": data.split.to_dict(), "labels": data.label_map.to_dict(),
+            "caption": data.caption_enc.to_dict()}
+
+
+def _shared_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
+                 rows: list[Record], dist: Dist) -> RunData:
+    """prepare_data on rank 0 (which writes the run folder); the other ranks get the split,
+    labels and vocabulary from it, not from files another machine may not see."""
+    made = {}
+
+    def on_rank_zero() -> dict:
+        made["data"] = prepare_data(cfg, data_dir, run_dir, resume, rows)
+        return saved_data(made["data"])
+
+    saved = on_main(dist, on_rank_zero)
+    return made["data"] if dist.main else prepare_data(cfg, data_dir, run_dir, True, rows, saved)
 
 
 def _model(cfg: TrainConfig, data: RunData, run_dir: Path, resume: bool,
@@ -287,8 +321,10 @@ def _model(cfg: TrainConfig, data: RunData, run_dir: Path, resume: bool,
     device = rt.device
     model = build_tagger(cfg.model, data.label_map.num_classes, data.caption_enc,
                          load_pretrained=not resume)
-    last = load_checkpoint(run_dir / "last.pt", "resume checkpoint", required=(
-        "model", "optimizer", "rng", "epoch", "best_value", "best_epoch", "bad_epochs")
+    # rank 0 reads it, and sends it to the other ranks (their machines may not see the folder)
+    last = on_main(rt.dist, lambda: load_checkpoint(
+        run_dir / "last.pt", "resume checkpoint", required=(
+            "model", "optimizer", "rng", "epoch", "best_value", "best_epoch", "bad_epochs"))
     ) if resume else None
     if last is not None and last.get("world_size", 1) != rt.dist.world:
         n = last.get("world_size", 1)
@@ -457,8 +493,11 @@ def _train_model(cfg: TrainConfig, model: nn.Module, rt: Runtime) -> nn.Module:
     if rt.dist.active:
         from torch.nn.parallel import DistributedDataParallel
 
+        # static_graph: every step uses the same parameters, and a recipe may leave some
+        # trainable ones out of the loss (e.g. a conv head whose map the queries skip)
         wrapped = DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            static_graph=True)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
     return wrapped
@@ -477,6 +516,7 @@ def _loader(ds, batch_size: int, workers: int, rt: Runtime, channels_last: bool,
                  if shuffle else torch.arange(len(ds)))
         shard = shard_indices(len(ds), dist.rank, dist.world, equal="drop" if shuffle else "pad")
         ds, shuffle = torch.utils.data.Subset(ds, order[shard].tolist()), False
+        seed += 7919 * dist.rank  # each rank's workers draw their own augmentations
     return make_loader(ds, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
                        num_workers=workers, pin_memory=rt.device.type == "cuda")
 
@@ -535,6 +575,9 @@ def _epoch(cfg: TrainConfig, run_dir: Path, model: nn.Module, train_model: nn.Mo
         raise TrainingDivergedError(
             f"{e}; training stopped, the last good checkpoint is kept ({kept}). Try a lower "
             f"optim.lr, optim.grad_clip=1.0, or amp=none.") from None
+    # each rank updated its BatchNorm statistics (and their average) from its own batches
+    from_rank_zero([*model.buffers(), *(state.ema.shadow.values() if state.ema else [])],
+                   rt.dist)
     with _validated_weights(model, state):
         va_loss, va_probs, va_targets = evaluate(model, val_loader, state.loss_fn, rt.device,
                                                  dtype=rt.dtype, channels_last=cfg.channels_last,
