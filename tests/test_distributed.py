@@ -34,14 +34,14 @@ EXACT = [*TINY, "model.freeze_image=all", "cache.enabled=off", "model.fusion=que
          "data.scale_min=1", "data.scale_max=1"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # kept while the worker runs other modules between these tests
 def demo(tmp_path_factory):
     d = tmp_path_factory.mktemp("demo")
     make_demo_data(d, n=40, seed=1, n_test=8)
     return d
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # kept while the worker runs other modules between these tests
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
@@ -54,7 +54,7 @@ def torchrun(args: list[str], cache_dir, tmp_path) -> subprocess.CompletedProces
         timeout=300)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # kept while the worker runs other modules between these tests
 def runs(demo, cache_dir, tmp_path_factory):
     """The same training as one process with batch 8 and as two with batch 4 each."""
     base = tmp_path_factory.mktemp("runs")

@@ -30,6 +30,12 @@ def set_deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def set_cudnn_autotuning(on: bool) -> None:
+    """cuDNN's autotuning (`torch.backends.cudnn.benchmark`) for the rest of the process, as a
+    run's `cudnn_benchmark` asks (the CLI's configure_training turns it on)."""
+    torch.backends.cudnn.benchmark = on
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA, then MPS, then CPU; an explicit device must exist."""
     if name == "auto":

@@ -52,6 +52,7 @@ from mmtag.runtime import (
     rng_state,
     seconds_since_start,
     seed_everything,
+    set_cudnn_autotuning,
     set_deterministic,
     set_rng_state,
 )
@@ -234,7 +235,7 @@ def runtime(cfg: TrainConfig, device: torch.device, dist: Dist = SINGLE) -> Runt
              machine["logical_cpus"], machine["torch_threads"],
              f"; GPU {machine['gpu']}" if machine["gpu"] else "", machine["torch"])
     if device.type == "cuda" and not cfg.deterministic:
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        set_cudnn_autotuning(cfg.cudnn_benchmark)
     dtype = amp_dtype(cfg.amp, device)
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
         log.warning("amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): it will run "
