@@ -13,7 +13,13 @@ import torch
 from mmtag.config import load_config
 from mmtag.data.dataset import TaggingDataset
 from mmtag.data.demo import make_demo_data
-from mmtag.data.device_batches import DeviceBatches, PixelDataset, as_tensor, shard_indices
+from mmtag.data.device_batches import (
+    DecodedBatches,
+    DeviceBatches,
+    PixelDataset,
+    as_tensor,
+    shard_indices,
+)
 from mmtag.data.images import build_transform, transform_spec
 from mmtag.data.labels import LabelMap
 from mmtag.data.pixel_cache import pixel_cache
@@ -154,6 +160,11 @@ def test_device_batches_equal_the_loaders_preprocessing(demo, tmp_path):
     want = torch.stack([ds[i][0] for i in range(len(ds))])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert torch.equal(torch.cat([b[3] for b in batches]), ds.targets)
+    # prediction's batches decoded on the device (PIL on a CPU, nvJPEG on a GPU) likewise
+    decoded = list(DecodedBatches(ds, spec, 4, torch.device("cpu")))
+    assert len(decoded) == 3 and [len(b[0]) for b in decoded] == [4, 4, 2]
+    torch.testing.assert_close(torch.cat([b[0] for b in decoded]), want, atol=1e-6, rtol=0)
+    assert torch.equal(torch.cat([b[1] for b in decoded]), ds.tokens)
 
 
 @pytest.mark.slow  # two more processes: about 15 s

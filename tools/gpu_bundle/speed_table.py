@@ -17,6 +17,10 @@ import tarfile
 from pathlib import Path
 
 
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
 def bench_rows(path: Path) -> list[str]:
     out = ["| measurement | GPU | px | batch | pipeline | data alone | model alone | whole | "
            "whole / model | bound by | first step s | host syncs | peak MB |",
@@ -28,8 +32,8 @@ def bench_rows(path: Path) -> list[str]:
             f"| {r['label']} | {r['machine'].get('gpu') or r['device']} | {r['image_size']} | "
             f"{r['batch_size']} | {r['pipeline']}{' compiled' if r.get('compile') else ''} | "
             f"{ips['data']:,.0f} | {ips['step']:,.0f} | {ips['whole']:,.0f} | "
-            f"{r['whole_over_step']:.0%} | {r['bound_by']} | {r.get('first_step_seconds', '-')} | "
-            f"{r.get('host_syncs', '-')} | {r['peak_memory_mb']:,.0f} |")
+            f"{r['whole_over_step']:.0%} | {r['bound_by']} | {_or_dash(r.get('first_step_seconds'))} | "
+            f"{_or_dash(r.get('host_syncs'))} | {r['peak_memory_mb']:,.0f} |")
     return out
 
 

@@ -44,11 +44,12 @@ class TaggingDataset(Dataset):
         self.lengths = torch.as_tensor(lengths, dtype=torch.long)
         # predict needs no labels: a Labels column there is ignored, not checked
         self.targets = torch.as_tensor(np.stack(
-            [label_map.encode(r.labels if with_targets else (), self._where(r))
+            [label_map.encode(r.labels if with_targets else (), self.where(r))
              for r in self.records]
         )) if self.records else torch.zeros(0, label_map.num_classes)
 
-    def _where(self, rec: Record) -> str:
+    def where(self, rec: Record) -> str:
+        """How errors name row `rec`: the CSV file and line, and the image id."""
         return f"{self.source} line {rec.line}, {rec.image_id}" if self.source else rec.image_id
 
     def __len__(self) -> int:
@@ -57,7 +58,7 @@ class TaggingDataset(Dataset):
     def load(self, i: int):
         """The decoded PIL image of row i (errors name the CSV row)."""
         rec = self.records[i]
-        return load_image(self.image_dir / rec.image_id, self._where(rec))
+        return load_image(self.image_dir / rec.image_id, self.where(rec))
 
     def __getitem__(self, i: int):
         if not self.load_images:

@@ -17,6 +17,7 @@ import torch
 
 from mmtag.data.batch_augment import augment_batch, normalise_batch
 from mmtag.data.images import ImageTransformSpec
+from mmtag.data.pixel_cache import decode_resized
 
 
 def shard_indices(n: int, rank: int, world: int, *, equal: str) -> torch.Tensor:
@@ -108,3 +109,26 @@ class DeviceBatches:
             idx_len = idx_dev if ds.lengths.device.type == self.device.type else idx_host
             yield (images, ds.tokens.index_select(0, idx_dev), ds.lengths[idx_len],
                    ds.targets.index_select(0, idx_dev))
+
+
+class DecodedBatches:
+    """A TaggingDataset's rows in order, `batch_size` at a time, decoded and resized on
+    `device` (nvJPEG on a GPU: mmtag.data.pixel_cache.decode_resized) and normalised there:
+    prediction's batches without DataLoader workers. Every image must be readable (the
+    caller checks them first)."""
+
+    def __init__(self, ds, spec: ImageTransformSpec, batch_size: int, device: torch.device):
+        self.ds, self.spec, self.batch_size, self.device = ds, spec, batch_size, device
+
+    def __len__(self) -> int:
+        return -(-len(self.ds) // self.batch_size)
+
+    def __iter__(self):
+        ds = self.ds
+        for s in range(0, len(ds), self.batch_size):
+            rows = ds.records[s:s + self.batch_size]
+            pixels = decode_resized([ds.image_dir / r.image_id for r in rows],
+                                    [ds.where(r) for r in rows], self.spec.size, self.device)
+            e = s + len(rows)
+            yield (normalise_batch(pixels, self.spec.normalisation), ds.tokens[s:e],
+                   ds.lengths[s:e], ds.targets[s:e])

@@ -7,15 +7,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from mmtag.data.batch_augment import normalise_batch
 from mmtag.data.csv_io import read_csv
-from mmtag.data.pixel_cache import decode_resized
+from mmtag.data.device_batches import DecodedBatches
 from mmtag.inference.predictor import Predictor, PredictorBase, load_predictor
 from mmtag.runtime import amp_dtype, machine_info
-from mmtag.training.bench import Batches, bound_by, peak_mb, timed
+from mmtag.training.bench import bound_by, peak_mb, timed
 from mmtag.training.engine import evaluate
 
 
@@ -79,43 +77,31 @@ def bench_predict(run: Path | str, csv_path: Path | str, images: Path | str, *, 
         raise ValueError(f"bench predict needs a model that reads images and rows of {csv_path} "
                          f"with their images in {images}")
     spec = pred.transform_spec(pred.image_sizes[0])
-    chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    # the batches `mmtag predict` makes on this device (decoded there on a GPU)
+    batches = DecodedBatches(pred.dataset(rows, images, str(csv_path), with_targets=False),
+                             spec, batch_size, pred.device)
     if pred.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pred.device)
 
-    def decode(chunk) -> torch.Tensor:
-        return decode_resized([images / r.image_id for r in chunk],
-                              [f"{csv_path}, {r.image_id}" for r in chunk], spec.size,
-                              pred.device)
-
-    def batch(chunk, pixels):
-        tokens = [pred.caption_enc(r.caption) for r in chunk]
-        ids = torch.as_tensor(np.stack([t[0] for t in tokens])).to(pred.device)
-        lengths = torch.as_tensor([t[1] for t in tokens])
-        return (normalise_batch(pixels, spec.normalisation), ids, lengths,
-                torch.zeros(len(chunk), pred.label_map.num_classes, device=pred.device))
-
-    def model(batches) -> None:
+    def model(loader) -> None:
         for m in pred.models:
-            evaluate(m, batches, None, pred.device, dtype=amp_dtype(pred.config.amp, pred.device),
+            evaluate(m, loader, None, pred.device, dtype=amp_dtype(pred.config.amp, pred.device),
                      channels_last=True, tta=pred.tta_flip)
 
-    one = batch(chunks[0], decode(chunks[0]))
+    one = next(iter(batches))
     model([one] * warmup)
-    t_decode = timed(pred.device, lambda: [decode(c) for c in chunks])
-    t_model = timed(pred.device, lambda: model([one] * len(chunks)))
-    # batch by batch, as prediction streams them (each ensemble member decodes anew, as
-    # Predictor.probabilities does)
-    t_whole = timed(pred.device, lambda: model(
-        Batches(len(chunks), make=lambda: (batch(c, decode(c)) for c in chunks))))
-    k = len(chunks) * len(chunks[0])  # the model alone ran full batches
+    t_decode = timed(pred.device, lambda: list(batches))
+    t_model = timed(pred.device, lambda: model([one] * len(batches)))
+    t_whole = timed(pred.device, lambda: model(batches))  # streamed, batch by batch
+    k = len(batches) * len(one[0])  # the model alone ran full batches
     rates = {"data": round(len(rows) / t_decode, 1), "step": round(k / t_model, 1),
              "whole": round(len(rows) / t_whole, 1)}
     ratio = rates["whole"] / rates["step"]
     return {"device": str(pred.device), "machine": machine_info(pred.device),
             "batch_size": batch_size, "image_size": spec.size, "rows": len(rows),
             "pipeline": "nvJPEG" if pred.device.type == "cuda" else "PIL",
-            "amp": str(amp_dtype(pred.config.amp, pred.device)).replace("torch.", ""), "tta_flip": pred.tta_flip, "members": len(pred.models),
-            "images_per_second": rates, "whole_over_step": round(ratio, 3), "bound_by": bound_by(rates),
+            "amp": str(amp_dtype(pred.config.amp, pred.device)).replace("torch.", ""),
+            "tta_flip": pred.tta_flip, "members": len(pred.models), "images_per_second": rates,
+            "whole_over_step": round(ratio, 3), "bound_by": bound_by(rates),
             "peak_memory_mb": peak_mb(pred.device)}
 

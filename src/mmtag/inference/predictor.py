@@ -17,6 +17,7 @@ from mmtag.atomic import atomic_write_many, read_json
 from mmtag.config import ConfigError, TrainConfig
 from mmtag.data.csv_io import Record, csv_columns, format_csv, read_csv
 from mmtag.data.dataset import Split, TaggingDataset, make_loader
+from mmtag.data.device_batches import DecodedBatches
 from mmtag.data.images import ImageReadError, build_transform, load_image, to_rgb, transform_spec
 from mmtag.data.labels import LabelMap, UnknownLabelError
 from mmtag.data.tokenizers import tokenizer_from_dict
@@ -216,11 +217,18 @@ class Predictor(PredictorBase):
         """(N, C) sigmoid probabilities, in dataset order: averaged over the sizes of
         `image_sizes` (each a pass over `dataset` with that size's preprocessing)."""
         parts = []
+        # on a GPU the photos are decoded there (nvJPEG), batch by batch: CPU processes
+        # decoding JPEGs cannot keep up with it (a blank image stands in for a missing one
+        # only on the DataLoader path)
+        on_device = (self.device.type == "cuda" and dataset.load_images
+                     and not dataset.blank_missing_images)
         for size in self.image_sizes:
             ds = copy.copy(dataset)  # the caller's dataset keeps its transform
             if size is not None:
                 ds.transform = self.transform(size)
-            loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers)
+            loader = (DecodedBatches(ds, self.transform_spec(size), batch_size, self.device)
+                      if on_device else
+                      make_loader(ds, batch_size, shuffle=False, num_workers=num_workers))
             for model in self.models:
                 parts.append(evaluate(model, loader, None, self.device,
                                       dtype=amp_dtype(self.config.amp, self.device),

@@ -101,7 +101,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer,
     Nothing waits for the device inside the loop: losses, logits and a divergence flag stay
     on it and come back once, at the end of the epoch (or with a 30-s progress line)."""
     model.train()
-    forward = opts.train_model or model
+    forward = opts.train_model if opts.train_model is not None else model
     # float64 sums, as Python floats were (MPS has no float64)
     total = torch.zeros((), device=opts.device,
                         dtype=torch.float32 if opts.device.type == "mps" else torch.float64)
