@@ -21,7 +21,7 @@ from mmtag.data.device_batches import DecodedBatches
 from mmtag.data.images import ImageReadError, build_transform, load_image, to_rgb, transform_spec
 from mmtag.data.labels import LabelMap, UnknownLabelError
 from mmtag.data.tokenizers import tokenizer_from_dict
-from mmtag.distributed import Dist, from_env, sharded, start, stop
+from mmtag.distributed import Dist, barrier, from_env, sharded, start, stop
 from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.probs_csv import average_probs, format_probs
 from mmtag.evaluation.thresholds import apply_thresholds, check_threshold, decide
@@ -438,9 +438,11 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
         if engine == "torch":
             device = str(on)
     try:
-        return _predict_csv(run, csv_path, images, out, probs_out, threshold, decision,
-                            caption_only_missing, batch_size, device, num_workers,
-                            tta_sizes, engine, dist)
+        result = _predict_csv(run, csv_path, images, out, probs_out, threshold, decision,
+                              caption_only_missing, batch_size, device, num_workers,
+                              tta_sizes, engine, dist)
+        barrier(dist)  # rank 0 has written the files; nobody leaves the group before
+        return result
     finally:
         stop(dist)
 

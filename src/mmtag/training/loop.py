@@ -34,6 +34,7 @@ from mmtag.data.tokenizers import CaptionTokenizer, fit_tokenizer, tokenizer_fro
 from mmtag.distributed import (
     SINGLE,
     Dist,
+    barrier,
     from_env,
     from_rank_zero,
     local_first,
@@ -106,8 +107,10 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     try:
         with ExitStack() as held:  # rank 0 holds the run folder's lock until training ends
             resume = on_main(dist, lambda: _claim(cfg, data_dir, run_dir, resume, restart, held))
-            return _train(cfg, data_dir, run_dir, rows, resume, progress and dist.main, started,
-                          runtime(cfg, device, dist))
+            summary = _train(cfg, data_dir, run_dir, rows, resume, progress and dist.main,
+                             started, runtime(cfg, device, dist))
+        barrier(dist)  # nobody leaves the process group while another still talks in it
+        return summary
     finally:
         stop(dist)
 
