@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root: DEADLINE=460 bash BUNDLE/speed.sh
-# Every GPU measurement of docs/performance.md in one device call (an H200 takes about 7.5 min):
+# Every GPU measurement of docs/performance.md in one device call, in DEADLINE seconds at most
+# (460: 7 min 40 s; stage estimates are guesses for an H200, nothing here has run on a GPU):
 #   1. `mmtag bench train` of the report recipe (256 px) and the gpu recipe (448 px) at batch 64
 #      and 256 on the device pipeline, the gpu recipe on the DataLoader pipeline (the baseline),
 #      one without cuDNN autotuning (what the first step waits for);
