@@ -34,6 +34,15 @@ def shard_indices(n: int, rank: int, world: int, *, equal: str) -> torch.Tensor:
     return torch.cat([idx, idx.new_zeros(per - len(idx))])
 
 
+def pass_order(n: int, *, shuffle: bool, seed: int, rank: int, world: int,
+                equal: str) -> torch.Tensor:
+    """The rows rank `rank` reads in one pass over n rows: the seeded shuffle (the same on
+    every rank), or file order, then its `shard_indices` share of it."""
+    order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle
+             else torch.arange(n))
+    return order[shard_indices(n, rank, world, equal=equal)]
+
+
 def as_tensor(pixels: np.ndarray) -> torch.Tensor:
     """A read-only memory-mapped uint8 cache as a tensor without copying (nothing writes it)."""
     with warnings.catch_warnings():
@@ -73,10 +82,8 @@ class DeviceBatches:
                  world: int = 1, channels_last: bool = False):
         self.ds, self.device, self.seed, self.rank = ds, device, seed, rank
         self.channels_last = channels_last
-        order = (torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
-                 if shuffle else torch.arange(len(ds)))
-        shard = shard_indices(len(ds), rank, world, equal="drop" if ds.train else "pad")
-        self.order = order[shard]
+        self.order = pass_order(len(ds), shuffle=shuffle, seed=seed, rank=rank, world=world,
+                                equal="drop" if ds.train else "pad")
         cuts = list(range(0, len(self.order), batch_size))
         if drop_last and len(self.order) % batch_size and len(cuts) > 1:
             cuts = cuts[:-1]

@@ -30,11 +30,11 @@ AT_THE_LIMIT = 0.85
 
 
 class Batches:
-    """`n` batches, as a loader: the next ones of the iterator `source`, the ones a fresh
-    `make()` yields (each pass anew), or one `batch` repeated."""
+    """`n` batches, as a loader: the next ones of the iterator `source`, or one `batch`
+    repeated."""
 
-    def __init__(self, n: int, source=None, batch=None, make=None):
-        self.n, self.source, self.batch, self.make = n, source, batch, make
+    def __init__(self, n: int, source=None, batch=None):
+        self.n, self.source, self.batch = n, source, batch
 
     def __len__(self) -> int:
         return self.n
@@ -42,7 +42,7 @@ class Batches:
     def __iter__(self):
         if self.batch is not None:
             return itertools.repeat(self.batch, self.n)
-        return itertools.islice(self.make() if self.make else self.source, self.n)
+        return itertools.islice(self.source, self.n)
 
 
 def _epochs_of(cfg: TrainConfig, sets, rt, first: int = 1):

@@ -26,7 +26,7 @@ from mmtag.atomic import atomic_write, read_json
 from mmtag.config import TrainConfig
 from mmtag.data.csv_io import Record, read_csv
 from mmtag.data.dataset import Split, TaggingDataset, make_loader
-from mmtag.data.device_batches import DeviceBatches, PixelDataset, as_tensor, shard_indices
+from mmtag.data.device_batches import DeviceBatches, PixelDataset, as_tensor, pass_order
 from mmtag.data.images import build_transform, transform_spec
 from mmtag.data.labels import LabelMap
 from mmtag.data.pixel_cache import cache_bytes, default_pixel_dir, pixel_cache
@@ -415,7 +415,7 @@ def _pixel_datasets(cfg: TrainConfig, data: RunData, rt: Runtime, norm: str, raw
     def pixels(ds: TaggingDataset, train: bool, size: int | None = None) -> PixelDataset:
         spec = transform_spec(cfg.data, norm, size)
         paths = [data.image_dir / r.image_id for r in ds.records]
-        where = [f"train.csv line {r.line}, {r.image_id}" for r in ds.records]
+        where = [ds.where(r) for r in ds.records]
         cache = as_tensor(pixel_cache(paths, where, spec.size, folder,
                                       workers=cfg.data.num_workers, progress=progress))
         fits = _fits_on_device(cache_bytes(len(paths), spec.size), rt.device)
@@ -516,10 +516,9 @@ def _loader(ds, batch_size: int, workers: int, rt: Runtime, channels_last: bool,
                              drop_last=drop_last, rank=dist.rank, world=dist.world,
                              channels_last=channels_last)
     if dist.active:
-        order = (torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
-                 if shuffle else torch.arange(len(ds)))
-        shard = shard_indices(len(ds), dist.rank, dist.world, equal="drop" if shuffle else "pad")
-        ds, shuffle = torch.utils.data.Subset(ds, order[shard].tolist()), False
+        rows = pass_order(len(ds), shuffle=shuffle, seed=seed, rank=dist.rank, world=dist.world,
+                          equal="drop" if shuffle else "pad")
+        ds, shuffle = torch.utils.data.Subset(ds, rows.tolist()), False
         seed += 7919 * dist.rank  # each rank's workers draw their own augmentations
     return make_loader(ds, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
                        num_workers=workers, pin_memory=rt.device.type == "cuda")
