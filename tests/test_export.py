@@ -229,8 +229,15 @@ def test_a_failed_export_leaves_the_earlier_one_whole(runs, tmp_path, monkeypatc
 
 
 def test_export_never_replaces_a_folder_of_other_files(runs, tmp_path):
-    with pytest.raises(ValueError, match="not an export's"):
+    with pytest.raises(ValueError, match="input folder"):
         export_run(runs / "glove", runs / "glove")  # the run folder itself
+    foreign = tmp_path / "other-tool"  # another tool's files, even named as an export's
+    foreign.mkdir()
+    (foreign / "model.json").write_text('{"name": "theirs"}')
+    (foreign / "model.onnx").write_bytes(b"their graph")
+    with pytest.raises(ValueError, match="no mmtag export"):
+        export_run(runs / "glove", foreign)
+    assert (foreign / "model.onnx").read_bytes() == b"their graph"
     assert (runs / "glove" / "best.pt").exists()
 
 

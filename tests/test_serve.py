@@ -67,7 +67,7 @@ OPTS = ServeOptions(max_batch=4, max_wait_ms=2, max_image_mb=0.5, max_pixels=1_0
 
 @pytest.fixture(scope="module")
 def client(pred):
-    with TestClient(create_app(pred, OPTS, {"1": "circle"})) as c:
+    with TestClient(create_app(pred, OPTS, {"1": "circle"}), base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -194,7 +194,7 @@ def test_the_page_works_offline_and_calls_the_api(client):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     html = r.text
     assert 'type="file"' in html and 'id="caption"' in html
-    assert 'fetch("/v1/tag"' in html and 'fetch("/v1/model")' in html
+    assert 'apiFetch("/v1/tag"' in html and 'apiFetch("/v1/model")' in html
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html), "external resource"
     assert "@import" not in html and "cdn" not in html.lower()
 

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def image_input(path: Path, spec: dict) -> np.ndarray:
-    """(1, 3, S, S) float32: RGB, resized to S x S bilinearly, scaled and normalised."""
+    """(1, 3, S, S) float32: upright (EXIF orientation applied, as viewers show a phone photo),
+    RGB, resized to S x S bilinearly, scaled and normalised."""
     size = spec["size"]
-    img = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
+    img = ImageOps.exif_transpose(Image.open(path)).convert("RGB").resize((size, size),
+                                                                          Image.BILINEAR)
     a = np.asarray(img, dtype=np.float32) / 255.0
     a = (a - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
     return a.transpose(2, 0, 1)[None]

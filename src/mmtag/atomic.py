@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,7 +42,8 @@ def atomic_write_many(items: Sequence[tuple[Path | str, Payload]]) -> None:
     staged: list[tuple[str, Path]] = []
     try:
         for path, payload in items:
-            staged.append((_stage(Path(path), payload), Path(path)))
+            target = _target(Path(path))
+            staged.append((_stage(target, payload), target))
         for tmp, path in staged:
             os.replace(tmp, path)
     except OSError as e:
@@ -52,6 +54,26 @@ def atomic_write_many(items: Sequence[tuple[Path | str, Payload]]) -> None:
                 os.unlink(tmp)
     for folder in {path.parent for _, path in staged}:
         fsync_dir(folder)
+
+
+def _target(path: Path) -> Path:
+    """Where a write to `path` lands: a symlink is followed (the file it points to is replaced,
+    never the link); a folder or a special file (a device, a FIFO) is refused, never replaced by
+    a regular file."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISREG(mode):
+        what = ("a folder" if stat.S_ISDIR(mode)
+                else "a special file (a device, FIFO or socket)")
+        err = WriteError(f"could not write {path}: it is {what}, not a regular file; give a "
+                         f"file path")
+        err.errno = errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL
+        raise err
+    return path
 
 
 def read_json(path: Path | str, hint: str = "use an intact copy of the run folder"):
@@ -119,11 +141,16 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def new_file_mode() -> int:
+    """The permissions of a new file under the user's umask (what `open` would give)."""
+    return 0o666 & ~_UMASK
+
+
 def _mode_for(path: Path) -> int:
     """The file's current permissions, or the usual ones for a new file (mkstemp's are 0600)."""
     with contextlib.suppress(FileNotFoundError):
         return path.stat().st_mode & 0o777
-    return 0o666 & ~_UMASK
+    return new_file_mode()
 
 
 def _explain(e: OSError, paths: list[Path]) -> WriteError:
@@ -139,3 +166,89 @@ def _explain(e: OSError, paths: list[Path]) -> WriteError:
     err = WriteError(f"could not write {what}: {reason}; {hint}")
     err.errno = e.errno  # callers may still tell a full disk from other failures
     return err
+
+
+# -- folders written whole: staged beside their place, then swapped in --------------------------
+
+_STAGE_TAG = ".stage-"
+
+
+def staging_folder(out: Path | str) -> Path:
+    """A new, empty folder beside `out` to build `out`'s files in (its name carries this
+    process's id, so that a later command can tell a stage left by a killed process from one
+    in use). Made with the user's umask, as `mkdir` would (mkdtemp alone gives 0700)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_stages(out)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGE_TAG}{os.getpid()}-",
+                                  dir=out.parent))
+    os.chmod(stage, 0o777 & ~_UMASK)
+    return stage
+
+
+def remove_stale_stages(out: Path | str) -> list[Path]:
+    """Delete the staging folders of `out` that processes killed mid-way left behind (their
+    process is gone); returns them."""
+    import shutil
+
+    out = Path(out)
+    gone = []
+    if not out.parent.is_dir():
+        return gone
+    for p in out.parent.glob(f".{out.name}{_STAGE_TAG}*"):
+        pid = p.name[len(out.name) + 1 + len(_STAGE_TAG):].split("-")[0]
+        if p.is_dir() and not p.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def swap_in(stage: Path, out: Path) -> None:
+    """`stage` (a complete folder) becomes `out` in one step; an earlier `out` is deleted
+    after. On Linux the two folders are exchanged atomically (renameat2 RENAME_EXCHANGE), so
+    a kill at any moment leaves the old folder or the new one, never neither; elsewhere two
+    renames, with a moment between them in which `out` is missing."""
+    import shutil
+
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        os.replace(stage, out)  # rename(2) replaces an empty folder
+    elif _exchange(stage, out):
+        shutil.rmtree(stage)  # it holds the earlier folder now
+        return
+    else:
+        old = out.with_name(f".{out.name}{_STAGE_TAG}{os.getpid()}-old")
+        os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old)
+    fsync_dir(out.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's renameat2; False where it is not available."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        fsync_dir(b.parent)
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False  # a filesystem or kernel without it
+    raise OSError(err, os.strerror(err), str(b))

@@ -103,6 +103,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  {k:<11} {m[k]:.4f}")
     if note := optimism_note(m):
         print(f"  {note}")
+    if m["unfinished"]:
+        print(f"  (not the run's final figures: {m['unfinished']})")
     print(format_per_class_table(m))
     return 0
 
@@ -188,12 +190,15 @@ def _run_dir(run: str) -> Path:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mmtag.serving.server import ServeOptions, serve
 
-    serve(args.path, ServeOptions(engine=args.engine, host=args.host, port=args.port,
+    budget = {} if args.max_decode_mb is None else {"max_decode_mb": args.max_decode_mb}
+    serve(args.path, ServeOptions(**budget, engine=args.engine, host=args.host, port=args.port,
                                   max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                   max_image_mb=args.max_image_mb,
                                   max_pixels=args.max_pixels, max_caption_chars=args.max_caption,
                                   max_batch_items=args.max_batch_items,
-                                  max_queue=args.max_queue), args.label_names)
+                                  max_queue=args.max_queue,
+                                  allow_hosts=tuple(args.allow_host or ()),
+                                  api_key=args.api_key), args.label_names, args.no_auth)
     return 0
 
 
@@ -469,6 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
                                          "labels.txt of the run's data folder, if any)")
     c.add_argument("--max-batch-items", type=int, default=64,
                    help="most samples in one /v1/tag/batch request")
+    c.add_argument("--max-decode-mb", type=float, default=None,
+                   help="memory one photo's decoding may take (pixels x bytes per pixel): a "
+                        "JPEG over it is decoded at a reduced scale, another image refused "
+                        "(default 512)")
+    c.add_argument("--api-key", help="the key every API request must carry (Authorization: "
+                                     "Bearer KEY or X-API-Key: KEY); default $MMTAG_API_KEY. "
+                                     "Required when --host is not this machine's")
+    c.add_argument("--no-auth", action="store_true",
+                   help="serve another --host without a key (anyone who reaches it can use it)")
+    c.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="a host name the service answers besides 127.0.0.1 and localhost "
+                        "(the Host header; repeatable; '*' for any)")
     c.set_defaults(func=_cmd_serve)
 
     c = sub.add_parser("ensemble", help="average several runs (e.g. seeds of one recipe) into "

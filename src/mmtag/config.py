@@ -533,3 +533,15 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         node[parts[-1]] = (_parse_yaml(value, f"--set {item}", line=False) if value.strip()
                            else value)
     return raw
+
+
+def first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    """The first key (dotted) whose value differs between two nested dicts, with both values."""
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            diff = first_difference(a[k], b[k], f"{prefix}{k}.")
+            if diff:
+                return diff
+        elif a.get(k) != b.get(k):
+            return f"{prefix}{k}: {a.get(k)!r} against {b.get(k)!r}"
+    return ""

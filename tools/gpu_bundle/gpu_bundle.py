@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 
 from mmtag.data.csv_io import read_csv
-from mmtag.data.images import to_rgb
+from mmtag.data.images import to_rgb, upright
 
 SCRIPTS = Path(__file__).parent  # run.sh and compare.sh, copied into each bundle
 
@@ -73,7 +73,7 @@ def write_subset(data: Path, out: Path, rows: int, max_side: int, quality: int) 
     for r in records:
         src = data / "data" / r.image_id
         with Image.open(src) as im:
-            im = to_rgb(im)
+            im = to_rgb(upright(im))
             im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
             im.save(out / "data" / r.image_id, "JPEG", quality=quality)
     return [r.caption for r in records]

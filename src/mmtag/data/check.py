@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mmtag.data.csv_io import Record, read_csv
-from mmtag.data.images import to_rgb
+from mmtag.data.images import load_image
 
 __all__ = ["DataLayoutError", "check_data", "format_report"]
 
@@ -104,9 +104,10 @@ def _decode_one(job: tuple[str, str]) -> tuple[str, str | None, int, int, str, s
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            # as the data loaders will (regular files only, the decode budget, EXIF orientation)
+            load_image(path)
             with Image.open(path) as im:
                 width, height, mode = im.width, im.height, im.mode
-                to_rgb(im).load()  # as the data loaders will
     except Exception as exc:  # any failure to decode is what we report, whatever its type
         return image_id, f"{type(exc).__name__}: {exc}", 0, 0, "", None
     warning = str(caught[0].message) if caught else None

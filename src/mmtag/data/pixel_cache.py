@@ -39,6 +39,7 @@ from PIL import Image
 
 from mmtag.atomic import WriteError, fsync_dir
 from mmtag.data.images import ImageReadError, load_image, to_rgb
+from mmtag.outputs import is_regular_file
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +51,8 @@ except ImportError:  # pragma: no cover - Windows
 
 log = logging.getLogger("mmtag.data")
 
-PIXEL_FORMAT = 1          # bump when the stored pixels would change (resize method, layout)
+# bump when the stored pixels would change (resize method, layout); 2: EXIF orientation applied
+PIXEL_FORMAT = 2
 _CHUNK = 64               # images per task: IPC cost well below the decode time of 64 images
 _GPU_BATCH = 64           # JPEG files decoded together on the GPU (bounds full-size memory)
 _PROGRESS_EVERY_S = 10.0
@@ -354,6 +356,9 @@ def _read_bytes(path: Path, where: str):
     """A file's bytes as a uint8 tensor, or ImageReadError naming it and `where`."""
     import torch
 
+    if path.exists() and not is_regular_file(path):  # a FIFO would block the read forever
+        raise ImageReadError(f"image {path} ({where}) is not a regular file (a folder, FIFO, "
+                             f"device or socket); it was not opened")
     try:
         return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
     except FileNotFoundError:
@@ -369,13 +374,15 @@ def _decode_jpegs(jpegs, paths: Sequence[Path], where: Sequence[str], device) ->
     if not jpegs:
         return []
     try:
-        return decode_jpeg([d for _, d in jpegs], mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg([d for _, d in jpegs], mode=ImageReadMode.RGB, device=device,
+                           apply_exif_orientation=True)
     except RuntimeError:
         pass  # one bad file fails the whole batch: decode them one by one to find it
     images = []
     for i, data in jpegs:
         try:
-            images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device,
+                                      apply_exif_orientation=True))
         except RuntimeError:
             # nvJPEG refuses some files PIL reads (CMYK, 12-bit); PIL names a really bad one
             images.append(_pil_tensor(load_image(paths[i], where[i])).to(device))

@@ -16,21 +16,31 @@ The folder it writes is a run folder for `evaluate`, `predict` and `benchmark` (
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from mmtag.atomic import atomic_write, read_json
-from mmtag.config import TrainConfig
+from mmtag.atomic import (
+    atomic_write,
+    read_json,
+    remove_stale_stages,
+    staging_folder,
+    swap_in,
+)
+from mmtag.config import TrainConfig, first_difference
 from mmtag.data.tokenizers import tokenizer_from_dict
 from mmtag.evaluation.estimate import decision_figures
 from mmtag.evaluation.probs_csv import VAL_PROBS, average_probs, read_val_probs, write_val_probs
+from mmtag.outputs import check_output_folder
 from mmtag.training.checkpoint import (
     FORMAT_VERSION,
     ModelTooLargeError,
     atomic_save,
+    is_finished,
     load_checkpoint,
+    unfinished_message,
 )
 
 # config fields that change how a member was trained, not what it computes at prediction time
@@ -60,26 +70,21 @@ def _prediction_config(cfg: dict) -> dict:
     return out
 
 
-def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            diff = _first_difference(a[k], b[k], f"{prefix}{k}.")
-            if diff:
-                return diff
-        elif a.get(k) != b.get(k):
-            return f"{prefix}{k}: {a.get(k)!r} against {b.get(k)!r}"
-    return ""
-
-
 def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
     """Write the ensemble of `runs` (finished run folders) to the folder `out`; returns its
     summary (validation figures of the averaged probabilities, as a run's summary.json)."""
     runs, out = [Path(r) for r in runs], Path(out)
     if len(runs) < 2:
         raise ValueError("an ensemble needs at least two runs")
+    check_output_folder(out, "--out", runs)
+    remove_stale_stages(out)  # what a killed ensemble left
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; choose another --out")
     ckpts = [load_checkpoint(r / "best.pt") for r in runs]
+    for run, ck in zip(runs, ckpts, strict=True):
+        if not is_finished(ck, run / "best.pt"):
+            raise ValueError(f"{unfinished_message(run / 'best.pt', ck)}; then build the "
+                             f"ensemble")
     first, base = runs[0], ckpts[0]
     _check_members(runs, ckpts)
     read = [read_val_probs(run) for run in runs]
@@ -107,23 +112,37 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
             f"{cfg.model.max_size_mb:g} MB (model.max_size_mb); use fewer runs")
 
     figures = decision_figures(cfg, v.targets, p, v.label_names)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_save({"format": FORMAT_VERSION, "config": base["config"], "labels": base["labels"],
-                 "caption": base["caption"], "thresholds": figures["thresholds"],
-                 "at_least_one": base["at_least_one"],
-                 "ensemble": {"runs": [str(r) for r in runs], "shared": shared,
-                              "members": members}}, out / "best.pt")
-    for name in ("config.yaml", "labels.json", "vocab.json", "split.json"):
-        if (first / name).exists():
-            atomic_write(out / name, (first / name).read_bytes())
-    write_val_probs(out, v.image_ids, v.true_labels, v.label_names, p)
+    # every file is made in a stage beside `out`, which becomes `out` once complete: a kill
+    # leaves no folder that predict would use and evaluate fail on
+    payload = {"format": FORMAT_VERSION, "config": base["config"], "labels": base["labels"],
+               "caption": base["caption"], "thresholds": figures["thresholds"],
+               "at_least_one": base["at_least_one"], "finished": True,
+               "ensemble": {"runs": [str(r) for r in runs], "shared": shared,
+                            "members": members}}
     tta = (read_json(first / "summary.json").get("tta")
            if (first / "summary.json").exists() else None)
     summary = {"members": [str(r) for r in runs], **figures, "tta": tta,
                "saved_model_mb": round(mb, 2), "shared_tensors": len(shared),
                "val_rows": len(v.image_ids)}
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    stage = staging_folder(out)
+    try:
+        _write_ensemble(stage, first, payload, summary, v, p)
+        swap_in(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
     return summary
+
+
+def _write_ensemble(out: Path, first: Path, payload: dict, summary: dict, v, probs) -> None:
+    """The ensemble's files in the folder `out`: best.pt, the first member's run files, the
+    averaged val_probs.csv and summary.json (the file that says the folder is complete)."""
+    atomic_save(payload, out / "best.pt")
+    for name in ("config.yaml", "labels.json", "vocab.json", "split.json"):
+        if (first / name).exists():
+            atomic_write(out / name, (first / name).read_bytes())
+    write_val_probs(out, v.image_ids, v.true_labels, v.label_names, probs)
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
 
 
 def _check_members(runs: list[Path], ckpts: list[dict]) -> None:
@@ -138,7 +157,7 @@ def _check_members(runs: list[Path], ckpts: list[dict]) -> None:
             raise ValueError(f"{run} validates on other rows than {first} (split.json differs): "
                              f"the ensemble's thresholds are chosen on rows no member trained on, "
                              f"so the members need the same data.split_seed and train_prop")
-        diff = _first_difference(_prediction_config(base["config"]),
+        diff = first_difference(_prediction_config(base["config"]),
                                  _prediction_config(ck["config"]))
         if diff:
             raise ValueError(f"{run} predicts differently from {first} ({diff}): an ensemble's "

@@ -33,11 +33,19 @@ import torch
 from torch import nn
 
 import mmtag
-from mmtag.atomic import atomic_write, read_json
+from mmtag.atomic import (
+    WriteError,
+    atomic_write,
+    new_file_mode,
+    read_json,
+    staging_folder,
+    swap_in,
+)
 from mmtag.data.images import NORMALISATIONS
 from mmtag.data.tokenizers import MiniLMTokenizer
 from mmtag.evaluation.probs_csv import average_probs
 from mmtag.inference.predictor import Predictor
+from mmtag.outputs import check_output_folder
 from mmtag.training.engine import flip_tta_logits
 
 log = logging.getLogger("mmtag.export")
@@ -146,6 +154,7 @@ def write_onnx(graph: ExportGraph, inputs: tuple[torch.Tensor, ...], path: Path)
             torch.onnx.export(graph, inputs, tmp, input_names=graph.input_names,
                               output_names=graph.output_names, dynamic_axes=dynamic,
                               opset_version=OPSET, dynamo=False)
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would hide the file from others
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -196,6 +205,7 @@ def image_spec(pred: Predictor) -> dict | None:
     spec = pred.transform_spec()
     mean, std = NORMALISATIONS[spec.normalisation]
     return {"size": spec.size, "color": "RGB", "layout": "NCHW float32",
+            "orientation": "EXIF orientation applied first (PIL ImageOps.exif_transpose)",
             "resize": "to size x size (aspect ratio not kept), bilinear with antialiasing "
                       "(PIL Image.resize(..., Image.BILINEAR))",
             "scale": 1 / 255, "mean": list(mean), "std": list(std),
@@ -251,50 +261,60 @@ EXPORT_NAMES = {MODEL_JSON, FP32_FILE, INT8_FILE, TOKENIZER_DIR}
 def export_run(run: Path | str, out: Path | str, *, int8: bool = False) -> dict:
     """Export a run folder (or best.pt) to `out`; with `int8` also a quantised copy. The files
     are made in a staging folder beside `out`, which replaces an earlier export only once
-    complete. Returns model.json's contents."""
+    complete (`mmtag.atomic.swap_in`). Returns model.json's contents."""
     run_path, out = Path(run), Path(out)
     run_dir = run_path if run_path.is_dir() else run_path.parent
-    check_out_folder(out)
+    check_out_folder(out, run_dir)
     pred = Predictor.load(run_path, "cpu", amp="none")
+    if pred.unfinished:
+        raise ExportError(f"{pred.unfinished}; then export it")
     dropped = [s for s in pred.image_sizes[1:] if s is not None]
     if dropped:
         log.warning("the run's multi-scale TTA sizes %s are not exported: the ONNX model reads "
                     "images at %d px only", dropped, pred.image_sizes[0])
         pred = Predictor.load(run_path, "cpu", tta_sizes=[], amp="none")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    stage = staging_folder(out)
     try:
         meta = write_export(pred, run_dir, stage, int8)
         meta["checkpoint"] = checkpoint_digest(_checkpoint_file(run_path))
         meta["dropped_tta_sizes"] = dropped
         atomic_write(stage / MODEL_JSON, json.dumps(meta, indent=2) + "\n")
-        replace_folder(stage, out)
+        swap_in(stage, out)
+    except OSError as e:
+        if isinstance(e, WriteError):
+            raise
+        raise WriteError(f"could not write the export {out} (while making "
+                         f"{getattr(e, 'filename', None) or stage}): {e.strerror or e}; free "
+                         f"some disk space or choose another --out; the earlier export, if "
+                         f"any, is unchanged") from None
     finally:
         if stage.exists():
             shutil.rmtree(stage)
     return meta
 
 
-def check_out_folder(out: Path) -> None:
-    """Refuse an `out` that holds anything but an earlier export: it is replaced whole."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file; give a folder for the export")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_NAMES)
+def check_out_folder(out: Path, run_dir: Path) -> None:
+    """Refuse an `out` that is not new, empty or an earlier mmtag export: it is replaced
+    whole, so a folder of another tool's files (even ones named model.json) is never
+    deleted."""
+    check_output_folder(out, "--out", [run_dir])
+    if out.is_dir() and any(out.iterdir()):
+        names = sorted(p.name for p in out.iterdir())
+        foreign = [n for n in names if n not in EXPORT_NAMES]
         if foreign:
             raise ExportError(f"--out {out} holds files that are not an export's "
                               f"({', '.join(foreign[:5])}); give an empty or new folder")
+        if not _is_mmtag_export(out / MODEL_JSON):
+            raise ExportError(f"--out {out} holds {', '.join(names)} but no mmtag export "
+                              f"(its {MODEL_JSON} is not one): it is not replaced; give an "
+                              f"empty or new folder")
 
 
-def replace_folder(stage: Path, out: Path) -> None:
-    """`stage` becomes `out`; an earlier `out` is removed only after the swap."""
-    if not out.exists():
-        os.replace(stage, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(stage, out)
-    shutil.rmtree(old)
+def _is_mmtag_export(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _checkpoint_file(run: Path) -> Path:

@@ -18,7 +18,14 @@ from mmtag.config import ConfigError, TrainConfig
 from mmtag.data.csv_io import Record, csv_columns, format_csv, read_csv
 from mmtag.data.dataset import Split, TaggingDataset, make_loader
 from mmtag.data.device_batches import DecodedBatches
-from mmtag.data.images import ImageReadError, build_transform, load_image, to_rgb, transform_spec
+from mmtag.data.images import (
+    ImageReadError,
+    build_transform,
+    load_image,
+    to_rgb,
+    transform_spec,
+    upright,
+)
 from mmtag.data.labels import LabelMap, UnknownLabelError
 from mmtag.data.tokenizers import tokenizer_from_dict
 from mmtag.distributed import Dist, barrier, from_env, sharded, start, stop
@@ -27,8 +34,14 @@ from mmtag.evaluation.probs_csv import average_probs, format_probs
 from mmtag.evaluation.thresholds import apply_thresholds, check_threshold, decide
 from mmtag.inference.ensemble import member_states
 from mmtag.models.build import build_tagger, encoder_normalisation
+from mmtag.outputs import check_distinct, check_output
 from mmtag.runtime import amp_dtype, autocast, resolve_device
-from mmtag.training.checkpoint import CheckpointError, load_checkpoint
+from mmtag.training.checkpoint import (
+    CheckpointError,
+    is_finished,
+    load_checkpoint,
+    unfinished_message,
+)
 from mmtag.training.engine import evaluate, flip_tta_logits
 
 log = logging.getLogger("mmtag.predict")
@@ -56,6 +69,9 @@ class PredictorBase:
     has_caption_head: bool = False  # a head of the caption alone (for rows without an image)
     limit_val: int = 0  # the run's data.limit_val: its validation rows are the first this many
     engine: str = "torch"
+    # None for a finished run; for one that stopped before its thresholds were chosen, what to
+    # tell its user (mmtag.training.checkpoint.unfinished_message)
+    unfinished: str | None = None
 
     @property
     def tta_flip(self) -> bool:
@@ -98,6 +114,8 @@ class PredictorBase:
             return f"one global threshold {threshold:.3f}"
         if (decision or self.rule) == "expected_f1":
             return "expected-F1 label sets"
+        if self.unfinished:
+            return "untuned thresholds of 0.5 (the run is unfinished)"
         return "the run's tuned thresholds"
 
     def predict_probs(self, images: Sequence[Image.Image | None],
@@ -163,6 +181,9 @@ class Predictor(PredictorBase):
             raise ConfigError(f"the config saved in {path}: {e}") from None
         label_map = LabelMap.from_dict(ckpt["labels"])
         caption_enc = tokenizer_from_dict(ckpt["caption"])
+        unfinished = None if is_finished(ckpt, path) else unfinished_message(path, ckpt)
+        if unfinished:
+            log.warning("%s", unfinished)
         dev = resolve_device(device)
         models = []
         for state in member_states(ckpt) if "ensemble" in ckpt else [ckpt["model"]]:
@@ -181,7 +202,8 @@ class Predictor(PredictorBase):
                    reads_images=first.image_encoder is not None,
                    reads_captions=first.text_encoder is not None,
                    has_caption_head=first.has_caption_head,
-                   limit_val=cfg.data.limit_val, models=models, config=cfg, device=dev)
+                   limit_val=cfg.data.limit_val, unfinished=unfinished, models=models,
+                   config=cfg, device=dev)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -254,7 +276,8 @@ class Predictor(PredictorBase):
         tokens = [self.caption_enc(c) for c in captions]
         ids = torch.as_tensor(np.stack([t[0] for t in tokens])).to(self.device)
         lengths = torch.as_tensor([t[1] for t in tokens])
-        pil = [to_rgb(img) if img is not None else Image.new("RGB", (32, 32)) for img in images]
+        pil = [to_rgb(upright(img)) if img is not None else Image.new("RGB", (32, 32))
+               for img in images]
         parts = []
         for size in self.image_sizes:
             tf = self.transform(size) if size is not None else None
@@ -293,22 +316,17 @@ def run_folder(run: Path | str, pred: PredictorBase) -> Path:
     return path
 
 
-def check_outputs(inputs: dict[str, Path], outputs: dict[str, Path | None]) -> None:
-    """Refuse an output path that is one of the inputs or another output (it would be
-    overwritten), or a folder."""
-    seen: dict[Path, str] = {}
-    for name, path in inputs.items():
-        seen[path.resolve()] = name
-    for name, path in outputs.items():
-        if path is None:
-            continue
-        key = path.resolve()
-        if key in seen:
-            raise ValueError(f"{name} {path} is also {seen[key]}: writing it would replace that "
-                             f"file; give {name} another path")
-        if path.is_dir():
-            raise ValueError(f"{name} {path} is a folder; give a file path for {name}")
-        seen[key] = name
+def check_predict_outputs(run: Path | str, csv_path: Path, images: Path, out: Path | str,
+                          probs_out: Path | str | None) -> tuple[Path, Path | None]:
+    """The files predict writes (`mmtag.outputs.check_output`'s rule: never an input, a photo,
+    a run's or an export's file, a folder or a special file; a link is followed), checked
+    before the model loads."""
+    inputs = {"--csv": csv_path, "the run's checkpoint": _checkpoint_path(run)}
+    targets = {"--out": check_output(out, "--out", inputs, [images])}
+    if probs_out is not None:
+        targets["--probs"] = check_output(probs_out, "--probs", inputs, [images])
+    check_distinct(targets)
+    return targets["--out"], targets.get("--probs")
 
 
 def find_missing_images(records: Sequence[Record], image_dir: Path,
@@ -365,10 +383,11 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     m["engine"] = pred.engine
     rule = decision or pred.rule
     m["tuned_on_these_rows"] = bool(validation_of is not None and threshold is None
-                                    and rule == "threshold")
+                                    and rule == "threshold" and not pred.unfinished)
+    m["unfinished"] = pred.unfinished
     if validation_of is not None:
         m["source"] = f"the run's validation split of {source}"
-        if threshold is None:
+        if threshold is None and not pred.unfinished:
             m.update(_crossfit_estimate(pred, validation_of, rule))
     return m
 
@@ -450,8 +469,8 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
 def _predict_csv(run, csv_path, images, out, probs_out, threshold, decision, caption_only_missing,
                  batch_size, device, num_workers, tta_sizes, engine, dist: Dist) -> dict | None:
     csv_path, images = Path(csv_path), Path(images)
-    check_outputs({"--csv": csv_path, "run": _checkpoint_path(run)},
-                  {"--out": Path(out), "--probs": probs_out and Path(probs_out)})
+    given_out, given_probs = out, probs_out  # what the user named, for the messages
+    out, probs_out = check_predict_outputs(run, csv_path, images, out, probs_out)
     if threshold is not None:
         check_threshold(threshold)  # before any inference
     pred = load_predictor(run, engine, device, tta_sizes)
@@ -485,7 +504,8 @@ def _predict_csv(run, csv_path, images, out, probs_out, threshold, decision, cap
         files.append((probs_out, format_probs([r.image_id for r in rows],
                                               [str(lab) for lab in pred.label_map.labels], probs)))
     atomic_write_many(files)
-    return {"rows": len(rows), "out": str(out), "probs": str(probs_out) if probs_out else None,
+    return {"rows": len(rows), "out": str(given_out),
+            "probs": str(given_probs) if given_probs else None,
             "caption_only": msgs, "caption_only_via": via if msgs else None,
             "decision": pred.describe_decision(threshold, decision)}
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mmtag.atomic import atomic_write, read_json
-from mmtag.config import TrainConfig, load_config
+from mmtag.atomic import atomic_write, atomic_write_many, read_json
+from mmtag.config import TrainConfig, first_difference, load_config
 from mmtag.data.csv_io import read_csv
+from mmtag.data.images import ImageReadError, load_image
 from mmtag.data.labels import LabelMap
 from mmtag.data.tokenizers import tokenizer_from_dict
 from mmtag.evaluation.estimate import METRIC_COLUMNS
@@ -25,6 +26,7 @@ from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.probs_csv import read_val_probs
 from mmtag.evaluation.thresholds import apply_thresholds, decide
 from mmtag.models.build import build_tagger
+from mmtag.outputs import check_output_folder
 from mmtag.reporting.ablation import (
     SPEC_FILE,
     collect,
@@ -36,7 +38,7 @@ from mmtag.reporting.compare import compare
 from mmtag.reporting.figures import new_figure, relative, save_figure
 from mmtag.reporting.render import render
 from mmtag.reporting.tables import machine_facts, results_context
-from mmtag.training.checkpoint import load_checkpoint
+from mmtag.training.checkpoint import is_finished, load_checkpoint, unfinished_message
 from mmtag.training.run_folder import read_metrics_rows, train_csv_path
 
 log = logging.getLogger("mmtag.report")
@@ -60,6 +62,7 @@ def write_report(path: Path | str, *, data_dir: Path | str | None = None,
     (default: that folder); returns their paths."""
     path = Path(path)
     out = Path(out) if out else path
+    check_report_folder(out, path, data_dir)
     if (path / SPEC_FILE).exists():
         context = ablation_context(path, out)
         names = ("ablation_report.md.j2", "ablation_report.html.j2")
@@ -74,9 +77,39 @@ def write_report(path: Path | str, *, data_dir: Path | str | None = None,
                                 f"ablation folder ({SPEC_FILE}); a run writes summary.json "
                                 f"when it ends")
     md, html = out / "report.md", out / "report.html"
-    atomic_write(md, render(names[0], **context))
-    atomic_write(html, render(names[1], **context))
+    # both pages at once (a full disk leaves both old or both new), and only then the figures
+    # of an earlier report go: report.md never links a deleted file
+    atomic_write_many([(md, render(names[0], **context)), (html, render(names[1], **context))])
+    remove_unlinked_figures(out / ASSETS, context.get("gallery", []))
     return md, html
+
+
+def check_report_folder(out: Path, path: Path, data_dir: Path | str | None) -> None:
+    """`out` is a folder, not an input folder, and any report.md or report.html in it is one
+    an earlier mmtag report wrote (a user's own file of that name is never replaced)."""
+    inputs = [Path(data_dir), Path(data_dir) / "data"] if data_dir else []
+    check_output_folder(out, "--out", inputs)
+    for name in ("report.md", "report.html"):
+        f = out / name
+        if f.is_symlink() or (f.exists() and not _written_by_report(f)):
+            raise FileExistsError(f"--out {out} holds a {name} that mmtag report did not write; "
+                                  f"it is not replaced: give another --out")
+
+
+def _written_by_report(f: Path) -> bool:
+    if not f.is_file():
+        return False
+    with f.open("rb") as fh:
+        head = fh.read(4096)
+    return b"mmtag report" in head
+
+
+def remove_unlinked_figures(assets: Path, gallery: list) -> None:
+    """Gallery thumbnails of an earlier report that this one does not show."""
+    keep = {item.thumb.name for item in gallery if item.thumb is not None}
+    for old in assets.glob("gallery_*.jpg"):
+        if old.name not in keep:
+            old.unlink()
 
 
 # -- a run -------------------------------------------------------------------------------------
@@ -88,12 +121,11 @@ def run_context(run_dir: Path, out: Path, data_dir: Path | str | None) -> dict:
     data_dir = report_data_dir(summary, data_dir)
     assets = out / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
-    for old in assets.glob("gallery_*.jpg"):  # an earlier report's errors are not this one's
-        old.unlink()
     vp = read_val_probs(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    thresholds = np.asarray(summary["thresholds"], dtype=float)
-    model = model_facts(run_dir, summary)
+    ckpt = load_checkpoint(run_dir / "best.pt", required=("config", "labels", "caption",
+                                                          "thresholds"))
+    cfg, thresholds = checked_metadata(run_dir, ckpt, summary)
+    model = model_facts(ckpt, summary)
     decision = decision_facts(summary, cfg)
     epochs = epoch_rows(run_dir)
     return {
@@ -132,9 +164,31 @@ def report_data_dir(summary: dict, given: Path | str | None) -> Path | None:
     return None
 
 
-def model_facts(run_dir: Path, summary: dict) -> dict:
+def checked_metadata(run_dir: Path, ckpt: dict, summary: dict) -> tuple[TrainConfig, np.ndarray]:
+    """The config and thresholds the report shows: best.pt's, which predict uses. config.yaml
+    and summary.json must say the same (an edit or a copy from another run would make the
+    report describe a model that is not the one predicting): else an error naming the file."""
+    best = run_dir / "best.pt"
+    if not is_finished(ckpt, best):
+        raise ValueError(f"{unfinished_message(best, ckpt)}; then report on it")
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    saved = load_config(run_dir / "config.yaml")
+    diff = first_difference(saved.to_dict(), cfg.to_dict())
+    if diff:
+        raise ValueError(f"{run_dir / 'config.yaml'} does not match the config in {best} "
+                         f"({diff}): it was edited or copied from another run; restore it "
+                         f"(the report describes the model predict uses)")
+    thresholds = np.asarray(ckpt["thresholds"], dtype=float)
+    given = np.asarray(summary.get("thresholds", []), dtype=float)
+    if given.shape != thresholds.shape or not np.allclose(given, thresholds, rtol=0, atol=1e-9):
+        raise ValueError(f"{run_dir / 'summary.json'} does not match {best}: its thresholds "
+                         f"differ from the ones predict uses; it was edited or copied from "
+                         f"another run: restore it, or train the run again")
+    return cfg, thresholds
+
+
+def model_facts(ckpt: dict, summary: dict) -> dict:
     """Parameters (all, and those that train) of the run's network, built as best.pt holds it."""
-    ckpt = load_checkpoint(run_dir / "best.pt", required=("config", "labels", "caption"))
     cfg = TrainConfig.from_dict(ckpt["config"])
     labels = LabelMap.from_dict(ckpt["labels"])
     model = build_tagger(cfg.model, labels.num_classes, tokenizer_from_dict(ckpt["caption"]),
@@ -306,16 +360,13 @@ def copy_into(src: Path, folder: Path) -> Path | None:
 
 def thumbnail(src: Path, dst: Path) -> Path | None:
     """A small JPEG of `src`, or None when it is missing or unreadable (the gallery says so)."""
-    from PIL import Image
-
     try:
-        with Image.open(src) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMB_PX, THUMB_PX))
-            atomic_write(dst, lambda f: im.save(f, format="JPEG", quality=80))
-        return dst
-    except (OSError, Image.DecompressionBombError):
+        im = load_image(src, min_side=THUMB_PX)
+    except ImageReadError:
         return None
+    im.thumbnail((THUMB_PX, THUMB_PX))
+    atomic_write(dst, lambda f: im.save(f, format="JPEG", quality=80))
+    return dst
 
 
 def data_facts(data_dir: Path) -> dict | None:

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Annotated
 
@@ -29,11 +29,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import mmtag
-from mmtag.data.images import to_rgb
+from mmtag.data.images import (
+    DECODE_BUDGET_MB,
+    ImageReadError,
+    decode_cost,
+    to_rgb,
+    upright,
+    within_budget,
+)
 from mmtag.serving.batcher import MicroBatcher, QueueFull
 from mmtag.serving.body_limit import BodyLimit
+from mmtag.serving.security import ApiKeyCheck, allowed_hosts
 
 log = logging.getLogger("mmtag.serve")
 
@@ -52,6 +61,9 @@ class ServeOptions:
     max_caption_chars: int = 1000
     max_batch_items: int = 64  # samples in one /v1/tag/batch request
     max_queue: int = 256  # samples waiting for the model; more are answered 503
+    max_decode_mb: float = DECODE_BUDGET_MB  # memory one photo's decoding may take
+    allow_hosts: tuple[str, ...] = ()  # Host header names answered besides this machine's
+    api_key: str | None = field(default=None, repr=False)  # None: no key asked (see security)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_pixels", "max_caption_chars", "max_batch_items",
@@ -59,6 +71,8 @@ class ServeOptions:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got "
                                  f"{getattr(self, name)}")
+        if not self.max_decode_mb > 0:
+            raise ValueError(f"--max-decode-mb must be more than 0, got {self.max_decode_mb}")
         if self.max_wait_ms < 0 or not self.max_image_mb > 0:
             raise ValueError("--max-wait-ms must be 0 or more and --max-image-mb more than 0")
         if not 0 < self.port < 65536:
@@ -74,10 +88,24 @@ class BadInput(Exception):
         self.message = message
 
 
+# a photo whose decoding may take more than this is decoded in the one heavy lane, one at a
+# time: a client sending many huge images waits for itself, not everyone else (a 12 MP phone
+# JPEG is about 120 MB)
+HEAVY_DECODE_MB = 128
+
+
 def decode_image(data: bytes, name: str, opts: ServeOptions,
                  size: int | None = None) -> Image.Image:
-    """An uploaded file as an RGB image (resized to size x size, the model's own first step,
-    so that a large photo is not held at full size), or BadInput saying what is wrong."""
+    """An uploaded file as an RGB image, upright (EXIF orientation applied) and resized to
+    size x size (the model's own first step, so that a large photo is not held at full size),
+    or BadInput saying what is wrong."""
+    return finish_decode(open_upload(data, name, opts, size), name, size)
+
+
+def open_upload(data: bytes, name: str, opts: ServeOptions,
+                size: int | None = None) -> Image.Image:
+    """An uploaded file opened (its header read, no pixel decoded yet) and its decoding cost
+    bounded (`mmtag.data.images.within_budget`), or BadInput saying what is wrong."""
     if len(data) > opts.max_image_mb * 2**20:
         raise BadInput(413, f"{name}: {len(data) / 2**20:.1f} MB is over the limit of "
                             f"{opts.max_image_mb:g} MB per image")
@@ -97,8 +125,17 @@ def decode_image(data: bytes, name: str, opts: ServeOptions,
                             f"{opts.max_pixels:,} pixels (a possible decompression bomb); "
                             f"resize it first")
     try:
+        within_budget(img, name, size, opts.max_decode_mb)
+    except ImageReadError as e:
+        raise BadInput(413, str(e)) from None
+    return img
+
+
+def finish_decode(img: Image.Image, name: str, size: int | None) -> Image.Image:
+    """The pixels of an opened upload, upright, RGB, at size x size."""
+    try:
         img.load()
-        img = to_rgb(img)
+        img = to_rgb(upright(img))
         # the same resize as the preprocessing's, which then leaves the image as it is
         return img.resize((size, size), Image.BILINEAR) if size else img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -166,6 +203,30 @@ def add_body_limit(app: FastAPI, opts: ServeOptions) -> None:
                        else single)
 
 
+def add_docs(app: FastAPI) -> None:
+    """GET /docs: the OpenAPI page (Swagger UI) from the files of the swagger-ui-bundle
+    package, so that it loads nothing from a CDN (works offline, tells no third party)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import FileResponse
+    from swagger_ui_bundle import swagger_ui_path
+
+    files = {"swagger-ui-bundle.js": "swagger-ui-bundle.js", "swagger-ui.css": "swagger-ui.css",
+             "favicon.png": "favicon-32x32.png"}
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="mmtag API",
+                                   swagger_js_url="/docs/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/swagger-ui.css",
+                                   swagger_favicon_url="/docs/favicon.png")
+
+    @app.get("/docs/{name}", include_in_schema=False)
+    async def docs_file(name: str):
+        if name not in files:
+            return JSONResponse({"detail": f"no file {name}"}, 404)
+        return FileResponse(str(swagger_ui_path / files[name]))
+
+
 def batch_size(pred, opts: ServeOptions, n_images: int, n_captions: int) -> int:
     """The samples in a /v1/tag/batch request, or BadInput: none, too many, or counts that
     differ where the model reads both."""
@@ -196,10 +257,18 @@ def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = No
         await batcher.stop()
 
     app = FastAPI(title="mmtag", version=mmtag.__version__, lifespan=lifespan,
-                  description="Tags a photo and its caption with a set of labels.")
+                  description="Tags a photo and its caption with a set of labels.",
+                  docs_url=None, redoc_url=None)  # /docs from local files: add_docs
     add_body_limit(app, opts)
-    # at most this many photos are decoded at once: a full-size decode can take hundreds of MB
+    if opts.api_key:
+        app.add_middleware(ApiKeyCheck, key=opts.api_key)
+    # outermost: a request for another host name is answered 400 before anything else
+    app.add_middleware(TrustedHostMiddleware,
+                       allowed_hosts=allowed_hosts(opts.host, opts.allow_hosts))
+    add_docs(app)
+    # at most this many photos are decoded at once, and of them one heavy one (HEAVY_DECODE_MB)
     decoding = asyncio.Semaphore(2 * (os.cpu_count() or 1))
+    heavy_lane = asyncio.Semaphore(1)
 
     add_error_handlers(app)
 
@@ -215,15 +284,20 @@ def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = No
 
     @app.get("/v1/model")
     async def model() -> dict:
-        return {**pred.describe(), "label_names": label_names or {}, "limits": asdict(opts),
+        limits = {k: v for k, v in asdict(opts).items() if k != "api_key"}  # never the secret
+        return {**pred.describe(), "label_names": label_names or {}, "limits": limits,
                 "batching": batcher.stats.as_dict()}
 
     size = pred.image_sizes[0] if len(pred.image_sizes) == 1 else None
 
     async def read_image(f: UploadFile, where: str) -> Image.Image:
         data = await f.read(int(opts.max_image_mb * 2**20) + 1)
-        async with decoding:  # decoded in a worker thread: the event loop keeps serving
-            return await run_in_threadpool(decode_image, data, where, opts, size)
+        img = await run_in_threadpool(open_upload, data, where, opts, size)
+        # decoded in a worker thread (the event loop keeps serving); a heavy photo waits in its
+        # own lane, so that huge uploads queue behind each other, not before everyone's
+        heavy = decode_cost(img) > HEAVY_DECODE_MB * 2**20
+        async with heavy_lane if heavy else decoding:
+            return await run_in_threadpool(finish_decode, img, where, size)
 
     async def tag_many(files: list[UploadFile | None], captions: list[str | None]) -> list[dict]:
         many = len(files) > 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from mmtag.atomic import read_json
 from mmtag.inference.export import ExportError
 from mmtag.inference.predictor import PredictorBase, load_predictor
 from mmtag.serving.app import ServeOptions, create_app
+from mmtag.serving.security import KEY_ENV, allowed_hosts, is_loopback, require_key
 
 log = logging.getLogger("mmtag.serve")
 
@@ -65,21 +68,33 @@ def warm_up(pred: PredictorBase, max_batch: int) -> float:
     return time.perf_counter() - t
 
 
-def serve(path: Path | str, opts: ServeOptions, label_names: Path | str | None = None) -> None:
+def serve(path: Path | str, opts: ServeOptions, label_names: Path | str | None = None,
+          no_auth: bool = False) -> None:
+    """Load, warm up and serve `path`. Bound beyond this machine the service needs a key
+    (opts.api_key, else $MMTAG_API_KEY) unless `no_auth`: checked before the model loads."""
     import uvicorn
 
+    key = opts.api_key if opts.api_key is not None else os.environ.get(KEY_ENV)
+    opts = dataclasses.replace(opts, api_key=require_key(opts.host, key, no_auth))
     path = Path(path)
     names_file = Path(label_names) if label_names else default_label_names(path)
     names = read_label_names(names_file) if names_file else {}
     engine = choose_engine(path, opts.engine)
     t = time.perf_counter()
     pred = load_predictor(path, engine, "cpu" if engine != "torch" else "auto")
+    if pred.unfinished:
+        raise ValueError(f"{pred.unfinished}; then serve it")
     log.info("loaded %s with the %s engine in %.1f s", path, engine, time.perf_counter() - t)
     log.info("warmed up in %.1f s", warm_up(pred, opts.max_batch))
     app = create_app(pred, opts, names)
-    if opts.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("binding %s: other machines can reach this service (it has no "
-                    "authentication)", opts.host)
+    hosts = allowed_hosts(opts.host, opts.allow_hosts)
+    log.info("answering requests addressed to %s (--allow-host adds names)",
+             "any host name" if hosts == ["*"] else ", ".join(hosts))
+    if opts.api_key:
+        log.info("an API key is required (Authorization: Bearer KEY or X-API-Key: KEY)")
+    elif not is_loopback(opts.host):
+        log.warning("binding %s with --no-auth: every machine that reaches it can use this "
+                    "service, with no key", opts.host)
     log.info("serving on http://%s:%d (the page at /, the API docs at /docs)", opts.host,
              opts.port)
     uvicorn.run(app, host=opts.host, port=opts.port, log_level="info")

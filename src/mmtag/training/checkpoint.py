@@ -134,3 +134,21 @@ def load_checkpoint(path: Path | str, what: str = "checkpoint",
         raise CheckpointError(f"{what} {path} lacks {', '.join(missing)}: it is not a whole "
                               f"mmtag checkpoint of this kind; it was not loaded")
     return ckpt
+
+
+def is_finished(ckpt: dict, path: Path | str) -> bool:
+    """Whether the run behind the inference checkpoint `ckpt` (read from `path`) ended: its
+    decision thresholds were chosen on the validation rows. Until then best.pt holds the
+    untuned 0.5. Checkpoints written before the `finished` key: the run's summary.json beside
+    it tells (a run writes it when it ends)."""
+    if "finished" in ckpt:
+        return bool(ckpt["finished"])
+    return (Path(path).parent / "summary.json").exists()
+
+
+def unfinished_message(path: Path | str, ckpt: dict) -> str:
+    """What to tell a user of an unfinished run's best.pt, naming how to finish it."""
+    run = Path(path).parent
+    return (f"{run} is an unfinished run (it stopped after epoch {ckpt.get('epoch', '?')}; "
+            f"its decision thresholds were never tuned and are 0.5): finish it with mmtag "
+            f"train --resume {run} --data DIR")

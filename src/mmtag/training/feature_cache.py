@@ -29,11 +29,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from mmtag.atomic import atomic_write
 from mmtag.data.csv_io import Record
-from mmtag.data.images import ImageReadError, ImageTransformSpec, build_transform, load_image
+from mmtag.data.images import (
+    ImageReadError,
+    ImageTransformSpec,
+    build_transform,
+    exif_orientation,
+    load_image,
+)
+from mmtag.outputs import is_regular_file
 from mmtag.runtime import autocast
 
 log = logging.getLogger("mmtag.cache")
@@ -47,9 +55,22 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "mmtag" / "features"
 
 
-def file_digest(path: Path) -> str:
-    """sha1 of a file's bytes."""
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+def image_key(path: Path) -> str:
+    """The cache key of an image file: the sha1 of its bytes; for a photo with an EXIF
+    orientation, of its bytes and that fact (it is decoded turned upright since that was
+    added, so entries made from its pixels as stored are never read for it)."""
+    data = Path(path).read_bytes()
+    h = hashlib.sha1(data)
+    # JPEG's APP1 "Exif", PNG's "eXIf", WebP's "EXIF" come early; most photos have none
+    if b"exif" in data[:1 << 16].lower():
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                turned = exif_orientation(im) != 1
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            turned = False  # the image's own error comes when it is decoded
+        if turned:
+            h.update(b"\0exif-orientation-applied")
+    return h.hexdigest()
 
 
 def module_fingerprint(module: nn.Module) -> str:
@@ -141,8 +162,12 @@ def image_digests(records: Sequence[Record], image_dir: Path, source: str) -> li
     out = []
     for r in records:
         p = image_dir / r.image_id
+        if p.exists() and not is_regular_file(p):  # a FIFO would block the read forever
+            raise ImageReadError(f"image {p} ({source} line {r.line}) is not a regular file (a "
+                                 f"folder, FIFO, device or socket); it was not opened: put the "
+                                 f"photo itself there")
         try:
-            out.append(file_digest(p))
+            out.append(image_key(p))
         except FileNotFoundError:
             raise ImageReadError(f"image {p} ({source} line {r.line}, {r.image_id}) does not exist") from None
     return out

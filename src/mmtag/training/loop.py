@@ -669,6 +669,7 @@ def best_payload(cfg: TrainConfig, model: nn.Module, data: RunData, epoch: int, 
         "val_metrics": val,
         "thresholds": thresholds if thresholds is not None else [0.5] * data.label_map.num_classes,
         "at_least_one": cfg.at_least_one,
+        "finished": False,  # set by finalize once the thresholds are chosen
     }
 
 
@@ -707,6 +708,7 @@ def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, v
     label_names = [str(lab) for lab in data.label_map.labels]
     figures = decision_figures(cfg, y, probs, label_names)
     best["thresholds"] = figures["thresholds"]
+    best["finished"] = True
     atomic_save(best, run_dir / "best.pt")
     write_val_probs(run_dir, [r.image_id for r in data.val_rows],
                     [" ".join(map(str, r.labels)) for r in data.val_rows], label_names, probs)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mmtag.atomic import atomic_write, is_temp_file
 from mmtag.config import TrainConfig
+from mmtag.outputs import LOCK_FILE, PRE_CHECKPOINT_FILES, RUN_FILES
 
 log = logging.getLogger("mmtag.train")
 
@@ -33,17 +34,6 @@ def train_csv_path(data_dir: Path) -> Path:
         raise FileNotFoundError(f"{csv_path} not found: --data must be a Kaggle-layout folder "
                                 f"(train.csv, data/*.jpg)")
     return csv_path
-
-
-# What a run writes before its first checkpoint (last.pt) is complete; a folder holding only
-# these is a run that stopped early, which `fit(..., restart=True)` (or a resume) starts over.
-# (best.pt of epoch 1 is written just before last.pt.)
-PRE_CHECKPOINT_FILES = {"config.yaml", "split.json", "labels.json", "vocab.json",
-                         "metrics.csv", "best.pt"}
-LOCK_FILE = ".lock"  # held by the process training in the folder (see run_lock)
-# Every file a run writes: what `mmtag demo` may delete of an earlier demo's run
-RUN_FILES = PRE_CHECKPOINT_FILES | {LOCK_FILE, "last.pt", "summary.json", "val_probs.csv",
-                                     "curves.png"}
 
 
 def is_run_file(p: Path) -> bool:
