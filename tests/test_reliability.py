@@ -389,6 +389,14 @@ def test_a_report_never_replaces_a_users_own_report_md(run, tmp_path, capsys):
     assert (out / "report.md").read_text() == "# my notes\n"
 
 
+def test_compare_never_draws_over_a_runs_own_curves(run, tmp_path, capsys):
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    before = (r / "curves.png").read_bytes()
+    code, err = cli(["compare", str(r), "--out", str(r)], capsys)
+    assert code == 2 and "curves.png" in err and (r / "curves.png").read_bytes() == before
+
+
 # ---- 9, 10. the service: the Host header, the docs page, the key --------------------------
 
 

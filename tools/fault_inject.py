@@ -15,6 +15,16 @@ written, while the last epoch's checkpoint is written, and in the final evaluati
 
 It prints one line per trial and a table, writes results.json, and exits 1 if any trial
 differs. Not part of `make test` (tests/test_faults.py runs one kill there).
+
+`--commands ensemble,export,report` aims the kills instead at the commands that write several
+files: each is run once under strace to count its renames (every file mmtag writes appears by
+a rename), then killed with SIGKILL at each of them (at most --kills a command, spread evenly;
+strace's syscall fault injection, `-e inject=...:signal=KILL:when=k`, before that rename
+happens), over an earlier complete output. After each kill the output must be the earlier one or a complete
+new one (never a part), and the same command run again must succeed, leave no staging folder
+behind and give the uninterrupted run's result. Needs strace (Debian's package).
+
+    python tools/fault_inject.py --out /tmp/fo --commands ensemble,export,report --kills 20
 """
 
 from __future__ import annotations
@@ -139,6 +149,181 @@ def reference_run(out: Path, data: Path, overrides: list[str]) -> tuple[Path, fl
     return ref, float(timing.read_text())
 
 
+# -- the commands that write several files: kills aimed at their renames ----------------------
+
+RENAMES = "rename,renameat,renameat2"
+
+
+def traced(cmd: list[str], trace: Path) -> list[str]:
+    """`cmd` under strace, logging its renames (and its threads' and children's) to `trace`."""
+    return ["strace", "-f", "-qq", "-o", str(trace), "-e", f"trace={RENAMES}", *cmd]
+
+
+def killed_at_rename(cmd: list[str], calls: list[str], k: int) -> list[str]:
+    """`cmd` under strace, which sends it SIGKILL at its k-th rename (before the rename).
+    strace counts each system call apart, so the k-th rename is named as the i-th call of its
+    own kind (`calls`: the kinds in order, from `renames`)."""
+    kind = calls[k - 1]
+    nth = calls[:k].count(kind)
+    return ["strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={RENAMES}", "-e",
+            f"inject={kind}:signal=KILL:when={nth}", *cmd]
+
+
+def renames(cmd: list[str], log: Path) -> list[str]:
+    """The rename system calls `cmd`'s main process makes, in order (rename, renameat2...)."""
+    trace = log.with_suffix(".strace")
+    if run_to_end(traced(cmd, trace), log) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed under strace; see {log}")
+    lines = [x.split(None, 1) for x in trace.read_text().splitlines() if "rename" in x]
+    main_pid = lines[0][0] if lines else ""
+    return [rest.split("(", 1)[0] for pid, rest in lines
+            if pid == main_pid and rest.startswith("rename") and "= 0" in rest]
+
+
+def output_commands(work: Path, data: Path, runs: list[Path]) -> dict:
+    """name -> (the command, its output, what to check, what to compare with a reference)."""
+    ens, exp, rep = work / "ensemble", work / "export", work / "report"
+    return {
+        "ensemble": (mmtag("ensemble", *map(str, runs), "--out", str(ens)), ens,
+                     check_ensemble, ensemble_result),
+        "export": (mmtag("export", str(runs[0]), "--out", str(exp)), exp, check_export,
+                   export_result),
+        "report": (mmtag("report", str(runs[0]), "--data", str(data), "--out", str(rep)), rep,
+                   check_report, report_result),
+    }
+
+
+def check_ensemble(out: Path) -> str:
+    """'' when `out` is absent or a complete ensemble; else what is wrong."""
+    if not out.exists():
+        return ""
+    need = {"best.pt", "summary.json", "val_probs.csv", "config.yaml", "split.json"}
+    missing = need - {p.name for p in out.iterdir()}
+    return f"an ensemble folder without {sorted(missing)}" if missing else ""
+
+
+def ensemble_result(out: Path) -> dict:
+    import torch
+
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    return {"thresholds": best["thresholds"], "val_probs.csv": (out / "val_probs.csv").read_bytes()}
+
+
+def check_export(out: Path) -> str:
+    """'' when `out` is absent or an export ONNX Runtime loads; else what is wrong."""
+    if not out.exists():
+        return ""
+    from mmtag.inference.onnx_engine import OnnxPredictor
+
+    try:
+        OnnxPredictor.load(out)
+    except Exception as e:  # any failure to load is the finding
+        return f"an export that does not load: {e}"
+    return ""
+
+
+def export_result(out: Path) -> dict:
+    meta = json.loads((out / "model.json").read_text())
+    return {k: meta[k] for k in ("labels", "decision", "image", "caption", "checkpoint")}
+
+
+def check_report(out: Path) -> str:
+    """'' when report.md and report.html are absent or a pair from one rendering and every
+    file report.md links exists; else what is wrong."""
+    import re
+
+    md, html = out / "report.md", out / "report.html"
+    if not md.exists() and not html.exists():
+        return ""
+    if md.exists() != html.exists():
+        return "report.md without report.html (or the reverse)"
+    stamp = re.compile(r"Written (\d{4}-\d\d-\d\d \d\d:\d\d)")
+    a, b = stamp.search(md.read_text()), stamp.search(html.read_text())
+    if not a or not b or a.group(1) != b.group(1):
+        return "report.md and report.html are from different renderings"
+    gone = [x for x in re.findall(r"\]\((report_files/[^)]+)\)", md.read_text())
+            if not (out / x).exists()]
+    return f"report.md links deleted files: {gone[:3]}" if gone else ""
+
+
+def report_result(out: Path) -> dict:
+    import re
+
+    md = (out / "report.md").read_text()
+    return {"links": sorted(re.findall(r"\]\((report_files/[^)]+)\)", md)),
+            "body": re.sub(r"Written [^\n]*", "", md)}
+
+
+def leftovers(out: Path) -> list[str]:
+    """Staging folders and temporary files of `out`'s command still there after a clean run."""
+    names = [p.name for p in out.parent.glob(f".{out.name}.*")]
+    if out.is_dir():
+        names += [p.name for p in out.rglob(".*.tmp")]
+    return names
+
+
+def output_trials(args, data: Path) -> int:
+    """Kill ensemble, export and report at their renames; see the module docstring."""
+    if shutil.which("strace") is None:
+        raise SystemExit("--commands needs strace (apt install strace)")
+    overrides = ["optim.epochs=1", "data.num_workers=0", "cache.num_workers=0"]
+    runs = []
+    for seed in (0, 1):
+        run = args.out / f"run-{seed}"
+        if not (run / "summary.json").exists():
+            shutil.rmtree(run, ignore_errors=True)
+            cmd = train_command(data, run, args.out / "cache", [*overrides, f"seed={seed}"])
+            if run_to_end(cmd, args.out / f"run-{seed}.log") != 0:
+                raise SystemExit(f"training {run} failed; see {args.out / f'run-{seed}.log'}")
+        runs.append(run)
+    results = []
+    for name in [c.strip() for c in args.commands.split(",") if c.strip()]:
+        results += command_trials(args.out / name, data, runs, name, args.kills)
+    ok = sum(r["ok"] for r in results)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{ok}/{len(results)} kills left a whole output (the earlier one or the new one), "
+          f"and the rerun succeeded with the uninterrupted result and no leftovers")
+    return 0 if ok == len(results) else 1
+
+
+def command_trials(work: Path, data: Path, runs: list[Path], name: str, trials: int) -> list:
+    """Kill `name` at each of its renames (at most `trials` of them, spread evenly)."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cmd, out, check, result = output_commands(work, data, runs)[name]
+    log = work / "command.log"
+    calls = renames(cmd, log)  # into an empty place
+    reference = result(out)
+    if name == "ensemble":
+        shutil.rmtree(out)  # an ensemble is made into a new folder; the others over an old one
+    else:
+        calls = renames(cmd, log)
+    n = len(calls)
+    m = min(trials, n)
+    picks = sorted({round(1 + i * (n - 1) / max(1, m - 1)) for i in range(m)})
+    out_rows = []
+    for k in picks:
+        code = run_to_end(killed_at_rename(cmd, calls, k), log)
+        after_kill = check(out)
+        # an ensemble folder that is there is complete (checked above): a rerun would refuse it
+        done = name == "ensemble" and out.exists()
+        rerun = 0 if done else run_to_end(cmd, log)
+        after_rerun = check(out) or ("" if result(out) == reference else "a result other than "
+                                     "the uninterrupted run's")
+        left = leftovers(out)
+        ok = code != 0 and not after_kill and rerun == 0 and not after_rerun and not left
+        out_rows.append({"command": name, "kill at rename": f"{k}/{n}", "exit": code,
+                         "after the kill": after_kill or "whole", "rerun exit": rerun,
+                         "after the rerun": after_rerun or "as uninterrupted",
+                         "leftovers": left, "ok": ok})
+        print(f"{name:<8} kill at rename {k:>2}/{n}: after the kill {after_kill or 'whole'}; "
+              f"rerun {'ok' if rerun == 0 and not after_rerun else after_rerun or rerun}; "
+              f"leftovers {left or 'none'}", flush=True)
+        if name == "ensemble":
+            shutil.rmtree(out, ignore_errors=True)  # the next trial starts from no ensemble
+    return out_rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="work folder (created)")
@@ -146,11 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=300, help="demo rows (default 300)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    p.add_argument("--commands", help="kill these commands at their renames instead of train: "
+                                      "ensemble,export,report (any of them)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     overrides = [f"optim.epochs={args.epochs}", "data.num_workers=0", "cache.num_workers=0"]
     data = make_data(args.out, args.n)
+    if args.commands:
+        return output_trials(args, data)
 
     ref, duration = reference_run(args.out, data, overrides)
     expected = fingerprint(ref)

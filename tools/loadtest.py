@@ -8,6 +8,12 @@ starts the server itself on a free port of 127.0.0.1 (its memory is then measure
 /proc), waits for /healthz, runs the clients, and stops it. `--url URL` tests a server that is
 already running instead (no memory figures). Every client sends the rows of test.csv whose
 images exist, in turn.
+
+`--hostile K` adds K clients that each send, again and again, a small PNG file of a huge
+16-bit image (6300 x 6300, under the pixel limit, about 75 kB): the ordinary clients' latency
+and the server's peak memory (VmHWM) then show whether one client can starve the rest.
+
+    python tools/loadtest.py --serve RUN --data DIR --clients 2 --hostile 8 --seconds 30
 """
 
 from __future__ import annotations
@@ -68,6 +74,28 @@ def start_server(path: str, engine: str | None, args) -> tuple[subprocess.Popen,
             time.sleep(0.2)
 
 
+def hostile_png(side: int = 6300) -> bytes:
+    """A 16-bit greyscale PNG of side x side pixels that compresses to a small file."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    a = np.zeros((side, side), dtype=np.uint16)
+    a[::97, :] = 40000  # a few lines, so that it is not one colour
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", compress_level=9)
+    return buf.getvalue()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of process `pid` so far (VmHWM), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def client(url: str, items, deadline: float, offset: int, out: list, errors: list) -> None:
     with httpx.Client(timeout=60) as http:
         i = offset
@@ -87,12 +115,18 @@ def client(url: str, items, deadline: float, offset: int, out: list, errors: lis
                 errors.append(str(getattr(r, "text", r))[:200])
 
 
-def run_load(url: str, items, clients: int, seconds: float) -> dict:
+def run_load(url: str, items, clients: int, seconds: float, hostile: int = 0) -> dict:
     lat: list[float] = []
     errors: list[str] = []
     deadline = time.perf_counter() + seconds
     threads = [threading.Thread(target=client, args=(url, items, deadline, k * 7, lat, errors))
                for k in range(clients)]
+    if hostile:
+        huge = [("huge.png", hostile_png(), "a photo")]
+        h_lat: list[float] = []
+        h_err: list[str] = []
+        threads += [threading.Thread(target=client, args=(url, huge, deadline, 0, h_lat, h_err))
+                    for _ in range(hostile)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -104,7 +138,10 @@ def run_load(url: str, items, clients: int, seconds: float) -> dict:
     def pct(q: float) -> float:
         return round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 1) if lat else float("nan")
 
-    return {"clients": clients, "seconds": round(wall, 1), "requests": len(lat),
+    extra = ({"hostile_clients": hostile, "hostile_answered": len(h_lat),
+              "hostile_refused": len(h_err), "hostile_first_answer": (h_err or [""])[0][:160]}
+             if hostile else {})
+    return {**extra, "clients": clients, "seconds": round(wall, 1), "requests": len(lat),
             "requests_per_second": round(len(lat) / wall, 2),
             "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
                            "mean": round(1000 * statistics.fmean(lat), 1) if lat else None},
@@ -125,6 +162,8 @@ def main() -> int:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--server-log", default="loadtest-server.log",
                    help="where --serve writes the server's log (default %(default)s)")
+    p.add_argument("--hostile", type=int, default=0,
+                   help="also this many clients sending small PNGs of huge 16-bit images")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     items = samples(Path(args.data), args.samples)
@@ -134,8 +173,9 @@ def main() -> int:
         proc, url = start_server(args.serve, args.engine, args)
     try:
         before = rss_mb(proc.pid) if proc else None
-        res = run_load(url, items, args.clients, args.seconds)
+        res = run_load(url, items, args.clients, args.seconds, args.hostile)
         after = rss_mb(proc.pid) if proc else None
+        peak = peak_rss_mb(proc.pid) if proc else None
         model = httpx.get(f"{url}/v1/model", timeout=10).json()
     finally:
         if proc:
@@ -143,7 +183,8 @@ def main() -> int:
             proc.wait(30)
     res.update(engine=model["engine"], batching=model["batching"],
                server_rss_mb={"before": before and round(before, 1),
-                              "after": after and round(after, 1)})
+                              "after": after and round(after, 1),
+                              "peak": peak and round(peak, 1)})
     if args.json:
         print(json.dumps(res))
     else:
@@ -154,8 +195,13 @@ def main() -> int:
               f"errors {res['errors']}; mean batch {res['batching']['mean_batch']}")
         if proc:
             print(f"server memory (RSS): {res['server_rss_mb']['before']} MB before, "
-                  f"{res['server_rss_mb']['after']} MB after")
-    return 1 if res["errors"] else 0
+                  f"{res['server_rss_mb']['after']} MB after, {res['server_rss_mb']['peak']} MB "
+                  f"at its peak")
+        if args.hostile:
+            print(f"{args.hostile} hostile clients: {res['hostile_answered']} huge images "
+                  f"answered, {res['hostile_refused']} refused "
+                  f"({res['hostile_first_answer'] or '-'})")
+    return 1 if res["errors"] else 0  # a hostile client's refusal is not an error
 
 
 if __name__ == "__main__":

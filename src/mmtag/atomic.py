@@ -4,13 +4,15 @@ Each file is written to a temporary name in its own folder, flushed to disk (fsy
 over the target (atomic on POSIX), and the folder is fsynced so the rename itself survives a
 power cut. A reader, or a run resumed after a crash at any moment, therefore sees either the
 previous complete file or the new complete one, never a part of one; a failure (a full disk, a
-kill) leaves at most a `.name.*.tmp` file that nothing reads and the next write replaces.
+kill) leaves at most a `.name.PID-XXXX.tmp` file that nothing reads and the next write of that
+file deletes (`remove_stale_temps`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import stat
@@ -43,6 +45,7 @@ def atomic_write_many(items: Sequence[tuple[Path | str, Payload]]) -> None:
     try:
         for path, payload in items:
             target = _target(Path(path))
+            remove_stale_temps(target)
             staged.append((_stage(target, payload), target))
         for tmp, path in staged:
             os.replace(tmp, path)
@@ -94,6 +97,18 @@ def is_temp_file(path: Path | str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
+def remove_stale_temps(path: Path) -> None:
+    """Delete the temporary files of `path` that writers killed mid-write left behind (their
+    process is gone), so that the next write of a file cleans up after the last."""
+    prefix = f".{path.name}."
+    with contextlib.suppress(OSError):
+        for p in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+            pid = p.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+
 def fsync_dir(folder: Path | str) -> None:
     """Make a rename or a new file in `folder` durable (a no-op where folders cannot be
     opened, e.g. on Windows)."""
@@ -112,7 +127,10 @@ def fsync_dir(folder: Path | str) -> None:
 def _stage(path: Path, payload: Payload) -> str:
     """The temporary file beside `path`, holding `payload`, synced to disk."""
     mode = _mode_for(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the writer's process id in the name tells a file left by a killed process from one
+    # being written (remove_stale_temps)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp",
+                               dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             if isinstance(payload, str):

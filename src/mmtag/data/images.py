@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +126,11 @@ def load_image(path: Path | str, where: str = "", *, min_side: int | None = None
         raise ImageReadError(f"image {path}{at} is not a regular file (a folder, FIFO, device "
                              f"or socket); it was not opened: put the photo itself there")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # PIL warns of images over 89 million pixels; the budget below is what decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             within_budget(im, f"image {path}{at}", min_side, budget_mb)
             return to_rgb(upright(im))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmtag.outputs import check_output, check_output_folder
 from mmtag.reporting.ablation import SPEC_FILE, load_ablation, run_row, run_state
 from mmtag.reporting.figures import colors, new_figure, save_figure
 from mmtag.reporting.tables import METRICS
@@ -153,12 +154,17 @@ def plot_finals(groups: list[Group], out: Path) -> Path | None:
 def compare(paths: list[Path | str], out: Path | str) -> list[Path]:
     """Draw every comparison figure of `paths` (runs and ablation folders) into `out`."""
     out = Path(out)
+    check_output_folder(out, "--out")
     groups, pairs = groups_of(paths)
+    names = {"curves": out / "curves.png", "final": out / "final.png"} | {
+        (b.name, v.name): out / f"{_slug(b.name)}_vs_{_slug(v.name)}.png" for b, v in pairs}
+    for path in names.values():  # never a run's own curves.png, a link's target checked too
+        check_output(path, "--out")
     out.mkdir(parents=True, exist_ok=True)
-    written = [plot_curves(groups, out / "curves.png")]
+    written = [plot_curves(groups, names["curves"])]
     for base, variant in pairs:
-        written.append(plot_pair(base, variant, out / f"{_slug(base.name)}_vs_{_slug(variant.name)}.png"))
-    finals = plot_finals(groups, out / "final.png")
+        written.append(plot_pair(base, variant, names[(base.name, variant.name)]))
+    finals = plot_finals(groups, names["final"])
     return written + ([finals] if finals else [])
 
 
