@@ -190,8 +190,20 @@ def test_an_unfinished_run_is_said_to_be_one_and_never_called_tuned(unfinished, 
     assert not (unfinished / "export").exists() and not (tmp_path / "e").exists()
 
 
-def test_a_finished_runs_best_pt_says_so(run):
+def test_a_finished_runs_best_pt_says_so(run, tmp_path):
     assert load_checkpoint(run / "best.pt")["finished"] is True
+    # a best.pt written before the key, copied out on its own: taken as finished
+    old = load_checkpoint(run / "best.pt")
+    del old["finished"]
+    atomic_save(old, tmp_path / "best.pt")
+    assert Predictor.load(tmp_path / "best.pt").unfinished is None
+
+
+def test_an_output_beside_the_photos_that_is_not_a_photo_may_be_rewritten(run, demo, tmp_path):
+    images = tmp_path / "data"
+    shutil.copytree(demo / "data", images)
+    for _ in range(2):  # e.g. --images . with the default --out, twice
+        predict_csv(run, demo / "test.csv", images, images / "Predicted_labels.csv")
 
 
 # ---- 3, 4, 9. images: upright, within a budget, regular files only ----------------------
@@ -231,6 +243,7 @@ def test_decoding_is_bounded_before_it_starts(tmp_path):
     # a JPEG is decoded at a reduced scale instead (never below the size the model reads)
     small = load_image(jpg, budget_mb=8, min_side=100)
     assert small.size[0] < 1600 and min(small.size) >= 100
+    assert load_image(jpg, budget_mb=1.5).size == (400, 300)  # 1/4: draft takes effect once
     assert load_image(jpg).size == (1600, 1200)  # within the default budget: as before
     with pytest.raises(BadInput) as e:
         decode_image(png.read_bytes(), "big.png", ServeOptions(max_decode_mb=2), 32)

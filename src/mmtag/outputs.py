@@ -26,6 +26,9 @@ RUN_FILES = PRE_CHECKPOINT_FILES | {LOCK_FILE, "last.pt", "summary.json", "val_p
                                     "curves.png"}
 REPORT_FILES = frozenset({"report.md", "report.html"})
 EXPORT_FILES = frozenset({"model.json", "model.onnx", "model-int8.onnx"})
+# the files of an input image folder that an output may never replace
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
+                            ".mpo", ".heic"})
 # a folder holding any of these is a run folder (or an ensemble's), whose files are guarded
 _RUN_MARKERS = ("best.pt", "last.pt", "split.json")
 
@@ -61,10 +64,10 @@ def check_output(path: Path | str, flag: str, inputs: dict[str, Path | str] | No
                                       f"writing it would replace that file; give {flag} "
                                       f"another path")
         for folder in input_dirs:
-            if _is_inside(target, folder):
-                raise OutputPathError(f"{flag} {given}{via} is a file of the input folder "
-                                      f"{folder}: writing it would replace it; give a path "
-                                      f"outside that folder, or a new file name")
+            if _is_inside(target, folder) and target.suffix.lower() in IMAGE_SUFFIXES:
+                raise OutputPathError(f"{flag} {given}{via} is a photo of the input folder "
+                                      f"{folder}: writing it would replace it; give another "
+                                      f"path")
         guarded = guarded_by(target)
         if guarded:
             raise OutputPathError(f"{flag} {given}{via} is a file of {guarded}: writing it would "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from PIL.JpegImagePlugin import JpegImageFile
 
 from mmtag.config import DataConfig
 
@@ -146,15 +147,19 @@ def within_budget(im: Image.Image, name: str, min_side: int | None = None,
     budget = budget_mb * 2**20
     if decode_cost(im) <= budget:
         return
-    if im.format == "JPEG":
+    if isinstance(im, JpegImageFile):  # MPO (many phones' JPEGs) is one too
+        # libjpeg scales by 1/2, 1/4 or 1/8, and Pillow's draft takes effect once: the first
+        # scale that fits, never below min_side
         w, h = im.size
         for scale in (2, 4, 8):
             want = (max(1, w // scale), max(1, h // scale))
             if min_side and min(want) < min_side:
                 break
-            im.draft("RGB", want)
-            if decode_cost(im) <= budget:
-                return
+            if decode_cost(im) // (scale * scale) <= budget:
+                im.draft("RGB", want)
+                if decode_cost(im) <= budget:
+                    return
+                break
     w, h = im.size
     raise ImageReadError(f"{name} is {w} x {h} pixels ({im.mode}): decoding it would take about "
                          f"{decode_cost(im) / 2**20:,.0f} MB, over the {budget_mb:g} MB budget; "

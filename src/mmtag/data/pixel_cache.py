@@ -342,7 +342,10 @@ def _decode_batched(paths: Sequence[Path], where: Sequence[str], size: int, devi
         jpegs = []  # (row, file bytes); bytes read per batch to bound host memory
         for i in range(s, min(s + _GPU_BATCH, len(paths))):
             data = _read_bytes(paths[i], where[i])
-            if data[:3].tolist() == [0xFF, 0xD8, 0xFF]:  # the JPEG signature, whatever the name
+            # the JPEG signature, whatever the name; one with EXIF data goes through PIL, which
+            # turns it upright and bounds its decoding (nvJPEG on CUDA ignores orientation)
+            if (data[:3].tolist() == [0xFF, 0xD8, 0xFF]
+                    and b"exif" not in data[:1 << 16].numpy().tobytes().lower()):
                 jpegs.append((i, data))
             else:
                 out[i] = torch.from_numpy(resize_uint8(load_image(paths[i], where[i]), size))

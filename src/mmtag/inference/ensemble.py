@@ -76,7 +76,7 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
     runs, out = [Path(r) for r in runs], Path(out)
     if len(runs) < 2:
         raise ValueError("an ensemble needs at least two runs")
-    check_output_folder(out, "--out", runs)
+    out = check_output_folder(out, "--out", runs)  # a link to a folder: the folder it names
     remove_stale_stages(out)  # what a killed ensemble left
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; choose another --out")

@@ -264,7 +264,7 @@ def export_run(run: Path | str, out: Path | str, *, int8: bool = False) -> dict:
     complete (`mmtag.atomic.swap_in`). Returns model.json's contents."""
     run_path, out = Path(run), Path(out)
     run_dir = run_path if run_path.is_dir() else run_path.parent
-    check_out_folder(out, run_dir)
+    out = check_out_folder(out, run_dir)  # a link to a folder: the folder it names
     pred = Predictor.load(run_path, "cpu", amp="none")
     if pred.unfinished:
         raise ExportError(f"{pred.unfinished}; then export it")
@@ -293,11 +293,11 @@ def export_run(run: Path | str, out: Path | str, *, int8: bool = False) -> dict:
     return meta
 
 
-def check_out_folder(out: Path, run_dir: Path) -> None:
+def check_out_folder(out: Path, run_dir: Path) -> Path:
     """Refuse an `out` that is not new, empty or an earlier mmtag export: it is replaced
     whole, so a folder of another tool's files (even ones named model.json) is never
-    deleted."""
-    check_output_folder(out, "--out", [run_dir])
+    deleted. Returns the folder to write (a link's target)."""
+    out = check_output_folder(out, "--out", [run_dir])
     if out.is_dir() and any(out.iterdir()):
         names = sorted(p.name for p in out.iterdir())
         foreign = [n for n in names if n not in EXPORT_NAMES]
@@ -308,6 +308,7 @@ def check_out_folder(out: Path, run_dir: Path) -> None:
             raise ExportError(f"--out {out} holds {', '.join(names)} but no mmtag export "
                               f"(its {MODEL_JSON} is not one): it is not replaced; give an "
                               f"empty or new folder")
+    return out
 
 
 def _is_mmtag_export(path: Path) -> bool:

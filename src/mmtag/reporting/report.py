@@ -99,9 +99,11 @@ def check_report_folder(out: Path, path: Path, data_dir: Path | str | None) -> N
 def _written_by_report(f: Path) -> bool:
     if not f.is_file():
         return False
-    with f.open("rb") as fh:
-        head = fh.read(4096)
-    return b"mmtag report" in head
+    # an ablation's report.md names mmtag report only on its last line: read the whole page
+    # (a report is kilobytes; a large foreign file is not one)
+    if f.stat().st_size > 8 * 2**20:
+        return False
+    return b"mmtag report" in f.read_bytes()
 
 
 def remove_unlinked_figures(assets: Path, gallery: list) -> None:

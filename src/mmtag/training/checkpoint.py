@@ -139,11 +139,13 @@ def load_checkpoint(path: Path | str, what: str = "checkpoint",
 def is_finished(ckpt: dict, path: Path | str) -> bool:
     """Whether the run behind the inference checkpoint `ckpt` (read from `path`) ended: its
     decision thresholds were chosen on the validation rows. Until then best.pt holds the
-    untuned 0.5. Checkpoints written before the `finished` key: the run's summary.json beside
-    it tells (a run writes it when it ends)."""
+    untuned 0.5. Checkpoints written before the `finished` key: unfinished only when the run
+    folder says so (last.pt there but no summary.json, which a run writes when it ends); a
+    checkpoint copied out on its own is taken as finished."""
     if "finished" in ckpt:
         return bool(ckpt["finished"])
-    return (Path(path).parent / "summary.json").exists()
+    folder = Path(path).parent
+    return not ((folder / "last.pt").exists() and not (folder / "summary.json").exists())
 
 
 def unfinished_message(path: Path | str, ckpt: dict) -> str:
