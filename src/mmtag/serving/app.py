@@ -266,10 +266,6 @@ def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = No
     app.add_middleware(TrustedHostMiddleware,
                        allowed_hosts=allowed_hosts(opts.host, opts.allow_hosts))
     add_docs(app)
-    # at most this many photos are decoded at once, and of them one heavy one (HEAVY_DECODE_MB)
-    decoding = asyncio.Semaphore(2 * (os.cpu_count() or 1))
-    heavy_lane = asyncio.Semaphore(1)
-
     add_error_handlers(app)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -288,7 +284,17 @@ def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = No
         return {**pred.describe(), "label_names": label_names or {}, "limits": limits,
                 "batching": batcher.stats.as_dict()}
 
+    add_tag_routes(app, pred, opts, batcher)
+    return app
+
+
+def add_tag_routes(app: FastAPI, pred, opts: ServeOptions, batcher: MicroBatcher) -> None:
+    """POST /v1/tag and /v1/tag/batch: uploads decoded (bounded, in worker threads), batched
+    with other requests' samples, answered with labels and probabilities."""
     size = pred.image_sizes[0] if len(pred.image_sizes) == 1 else None
+    # at most this many photos are decoded at once, and of them one heavy one (HEAVY_DECODE_MB)
+    decoding = asyncio.Semaphore(2 * (os.cpu_count() or 1))
+    heavy_lane = asyncio.Semaphore(1)
 
     async def read_image(f: UploadFile, where: str) -> Image.Image:
         data = await f.read(int(opts.max_image_mb * 2**20) + 1)
@@ -334,5 +340,3 @@ def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = No
         images, captions = images or [], captions or []
         n = batch_size(pred, opts, len(images), len(captions))
         return {"results": await tag_many(images or [None] * n, captions or [None] * n)}
-
-    return app
