@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: onnx-int8 when the export has it, else onnx, else torch")
     c.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default %(default)s: this machine only; 0.0.0.0 "
-                        "opens it to the network)")
+                        "opens it to the network, with --api-key or --no-auth)")
     c.add_argument("--port", type=int, default=8000)
     c.add_argument("--max-batch", type=int, default=16,
                    help="concurrent requests run as one batch of up to this many samples")
