@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmtag import runtime
 from mmtag.config import load_config
 from mmtag.data.csv_io import read_csv
 from mmtag.data.dataset import Split
@@ -15,6 +16,7 @@ from mmtag.data.demo import make_demo_data
 from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.thresholds import expected_f1_sets
 from mmtag.inference.predictor import Predictor, evaluate_run, predict_csv
+from mmtag.runtime import cpu_has_fast_bf16
 from mmtag.training import engine, loop, run_folder
 from mmtag.training.checkpoint import ModelTooLargeError
 
@@ -58,6 +60,10 @@ def test_run_writes_every_file(run):
     assert last["epoch"] == 2 and "optimizer" in last and "rng" in last
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val_rows"] == 8 and 0.0 <= summary["val"]["micro_f1"] <= 1.0
+    # amp: auto (the default) records what it chose on this machine and why
+    assert summary["precision"]["amp"] == "auto"
+    assert summary["precision"]["dtype"] == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert summary["precision"]["reason"].startswith("auto: ")
     # the run records what its timings depend on
     assert 0 < summary["wall_seconds"] < 3600
     machine = summary["machine"]
@@ -118,9 +124,9 @@ def test_a_missing_image_is_predicted_by_the_caption_head_alone(demo, tmp_path):
     # the missing one by the caption head: its probabilities, whatever the image would have said
     pred = Predictor.load(run)
     tok, n = pred.caption_enc(rows[2].caption)
-    with torch.inference_mode():
+    with torch.inference_mode(), runtime.autocast(pred.device, pred.precision.dtype):
         expected = torch.sigmoid(pred.model.caption_logits(torch.as_tensor(tok)[None],
-                                                           torch.tensor([n])))[0]
+                                                           torch.tensor([n])).float())[0]
     assert p_part[2] == pytest.approx(expected.tolist(), abs=1e-5)
     assert p_part[2] != pytest.approx(p_full[2], abs=1e-3)
 
@@ -317,16 +323,17 @@ def test_caption_only_and_image_only_models(demo, tmp_path):
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns(demo, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
 
     def stop(*a, **k):  # the warning comes before the data; emulated bf16 training is slow
         raise KeyboardInterrupt
 
     monkeypatch.setattr(loop, "prepare_data", stop)
-    with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
+    with caplog.at_level("INFO"), pytest.raises(KeyboardInterrupt):
         loop.fit(load_config(None, [*TINY, "optim.epochs=1", "amp=bf16", "device=cpu"]), demo,
                  tmp_path / "bf16", progress=False)
-    assert "use --set amp=none" in caplog.text
+    assert "slower than fp32 here; use --set amp=auto" in caplog.text
+    assert "precision: bf16 (amp=bf16 set by the recipe on a CPU without native bf16" in caplog.text
 
 
 def test_evaluate_folds_batchnorm_on_a_copy_and_matches_the_model(run):

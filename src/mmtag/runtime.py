@@ -7,6 +7,7 @@ import os
 import platform
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,19 +51,95 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: 'auto' is bf16 on CUDA and off elsewhere."""
+@dataclass(frozen=True)
+class Precision:
+    """The autocast dtype a run or a prediction computes in, and why it was chosen."""
+
+    setting: str               # the config's amp: 'auto', 'bf16', 'fp16' or 'none'
+    dtype: torch.dtype | None  # None: fp32 (no autocast)
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.dtype]
+
+    def to_dict(self) -> dict:
+        return {"amp": self.setting, "dtype": self.name, "reason": self.reason}
+
+
+_NO_BF16 = "this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 runs slower than fp32"
+
+
+def choose_precision(amp: str, device: torch.device) -> Precision:
+    """What `amp` means on `device`. 'auto' never picks a mode slower than fp32: bf16 on CUDA
+    and on CPUs with native bf16 (about 2x faster there), fp32 on other CPUs, where emulated
+    bf16 ran 2-10x slower than fp32 (docs/performance.md), and on MPS."""
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+        if device.type == "cuda":
+            return Precision(amp, torch.bfloat16, "auto: bf16 on a CUDA GPU")
+        if device.type == "cpu" and cpu_has_fast_bf16():
+            return Precision(amp, torch.bfloat16, "auto: this CPU has native bf16 (AVX512-BF16 "
+                                                  "or AMX)")
+        if device.type == "cpu":
+            return Precision(amp, None, f"auto: fp32, {_NO_BF16}")
+        return Precision(amp, None, f"auto: fp32 on {device.type}")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+    reason = f"amp={amp} set by the recipe"
+    if device.type == "cpu" and dtype is not None and not cpu_has_fast_bf16():
+        reason += " on a CPU without native bf16 (AVX512-BF16 or AMX): slower than fp32 here"
+    return Precision(amp, dtype, reason)
+
+
+def slow_precision_warning(precision: Precision, device: torch.device) -> str | None:
+    """The warning for an explicit half precision on a CPU that only emulates it."""
+    if device.type != "cpu" or precision.dtype is None or cpu_has_fast_bf16():
+        return None
+    return (f"amp={precision.setting} on a CPU without native bf16 (AVX512-BF16 or AMX): it "
+            f"will run slower than fp32 here; use --set amp=auto (fp32 here) or amp=none")
+
+
+def inference_precision(saved: str, device: torch.device) -> Precision:
+    """The precision a prediction computes in, from the run's saved `amp`: a half precision
+    chosen for the training machine is dropped where this machine would only emulate it, so
+    a run trained with bf16 on an AMX server does not crawl on a laptop (fp32 is also the
+    more exact of the two)."""
+    chosen = choose_precision(saved, device)
+    if slow_precision_warning(chosen, device) is None:
+        return chosen
+    return Precision(saved, None, f"the run's amp={saved} dropped for prediction: fp32, {_NO_BF16}")
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `amp` on `device` (choose_precision says why)."""
+    return choose_precision(amp, device).dtype
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix maths natively (AVX512-BF16 or AMX)."""
+    """Whether this CPU runs bf16 matrix maths natively (AVX512-BF16 or AMX) and oneDNN may use
+    it. torch's own check alone is not enough: it is true on every AVX-512 CPU, where oneDNN
+    only emulates bf16 (measured 2-10x slower than fp32 on an AVX2 CPU, docs/performance.md)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+    flags = _cpu_flags()
+    if not supported or flags is None:  # no /proc/cpuinfo (macOS, Windows): torch's word
+        return supported
+    # ONEDNN_MAX_CPU_ISA caps what oneDNN runs (AVX2, AVX512_CORE, ...): below BF16 it emulates
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    allowed = cap == "ALL" or any(k in cap for k in ("BF16", "FP16", "AMX", "AVX10"))
+    return allowed and bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def _cpu_flags() -> set[str] | None:
+    """The x86 feature flags of /proc/cpuinfo; None where it has none (not Linux, not x86)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
 
 
 def cpu_name() -> str:

@@ -12,7 +12,7 @@ import torch
 from mmtag.data.csv_io import read_csv
 from mmtag.data.device_batches import DecodedBatches
 from mmtag.inference.predictor import Predictor, PredictorBase, load_predictor
-from mmtag.runtime import amp_dtype, machine_info
+from mmtag.runtime import machine_info
 from mmtag.training.bench import bound_by, peak_mb, timed
 from mmtag.training.engine import evaluate
 
@@ -85,7 +85,7 @@ def bench_predict(run: Path | str, csv_path: Path | str, images: Path | str, *, 
 
     def model(loader) -> None:
         for m in pred.models:
-            evaluate(m, loader, None, pred.device, dtype=amp_dtype(pred.config.amp, pred.device),
+            evaluate(m, loader, None, pred.device, dtype=pred.precision.dtype,
                      channels_last=True, tta=pred.tta_flip)
 
     one = next(iter(batches))
@@ -100,7 +100,7 @@ def bench_predict(run: Path | str, csv_path: Path | str, images: Path | str, *, 
     return {"device": str(pred.device), "machine": machine_info(pred.device),
             "batch_size": batch_size, "image_size": spec.size, "rows": len(rows),
             "pipeline": "nvJPEG" if pred.device.type == "cuda" else "PIL",
-            "amp": str(amp_dtype(pred.config.amp, pred.device)).replace("torch.", ""),
+            "amp": pred.precision.name,
             "tta_flip": pred.tta_flip, "members": len(pred.models), "images_per_second": rates,
             "whole_over_step": round(ratio, 3), "bound_by": bound_by(rates),
             "peak_memory_mb": peak_mb(pred.device)}

@@ -35,7 +35,13 @@ from mmtag.evaluation.thresholds import apply_thresholds, check_threshold, decid
 from mmtag.inference.ensemble import member_states
 from mmtag.models.build import build_tagger, encoder_normalisation
 from mmtag.outputs import check_distinct, check_output
-from mmtag.runtime import amp_dtype, autocast, resolve_device
+from mmtag.runtime import (
+    Precision,
+    autocast,
+    choose_precision,
+    inference_precision,
+    resolve_device,
+)
 from mmtag.training.checkpoint import (
     CheckpointError,
     is_finished,
@@ -158,6 +164,7 @@ class Predictor(PredictorBase):
     models: list[torch.nn.Module] = None
     config: TrainConfig = None
     device: torch.device = None
+    precision: Precision = None  # the autocast dtype of every pass, and why
 
     @classmethod
     def load(cls, run: Path | str, device: str = "auto",
@@ -185,6 +192,9 @@ class Predictor(PredictorBase):
         if unfinished:
             log.warning("%s", unfinished)
         dev = resolve_device(device)
+        precision = choose_precision(amp, dev) if amp else inference_precision(cfg.amp, dev)
+        if precision.setting in ("bf16", "fp16") and precision.dtype is None:  # dropped
+            log.info("precision: %s (%s)", precision.name, precision.reason)
         models = []
         for state in member_states(ckpt) if "ensemble" in ckpt else [ckpt["model"]]:
             model = build_tagger(cfg.model, label_map.num_classes, caption_enc,
@@ -203,7 +213,7 @@ class Predictor(PredictorBase):
                    reads_captions=first.text_encoder is not None,
                    has_caption_head=first.has_caption_head,
                    limit_val=cfg.data.limit_val, unfinished=unfinished, models=models,
-                   config=cfg, device=dev)
+                   config=cfg, device=dev, precision=precision)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -253,7 +263,7 @@ class Predictor(PredictorBase):
                       make_loader(ds, batch_size, shuffle=False, num_workers=num_workers))
             for model in self.models:
                 parts.append(evaluate(model, loader, None, self.device,
-                                      dtype=amp_dtype(self.config.amp, self.device),
+                                      dtype=self.precision.dtype,
                                       tta=self.config.tta_flip, channels_last=True)[1])
         return average_probs(parts)
 
@@ -261,7 +271,7 @@ class Predictor(PredictorBase):
         """(N, C) probabilities of the caption's own head (`Tagger.caption_logits`), for rows
         whose image is missing: no image is read and the image encoder does not run."""
         out = []
-        dtype = amp_dtype(self.config.amp, self.device)
+        dtype = self.precision.dtype
         with torch.inference_mode(), autocast(self.device, dtype):
             for s in range(0, len(dataset), batch_size):
                 ids = dataset.tokens[s:s + batch_size].to(self.device)
@@ -281,8 +291,7 @@ class Predictor(PredictorBase):
         parts = []
         for size in self.image_sizes:
             tf = self.transform(size) if size is not None else None
-            with torch.inference_mode(), autocast(self.device,
-                                                  amp_dtype(self.config.amp, self.device)):
+            with torch.inference_mode(), autocast(self.device, self.precision.dtype):
                 batch = (torch.stack([tf(img) for img in pil]).to(self.device)
                          .contiguous(memory_format=torch.channels_last)
                          if tf is not None else torch.zeros(len(pil), 1))

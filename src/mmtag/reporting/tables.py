@@ -118,7 +118,9 @@ MACHINE_KEYS = ("cpu", "logical_cpus", "torch_threads", "fast_bf16", "device", "
 
 
 def machine_facts(summary: dict) -> dict:
-    return {**dict.fromkeys(MACHINE_KEYS), **(summary.get("machine") or {})}
+    """summary.json's machine, with the precision the run chose on it (runtime.Precision)."""
+    return {**dict.fromkeys(MACHINE_KEYS), **(summary.get("machine") or {}),
+            "precision": summary.get("precision")}
 
 
 def results_context(abl, rows: list[dict], command: str, diverged: list) -> dict:

@@ -100,8 +100,7 @@ def bench_train(cfg: TrainConfig, data_dir: Path | str, *, steps: int = 30,
              "whole": round(steps * b / whole, 1)}
     return {"device": str(rt.device), "machine": rt.machine, "batch_size": b,
             "image_size": cfg.data.image_size, "pipeline": pipeline(cfg, rt.device),
-            "compile": cfg.compile, "amp": str(rt.dtype).replace("torch.", "") if rt.dtype
-            else "none", "steps": steps, "warmup": warmup,
+            "compile": cfg.compile, "amp": rt.precision.name, "steps": steps, "warmup": warmup,
             "images_per_second": rates, "whole_over_step": round(rates["whole"] / rates["step"], 3),
             "bound_by": bound_by(rates), "setup_seconds": round(setup_s, 1),
             "host_syncs": syncs,

@@ -46,8 +46,8 @@ from mmtag.evaluation.estimate import decision_figures, epoch_scores
 from mmtag.evaluation.probs_csv import average_probs, write_val_probs
 from mmtag.models.build import build_tagger, encoder_normalisation
 from mmtag.runtime import (
-    amp_dtype,
-    cpu_has_fast_bf16,
+    Precision,
+    choose_precision,
     machine_info,
     resolve_device,
     rng_state,
@@ -56,6 +56,7 @@ from mmtag.runtime import (
     set_cudnn_autotuning,
     set_deterministic,
     set_rng_state,
+    slow_precision_warning,
 )
 from mmtag.training.cached import cached_dataset, plan_cache
 from mmtag.training.checkpoint import (
@@ -135,9 +136,13 @@ class Runtime:
     """Where and how the run computes."""
 
     device: torch.device
-    dtype: torch.dtype | None   # autocast dtype
+    precision: Precision        # the autocast dtype and why (summary.json's "precision")
     machine: dict               # runtime.machine_info, saved in summary.json
     dist: Dist = SINGLE         # the training processes (torchrun), this one among them
+
+    @property
+    def dtype(self) -> torch.dtype | None:  # autocast dtype (None: fp32)
+        return self.precision.dtype
 
 
 @dataclass
@@ -225,6 +230,7 @@ def _summary(cfg: TrainConfig, data_dir: Path, run_dir: Path, model: nn.Module, 
     summary["wall_seconds"] = round(time.time() - started, 1)
     summary["first_step_seconds"] = first_step_seconds  # from the process's start
     summary["machine"] = rt.machine
+    summary["precision"] = rt.precision.to_dict()
     summary["processes"] = rt.dist.world
     summary["data_dir"] = str(data_dir.resolve())  # where the report finds the images
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -239,11 +245,12 @@ def runtime(cfg: TrainConfig, device: torch.device, dist: Dist = SINGLE) -> Runt
              f"; GPU {machine['gpu']}" if machine["gpu"] else "", machine["torch"])
     if device.type == "cuda" and not cfg.deterministic:
         set_cudnn_autotuning(cfg.cudnn_benchmark)
-    dtype = amp_dtype(cfg.amp, device)
-    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
-        log.warning("amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): it will run "
-                    "slower than fp32 here; use --set amp=none")
-    return Runtime(device, dtype, machine, dist)
+    precision = choose_precision(cfg.amp, device)
+    warning = slow_precision_warning(precision, device)
+    if warning:
+        log.warning("%s", warning)
+    log.info("precision: %s (%s)", precision.name, precision.reason)
+    return Runtime(device, precision, machine, dist)
 
 
 @dataclass
