@@ -5,13 +5,13 @@ need neither torch nor the pretrained weights, and names are imported only when 
 """
 
 __version__ = "0.1.0"
-__all__ = ["CSVFormatError", "Record", "configure_training", "load_run", "read_csv", "train",
-           "write_submission"]
+__all__ = ["CSVFormatError", "Record", "configure_training", "distill", "load_run", "read_csv",
+           "train", "write_submission"]
 
 
 def __getattr__(name: str):
     # Lazy so that `import mmtag` (and `mmtag --help`) stay instant.
-    if name in ("train", "load_run"):
+    if name in ("train", "distill", "load_run"):
         from mmtag import api
 
         return getattr(api, name)

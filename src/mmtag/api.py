@@ -4,6 +4,7 @@
     summary = mmtag.train("path/to/comp5329", "runs/a", config="cpu", overrides=["optim.epochs=5"])
     tagger = mmtag.load_run("runs/a")
     tagger.predict([("photo.jpg", "A man riding a horse")])   # -> [(1, 19)]
+    mmtag.distill("runs/a", "path/to/comp5329", "runs/student")   # a faster model, taught by it
 """
 
 from __future__ import annotations
@@ -28,6 +29,31 @@ def train(data_dir: Path | str, out: Path | str, config: TrainConfig | str | Pat
 
     return fit(resolve_config(out, config, overrides, resume=resume, restart=restart), data_dir,
                out, resume=resume, restart=restart, progress=progress)
+
+
+def distill(teacher: Path | str, data_dir: Path | str, out: Path | str,
+            config: TrainConfig | str | Path | None = "student",
+            overrides: list[str] | tuple[str, ...] = (), *, unlabeled: Path | str | None = None,
+            resume: bool = False, restart: bool = False, progress: bool | None = None) -> dict:
+    """Train a student into `out` on the teacher's probabilities as well as the labels
+    (`mmtag.training.distill`); `teacher` is a finished run or ensemble folder, `unlabeled` a CSV
+    of rows without labels whose photos are in `data_dir`/data (e.g. its test.csv). The student
+    validates on the teacher's validation rows (its split), so no row the teacher learned
+    from scores the student. Returns the summary dict, as `train` does."""
+    from mmtag.training.distill import load_teacher
+    from mmtag.training.loop import fit
+
+    if resume:
+        cfg = resolve_config(out, None, (), resume=True)
+    else:
+        t = load_teacher(teacher)
+        d = t.config.data
+        same_split = [f"data.train_prop={d.train_prop}", f"data.split_seed={d.split_seed}",
+                      f"data.val_block={d.val_block}", f"distill.teacher={Path(teacher).resolve()}"]
+        if unlabeled is not None:
+            same_split.append(f"distill.unlabeled={Path(unlabeled).resolve()}")
+        cfg = resolve_config(out, config, [*overrides, *same_split], restart=restart)
+    return fit(cfg, data_dir, out, resume=resume, restart=restart, progress=progress)
 
 
 def resolve_config(out: Path | str, config: TrainConfig | str | Path | None = None,

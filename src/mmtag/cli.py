@@ -53,6 +53,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from mmtag.api import distill
+
+    if args.resume is None and (args.teacher is None or args.out is None):
+        raise ValueError("distill needs TEACHER --data DIR --out RUN (or --resume RUN --data DIR)")
+    configure_training()
+    run = Path(args.resume or args.out)
+    summary = distill(args.teacher, args.data, run, args.config, args.set or (),
+                      unlabeled=args.unlabeled, resume=args.resume is not None,
+                      restart=args.restart)
+    if summary is not None:
+        _print_summary(summary, run)
+        print(f"next: mmtag benchmark {run} --csv {Path(args.data) / 'test.csv'} --images "
+              f"{Path(args.data) / 'data'} --engine torch,onnx  (after mmtag export {run})")
+    return 0
+
+
 def _print_summary(summary: dict, run: Path) -> None:
     v, z = summary["val"], summary["val_at_0.5"]
     expected_f1 = summary.get("decision") == "expected_f1"
@@ -390,6 +407,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--out holds a run that stopped before its first epoch ended (no "
                         "checkpoint to resume): delete its files and start over")
     c.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser("distill", help="train a fast student on a teacher run's probabilities")
+    c.add_argument("teacher", nargs="?", help="the teacher: a finished run or ensemble folder")
+    c.add_argument("--data", required=True, help="folder with train.csv and data/ (the "
+                                                 "teacher's)")
+    c.add_argument("--out", help="new run folder for the student")
+    c.add_argument("--config", default="student",
+                   help="the student's recipe: a YAML file or a built-in recipe name (default "
+                        "student)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set distill.alpha=0.7 (repeatable)")
+    c.add_argument("--unlabeled", metavar="CSV",
+                   help="rows without labels (e.g. test.csv) whose photos are in DATA/data: "
+                        "the student learns the teacher's probabilities on them too")
+    c.add_argument("--resume", metavar="RUN", help="continue an interrupted distillation")
+    c.add_argument("--restart", action="store_true",
+                   help="--out holds a run that stopped before its first epoch ended: delete "
+                        "its files and start over")
+    c.set_defaults(func=_cmd_distill)
 
     c = sub.add_parser("evaluate", help="metrics of a run on its validation split or a labelled CSV")
     c.add_argument("run", help="run folder (or a best.pt file)")

@@ -256,6 +256,21 @@ class CacheConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation (`mmtag distill`): the training rows' targets mix the teacher's
+    probabilities into the labels, and unlabelled rows learn the teacher's probabilities."""
+
+    teacher: str = ""         # the teacher's run or ensemble folder ('': an ordinary run)
+    alpha: float = 0.5        # a labelled row's target: alpha * teacher + (1 - alpha) * labels
+    unlabeled: str = ""       # a CSV of rows without labels (e.g. test.csv), photos in data/
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.alpha <= 1.0, "distill.alpha must be between 0 and 1")
+        _check(bool(self.teacher) or not self.unlabeled,
+               "distill.unlabeled needs distill.teacher: unlabelled rows learn its probabilities")
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs; the root of the YAML file."""
 
@@ -264,9 +279,10 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0                   # seeds torch, numpy and random
     device: str = "auto"            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-    amp: str = "auto"               # 'auto' (bf16 on CUDA, off on CPU), 'bf16', 'fp16', 'none'
+    amp: str = "auto"               # 'auto' (bf16 on CUDA and CPUs with native bf16, else fp32), 'bf16', 'fp16', 'none'
     channels_last: bool = True      # channels_last memory format for the image encoder (faster on CPU and CUDA)
     deterministic: bool = False     # torch deterministic algorithms (slower)
     cudnn_benchmark: bool = True    # CUDA: cuDNN times each convolution's algorithms on the

@@ -15,7 +15,9 @@ METRIC_COLUMNS = ["loss", "precision", "recall", "micro_f1", "macro_f1", "sample
 
 def epoch_scores(prefix: str, loss: float, probs: np.ndarray, targets: np.ndarray) -> dict:
     """`{prefix}_loss` and the metrics at threshold 0.5: one side of an epoch's row."""
-    m = multilabel_metrics(targets.astype(int), apply_thresholds(probs, np.full(probs.shape[1], 0.5)))
+    # soft targets (distillation) count as labels from 0.5 up, like the probabilities
+    m = multilabel_metrics((targets >= 0.5).astype(int),
+                           apply_thresholds(probs, np.full(probs.shape[1], 0.5)))
     return {f"{prefix}_loss": loss, **{f"{prefix}_{k}": m[k] for k in METRIC_COLUMNS[1:]}}
 
 

@@ -169,10 +169,3 @@ def _check_members(runs: list[Path], ckpts: list[dict]) -> None:
                 != tokenizer_from_dict(base["caption"]).to_dict()):
             raise ValueError(f"{run} has another caption vocabulary than {first}: train both on "
                              f"the same data")
-
-
-
-def member_states(ckpt: dict) -> list[dict]:
-    """The full state dict of each member of an ensemble checkpoint."""
-    ens = ckpt["ensemble"]
-    return [{**ens["shared"], **own} for own in ens["members"]]

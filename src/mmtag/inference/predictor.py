@@ -32,7 +32,6 @@ from mmtag.distributed import Dist, barrier, from_env, sharded, start, stop
 from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.probs_csv import average_probs, format_probs
 from mmtag.evaluation.thresholds import apply_thresholds, check_threshold, decide
-from mmtag.inference.ensemble import member_states
 from mmtag.models.build import build_tagger, encoder_normalisation
 from mmtag.outputs import check_distinct, check_output
 from mmtag.runtime import (
@@ -46,6 +45,7 @@ from mmtag.training.checkpoint import (
     CheckpointError,
     is_finished,
     load_checkpoint,
+    member_states,
     unfinished_message,
 )
 from mmtag.training.engine import evaluate, flip_tta_logits

@@ -154,3 +154,9 @@ def unfinished_message(path: Path | str, ckpt: dict) -> str:
     return (f"{run} is an unfinished run (it stopped after epoch {ckpt.get('epoch', '?')}; "
             f"its decision thresholds were never tuned and are 0.5): finish it with mmtag "
             f"train --resume {run} --data DIR")
+
+
+def member_states(ckpt: dict) -> list[dict]:
+    """The full state dict of each member of an ensemble checkpoint (`mmtag ensemble`)."""
+    ens = ckpt["ensemble"]
+    return [{**ens["shared"], **own} for own in ens["members"]]

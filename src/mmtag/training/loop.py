@@ -67,6 +67,14 @@ from mmtag.training.checkpoint import (
     load_checkpoint,
     state_dict_megabytes,
 )
+from mmtag.training.distill import (
+    in_label_order,
+    load_teacher,
+    soft_targets,
+    teacher_probabilities,
+    teacher_split,
+    unlabeled_rows,
+)
 from mmtag.training.ema import EMA
 from mmtag.training.engine import StepOptions, TrainingDivergedError, evaluate, train_one_epoch
 from mmtag.training.losses import build_loss, pos_weight_from_targets
@@ -211,6 +219,8 @@ def setup(cfg: TrainConfig, data_dir: Path, run_dir: Path, rows: list[Record], r
     t2 = time.time()
     with local_first(rt.dist):  # one process per machine fills its caches, the others read them
         sets = _datasets(cfg, model, data, rt, progress)
+        if cfg.distill.teacher:
+            sets.train.targets = _distilled_targets(cfg, data, sets.train.targets, rt, progress)
     t3 = time.time()
     state = _training_state(cfg, model, sets, last, rt, run_dir)
     train_model = _train_model(cfg, model, rt)
@@ -263,6 +273,7 @@ class RunData:
     caption_enc: CaptionTokenizer
     split: Split
     image_dir: Path
+    labelled: int = -1          # train_rows[:labelled] are train.csv's; the rest unlabelled
 
 
 def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
@@ -302,7 +313,11 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
         caption_enc = fit_tokenizer(cfg.model, cfg.data, [r.caption for r in train_rows])
         atomic_write(run_dir / "labels.json", json.dumps(label_map.to_dict()))
         atomic_write(run_dir / "vocab.json", json.dumps(caption_enc.to_dict()))
-    return RunData(train_rows, val_rows, label_map, caption_enc, split, data_dir / "data")
+    labelled = len(train_rows)
+    if cfg.distill.unlabeled:  # after the labels and vocabulary: they come from train.csv
+        train_rows = train_rows + unlabeled_rows(cfg.distill.unlabeled, data_dir / "data")
+    return RunData(train_rows, val_rows, label_map, caption_enc, split, data_dir / "data",
+                   labelled)
 
 
 def saved_data(data: RunData) -> dict:
@@ -400,6 +415,31 @@ def _datasets(cfg: TrainConfig, model: nn.Module, data: RunData, rt: Runtime,
                     stage, workers=0)  # features are in memory
     model.image_input_stage, model.text_input_stage = stage, text_stage
     return sets
+
+
+def _distilled_targets(cfg: TrainConfig, data: RunData, hard: torch.Tensor, rt: Runtime,
+                       progress: bool) -> torch.Tensor:
+    """The training rows' targets mixed with the teacher's probabilities (cfg.distill); a
+    teacher that trained on one of this run's validation rows is refused, as its knowledge of
+    their labels would flow into the student's validation figures."""
+    teacher = load_teacher(cfg.distill.teacher)
+    split = teacher_split(teacher)
+    seen = set(split["train"]) & set(data.split.val) if split else set()
+    if seen:
+        raise ValueError(f"teacher {cfg.distill.teacher} trained on {len(seen)} of this run's "
+                         f"validation rows: distil with the teacher's split (--set "
+                         f"data.train_prop={split['train_prop']} data.split_seed="
+                         f"{split['seed']}), as mmtag distill does")
+    probs = teacher_probabilities(teacher, data.train_rows, data.image_dir, source="train.csv",
+                                  device=rt.device, cache_root=cfg.cache.dir and Path(cfg.cache.dir),
+                                  progress=progress)
+    probs = in_label_order(probs, teacher.label_map.labels, data.label_map.labels,
+                           teacher.path)
+    n = data.labelled if data.labelled >= 0 else len(data.train_rows)
+    log.info("distillation from %s: %d labelled rows learn %.2f x its probabilities + %.2f x "
+             "their labels, %d unlabelled rows its probabilities", teacher.path, n,
+             cfg.distill.alpha, 1 - cfg.distill.alpha, len(data.train_rows) - n)
+    return soft_targets(hard, probs, n, cfg.distill.alpha).to(hard.device)
 
 
 def pipeline(cfg: TrainConfig, device: torch.device) -> str:
