@@ -82,6 +82,24 @@ def test_onnx_probabilities_equal_pytorch_on_real_images(runs, demo, name):
     assert np.abs(int8.probabilities(int8.dataset(rows, demo / "data"), 16) - expected).max() < 0.1
 
 
+@pytest.mark.parametrize("name", ["glove", "query"])
+def test_openvino_runs_the_export_as_onnx_runtime_does(runs, demo, name):
+    pytest.importorskip("openvino")
+    rows = read_csv(demo / "train.csv")
+    onnx_pred = OnnxPredictor.load(runs / name, "onnx")
+    ov_pred = OnnxPredictor.load(runs / name, "openvino")
+    expected = onnx_pred.probabilities(onnx_pred.dataset(rows, demo / "data"), 16)
+    got = ov_pred.probabilities(ov_pred.dataset(rows, demo / "data"), 16)
+    assert np.abs(got - expected).max() < 1e-4  # fp32 both: the same sums, other kernels
+    again = ov_pred.probabilities(ov_pred.dataset(rows, demo / "data"), 16)
+    assert np.array_equal(got, again)  # a rerun is byte-identical
+    # single samples (another batch shape) and the caption head
+    one = ov_pred.predict_probs([None], [rows[0].caption])
+    assert one.shape == (1, onnx_pred.label_map.num_classes)
+    assert np.abs(one - onnx_pred.predict_probs([None], [rows[0].caption])).max() < 1e-4
+    assert ov_pred.describe()["file"] == "model.onnx"
+
+
 def test_the_caption_head_is_exported_for_rows_without_an_image(runs, demo):
     rows = read_csv(demo / "train.csv")[:6]
     torch_pred = Predictor.load(runs / "query", "cpu")

@@ -71,12 +71,15 @@ def test_cache_is_keyed_and_never_stale(demo, tmp_path):
 
 
 def test_fp32_cache_folders_keep_their_names():
-    # caches written before the precision field existed must still be found
+    # caches written before the precision and engine fields existed must still be found
     spec = CacheSpec("image", "efficientnet_lite2", "abc", 8, 288, "tf", True)
-    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "precision"}
+    fields = {k: v for k, v in dataclasses.asdict(spec).items()
+              if k not in ("precision", "engine")}
     digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     assert spec.folder_name() == f"efficientnet_lite2-stage8-288px-flip-{digest}"
     assert dataclasses.replace(spec, precision="bf16").folder_name() != spec.folder_name()
+    # another engine's features differ in the last bits: they never share a folder
+    assert dataclasses.replace(spec, engine="openvino").folder_name() != spec.folder_name()
 
 
 def test_killed_extraction_resumes_without_corrupt_entries(demo, tmp_path, monkeypatch):
@@ -171,3 +174,37 @@ def test_cached_caption_encoder_layers(demo, tmp_path, image, freeze_text, extra
     assert any(p.name.startswith("MiniLMEncoder") for p in (tmp_path / "cache").iterdir())
     m = evaluate_run(run, data_dir=demo)  # from raw captions through the whole encoder
     assert m["micro_f1"] == pytest.approx(summary["val"]["micro_f1"], abs=1e-6)
+
+
+@pytest.mark.parametrize("size", [32, 40])  # 40: TF "same" padding differs from 32's
+def test_openvino_caches_what_torch_caches(demo, tmp_path, size):
+    pytest.importorskip("openvino")
+    enc = build_image_encoder("efficientnet_lite0", pretrained=True, freeze=4).eval()
+    rows = read_csv(demo / "train.csv")[:12]
+    spec = ImageTransformSpec(size=size, normalisation="tf")
+    kw = dict(flip=True, batch_size=5)  # 12 rows: batches of 5, 5 and 2
+    ref = cache_image_features(enc, 4, rows, demo / "data", spec, root=tmp_path / "t",
+                               engine="torch", **kw).astype(np.float32)
+    got = cache_image_features(enc, 4, rows, demo / "data", spec, root=tmp_path / "o",
+                               engine="openvino", **kw).astype(np.float32)
+    assert got.shape == ref.shape
+    # fp32 both, rounded to fp16 in the cache: equal up to a few fp16 steps
+    assert np.abs(got - ref).max() <= 2e-3 * max(1.0, np.abs(ref).max())
+    assert [p.name for p in (tmp_path / "o").iterdir()] != [p.name for p in (tmp_path / "t").iterdir()]
+    again = cache_image_features(enc, 4, rows, demo / "data", spec, root=tmp_path / "o2",
+                                 engine="openvino", **kw)
+    assert np.array_equal(again.astype(np.float32), got)  # reruns are byte-identical
+
+
+def test_the_cache_engine_is_chosen_by_what_is_installed(monkeypatch):
+    import importlib.util
+
+    from mmtag.training import feature_cache
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert feature_cache.resolve_engine("auto") == "torch"
+    with pytest.raises(ValueError, match="pip install openvino"):
+        feature_cache.resolve_engine("openvino")
+    assert feature_cache.resolve_engine("torch") == "torch"

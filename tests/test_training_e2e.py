@@ -16,7 +16,7 @@ from mmtag.data.demo import make_demo_data
 from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.thresholds import expected_f1_sets
 from mmtag.inference.predictor import Predictor, evaluate_run, predict_csv
-from mmtag.runtime import cpu_has_fast_bf16
+from mmtag.runtime import choose_precision
 from mmtag.training import engine, loop, run_folder
 from mmtag.training.checkpoint import ModelTooLargeError
 
@@ -62,7 +62,7 @@ def test_run_writes_every_file(run):
     assert summary["val_rows"] == 8 and 0.0 <= summary["val"]["micro_f1"] <= 1.0
     # amp: auto (the default) records what it chose on this machine and why
     assert summary["precision"]["amp"] == "auto"
-    assert summary["precision"]["dtype"] == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert summary["precision"]["dtype"] == choose_precision("auto", torch.device("cpu")).name
     assert summary["precision"]["reason"].startswith("auto: ")
     # the run records what its timings depend on
     assert 0 < summary["wall_seconds"] < 3600

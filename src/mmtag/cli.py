@@ -314,7 +314,7 @@ def _add_decision_args(c: argparse.ArgumentParser) -> None:
                         "the label set of highest expected F1 (samples-F1, Kaggle's metric)")
 
 
-ENGINES = ("torch", "onnx", "onnx-int8")
+ENGINES = ("torch", "onnx", "onnx-int8", "openvino")
 
 
 def recipe_names() -> list[str]:
@@ -325,8 +325,9 @@ def recipe_names() -> list[str]:
 
 def _add_engine_arg(c: argparse.ArgumentParser) -> None:
     c.add_argument("--engine", choices=ENGINES, default="torch",
-                   help="torch: the run's best.pt; onnx / onnx-int8: its export (mmtag export), "
-                        "an export folder or a run folder with export/ inside (default torch)")
+                   help="torch: the run's best.pt; onnx / onnx-int8 (ONNX Runtime) and openvino "
+                        "(OpenVINO, pip install openvino): its export (mmtag export), an export "
+                        "folder or a run folder with export/ inside (default torch)")
 
 
 def _engines(text: str) -> list[str]:

@@ -248,9 +248,14 @@ class CacheConfig:
     flip: bool = True         # also cache flipped images: flip augmentation and flip TTA
     batch_size: int = 32      # extraction batch size
     num_workers: int = 1      # extraction image decoding processes
+    # what runs the frozen image stages: 'auto' (OpenVINO where installed, else PyTorch),
+    # 'torch' or 'openvino'
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.enabled in ("auto", "off"), "cache.enabled must be one of ['auto', 'off']")
+        _check(self.engine in ("auto", "torch", "openvino"),
+               "cache.engine must be one of ['auto', 'openvino', 'torch']")
         _check(self.batch_size >= 1 and self.num_workers >= 0,
                "cache.batch_size must be >= 1 and cache.num_workers >= 0")
 

@@ -71,18 +71,24 @@ _NO_BF16 = "this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 runs sl
 
 
 def choose_precision(amp: str, device: torch.device) -> Precision:
-    """What `amp` means on `device`. 'auto' never picks a mode slower than fp32: bf16 on CUDA
-    and on CPUs with native bf16 (about 2x faster there), fp32 on other CPUs, where emulated
-    bf16 ran 2-10x slower than fp32 (docs/performance.md), and on MPS."""
+    """What `amp` means on `device`. 'auto' never picks a mode measured slower than fp32:
+    bf16 on CUDA and on CPUs with AMX (bf16 matrix tiles); fp32 on other CPUs: emulated bf16
+    ran 2-10x slower than fp32 on an AVX2 CPU, and on a CPU with AVX512-BF16 but no AMX a bf16
+    training step of the cpu recipe ran at 0.68x fp32's speed (docs/performance.md); and on
+    MPS."""
     if amp == "auto":
         if device.type == "cuda":
             return Precision(amp, torch.bfloat16, "auto: bf16 on a CUDA GPU")
-        if device.type == "cpu" and cpu_has_fast_bf16():
-            return Precision(amp, torch.bfloat16, "auto: this CPU has native bf16 (AVX512-BF16 "
-                                                  "or AMX)")
-        if device.type == "cpu":
-            return Precision(amp, None, f"auto: fp32, {_NO_BF16}")
-        return Precision(amp, None, f"auto: fp32 on {device.type}")
+        if device.type != "cpu":
+            return Precision(amp, None, f"auto: fp32 on {device.type}")
+        kind = cpu_bf16_kind()
+        if kind == "amx":
+            return Precision(amp, torch.bfloat16, "auto: bf16, this CPU has AMX (bf16 matrix "
+                                                  "tiles)")
+        if kind == "avx512_bf16":
+            return Precision(amp, None, "auto: fp32, this CPU has AVX512-BF16 but no AMX, where "
+                                        "a bf16 training step measured 0.68x fp32's speed")
+        return Precision(amp, None, f"auto: fp32, {_NO_BF16}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
     reason = f"amp={amp} set by the recipe"
     if device.type == "cpu" and dtype is not None and not cpu_has_fast_bf16():
@@ -116,19 +122,30 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU runs bf16 matrix maths natively (AVX512-BF16 or AMX) and oneDNN may use
-    it. torch's own check alone is not enough: it is true on every AVX-512 CPU, where oneDNN
-    only emulates bf16 (measured 2-10x slower than fp32 on an AVX2 CPU, docs/performance.md)."""
+    it: explicit bf16 elsewhere is only emulated."""
+    return bool(cpu_bf16_kind())
+
+
+def cpu_bf16_kind() -> str:
+    """'amx' (AMX bf16 tiles), 'avx512_bf16' (bf16 dot products, no AMX) or '' (bf16 is
+    emulated) for this CPU, as oneDNN may use it. torch's own check alone is not enough: it is
+    true on every AVX-512 CPU, where oneDNN only emulates bf16."""
     try:
         supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        return False
+        return ""
     flags = _cpu_flags()
-    if not supported or flags is None:  # no /proc/cpuinfo (macOS, Windows): torch's word
-        return supported
-    # ONEDNN_MAX_CPU_ISA caps what oneDNN runs (AVX2, AVX512_CORE, ...): below BF16 it emulates
+    if not supported:
+        return ""
+    if flags is None:  # no /proc/cpuinfo (macOS, Windows): torch's word, without AMX
+        return "avx512_bf16"
+    # ONEDNN_MAX_CPU_ISA caps what oneDNN runs (AVX2, AVX512_CORE, AVX512_CORE_BF16, ...)
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    allowed = cap == "ALL" or any(k in cap for k in ("BF16", "FP16", "AMX", "AVX10"))
-    return allowed and bool(flags & {"avx512_bf16", "amx_bf16"})
+    if "amx_bf16" in flags and (cap == "ALL" or "AMX" in cap):
+        return "amx"
+    if "avx512_bf16" in flags and (cap == "ALL" or any(k in cap for k in ("BF16", "FP16", "AMX"))):
+        return "avx512_bf16"
+    return ""
 
 
 def _cpu_flags() -> set[str] | None:
@@ -160,6 +177,7 @@ def machine_info(device: torch.device) -> dict:
     gpu = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
     return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "fast_bf16": cpu_has_fast_bf16(),
+            "bf16_kind": cpu_bf16_kind() or "emulated",
             "device": str(device),
             "gpu": gpu.name if gpu is not None else None,
             "gpu_memory_gb": round(gpu.total_memory / 2**30, 1) if gpu is not None else None,

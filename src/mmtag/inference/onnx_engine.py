@@ -1,5 +1,6 @@
-"""Predict with an exported model (`mmtag export`): ONNX Runtime, numpy and PIL; the
-`--engine onnx` and `--engine onnx-int8` of predict, evaluate, benchmark and serve.
+"""Predict with an exported model (`mmtag export`): ONNX Runtime or OpenVINO, numpy and PIL;
+the `--engine onnx`, `onnx-int8` and `openvino` of predict, evaluate, benchmark and serve.
+OpenVINO (an optional package: pip install openvino) reads the same model.onnx.
 
 The preprocessing here is written from model.json alone (`preprocess_image`), not borrowed
 from the training code: the parity test then checks the file's description as well as the
@@ -9,6 +10,7 @@ graph.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from mmtag.inference.export import (
 )
 from mmtag.inference.predictor import PredictorBase
 
-ENGINES = {"onnx": "fp32", "onnx-int8": "int8"}
+ENGINES = {"onnx": "fp32", "onnx-int8": "int8", "openvino": "fp32"}  # engine -> model.json file
 REQUIRED_KEYS = ("labels", "decision", "inputs", "outputs", "image", "caption", "tta_flip",
                  "files", "model", "recipe", "versions", "created")
 BLANK = Image.new("RGB", (32, 32))  # what stands in for a missing photo, as in Predictor
@@ -193,9 +195,42 @@ def feeds_for(names: Sequence[str], images, ids, lengths) -> dict[str, np.ndarra
     return {n: np.ascontiguousarray(np.asarray(arrays[n]), dtype=dtypes[n]) for n in names}
 
 
+class OpenVinoSession:
+    """An ONNX file compiled by OpenVINO for this CPU, called as ONNX Runtime's session is
+    (`run(None, feeds)` -> the outputs in the graph's order). fp32 throughout
+    (INFERENCE_PRECISION_HINT f32): OpenVINO's default on a CPU with native bf16 is bf16,
+    which moved the cached features by 6 % (relative L2, docs/performance.md); fp32 agrees
+    with ONNX Runtime to rounding. One infer request per thread: a request is not
+    thread-safe, the compiled model is."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise ExportError("--engine openvino needs the openvino package: pip install "
+                              "openvino (or choose --engine onnx)") from None
+        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": "f32"}
+        try:
+            self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        except Exception as e:  # OpenVINO raises RuntimeError with its own long messages
+            raise ExportError(f"{path} cannot be loaded by OpenVINO "
+                              f"({str(e).strip().splitlines()[0]}); export the run again") from None
+        self.outputs = list(self.compiled.outputs)
+        self._local = threading.local()
+
+    def run(self, names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        result = request.infer(feeds)
+        # the request's output buffers are reused by its next call: copy them out
+        return [np.array(result[o], copy=True) for o in self.outputs]
+
+
 @dataclass
 class OnnxPredictor(PredictorBase):
-    """An exported model under ONNX Runtime; the same methods as `Predictor`."""
+    """An exported model under ONNX Runtime or OpenVINO; the same methods as `Predictor`."""
 
     session: object = None
     meta: dict | None = None
@@ -216,15 +251,19 @@ class OnnxPredictor(PredictorBase):
         file = meta["files"].get(ENGINES[engine])
         if file is None:
             raise ExportError(f"{folder} has no int8 model: export with mmtag export RUN --int8")
-        opts = ort.SessionOptions()
         # as many threads as torch uses (one per physical core), so that engines compare fairly
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        try:
-            session = ort.InferenceSession(str(folder / file), opts,
-                                           providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own types for unreadable files
-            raise ExportError(f"{folder / file} cannot be loaded by ONNX Runtime "
-                              f"({str(e).splitlines()[0]}); export the run again") from None
+        threads = threads or torch.get_num_threads()
+        if engine == "openvino":
+            session = OpenVinoSession(folder / file, threads)
+        else:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            try:
+                session = ort.InferenceSession(str(folder / file), opts,
+                                               providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own types for unreadable files
+                raise ExportError(f"{folder / file} cannot be loaded by ONNX Runtime "
+                                  f"({str(e).splitlines()[0]}); export the run again") from None
         caption = meta["caption"]
         if caption is not None and caption.get("kind") == "minilm":
             caption = {**caption, "source": str(folder / caption.get("source", TOKENIZER_DIR))}

@@ -303,8 +303,8 @@ class Predictor(PredictorBase):
 
 def load_predictor(run: Path | str, engine: str = "torch", device: str = "auto",
                    tta_sizes: Sequence[int] | None = None) -> PredictorBase:
-    """The predictor of `engine`: 'torch' (the run's best.pt), 'onnx' or 'onnx-int8' (its
-    export: an export folder, or a run folder with export/ inside)."""
+    """The predictor of `engine`: 'torch' (the run's best.pt), 'onnx', 'onnx-int8' or
+    'openvino' (its export: an export folder, or a run folder with export/ inside)."""
     if engine == "torch":
         return Predictor.load(run, device, tta_sizes)
     from mmtag.inference.onnx_engine import OnnxPredictor  # it builds on this module
@@ -313,7 +313,7 @@ def load_predictor(run: Path | str, engine: str = "torch", device: str = "auto",
         raise ValueError("--tta-sizes needs --engine torch: an export reads images at its "
                          "training size only")
     if device not in ("auto", "cpu"):
-        raise ValueError(f"--engine {engine} runs on the CPU (ONNX Runtime); leave --device out")
+        raise ValueError(f"--engine {engine} runs on the CPU; leave --device out")
     return OnnxPredictor.load(run, engine)
 
 

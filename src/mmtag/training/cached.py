@@ -10,7 +10,11 @@ import torch
 from torch.utils.data import Dataset
 
 from mmtag.config import TrainConfig
-from mmtag.training.feature_cache import cache_image_features, cache_text_features
+from mmtag.training.feature_cache import (
+    cache_image_features,
+    cache_text_features,
+    resolve_engine,
+)
 
 log = logging.getLogger("mmtag.train")
 
@@ -83,7 +87,8 @@ def cached_dataset(cfg: TrainConfig, model, ds, transform_spec, *, train: bool, 
         image = cache_image_features(
             model.image_encoder, stage, ds.records, ds.image_dir, transform_spec, root=root,
             flip=cfg.cache.flip, batch_size=cfg.cache.batch_size,
-            num_workers=cfg.cache.num_workers, progress=progress, source=ds.source, dtype=dtype)
+            num_workers=cfg.cache.num_workers, progress=progress, source=ds.source, dtype=dtype,
+            engine=resolve_engine(cfg.cache.engine))
     text = ds.tokens
     if text_stage:
         text = torch.from_numpy(cache_text_features(

@@ -13,6 +13,7 @@ teacher's probabilities. Binary cross-entropy takes such soft targets as they ar
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -136,6 +137,12 @@ def _score(teacher: Teacher, rows: Sequence[Record], image_dir: Path, source: st
     cache it filled is the one read), with its flip TTA; each member's probabilities
     averaged."""
     cfg = teacher.config
+    summary = teacher.path.parent / "summary.json"
+    # the engine that filled the teacher's cache, not today's default (runs that do not say
+    # so cached with torch, the only engine then)
+    engine = read_json(summary).get("cache_engine", "torch") if summary.exists() else None
+    if engine:
+        cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, engine=engine))
     caption_enc = tokenizer_from_dict(teacher.ckpt["caption"])
     model = build_tagger(cfg.model, teacher.label_map.num_classes, caption_enc,
                          load_pretrained=True)

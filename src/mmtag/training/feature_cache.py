@@ -18,11 +18,14 @@ once over the data and its outputs are stored on disk, one `.npy` file per image
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import logging
 import os
+import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,11 +102,15 @@ class CacheSpec:
     max_len: int = 0     # text: token length
     format: int = CACHE_FORMAT
     precision: str = "fp32"  # autocast dtype of the extraction ('fp32': none)
+    engine: str = "torch"    # what ran the frozen layers: 'torch' or 'openvino'
 
     def folder_name(self) -> str:
         fields = asdict(self)
+        # defaults left out keep the names of caches written before the field existed
         if fields["precision"] == "fp32":
-            del fields["precision"]  # keeps the names of caches written before it existed
+            del fields["precision"]
+        if fields["engine"] == "torch":
+            del fields["engine"]
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
         if self.kind == "image":
             return f"{self.encoder}-stage{self.stage}-{self.size}px{'-flip' if self.flip else ''}-{digest}"
@@ -178,16 +185,22 @@ def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Recor
                          image_dir: Path, transform_spec: ImageTransformSpec, *,
                          root: Path | None = None, flip: bool = True, batch_size: int = 32,
                          num_workers: int = 0, progress: bool = False, source: str = "",
-                         dtype: torch.dtype | None = None) -> np.ndarray:
+                         dtype: torch.dtype | None = None, engine: str = "torch") -> np.ndarray:
     """(N, V, ...) float16 outputs of `encoder` stages [0, stage) (pooled when stage is
     `num_stages + 1`) for every row, V = 2 with `flip` (original, flipped) else 1. `dtype`
     (e.g. torch.bfloat16) runs the encoder under CPU autocast, as the trained model's predictor
-    will (its `amp` setting), so cached and raw-image paths compute the same thing."""
+    will (its `amp` setting), so cached and raw-image paths compute the same thing. `engine`
+    'openvino' runs the frozen stages through OpenVINO (resolve_engine), at the same precision."""
     image_dir = Path(image_dir)
+    if engine == "openvino":
+        # fp32 under OpenVINO: faster than its bf16 (51 against 38 images/s for Lite2's
+        # stages 0-6 at 448 px, docs/performance.md) and equal to torch's fp32 after the
+        # cache's fp16 rounding, where bf16 moves the features by 6 %
+        dtype = None
     end = min(stage, encoder.num_stages)
     spec = CacheSpec("image", encoder.name, module_fingerprint(nn.ModuleList(encoder.stages[:end])),
                      stage, transform_spec.size, transform_spec.normalisation, flip,
-                     precision=_precision(dtype))
+                     precision=_precision(dtype), engine=engine)
     store = FeatureStore(Path(root or default_cache_dir()) / spec.folder_name())
     digests = image_digests(records, image_dir, source)
     for attempt in range(2):
@@ -199,7 +212,7 @@ def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Recor
             _extract_images(encoder, end, stage > end, store, [records[i] for i in todo],
                             [digests[i] for i in todo], image_dir, transform_spec,
                             flip=flip, batch_size=batch_size, num_workers=num_workers,
-                            progress=progress, source=source, dtype=dtype)
+                            progress=progress, source=source, dtype=dtype, engine=engine)
         try:
             return _load_all(store, digests, records)
         except _CorruptEntry:
@@ -221,11 +234,12 @@ def _extract_images(encoder: nn.Module, end: int, pooled: bool, store: FeatureSt
                     records: Sequence[Record], keys: Sequence[str], image_dir: Path,
                     transform_spec: ImageTransformSpec, *, flip: bool, batch_size: int,
                     num_workers: int, progress: bool, source: str,
-                    dtype: torch.dtype | None) -> None:
+                    dtype: torch.dtype | None, engine: str) -> None:
     """Run stages [0, end) (then pooling when `pooled`) over `records`' images, original and
     with `flip` mirrored, and store each row's (V, ...) float16 output under its key."""
     fast = encoder.for_inference(channels_last=True)
     dev = next(fast.parameters()).device
+    run = stage_runner(fast, end, engine, dtype, transform_spec.size)
     ds = _Images([image_dir / r.image_id for r in records],
                  [f"{source} line {r.line}, {r.image_id}" for r in records],
                  build_transform(transform_spec, train=False))
@@ -237,10 +251,9 @@ def _extract_images(encoder: nn.Module, end: int, pooled: bool, store: FeatureSt
         bar = tqdm(total=len(ds), desc="caching image features", unit="img", leave=False)
     for x, pos in loader:
         outs = []
-        with autocast(dev, dtype):
-            for v in [x, x.flip(-1)] if flip else [x]:
-                y = fast.run_stages(v.to(dev).contiguous(memory_format=torch.channels_last), 0, end)
-                outs.append((fast.pool(y.float()) if pooled else y.float()).cpu())
+        for v in [x, x.flip(-1)] if flip else [x]:
+            y = run(v.to(dev)).float()
+            outs.append((fast.pool(y) if pooled else y).cpu())
         feats = torch.stack(outs, 1).to(torch.float16).contiguous().numpy()  # (B, V, ...)
         for j, p in enumerate(pos.tolist()):
             store.put(keys[p], feats[j])
@@ -254,6 +267,77 @@ def _extract_images(encoder: nn.Module, end: int, pooled: bool, store: FeatureSt
         bar.close()
     log.info("cached %d images in %.0f s (%.1f images/s)", len(ds), time.time() - t0,
              len(ds) / max(time.time() - t0, 1e-9))
+
+
+ENGINES = ("torch", "openvino")
+
+
+def resolve_engine(name: str) -> str:
+    """cache.engine resolved: 'auto' is OpenVINO where it is installed (it ran the frozen
+    stages of Lite2 faster than PyTorch here, docs/performance.md), else PyTorch."""
+    if name != "auto":
+        if name == "openvino" and importlib.util.find_spec("openvino") is None:
+            raise ValueError("cache.engine=openvino needs the openvino package: pip install "
+                             "openvino (or set cache.engine=torch)")
+        return name
+    return "openvino" if importlib.util.find_spec("openvino") is not None else "torch"
+
+
+def stage_runner(fast: nn.Module, end: int, engine: str, dtype: torch.dtype | None,
+                 size: int):
+    """A function of an image batch (B, 3, size, size) -> the output of stages [0, end) of
+    the inference-ready encoder `fast`, under the autocast `dtype`, run by `engine`."""
+    if engine == "torch":
+        dev = next(fast.parameters()).device
+
+        def run_torch(x: torch.Tensor) -> torch.Tensor:
+            with autocast(dev, dtype):
+                return fast.run_stages(x.contiguous(memory_format=torch.channels_last), 0, end)
+        return run_torch
+    if engine != "openvino":
+        raise ValueError(f"unknown cache engine {engine!r}; choose from {list(ENGINES)}")
+    return _openvino_runner(fast, end, dtype, size)
+
+
+class _Prefix(nn.Module):
+    """Stages [0, end) as one module, for export."""
+
+    def __init__(self, encoder: nn.Module, end: int) -> None:
+        super().__init__()
+        self.encoder, self.end = encoder, end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.run_stages(x, 0, self.end)
+
+
+def _openvino_runner(fast: nn.Module, end: int, dtype: torch.dtype | None, size: int):
+    """The frozen stages exported to ONNX (a temporary file) and compiled by OpenVINO for this
+    CPU, at the precision `dtype` names (fp32 when None), with torch's thread count. The ONNX
+    file is made afresh each time (about a second): no file of it can go stale."""
+    import openvino as ov
+
+    module = _Prefix(fast.cpu(), end).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "stages.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python-level shape checks
+            # traced at the cache's size: TF "same" padding depends on it (a dynamic size
+            # would keep the traced size's padding)
+            torch.onnx.export(module, (torch.zeros(2, 3, size, size),), str(path),
+                              input_names=["images"], output_names=["features"],
+                              opset_version=17, dynamo=False,
+                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+        hint = {None: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+        compiled = ov.Core().compile_model(str(path), "CPU", {
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": hint})
+    request = compiled.create_infer_request()
+    out = compiled.outputs[0]
+
+    def run_openvino(x: torch.Tensor) -> torch.Tensor:
+        result = request.infer({"images": np.ascontiguousarray(x.float().cpu().numpy())})
+        return torch.from_numpy(np.array(result[out], copy=True))
+    return run_openvino
 
 
 def _precision(dtype: torch.dtype | None) -> str:

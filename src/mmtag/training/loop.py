@@ -77,6 +77,7 @@ from mmtag.training.distill import (
 )
 from mmtag.training.ema import EMA
 from mmtag.training.engine import StepOptions, TrainingDivergedError, evaluate, train_one_epoch
+from mmtag.training.feature_cache import resolve_engine
 from mmtag.training.losses import build_loss, pos_weight_from_targets
 from mmtag.training.optim import lr_factor, make_optimizer, make_scheduler, make_warmup
 from mmtag.training.run_folder import (
@@ -241,6 +242,8 @@ def _summary(cfg: TrainConfig, data_dir: Path, run_dir: Path, model: nn.Module, 
     summary["first_step_seconds"] = first_step_seconds  # from the process's start
     summary["machine"] = rt.machine
     summary["precision"] = rt.precision.to_dict()
+    # what ran the frozen image stages into the cache (a distillation reads this teacher's)
+    summary["cache_engine"] = resolve_engine(cfg.cache.engine) if sets.image_stage else None
     summary["processes"] = rt.dist.world
     summary["data_dir"] = str(data_dir.resolve())  # where the report finds the images
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
