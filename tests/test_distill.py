@@ -131,3 +131,16 @@ def test_unlabelled_rows_without_a_photo_are_left_out(demo, tmp_path, caplog):
 def test_an_unfinished_or_missing_teacher_is_refused(tmp_path, demo):
     with pytest.raises(FileNotFoundError, match="holds no best.pt"):
         api.distill(tmp_path, demo, tmp_path / "out")
+
+
+def test_the_distill_command(teacher, demo, cache, tmp_path, capsys):
+    from mmtag.cli import main
+
+    out = tmp_path / "cli"
+    sets = [a for s in [*TINY, "optim.epochs=1", f"cache.dir={cache}"] for a in ("--set", s)]
+    assert main(["distill", str(teacher), "--data", str(demo), "--out", str(out), *sets]) == 0
+    printed = capsys.readouterr().out
+    assert "validation" in printed and f"next: mmtag benchmark {out}" in printed
+    assert load_config(out / "config.yaml").distill.teacher == str(teacher.resolve())
+    assert main(["distill", "--data", str(demo), "--out", str(tmp_path / "x")]) == 2
+    assert "distill needs TEACHER" in capsys.readouterr().err
