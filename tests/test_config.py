@@ -133,6 +133,6 @@ def test_docs_config_md_is_generated_from_the_config():
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     text = tool.render()
-    assert "| `model.fusion` | str | `concat` | cpu, cpu-fast, gpu, report, report-cached | 'concat'" in text
+    assert "| `model.fusion` | str | `concat` | cpu, cpu-fast, gpu, report, report-cached, student | 'concat'" in text
     assert "| `data.lemmatizer` | str | `lemminflect` | report, report-cached |" in text
     assert tool.main(["--check"]) == 0, "docs/config.md is out of date: python tools/config_doc.py"

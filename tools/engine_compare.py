@@ -10,6 +10,7 @@ runs the same photos, in the same batches, with the same threads:
     onnx              ONNX Runtime, fp32, on the same stages exported to ONNX
     openvino-f32      OpenVINO reading that ONNX file, inference precision f32
     openvino          OpenVINO with its default precision for this CPU (bf16 where native)
+    openvino-streams  OpenVINO f32, one stream per thread, each running part of the batch
 
 Decoding (PIL, the upscale to the cache's size, normalisation) is timed apart, with 1 and 2
 worker processes. Rounds alternate the engines, so a slow minute of the machine hurts all.
@@ -92,7 +93,28 @@ def engines(module: torch.nn.Module, onnx_path: Path, threads: int) -> dict:
               file=sys.stderr)
         request = compiled.create_infer_request()
         out[name] = (lambda r: lambda x: next(iter(r.infer({"images": x}).values())).copy())(request)
+    out["openvino-streams"] = openvino_streams(core, onnx_path, threads)
     return out
+
+
+def openvino_streams(core, onnx_path: Path, threads: int):
+    """OpenVINO f32 with one stream per thread: a batch is split into that many parts, run at
+    once by an async queue, one thread each (instead of one request on every thread)."""
+    import openvino as ov
+    compiled = core.compile_model(str(onnx_path), "CPU", {
+        "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+    queue = ov.AsyncInferQueue(compiled, threads)
+    parts: dict[int, np.ndarray] = {}
+    queue.set_callback(lambda request, i: parts.__setitem__(i, request.get_output_tensor(0).data.copy()))
+
+    def run(x):
+        parts.clear()
+        chunks = np.array_split(x, threads)
+        for i, chunk in enumerate(chunks):
+            queue.start_async({"images": np.ascontiguousarray(chunk)}, userdata=i)
+        queue.wait_all()
+        return np.concatenate([parts[i] for i in range(len(chunks))])
+    return run
 
 
 def decode_rate(paths: list[Path], spec: ImageTransformSpec, workers: int) -> float:
@@ -122,7 +144,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("engine_compare.json"))
+    ap.add_argument("--skip", default=None,
+                    help="engines to leave out, comma-separated (default: torch-bf16 on a CPU "
+                         "without native bf16, where it runs at a fraction of an image a second)")
     args = ap.parse_args(argv)
+    skip = set((args.skip if args.skip is not None
+                else ("" if cpu_has_fast_bf16() else "torch-bf16")).split(",")) - {""}
+    if skip:
+        print(f"leaving out: {', '.join(sorted(skip))}", file=sys.stderr)
 
     threads = torch.get_num_threads()
     enc = build_image_encoder(args.encoder, pretrained=True).eval()
@@ -138,7 +167,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "stages.onnx"
         export_stages(module, args.size, onnx_path)
-        runs = engines(module, onnx_path, threads)
+        runs = {k: v for k, v in engines(module, onnx_path, threads).items() if k not in skip}
         ref = np.concatenate([runs["torch-fp32"](b) for b in batches]).astype(np.float16)
         result = {"machine": machine_info(torch.device("cpu")), "fast_bf16": cpu_has_fast_bf16(),
                   "args": {k: str(v) for k, v in vars(args).items()}, "engines": {}}

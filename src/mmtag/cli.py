@@ -161,6 +161,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     print(f"  {'engine':<10} {'samples/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'load s':>7} "
           f"{'threads':>7}  flip TTA  sizes")
     for e in res["engines"]:
+        if "refused" in e:
+            print(f"  {e['engine']:<10} refused: {e['refused']}")
+            continue
         print(f"  {e['engine']:<10} {e['samples_per_second']:>9.1f} "
               f"{e['single_latency_ms_median']:>8.1f} {e['single_latency_ms_p90']:>8.1f} "
               f"{e['load_seconds']:>7.1f} {e['threads']:>7}  {str(e['tta_flip']):<8}  "
@@ -470,8 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     _add_tta_arg(c)
     c.add_argument("--engine", type=_engines, default=["torch"], metavar="ENGINES",
-                   help="torch, onnx, onnx-int8, or several side by side: torch,onnx,onnx-int8 "
-                        "(the onnx ones read the run's export/; default torch)")
+                   help="torch, onnx, onnx-int8, openvino, or several side by side: "
+                        "torch,onnx,openvino (all but torch read the run's export/; default "
+                        "torch)")
     c.set_defaults(func=_cmd_benchmark)
 
     _add_bench_parser(sub)

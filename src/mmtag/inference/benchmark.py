@@ -11,6 +11,7 @@ import torch
 
 from mmtag.data.csv_io import read_csv
 from mmtag.data.device_batches import DecodedBatches
+from mmtag.inference.export import ExportError
 from mmtag.inference.predictor import Predictor, PredictorBase, load_predictor
 from mmtag.runtime import machine_info
 from mmtag.training.bench import bound_by, peak_mb, timed
@@ -31,7 +32,15 @@ def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: i
     results = []
     for engine in engines:
         t_load = time.perf_counter()
-        pred = load_predictor(run, engine, device, tta_sizes)
+        try:
+            pred = load_predictor(run, engine, device, tta_sizes)
+        except ExportError as e:
+            if len(engines) == 1:
+                raise
+            # side by side, an engine refused here (no export, a failed check) is reported
+            # beside the others instead of ending the comparison
+            results.append({"engine": engine, "refused": str(e)})
+            continue
         load_s = time.perf_counter() - t_load
         results.append({"engine": engine, "load_seconds": round(load_s, 2),
                         **_measure(pred, rows, images, batch_size, single, num_workers)})
