@@ -38,8 +38,8 @@ ENGINES = {"onnx": "fp32", "onnx-int8": "int8", "openvino": "fp32"}  # engine ->
 REQUIRED_KEYS = ("labels", "decision", "inputs", "outputs", "image", "caption", "tta_flip",
                  "files", "model", "recipe", "versions", "created")
 BLANK = Image.new("RGB", (32, 32))  # what stands in for a missing photo, as in Predictor
-# captions of different lengths for the load-time check of an engine (a batch of 8: more than
-# the 4 at which OpenVINO's fault began)
+# captions of different lengths for the load-time check of an engine (a batch of 8: OpenVINO's
+# fault shows from a batch of 4)
 CHECK_CAPTIONS = ("A man riding a bike down a city street.", "Two dogs.",
                   "A plate with a sandwich, some chips and a pickle on a wooden table.", "A cat.",
                   "People waiting for a train at the station.", "A red bus.",
@@ -202,6 +202,19 @@ def feeds_for(names: Sequence[str], images, ids, lengths) -> dict[str, np.ndarra
     return {n: np.ascontiguousarray(np.asarray(arrays[n]), dtype=dtypes[n]) for n in names}
 
 
+def ort_session(path: Path, threads: int):
+    """An ONNX Runtime session of the file at `path` on the CPU with `threads` threads."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own types for unreadable files
+        raise ExportError(f"{path} cannot be loaded by ONNX Runtime "
+                          f"({str(e).splitlines()[0]}); export the run again") from None
+
+
 class OpenVinoSession:
     """An ONNX file compiled by OpenVINO for this CPU, called as ONNX Runtime's session is
     (`run(None, feeds)` -> the outputs in the graph's order). fp32 throughout
@@ -248,8 +261,6 @@ class OnnxPredictor(PredictorBase):
     def load(cls, path: Path | str, engine: str = "onnx",
              threads: int | None = None) -> OnnxPredictor:
         """From an export folder (or a run folder with export/ inside)."""
-        import onnxruntime as ort
-
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose from torch, {', '.join(ENGINES)}")
         folder = export_folder(path)
@@ -263,14 +274,7 @@ class OnnxPredictor(PredictorBase):
         if engine == "openvino":
             session = OpenVinoSession(folder / file, threads)
         else:
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            try:
-                session = ort.InferenceSession(str(folder / file), opts,
-                                               providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own types for unreadable files
-                raise ExportError(f"{folder / file} cannot be loaded by ONNX Runtime "
-                                  f"({str(e).splitlines()[0]}); export the run again") from None
+            session = ort_session(folder / file, threads)
         caption = meta["caption"]
         if caption is not None and caption.get("kind") == "minilm":
             caption = {**caption, "source": str(folder / caption.get("source", TOKENIZER_DIR))}
@@ -288,14 +292,10 @@ class OnnxPredictor(PredictorBase):
 
     def check_against_onnx_runtime(self, path: Path, threads: int) -> None:
         """Refuse an engine whose probabilities differ from ONNX Runtime's (the reference for
-        the export): OpenVINO 2026.4 computed the cpu recipe's model wrongly at batches of
-        more than 4 on an AVX-512 Xeon (by 0.25), though exactly at 1 to 4. Checked at load,
-        on this CPU, at a batch of 8 (random photos, real captions): about a second."""
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        reference = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        the export): OpenVINO 2026.4 computes the query-fusion model exactly at a batch of 1
+        but wrongly at 4 or more (by 3.8e-4 on an AVX2 EPYC, by 0.25 on an AVX-512 Xeon).
+        Checked at load, on this CPU, at a batch of 8 (random photos, real captions)."""
+        reference = ort_session(path, threads)
         images, ids, lengths = self.inputs_for([None] * len(CHECK_CAPTIONS), CHECK_CAPTIONS)
         if self.meta["image"]:
             images = np.random.default_rng(0).standard_normal(images.shape).astype(np.float32)
