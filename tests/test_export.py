@@ -82,6 +82,22 @@ def test_onnx_probabilities_equal_pytorch_on_real_images(runs, demo, name):
     assert np.abs(int8.probabilities(int8.dataset(rows, demo / "data"), 16) - expected).max() < 0.1
 
 
+def test_batches_of_pixels_are_normalised_as_single_images_are(runs, demo):
+    # the loader hands uint8 pixels, normalised a batch at a time; predict_probs normalises
+    # the images it is given: the two paths feed the graph the same numbers
+    rows = read_csv(demo / "train.csv")[:5]
+    pred = OnnxPredictor.load(runs / "query", "onnx")
+    ds = pred.dataset(rows, demo / "data")
+    assert ds[0][0].dtype == torch.uint8
+    batch = pred._inputs(torch.stack([ds[i][0] for i in range(len(rows))]))
+    one_by_one = np.stack([preprocess_image(Image.open(demo / "data" / r.image_id),
+                                            pred.meta["image"]) for r in rows])
+    assert batch.dtype == np.float32 and np.array_equal(batch, one_by_one)
+    images = [Image.open(demo / "data" / r.image_id) for r in rows]
+    assert np.abs(pred.predict_probs(images, [r.caption for r in rows])
+                  - pred.probabilities(ds, 2)).max() < 1e-6
+
+
 @pytest.mark.parametrize("name", ["glove", "query"])
 def test_openvino_runs_the_export_as_onnx_runtime_does(runs, demo, name):
     pytest.importorskip("openvino")
