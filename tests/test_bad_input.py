@@ -19,8 +19,8 @@ from mmtag.data.demo import make_demo_data
 from mmtag.data.images import load_image
 from mmtag.inference.ensemble import build_ensemble
 from mmtag.inference.predictor import evaluate_run, predict_csv
+from mmtag.prediction.checkpoint import CheckpointError, load_checkpoint
 from mmtag.training import loop
-from mmtag.training.checkpoint import CheckpointError, load_checkpoint
 
 TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
         "model.lstm_hidden=8", "model.hidden=16", "optim.batch_size=8", "optim.epochs=1",
@@ -293,7 +293,7 @@ def test_checkpoints_written_before_digests_still_load_for_predict_and_resume(ru
 
 def test_a_checkpoint_missing_its_parts_and_a_bad_saved_config_are_named(run, demo, tmp_path,
                                                                         capsys):
-    from mmtag.training.checkpoint import atomic_save
+    from mmtag.prediction.checkpoint import atomic_save
 
     ck = load_checkpoint(run / "best.pt")
     atomic_save({k: v for k, v in ck.items() if k != "labels"}, tmp_path / "nolabels.pt")

@@ -18,8 +18,8 @@ from mmtag.inference.ensemble import build_ensemble
 from mmtag.inference.export import export_run
 from mmtag.inference.onnx_engine import OnnxPredictor
 from mmtag.inference.predictor import Predictor, evaluate_run, predict_csv
+from mmtag.prediction.checkpoint import ModelTooLargeError, atomic_save
 from mmtag.training import loop
-from mmtag.training.checkpoint import ModelTooLargeError, atomic_save
 
 # image stages 0-2 frozen and cached: with one seed, the members' frozen weights are equal
 TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",

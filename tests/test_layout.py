@@ -10,18 +10,22 @@ SRC = Path(__file__).parents[1] / "src" / "mmtag"
 MODULES = sorted(str(p.relative_to(SRC).as_posix()) for p in SRC.rglob("*.py"))
 
 # layer -> the mmtag packages it must not import (lower layers never import higher ones)
+HIGHER = ("mmtag.api", "mmtag.cli")
 FORBIDDEN = {
-    "data": ("mmtag.models", "mmtag.evaluation", "mmtag.training", "mmtag.inference",
-             "mmtag.reporting", "mmtag.serving", "mmtag.api", "mmtag.cli"),
-    "models": ("mmtag.evaluation", "mmtag.training", "mmtag.inference", "mmtag.reporting",
-               "mmtag.serving", "mmtag.api", "mmtag.cli"),
-    "evaluation": ("mmtag.models", "mmtag.training", "mmtag.inference", "mmtag.reporting",
-                   "mmtag.serving", "mmtag.api", "mmtag.cli"),
-    "training": ("mmtag.inference", "mmtag.reporting", "mmtag.serving", "mmtag.api",
-                 "mmtag.cli"),
-    "inference": ("mmtag.reporting", "mmtag.serving", "mmtag.api", "mmtag.cli"),
+    "data": ("mmtag.models", "mmtag.evaluation", "mmtag.prediction", "mmtag.training",
+             "mmtag.inference", "mmtag.reporting", "mmtag.serving", *HIGHER),
+    "models": ("mmtag.evaluation", "mmtag.prediction", "mmtag.training", "mmtag.inference",
+               "mmtag.reporting", "mmtag.serving", *HIGHER),
+    "evaluation": ("mmtag.models", "mmtag.prediction", "mmtag.training", "mmtag.inference",
+                   "mmtag.reporting", "mmtag.serving", *HIGHER),
+    # below training and inference alike: what predicting with a run needs
+    "prediction": ("mmtag.training", "mmtag.inference", "mmtag.reporting", "mmtag.serving",
+                   *HIGHER),
+    "training": ("mmtag.inference", "mmtag.reporting", "mmtag.serving", *HIGHER),
+    # prediction never needs the training program
+    "inference": ("mmtag.training", "mmtag.reporting", "mmtag.serving", *HIGHER),
     "reporting": ("mmtag.serving", "mmtag.cli"),
-    "serving": ("mmtag.reporting", "mmtag.api", "mmtag.cli"),
+    "serving": ("mmtag.training", "mmtag.reporting", *HIGHER),
 }
 
 
@@ -70,7 +74,8 @@ def test_the_checks_see_a_violation():
     probe = "from mmtag.training.loop import fit\nfrom ..config import _check\n"
     assert layer_violations(probe, "data/probe.py") == ["line 1: mmtag.training.loop"]
     assert private_imports(probe, "data/probe.py") == ["line 2: _check from mmtag.config"]
-    assert layer_violations(probe, "inference/probe.py") == []
+    assert layer_violations(probe, "inference/probe.py") == ["line 1: mmtag.training.loop"]
+    assert layer_violations(probe, "reporting/probe.py") == []
 
 
 def test_process_wide_settings_are_made_only_by_the_explicit_setup_calls():
@@ -81,3 +86,17 @@ def test_process_wide_settings_are_made_only_by_the_explicit_setup_calls():
         for needle in ("OMP_WAIT_POLICY", "mallopt", "cudnn.benchmark", "matplotlib.use("):
             if needle in text:
                 assert needle in owners.get(rel, ()), f"{needle} in {rel}"
+
+
+@pytest.mark.parametrize("package", ["mmtag.serving.server", "mmtag.inference.predictor",
+                                     "mmtag.inference.export", "mmtag.inference.benchmark"])
+def test_prediction_loads_nothing_of_the_training_program(package):
+    # the imports at run time, lazy ones included, in a fresh interpreter
+    import subprocess
+    import sys
+
+    code = (f"import sys, {package}; "
+            "print(sorted(m for m in sys.modules if m.startswith('mmtag.training')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", f"{package} loads {out}"

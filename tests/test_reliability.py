@@ -26,12 +26,12 @@ from mmtag.inference.ensemble import build_ensemble
 from mmtag.inference.export import export_run
 from mmtag.inference.predictor import Predictor, evaluate_run, predict_csv
 from mmtag.outputs import OutputPathError, check_output
+from mmtag.prediction.checkpoint import atomic_save, load_checkpoint
 from mmtag.reporting import report
 from mmtag.reporting.report import write_report
 from mmtag.serving.app import BadInput, ServeOptions, create_app, decode_image
 from mmtag.serving.security import require_key
 from mmtag.training import loop
-from mmtag.training.checkpoint import atomic_save, load_checkpoint
 from mmtag.training.feature_cache import image_key
 
 TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",

@@ -16,9 +16,10 @@ from mmtag.data.demo import make_demo_data
 from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.thresholds import expected_f1_sets
 from mmtag.inference.predictor import Predictor, evaluate_run, predict_csv
+from mmtag.prediction import passes
+from mmtag.prediction.checkpoint import ModelTooLargeError
 from mmtag.runtime import choose_precision
-from mmtag.training import engine, loop, run_folder
-from mmtag.training.checkpoint import ModelTooLargeError
+from mmtag.training import loop, run_folder
 
 TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
         "model.image_encoder=efficientnet_lite0", "model.lstm_hidden=8", "model.hidden=16",
@@ -357,7 +358,7 @@ def test_evaluate_folds_batchnorm_on_a_copy_and_matches_the_model(run):
     loader = [(images, ids, lengths, target)]
     copies = []
     encoder.for_inference = lambda **kw: copies.append(type(encoder).for_inference(encoder, **kw)) or copies[-1]
-    _, probs, _ = engine.evaluate(model, loader, None, torch.device("cpu"))
+    _, probs, _ = passes.evaluate(model, loader, None, torch.device("cpu"))
     assert len(copies) == 1 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in copies[0].modules())
     torch.testing.assert_close(torch.from_numpy(probs), expected, rtol=1e-4, atol=1e-5)
     # the model keeps its own encoder, BatchNorms and all

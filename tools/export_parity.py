@@ -22,7 +22,8 @@ from mmtag.data.csv_io import read_csv
 from mmtag.data.dataset import Split
 from mmtag.data.images import load_image
 from mmtag.evaluation.metrics import multilabel_metrics
-from mmtag.inference.predictor import Predictor, load_predictor
+from mmtag.inference.predictor import load_predictor
+from mmtag.inference.torch_engine import Predictor
 
 ENGINES = ("torch", "onnx", "onnx-int8")
 

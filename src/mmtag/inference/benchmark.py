@@ -11,11 +11,13 @@ import torch
 
 from mmtag.data.csv_io import read_csv
 from mmtag.data.device_batches import DecodedBatches
-from mmtag.inference.export import ExportError
-from mmtag.inference.predictor import Predictor, PredictorBase, load_predictor
+from mmtag.inference.base import PredictorBase
+from mmtag.inference.predictor import load_predictor
+from mmtag.inference.torch_engine import Predictor
+from mmtag.prediction.export_format import ExportError
+from mmtag.prediction.passes import evaluate
+from mmtag.prediction.timing import bound_by, peak_mb, timed
 from mmtag.runtime import machine_info
-from mmtag.training.bench import bound_by, peak_mb, timed
-from mmtag.training.engine import evaluate
 
 
 def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: int = 512,

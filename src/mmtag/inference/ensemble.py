@@ -34,7 +34,7 @@ from mmtag.data.tokenizers import tokenizer_from_dict
 from mmtag.evaluation.estimate import decision_figures
 from mmtag.evaluation.probs_csv import VAL_PROBS, average_probs, read_val_probs, write_val_probs
 from mmtag.outputs import check_output_folder
-from mmtag.training.checkpoint import (
+from mmtag.prediction.checkpoint import (
     FORMAT_VERSION,
     ModelTooLargeError,
     atomic_save,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -44,24 +43,25 @@ from mmtag.atomic import (
 from mmtag.data.images import NORMALISATIONS
 from mmtag.data.tokenizers import MiniLMTokenizer
 from mmtag.evaluation.probs_csv import average_probs
-from mmtag.inference.predictor import Predictor
+from mmtag.inference.torch_engine import Predictor
 from mmtag.outputs import check_output_folder
-from mmtag.training.engine import flip_tta_logits
+from mmtag.prediction.export_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    FP32_FILE,
+    INT8_FILE,
+    MODEL_JSON,
+    PARITY_TOLERANCE,
+    TOKENIZER_DIR,
+    ExportError,
+    checkpoint_digest,
+    is_mmtag_export,
+)
+from mmtag.prediction.passes import flip_tta_logits
 
 log = logging.getLogger("mmtag.export")
 
-MODEL_JSON = "model.json"
-FP32_FILE = "model.onnx"
-INT8_FILE = "model-int8.onnx"
-TOKENIZER_DIR = "tokenizer"
-FORMAT = "mmtag-onnx"
-FORMAT_VERSION = 1
 OPSET = 17
-PARITY_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| probability accepted at export
-
-
-class ExportError(ValueError):
-    """A run cannot be exported, or an export folder cannot be read."""
 
 
 class ExportGraph(nn.Module):
@@ -304,31 +304,15 @@ def check_out_folder(out: Path, run_dir: Path) -> Path:
         if foreign:
             raise ExportError(f"--out {out} holds files that are not an export's "
                               f"({', '.join(foreign[:5])}); give an empty or new folder")
-        if not _is_mmtag_export(out / MODEL_JSON):
+        if not is_mmtag_export(out / MODEL_JSON):
             raise ExportError(f"--out {out} holds {', '.join(names)} but no mmtag export "
                               f"(its {MODEL_JSON} is not one): it is not replaced; give an "
                               f"empty or new folder")
     return out
 
 
-def _is_mmtag_export(path: Path) -> bool:
-    try:
-        return json.loads(path.read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _checkpoint_file(run: Path) -> Path:
     return run / "best.pt" if run.is_dir() else run
-
-
-def checkpoint_digest(path: Path) -> dict:
-    """What identifies the checkpoint an export was made from (to notice a stale export)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"file": path.name, "sha256": h.hexdigest()}
 
 
 def write_export(pred: Predictor, run_dir: Path, stage: Path, int8: bool) -> dict:

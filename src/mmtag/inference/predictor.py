@@ -1,304 +1,37 @@
-"""Load a trained run and predict: the Python API behind `mmtag evaluate` and `mmtag predict`."""
+"""The Python API behind `mmtag evaluate` and `mmtag predict`: load a run with the engine asked
+for, score it on labelled rows, predict a CSV."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-import mmtag
 from mmtag.atomic import atomic_write_many, read_json
-from mmtag.config import ConfigError, TrainConfig
-from mmtag.data.csv_io import Record, csv_columns, format_csv, read_csv
-from mmtag.data.dataset import Split, TaggingDataset, make_loader
-from mmtag.data.device_batches import DecodedBatches
+from mmtag.data.csv_io import Record, format_csv, read_csv
+from mmtag.data.dataset import Split
 from mmtag.data.images import (
     ImageReadError,
-    build_transform,
     load_image,
-    to_rgb,
-    transform_spec,
-    upright,
 )
-from mmtag.data.labels import LabelMap, UnknownLabelError
-from mmtag.data.tokenizers import tokenizer_from_dict
+from mmtag.data.labels import UnknownLabelError
 from mmtag.distributed import Dist, barrier, from_env, sharded, start, stop
 from mmtag.evaluation.metrics import multilabel_metrics
-from mmtag.evaluation.probs_csv import average_probs, format_probs
-from mmtag.evaluation.thresholds import apply_thresholds, check_threshold, decide
-from mmtag.models.build import build_tagger, encoder_normalisation
+from mmtag.evaluation.probs_csv import format_probs
+from mmtag.evaluation.thresholds import check_threshold
+from mmtag.inference.base import PredictorBase
+from mmtag.inference.onnx_engine import OnnxPredictor
+from mmtag.inference.torch_engine import Predictor
 from mmtag.outputs import check_distinct, check_output
+from mmtag.prediction.checkpoint import best_checkpoint
 from mmtag.runtime import (
-    Precision,
-    autocast,
-    choose_precision,
-    inference_precision,
     resolve_device,
 )
-from mmtag.training.checkpoint import (
-    CheckpointError,
-    is_finished,
-    load_checkpoint,
-    member_states,
-    unfinished_message,
-)
-from mmtag.training.engine import evaluate, flip_tta_logits
 
 log = logging.getLogger("mmtag.predict")
-
-
-def _checkpoint_path(run: Path | str) -> Path:
-    run = Path(run)
-    return run / "best.pt" if run.is_dir() else run
-
-
-@dataclass
-class PredictorBase:
-    """What every engine shares: the labels, the caption tokenizer, the decision rule and its
-    thresholds, and how CSV rows become model inputs. `Predictor` runs the PyTorch model;
-    `mmtag.inference.onnx_engine.OnnxPredictor` an exported one."""
-
-    label_map: LabelMap
-    caption_enc: object
-    thresholds: np.ndarray
-    at_least_one: bool
-    rule: str  # the run's decision rule: 'threshold' or 'expected_f1'
-
-    reads_images: bool = True
-    reads_captions: bool = True
-    has_caption_head: bool = False  # a head of the caption alone (for rows without an image)
-    limit_val: int = 0  # the run's data.limit_val: its validation rows are the first this many
-    engine: str = "torch"
-    # None for a finished run; for one that stopped before its thresholds were chosen, what to
-    # tell its user (mmtag.training.checkpoint.unfinished_message)
-    unfinished: str | None = None
-
-    @property
-    def tta_flip(self) -> bool:
-        """Whether each image is averaged with its mirror image."""
-        raise NotImplementedError
-
-    @property
-    def image_sizes(self) -> list[int | None]:
-        """The sizes each image is read at; [None] for a model that reads no images."""
-        raise NotImplementedError
-
-    def transform(self, size: int | None = None):
-        """The preprocessing of one PIL image into the model's input tensor."""
-        raise NotImplementedError
-
-    def dataset(self, records: Sequence[Record], image_dir: Path | str, source: str = "",
-                blank_missing_images: bool = False, with_targets: bool = True) -> TaggingDataset:
-        """`records` as model inputs; their labels become targets only `with_targets` (for
-        scoring), which must then be in the run's label set."""
-        return TaggingDataset(records, image_dir, self.caption_enc, self.label_map,
-                              self.transform(), source=source,
-                              blank_missing_images=blank_missing_images,
-                              load_images=self.reads_images, with_targets=with_targets)
-
-    def decide(self, probs: np.ndarray, threshold: float | None = None,
-               at_least_one: bool | None = None, decision: str | None = None) -> np.ndarray:
-        """0/1 decisions by the run's rule (`decision` in its config: the saved thresholds, or
-        per-image expected-F1 label sets) or the `decision` given, or at one global `threshold`
-        when given."""
-        alo = self.at_least_one if at_least_one is None else at_least_one
-        if threshold is not None:
-            return apply_thresholds(probs, np.full(probs.shape[1], check_threshold(threshold)),
-                                    alo)
-        return decide(probs, self.thresholds, at_least_one=alo, rule=decision or self.rule)
-
-    def describe_decision(self, threshold: float | None = None,
-                          decision: str | None = None) -> str:
-        """In words, the rule `decide` applies with these arguments."""
-        if threshold is not None:
-            return f"one global threshold {threshold:.3f}"
-        if (decision or self.rule) == "expected_f1":
-            return "expected-F1 label sets"
-        if self.unfinished:
-            return "untuned thresholds of 0.5 (the run is unfinished)"
-        return "the run's tuned thresholds"
-
-    def predict_probs(self, images: Sequence[Image.Image | None],
-                      captions: Sequence[str]) -> np.ndarray:
-        """(N, C) probabilities for decoded images (None: a blank one) and their captions."""
-        raise NotImplementedError
-
-    def predict(self, pairs: Sequence[tuple[Image.Image | str | Path, str]],
-                threshold: float | None = None) -> list[tuple[int, ...]]:
-        """Label ids for (image or image path, caption) pairs."""
-        images = [img if isinstance(img, Image.Image) or not self.reads_images
-                  else load_image(img, f"pair {i}") for i, (img, _) in enumerate(pairs)]
-        probs = self.predict_probs(images, [c for _, c in pairs])
-        return [self.label_map.decode(row) for row in self.decide(probs, threshold)]
-
-    def describe(self) -> dict:
-        """The model in a few facts (GET /v1/model, the benchmark)."""
-        return {"engine": self.engine, "labels": list(self.label_map.labels),
-                "decision": {"rule": self.rule,
-                             "thresholds": [round(float(t), 6) for t in self.thresholds],
-                             "at_least_one": self.at_least_one},
-                "reads_images": self.reads_images, "reads_captions": self.reads_captions,
-                "image_sizes": self.image_sizes, "tta_flip": self.tta_flip,
-                "caption_max_len": getattr(self.caption_enc, "max_len", None)}
-
-    def check_captions(self, csv_path: Path) -> None:
-        """A model that reads captions refuses a CSV without them, rather than predicting every
-        row from an empty caption."""
-        if self.reads_captions and not csv_columns(csv_path)[1]:
-            raise ValueError(f"{csv_path} has no Caption column, and this model reads captions: "
-                             f"give the CSV with the captions (ImageID,Caption or "
-                             f"ImageID,Labels,Caption)")
-
-
-@dataclass
-class Predictor(PredictorBase):
-    """A trained tagger with its preprocessing and decision thresholds; for an ensemble
-    (`mmtag ensemble`), its members, whose probabilities are averaged."""
-
-    models: list[torch.nn.Module] = None
-    config: TrainConfig = None
-    device: torch.device = None
-    precision: Precision = None  # the autocast dtype of every pass, and why
-
-    @classmethod
-    def load(cls, run: Path | str, device: str = "auto",
-             tta_sizes: Sequence[int] | None = None, amp: str | None = None) -> Predictor:
-        """From a run folder (its best.pt) or a checkpoint file. `tta_sizes` replaces the run's
-        extra sizes of multi-scale TTA ([]: data.image_size alone, the fastest); `amp` its
-        autocast setting ('none': fp32)."""
-        path = _checkpoint_path(run)
-        ckpt = load_checkpoint(path, required=("config", "labels", "caption", "thresholds",
-                                               "at_least_one"))
-        if "model" not in ckpt and "ensemble" not in ckpt:
-            raise CheckpointError(f"checkpoint {path} holds no weights; it was not loaded")
-        cfg = ckpt["config"]
-        if tta_sizes is not None:
-            cfg = {**cfg, "tta_sizes": list(tta_sizes)}
-        if amp is not None:
-            cfg = {**cfg, "amp": amp}
-        try:
-            cfg = TrainConfig.from_dict(cfg)
-        except ConfigError as e:
-            raise ConfigError(f"the config saved in {path}: {e}") from None
-        label_map = LabelMap.from_dict(ckpt["labels"])
-        caption_enc = tokenizer_from_dict(ckpt["caption"])
-        unfinished = None if is_finished(ckpt, path) else unfinished_message(path, ckpt)
-        if unfinished:
-            log.warning("%s", unfinished)
-        dev = resolve_device(device)
-        precision = choose_precision(amp, dev) if amp else inference_precision(cfg.amp, dev)
-        if precision.setting in ("bf16", "fp16") and precision.dtype is None:  # dropped
-            log.info("precision: %s (%s)", precision.name, precision.reason)
-        models = []
-        for state in member_states(ckpt) if "ensemble" in ckpt else [ckpt["model"]]:
-            model = build_tagger(cfg.model, label_map.num_classes, caption_enc,
-                                 load_pretrained=False)
-            model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                   for k, v in state.items()})
-            if model.image_encoder is not None:
-                # BatchNorm folded into the convs and channels_last: same outputs, about 2x faster
-                model.image_encoder = model.image_encoder.for_inference(channels_last=True)
-            models.append(model.to(dev).eval())
-        first = models[0]
-        return cls(label_map=label_map, caption_enc=caption_enc,
-                   thresholds=np.asarray(ckpt["thresholds"], dtype=float),
-                   at_least_one=bool(ckpt["at_least_one"]), rule=cfg.decision,
-                   reads_images=first.image_encoder is not None,
-                   reads_captions=first.text_encoder is not None,
-                   has_caption_head=first.has_caption_head,
-                   limit_val=cfg.data.limit_val, unfinished=unfinished, models=models,
-                   config=cfg, device=dev, precision=precision)
-
-    @property
-    def model(self) -> torch.nn.Module:
-        """The (first) model: what every member shares (encoders, heads, input stages)."""
-        return self.models[0]
-
-    @property
-    def tta_flip(self) -> bool:
-        return self.config.tta_flip
-
-    @property
-    def image_sizes(self) -> list[int | None]:
-        """data.image_size, then the extra sizes of multi-scale TTA."""
-        return self.config.image_sizes if self.reads_images else [None]
-
-    def describe(self) -> dict:
-        m = self.config.model
-        return {**super().describe(), "model": {
-            "image_encoder": m.image_encoder, "text_encoder": m.text_encoder,
-            "fusion": m.fusion, "members": len(self.models)}, "recipe": self.config.to_dict(),
-            "versions": {"mmtag": mmtag.__version__, "torch": torch.__version__}}
-
-    def transform_spec(self, size: int | None = None):
-        """The validation preprocessing's parameters at data.image_size, or at `size`."""
-        return transform_spec(self.config.data, encoder_normalisation(self.model), size)
-
-    def transform(self, size: int | None = None):
-        """Validation preprocessing at data.image_size, or at `size`."""
-        return build_transform(self.transform_spec(size), train=False)
-
-    def probabilities(self, dataset: TaggingDataset, batch_size: int = 64,
-                      num_workers: int = 0) -> np.ndarray:
-        """(N, C) sigmoid probabilities, in dataset order: averaged over the sizes of
-        `image_sizes` (each a pass over `dataset` with that size's preprocessing)."""
-        parts = []
-        # on a GPU the photos are decoded there (nvJPEG), batch by batch: CPU processes
-        # decoding JPEGs cannot keep up with it (a blank image stands in for a missing one
-        # only on the DataLoader path)
-        on_device = (self.device.type == "cuda" and dataset.load_images
-                     and not dataset.blank_missing_images)
-        for size in self.image_sizes:
-            ds = copy.copy(dataset)  # the caller's dataset keeps its transform
-            if size is not None:
-                ds.transform = self.transform(size)
-            loader = (DecodedBatches(ds, self.transform_spec(size), batch_size, self.device)
-                      if on_device else
-                      make_loader(ds, batch_size, shuffle=False, num_workers=num_workers))
-            for model in self.models:
-                parts.append(evaluate(model, loader, None, self.device,
-                                      dtype=self.precision.dtype,
-                                      tta=self.config.tta_flip, channels_last=True)[1])
-        return average_probs(parts)
-
-    def caption_probabilities(self, dataset: TaggingDataset, batch_size: int = 64) -> np.ndarray:
-        """(N, C) probabilities of the caption's own head (`Tagger.caption_logits`), for rows
-        whose image is missing: no image is read and the image encoder does not run."""
-        out = []
-        dtype = self.precision.dtype
-        with torch.inference_mode(), autocast(self.device, dtype):
-            for s in range(0, len(dataset), batch_size):
-                ids = dataset.tokens[s:s + batch_size].to(self.device)
-                out.append(average_probs(torch.sigmoid(m.caption_logits(
-                    ids, dataset.lengths[s:s + batch_size]).float()).cpu().numpy()
-                    for m in self.models))
-        return np.concatenate(out) if out else np.zeros((0, self.label_map.num_classes))
-
-    def predict_probs(self, images: Sequence[Image.Image | None],
-                      captions: Sequence[str]) -> np.ndarray:
-        """(N, C) probabilities for decoded images (None: a blank one) and their captions."""
-        tokens = [self.caption_enc(c) for c in captions]
-        ids = torch.as_tensor(np.stack([t[0] for t in tokens])).to(self.device)
-        lengths = torch.as_tensor([t[1] for t in tokens])
-        pil = [to_rgb(upright(img)) if img is not None else Image.new("RGB", (32, 32))
-               for img in images]
-        parts = []
-        for size in self.image_sizes:
-            tf = self.transform(size) if size is not None else None
-            with torch.inference_mode(), autocast(self.device, self.precision.dtype):
-                batch = (torch.stack([tf(img) for img in pil]).to(self.device)
-                         .contiguous(memory_format=torch.channels_last)
-                         if tf is not None else torch.zeros(len(pil), 1))
-                for model in self.models:
-                    logits = flip_tta_logits(model, batch, ids, lengths, self.config.tta_flip)
-                    parts.append(torch.sigmoid(logits.float()).cpu().numpy())
-        return average_probs(parts)
 
 
 def load_predictor(run: Path | str, engine: str = "torch", device: str = "auto",
@@ -307,7 +40,6 @@ def load_predictor(run: Path | str, engine: str = "torch", device: str = "auto",
     'openvino' (its export: an export folder, or a run folder with export/ inside)."""
     if engine == "torch":
         return Predictor.load(run, device, tta_sizes)
-    from mmtag.inference.onnx_engine import OnnxPredictor  # it builds on this module
 
     if tta_sizes:
         raise ValueError("--tta-sizes needs --engine torch: an export reads images at its "
@@ -319,7 +51,7 @@ def load_predictor(run: Path | str, engine: str = "torch", device: str = "auto",
 
 def run_folder(run: Path | str, pred: PredictorBase) -> Path:
     """The training run behind `run`: its folder, or for an export folder the run it names."""
-    path = _checkpoint_path(run).parent if pred.engine == "torch" else Path(run)
+    path = best_checkpoint(run).parent if pred.engine == "torch" else Path(run)
     if pred.engine != "torch" and not (path / "split.json").exists():
         path = Path(pred.meta["run"])
     return path
@@ -330,7 +62,7 @@ def check_predict_outputs(run: Path | str, csv_path: Path, images: Path, out: Pa
     """The files predict writes (`mmtag.outputs.check_output`'s rule: never an input, a photo,
     a run's or an export's file, a folder or a special file; a link is followed), checked
     before the model loads."""
-    inputs = {"--csv": csv_path, "the run's checkpoint": _checkpoint_path(run)}
+    inputs = {"--csv": csv_path, "the run's checkpoint": best_checkpoint(run)}
     targets = {"--out": check_output(out, "--out", inputs, [images])}
     if probs_out is not None:
         targets["--probs"] = check_output(probs_out, "--probs", inputs, [images])

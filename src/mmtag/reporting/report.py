@@ -27,6 +27,7 @@ from mmtag.evaluation.probs_csv import read_val_probs
 from mmtag.evaluation.thresholds import apply_thresholds, decide
 from mmtag.models.build import build_tagger
 from mmtag.outputs import check_output_folder
+from mmtag.prediction.checkpoint import is_finished, load_checkpoint, unfinished_message
 from mmtag.reporting.ablation import (
     SPEC_FILE,
     collect,
@@ -38,7 +39,6 @@ from mmtag.reporting.compare import compare
 from mmtag.reporting.figures import new_figure, relative, save_figure
 from mmtag.reporting.render import render
 from mmtag.reporting.tables import machine_facts, results_context
-from mmtag.training.checkpoint import is_finished, load_checkpoint, unfinished_message
 from mmtag.training.run_folder import read_metrics_rows, train_csv_path
 
 log = logging.getLogger("mmtag.report")

@@ -11,8 +11,9 @@ from pathlib import Path
 from PIL import Image
 
 from mmtag.atomic import read_json
-from mmtag.inference.export import ExportError
-from mmtag.inference.predictor import PredictorBase, load_predictor
+from mmtag.inference.base import PredictorBase
+from mmtag.inference.predictor import load_predictor
+from mmtag.prediction.export_format import ExportError, export_folder, read_model_json
 from mmtag.serving.app import ServeOptions, create_app
 from mmtag.serving.security import KEY_ENV, allowed_hosts, is_loopback, require_key
 
@@ -24,8 +25,6 @@ def choose_engine(path: Path, engine: str | None) -> str:
     run's best.pt."""
     if engine:
         return engine
-    from mmtag.inference.onnx_engine import export_folder, read_model_json
-
     try:
         files = read_model_json(export_folder(path))["files"]
     except ExportError:

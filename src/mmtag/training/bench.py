@@ -10,7 +10,6 @@ time, the time from the command to the first step, and the peak memory.
 from __future__ import annotations
 
 import itertools
-import resource
 import tempfile
 import time
 import warnings
@@ -20,13 +19,12 @@ import torch
 
 from mmtag.config import TrainConfig
 from mmtag.data.csv_io import read_csv
+from mmtag.prediction.passes import batch_to
+from mmtag.prediction.timing import bound_by, peak_mb, timed
 from mmtag.runtime import resolve_device, seconds_since_start, seed_everything
-from mmtag.training.engine import batch_to, train_one_epoch
+from mmtag.training.engine import train_one_epoch
 from mmtag.training.loop import pipeline, runtime, setup, step_options, train_batches
 from mmtag.training.run_folder import train_csv_path
-
-# the pipeline keeps this share of the model step's rate or more: the model bounds the run
-AT_THE_LIMIT = 0.85
 
 
 class Batches:
@@ -49,19 +47,6 @@ def _epochs_of(cfg: TrainConfig, sets, rt, first: int = 1):
     """Training batches, epoch after epoch from epoch `first`."""
     for epoch in itertools.count(first):
         yield from train_batches(cfg, sets, rt, epoch)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(device: torch.device, fn) -> float:
-    _sync(device)
-    t = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t
 
 
 def bench_train(cfg: TrainConfig, data_dir: Path | str, *, steps: int = 30,
@@ -139,22 +124,6 @@ def count_host_syncs(device: torch.device, fn) -> int | None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in seen)
-
-
-def bound_by(rates: dict) -> str:
-    """What limits the whole pipeline: the model when it keeps AT_THE_LIMIT of the step's
-    rate, else the data when loading alone is slower than the step, else the overhead between
-    them (host synchronisation, launch latency, Python)."""
-    if rates["whole"] >= AT_THE_LIMIT * rates["step"]:
-        return "model"
-    return "data" if rates["data"] < rates["step"] else "overhead"
-
-
-def peak_mb(device: torch.device) -> float:
-    """The device's peak allocated memory (CUDA), else the process's peak resident memory."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def format_bench(res: dict, what: str) -> str:

@@ -31,10 +31,10 @@ from mmtag.data.images import build_transform, transform_spec
 from mmtag.data.labels import LabelMap
 from mmtag.data.tokenizers import tokenizer_from_dict
 from mmtag.models.build import build_tagger, encoder_normalisation
+from mmtag.prediction.checkpoint import is_finished, load_checkpoint, member_states
+from mmtag.prediction.passes import evaluate
 from mmtag.runtime import choose_precision
 from mmtag.training.cached import cached_dataset, plan_cache
-from mmtag.training.checkpoint import is_finished, load_checkpoint, member_states
-from mmtag.training.engine import evaluate
 from mmtag.training.feature_cache import default_cache_dir, image_digests
 
 log = logging.getLogger("mmtag.distill")

@@ -45,6 +45,15 @@ from mmtag.distributed import (
 from mmtag.evaluation.estimate import decision_figures, epoch_scores
 from mmtag.evaluation.probs_csv import average_probs, write_val_probs
 from mmtag.models.build import build_tagger, encoder_normalisation
+from mmtag.prediction.checkpoint import (
+    FORMAT_VERSION,
+    atomic_save,
+    check_model_size,
+    inference_state_dict,
+    load_checkpoint,
+    state_dict_megabytes,
+)
+from mmtag.prediction.passes import evaluate
 from mmtag.runtime import (
     Precision,
     choose_precision,
@@ -59,14 +68,6 @@ from mmtag.runtime import (
     slow_precision_warning,
 )
 from mmtag.training.cached import cached_dataset, plan_cache
-from mmtag.training.checkpoint import (
-    FORMAT_VERSION,
-    atomic_save,
-    check_model_size,
-    inference_state_dict,
-    load_checkpoint,
-    state_dict_megabytes,
-)
 from mmtag.training.distill import (
     in_label_order,
     load_teacher,
@@ -76,7 +77,7 @@ from mmtag.training.distill import (
     unlabeled_rows,
 )
 from mmtag.training.ema import EMA
-from mmtag.training.engine import StepOptions, TrainingDivergedError, evaluate, train_one_epoch
+from mmtag.training.engine import StepOptions, TrainingDivergedError, train_one_epoch
 from mmtag.training.feature_cache import resolve_engine
 from mmtag.training.losses import build_loss, pos_weight_from_targets
 from mmtag.training.optim import lr_factor, make_optimizer, make_scheduler, make_warmup

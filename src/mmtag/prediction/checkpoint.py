@@ -160,3 +160,9 @@ def member_states(ckpt: dict) -> list[dict]:
     """The full state dict of each member of an ensemble checkpoint (`mmtag ensemble`)."""
     ens = ckpt["ensemble"]
     return [{**ens["shared"], **own} for own in ens["members"]]
+
+
+def best_checkpoint(run: Path | str) -> Path:
+    """The checkpoint a run predicts with: RUN/best.pt for a run folder, else the file given."""
+    run = Path(run)
+    return run / "best.pt" if run.is_dir() else run
