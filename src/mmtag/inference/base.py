@@ -38,7 +38,7 @@ class PredictorBase:
     limit_val: int = 0  # the run's data.limit_val: its validation rows are the first this many
     engine: str = "torch"
     # None for a finished run; for one that stopped before its thresholds were chosen, what to
-    # tell its user (mmtag.prediction.checkpoint.unfinished_message)
+    # tell its user (mmtag.prediction.checkpoint.BestCheckpoint.unfinished_message)
     unfinished: str | None = None
 
     @property

@@ -34,14 +34,7 @@ from mmtag.data.tokenizers import tokenizer_from_dict
 from mmtag.evaluation.estimate import decision_figures
 from mmtag.evaluation.probs_csv import VAL_PROBS, average_probs, read_val_probs, write_val_probs
 from mmtag.outputs import check_output_folder
-from mmtag.prediction.checkpoint import (
-    FORMAT_VERSION,
-    ModelTooLargeError,
-    atomic_save,
-    is_finished,
-    load_checkpoint,
-    unfinished_message,
-)
+from mmtag.prediction.checkpoint import BestCheckpoint, ModelTooLargeError
 
 # config fields that change how a member was trained, not what it computes at prediction time
 # (the decision settings are the first member's: the ensemble chooses its own thresholds)
@@ -80,10 +73,10 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
     remove_stale_stages(out)  # what a killed ensemble left
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; choose another --out")
-    ckpts = [load_checkpoint(r / "best.pt") for r in runs]
+    ckpts = [BestCheckpoint.load(r / "best.pt") for r in runs]
     for run, ck in zip(runs, ckpts, strict=True):
-        if not is_finished(ck, run / "best.pt"):
-            raise ValueError(f"{unfinished_message(run / 'best.pt', ck)}; then build the "
+        if not ck.finished:
+            raise ValueError(f"{ck.unfinished_message(run / 'best.pt')}; then build the "
                              f"ensemble")
     first, base = runs[0], ckpts[0]
     _check_members(runs, ckpts)
@@ -97,14 +90,14 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
     p = average_probs(r.probs for r in read)
 
     # weights: those equal in every member once, the rest per member
-    states = [ck["model"] for ck in ckpts]
+    states = [ck.model for ck in ckpts]
     shared = {k: v for k, v in states[0].items()
               if all(k in s and s[k].shape == v.shape and torch.equal(s[k], v) for s in states[1:])}
     members = [{k: v for k, v in s.items() if k not in shared} for s in states]
     nbytes = sum(v.numel() * v.element_size() for v in shared.values())
     nbytes += sum(v.numel() * v.element_size() for m in members for v in m.values())
     mb = nbytes / 1e6
-    cfg = TrainConfig.from_dict(base["config"])
+    cfg = TrainConfig.from_dict(base.config)
     if mb > cfg.model.max_size_mb:
         raise ModelTooLargeError(
             f"the ensemble of {len(runs)} runs would be {mb:.1f} MB saved ({len(shared)} of "
@@ -114,11 +107,10 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
     figures = decision_figures(cfg, v.targets, p, v.label_names)
     # every file is made in a stage beside `out`, which becomes `out` once complete: a kill
     # leaves no folder that predict would use and evaluate fail on
-    payload = {"format": FORMAT_VERSION, "config": base["config"], "labels": base["labels"],
-               "caption": base["caption"], "thresholds": figures["thresholds"],
-               "at_least_one": base["at_least_one"], "finished": True,
-               "ensemble": {"runs": [str(r) for r in runs], "shared": shared,
-                            "members": members}}
+    best = BestCheckpoint(config=base.config, labels=base.labels, caption=base.caption,
+                          thresholds=figures["thresholds"], at_least_one=base.at_least_one,
+                          finished=True, ensemble={"runs": [str(r) for r in runs],
+                                                   "shared": shared, "members": members})
     tta = (read_json(first / "summary.json").get("tta")
            if (first / "summary.json").exists() else None)
     summary = {"members": [str(r) for r in runs], **figures, "tta": tta,
@@ -126,7 +118,7 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
                "val_rows": len(v.image_ids)}
     stage = staging_folder(out)
     try:
-        _write_ensemble(stage, first, payload, summary, v, p)
+        _write_ensemble(stage, first, best, summary, v, p)
         swap_in(stage, out)
     finally:
         if stage.exists():
@@ -134,10 +126,11 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
     return summary
 
 
-def _write_ensemble(out: Path, first: Path, payload: dict, summary: dict, v, probs) -> None:
+def _write_ensemble(out: Path, first: Path, best: BestCheckpoint, summary: dict, v,
+                    probs) -> None:
     """The ensemble's files in the folder `out`: best.pt, the first member's run files, the
     averaged val_probs.csv and summary.json (the file that says the folder is complete)."""
-    atomic_save(payload, out / "best.pt")
+    best.save(out / "best.pt")
     for name in ("config.yaml", "labels.json", "vocab.json", "split.json"):
         if (first / name).exists():
             atomic_write(out / name, (first / name).read_bytes())
@@ -145,27 +138,26 @@ def _write_ensemble(out: Path, first: Path, payload: dict, summary: dict, v, pro
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
 
 
-def _check_members(runs: list[Path], ckpts: list[dict]) -> None:
+def _check_members(runs: list[Path], ckpts: list[BestCheckpoint]) -> None:
     """Refuse members that cannot be averaged: ensembles, other validation rows, another model
     or preprocessing, another label set or vocabulary (each named against the first run)."""
     first, base = runs[0], ckpts[0]
     for run, ck in zip(runs[1:], ckpts[1:], strict=True):
-        if "ensemble" in ck or "ensemble" in base:
-            raise ValueError(f"{run if 'ensemble' in ck else first} is an ensemble already; give "
-                             f"the runs it was built from")
+        if ck.ensemble is not None or base.ensemble is not None:
+            raise ValueError(f"{run if ck.ensemble is not None else first} is an ensemble "
+                             f"already; give the runs it was built from")
         if (run / "split.json").read_text() != (first / "split.json").read_text():
             raise ValueError(f"{run} validates on other rows than {first} (split.json differs): "
                              f"the ensemble's thresholds are chosen on rows no member trained on, "
                              f"so the members need the same data.split_seed and train_prop")
-        diff = first_difference(_prediction_config(base["config"]),
-                                 _prediction_config(ck["config"]))
+        diff = first_difference(_prediction_config(base.config), _prediction_config(ck.config))
         if diff:
             raise ValueError(f"{run} predicts differently from {first} ({diff}): an ensemble's "
                              f"members need the same model and preprocessing")
-        if ck["labels"] != base["labels"]:
+        if ck.labels != base.labels:
             raise ValueError(f"{run} has another label set than {first}: train both on the "
                              f"same data")
-        if (tokenizer_from_dict(ck["caption"]).to_dict()
-                != tokenizer_from_dict(base["caption"]).to_dict()):
+        if (tokenizer_from_dict(ck.caption).to_dict()
+                != tokenizer_from_dict(base.caption).to_dict()):
             raise ValueError(f"{run} has another caption vocabulary than {first}: train both on "
                              f"the same data")

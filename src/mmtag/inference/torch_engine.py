@@ -27,14 +27,7 @@ from mmtag.data.tokenizers import tokenizer_from_dict
 from mmtag.evaluation.probs_csv import average_probs
 from mmtag.inference.base import PredictorBase
 from mmtag.models.build import build_tagger, encoder_normalisation
-from mmtag.prediction.checkpoint import (
-    CheckpointError,
-    best_checkpoint,
-    is_finished,
-    load_checkpoint,
-    member_states,
-    unfinished_message,
-)
+from mmtag.prediction.checkpoint import BestCheckpoint, best_checkpoint
 from mmtag.prediction.passes import evaluate, flip_tta_logits
 from mmtag.runtime import (
     Precision,
@@ -64,11 +57,8 @@ class Predictor(PredictorBase):
         extra sizes of multi-scale TTA ([]: data.image_size alone, the fastest); `amp` its
         autocast setting ('none': fp32)."""
         path = best_checkpoint(run)
-        ckpt = load_checkpoint(path, required=("config", "labels", "caption", "thresholds",
-                                               "at_least_one"))
-        if "model" not in ckpt and "ensemble" not in ckpt:
-            raise CheckpointError(f"checkpoint {path} holds no weights; it was not loaded")
-        cfg = ckpt["config"]
+        ckpt = BestCheckpoint.load(path)
+        cfg = ckpt.config
         if tta_sizes is not None:
             cfg = {**cfg, "tta_sizes": list(tta_sizes)}
         if amp is not None:
@@ -77,9 +67,9 @@ class Predictor(PredictorBase):
             cfg = TrainConfig.from_dict(cfg)
         except ConfigError as e:
             raise ConfigError(f"the config saved in {path}: {e}") from None
-        label_map = LabelMap.from_dict(ckpt["labels"])
-        caption_enc = tokenizer_from_dict(ckpt["caption"])
-        unfinished = None if is_finished(ckpt, path) else unfinished_message(path, ckpt)
+        label_map = LabelMap.from_dict(ckpt.labels)
+        caption_enc = tokenizer_from_dict(ckpt.caption)
+        unfinished = None if ckpt.finished else ckpt.unfinished_message(path)
         if unfinished:
             log.warning("%s", unfinished)
         dev = resolve_device(device)
@@ -87,7 +77,7 @@ class Predictor(PredictorBase):
         if precision.setting in ("bf16", "fp16") and precision.dtype is None:  # dropped
             log.info("precision: %s (%s)", precision.name, precision.reason)
         models = []
-        for state in member_states(ckpt) if "ensemble" in ckpt else [ckpt["model"]]:
+        for state in ckpt.states():
             model = build_tagger(cfg.model, label_map.num_classes, caption_enc,
                                  load_pretrained=False)
             model.load_state_dict({k: v.float() if v.is_floating_point() else v
@@ -98,8 +88,8 @@ class Predictor(PredictorBase):
             models.append(model.to(dev).eval())
         first = models[0]
         return cls(label_map=label_map, caption_enc=caption_enc,
-                   thresholds=np.asarray(ckpt["thresholds"], dtype=float),
-                   at_least_one=bool(ckpt["at_least_one"]), rule=cfg.decision,
+                   thresholds=np.asarray(ckpt.thresholds, dtype=float),
+                   at_least_one=ckpt.at_least_one, rule=cfg.decision,
                    reads_images=first.image_encoder is not None,
                    reads_captions=first.text_encoder is not None,
                    has_caption_head=first.has_caption_head,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from torch import nn
 from mmtag.atomic import atomic_write
 
 FORMAT_VERSION = 1
+# what every best.pt holds besides its weights
+BEST_KEYS = ("config", "labels", "caption", "thresholds", "at_least_one")
 
 
 class ModelTooLargeError(ValueError):
@@ -136,30 +139,76 @@ def load_checkpoint(path: Path | str, what: str = "checkpoint",
     return ckpt
 
 
-def is_finished(ckpt: dict, path: Path | str) -> bool:
-    """Whether the run behind the inference checkpoint `ckpt` (read from `path`) ended: its
-    decision thresholds were chosen on the validation rows. Until then best.pt holds the
-    untuned 0.5. Checkpoints written before the `finished` key: unfinished only when the run
-    folder says so (last.pt there but no summary.json, which a run writes when it ends); a
-    checkpoint copied out on its own is taken as finished."""
-    if "finished" in ckpt:
-        return bool(ckpt["finished"])
-    folder = Path(path).parent
-    return not ((folder / "last.pt").exists() and not (folder / "summary.json").exists())
+@dataclass
+class BestCheckpoint:
+    """best.pt, what a run predicts with: its recipe, labels, caption encoder, weights and
+    decision thresholds, as plain data and tensors. One model's weights (`model`), or an
+    ensemble's (`ensemble`: {"runs", "shared", "members"}, written by `mmtag ensemble`).
+    Training writes it after each best epoch with thresholds of 0.5, and again with the tuned
+    thresholds and `finished` once the run ends."""
 
+    config: dict
+    labels: dict
+    caption: dict
+    thresholds: list[float]
+    at_least_one: bool
+    finished: bool = False
+    model: dict | None = None
+    ensemble: dict | None = None
+    epoch: int | None = None
+    val_metrics: dict | None = None
 
-def unfinished_message(path: Path | str, ckpt: dict) -> str:
-    """What to tell a user of an unfinished run's best.pt, naming how to finish it."""
-    run = Path(path).parent
-    return (f"{run} is an unfinished run (it stopped after epoch {ckpt.get('epoch', '?')}; "
-            f"its decision thresholds were never tuned and are 0.5): finish it with mmtag "
-            f"train --resume {run} --data DIR")
+    def states(self) -> list[dict]:
+        """The full state dict of each member (one for a single run)."""
+        if self.ensemble is None:
+            return [self.model]
+        ens = self.ensemble
+        return [{**ens["shared"], **own} for own in ens["members"]]
 
+    def payload(self) -> dict:
+        """The dict saved as best.pt (keys in the order runs have always written them)."""
+        d = {"format": FORMAT_VERSION, "config": self.config, "labels": self.labels,
+             "caption": self.caption}
+        if self.ensemble is None:
+            d.update(model=self.model, epoch=self.epoch, val_metrics=self.val_metrics)
+        d.update(thresholds=self.thresholds, at_least_one=self.at_least_one,
+                 finished=self.finished)
+        if self.ensemble is not None:
+            d["ensemble"] = self.ensemble
+        return d
 
-def member_states(ckpt: dict) -> list[dict]:
-    """The full state dict of each member of an ensemble checkpoint (`mmtag ensemble`)."""
-    ens = ckpt["ensemble"]
-    return [{**ens["shared"], **own} for own in ens["members"]]
+    def save(self, path: Path | str) -> None:
+        atomic_save(self.payload(), path)
+
+    @classmethod
+    def load(cls, path: Path | str, what: str = "checkpoint") -> BestCheckpoint:
+        """best.pt at `path`, checked (CheckpointError when damaged or incomplete). A file
+        written before runs recorded `finished` is finished unless its run folder says
+        otherwise (last.pt there but no summary.json, which a run writes when it ends); a
+        best.pt copied out on its own is taken as finished."""
+        path = Path(path)
+        ckpt = load_checkpoint(path, what, required=BEST_KEYS)
+        if "model" not in ckpt and "ensemble" not in ckpt:
+            raise CheckpointError(f"{what} {path} holds no weights (neither model nor "
+                                  f"ensemble); it was not loaded")
+        finished = ckpt.get("finished")
+        if finished is None:
+            folder = path.parent
+            finished = not ((folder / "last.pt").exists()
+                            and not (folder / "summary.json").exists())
+        return cls(config=ckpt["config"], labels=ckpt["labels"], caption=ckpt["caption"],
+                   thresholds=list(ckpt["thresholds"]), at_least_one=bool(ckpt["at_least_one"]),
+                   finished=bool(finished), model=ckpt.get("model"),
+                   ensemble=ckpt.get("ensemble"), epoch=ckpt.get("epoch"),
+                   val_metrics=ckpt.get("val_metrics"))
+
+    def unfinished_message(self, path: Path | str) -> str:
+        """What to tell a user of an unfinished run's best.pt, naming how to finish it."""
+        run = Path(path).parent
+        epoch = self.epoch if self.epoch is not None else "?"
+        return (f"{run} is an unfinished run (it stopped after epoch {epoch}; its decision "
+                f"thresholds were never tuned and are 0.5): finish it with mmtag train "
+                f"--resume {run} --data DIR")
 
 
 def best_checkpoint(run: Path | str) -> Path:

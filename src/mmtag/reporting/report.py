@@ -27,7 +27,7 @@ from mmtag.evaluation.probs_csv import read_val_probs
 from mmtag.evaluation.thresholds import apply_thresholds, decide
 from mmtag.models.build import build_tagger
 from mmtag.outputs import check_output_folder
-from mmtag.prediction.checkpoint import is_finished, load_checkpoint, unfinished_message
+from mmtag.prediction.checkpoint import BestCheckpoint
 from mmtag.reporting.ablation import (
     SPEC_FILE,
     collect,
@@ -124,8 +124,7 @@ def run_context(run_dir: Path, out: Path, data_dir: Path | str | None) -> dict:
     assets = out / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
     vp = read_val_probs(run_dir)
-    ckpt = load_checkpoint(run_dir / "best.pt", required=("config", "labels", "caption",
-                                                          "thresholds"))
+    ckpt = BestCheckpoint.load(run_dir / "best.pt")
     cfg, thresholds = checked_metadata(run_dir, ckpt, summary)
     model = model_facts(ckpt, summary)
     decision = decision_facts(summary, cfg)
@@ -166,21 +165,21 @@ def report_data_dir(summary: dict, given: Path | str | None) -> Path | None:
     return None
 
 
-def checked_metadata(run_dir: Path, ckpt: dict, summary: dict) -> tuple[TrainConfig, np.ndarray]:
+def checked_metadata(run_dir: Path, ckpt: BestCheckpoint, summary: dict) -> tuple[TrainConfig, np.ndarray]:
     """The config and thresholds the report shows: best.pt's, which predict uses. config.yaml
     and summary.json must say the same (an edit or a copy from another run would make the
     report describe a model that is not the one predicting): else an error naming the file."""
     best = run_dir / "best.pt"
-    if not is_finished(ckpt, best):
-        raise ValueError(f"{unfinished_message(best, ckpt)}; then report on it")
-    cfg = TrainConfig.from_dict(ckpt["config"])
+    if not ckpt.finished:
+        raise ValueError(f"{ckpt.unfinished_message(best)}; then report on it")
+    cfg = TrainConfig.from_dict(ckpt.config)
     saved = load_config(run_dir / "config.yaml")
     diff = first_difference(saved.to_dict(), cfg.to_dict())
     if diff:
         raise ValueError(f"{run_dir / 'config.yaml'} does not match the config in {best} "
                          f"({diff}): it was edited or copied from another run; restore it "
                          f"(the report describes the model predict uses)")
-    thresholds = np.asarray(ckpt["thresholds"], dtype=float)
+    thresholds = np.asarray(ckpt.thresholds, dtype=float)
     given = np.asarray(summary.get("thresholds", []), dtype=float)
     if given.shape != thresholds.shape or not np.allclose(given, thresholds, rtol=0, atol=1e-9):
         raise ValueError(f"{run_dir / 'summary.json'} does not match {best}: its thresholds "
@@ -189,11 +188,11 @@ def checked_metadata(run_dir: Path, ckpt: dict, summary: dict) -> tuple[TrainCon
     return cfg, thresholds
 
 
-def model_facts(ckpt: dict, summary: dict) -> dict:
+def model_facts(ckpt: BestCheckpoint, summary: dict) -> dict:
     """Parameters (all, and those that train) of the run's network, built as best.pt holds it."""
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    labels = LabelMap.from_dict(ckpt["labels"])
-    model = build_tagger(cfg.model, labels.num_classes, tokenizer_from_dict(ckpt["caption"]),
+    cfg = TrainConfig.from_dict(ckpt.config)
+    labels = LabelMap.from_dict(ckpt.labels)
+    model = build_tagger(cfg.model, labels.num_classes, tokenizer_from_dict(ckpt.caption),
                          load_pretrained=False)
     params = list(model.parameters())
     return {"total": sum(p.numel() for p in params),

@@ -31,7 +31,7 @@ from mmtag.data.images import build_transform, transform_spec
 from mmtag.data.labels import LabelMap
 from mmtag.data.tokenizers import tokenizer_from_dict
 from mmtag.models.build import build_tagger, encoder_normalisation
-from mmtag.prediction.checkpoint import is_finished, load_checkpoint, member_states
+from mmtag.prediction.checkpoint import BestCheckpoint
 from mmtag.prediction.passes import evaluate
 from mmtag.runtime import choose_precision
 from mmtag.training.cached import cached_dataset, plan_cache
@@ -49,12 +49,12 @@ class Teacher:
     path: Path                  # its best.pt
     config: TrainConfig
     label_map: LabelMap
-    ckpt: dict
+    ckpt: BestCheckpoint
 
     @property
     def states(self) -> list[dict]:
         """The weights of each member (one for a run)."""
-        return member_states(self.ckpt) if "ensemble" in self.ckpt else [self.ckpt["model"]]
+        return self.ckpt.states()
 
 
 def load_teacher(folder: Path | str) -> Teacher:
@@ -65,17 +65,15 @@ def load_teacher(folder: Path | str) -> Teacher:
     if not path.exists():
         raise FileNotFoundError(f"teacher {folder} holds no {TEACHER_FILE}: give a finished run "
                                 f"or ensemble folder (mmtag train / mmtag ensemble)")
-    ckpt = load_checkpoint(path, "teacher", required=("config", "labels", "caption"))
-    if "model" not in ckpt and "ensemble" not in ckpt:
-        raise ValueError(f"teacher {path} holds no weights")
-    if not is_finished(ckpt, path):
+    ckpt = BestCheckpoint.load(path, "teacher")
+    if not ckpt.finished:
         raise ValueError(f"teacher {path} is from a run that did not finish: resume it first "
                          f"(mmtag train --resume {path.parent})")
     try:
-        cfg = TrainConfig.from_dict(ckpt["config"])
+        cfg = TrainConfig.from_dict(ckpt.config)
     except ConfigError as e:
         raise ConfigError(f"the config saved in {path}: {e}") from None
-    return Teacher(path, cfg, LabelMap.from_dict(ckpt["labels"]), ckpt)
+    return Teacher(path, cfg, LabelMap.from_dict(ckpt.labels), ckpt)
 
 
 def teacher_split(teacher: Teacher) -> dict | None:
@@ -143,7 +141,7 @@ def _score(teacher: Teacher, rows: Sequence[Record], image_dir: Path, source: st
     engine = read_json(summary).get("cache_engine", "torch") if summary.exists() else None
     if engine:
         cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, engine=engine))
-    caption_enc = tokenizer_from_dict(teacher.ckpt["caption"])
+    caption_enc = tokenizer_from_dict(teacher.ckpt.caption)
     model = build_tagger(cfg.model, teacher.label_map.num_classes, caption_enc,
                          load_pretrained=True)
     norm = encoder_normalisation(model)

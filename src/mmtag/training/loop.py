@@ -47,6 +47,7 @@ from mmtag.evaluation.probs_csv import average_probs, write_val_probs
 from mmtag.models.build import build_tagger, encoder_normalisation
 from mmtag.prediction.checkpoint import (
     FORMAT_VERSION,
+    BestCheckpoint,
     atomic_save,
     check_model_size,
     inference_state_dict,
@@ -92,7 +93,7 @@ from mmtag.training.run_folder import (
 
 log = logging.getLogger("mmtag.train")
 
-__all__ = ["fit", "prepare_data", "RunData", "TrainingDivergedError", "best_payload"]
+__all__ = ["fit", "prepare_data", "RunData", "TrainingDivergedError", "best_checkpoint_of"]
 
 
 def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: bool = False,
@@ -605,7 +606,7 @@ def _save_epoch(cfg: TrainConfig, run_dir: Path, model: nn.Module, data: RunData
     """best.pt when the epoch improved, the metrics.csv row, last.pt."""
     if improved:
         with _validated_weights(model, state):
-            atomic_save(best_payload(cfg, model, data, epoch, row), run_dir / "best.pt")
+            best_checkpoint_of(cfg, model, data, epoch, row).save(run_dir / "best.pt")
     append_metrics_row(run_dir / "metrics.csv", row)
     atomic_save(_last_payload(model, state, epoch, rt.dist.world), run_dir / "last.pt")
 
@@ -707,21 +708,15 @@ def _last_payload(model: nn.Module, state: TrainState, epoch: int, world: int) -
             "bad_epochs": state.bad_epochs}
 
 
-def best_payload(cfg: TrainConfig, model: nn.Module, data: RunData, epoch: int, val: dict,
-                 thresholds: list[float] | None = None) -> dict:
-    """Everything predict needs, as plain data."""
-    return {
-        "format": FORMAT_VERSION,
-        "config": cfg.to_dict(),
-        "labels": data.label_map.to_dict(),
-        "caption": data.caption_enc.to_dict(),
-        "model": inference_state_dict(model, cfg.model.fp16_storage),
-        "epoch": epoch,
-        "val_metrics": val,
-        "thresholds": thresholds if thresholds is not None else [0.5] * data.label_map.num_classes,
-        "at_least_one": cfg.at_least_one,
-        "finished": False,  # set by finalize once the thresholds are chosen
-    }
+def best_checkpoint_of(cfg: TrainConfig, model: nn.Module, data: RunData, epoch: int,
+                       val: dict) -> BestCheckpoint:
+    """best.pt of an epoch: thresholds of 0.5 until `finalize` chooses them."""
+    return BestCheckpoint(config=cfg.to_dict(), labels=data.label_map.to_dict(),
+                          caption=data.caption_enc.to_dict(),
+                          thresholds=[0.5] * data.label_map.num_classes,
+                          at_least_one=cfg.at_least_one, finished=False,
+                          model=inference_state_dict(model, cfg.model.fp16_storage),
+                          epoch=epoch, val_metrics=val)
 
 
 def _finish(cfg: TrainConfig, run_dir: Path, model: nn.Module, data: RunData, sets: Datasets,
@@ -746,9 +741,9 @@ def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, v
     """Reload the best weights, choose decision thresholds on the validation split, and store
     them in best.pt. `val_loaders`: the validation rows at each size of cfg.image_sizes (their
     probabilities are averaged, as predict does)."""
-    best = load_checkpoint(run_dir / "best.pt")
+    best = BestCheckpoint.load(run_dir / "best.pt")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                           for k, v in best["model"].items()})
+                           for k, v in best.model.items()})
     parts = []
     for loader in val_loaders:
         _, p, targets = evaluate(model, loader, None, device, dtype=dtype,
@@ -758,9 +753,8 @@ def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, v
     y = targets.astype(int)
     label_names = [str(lab) for lab in data.label_map.labels]
     figures = decision_figures(cfg, y, probs, label_names)
-    best["thresholds"] = figures["thresholds"]
-    best["finished"] = True
-    atomic_save(best, run_dir / "best.pt")
+    best.thresholds, best.finished = figures["thresholds"], True
+    best.save(run_dir / "best.pt")
     write_val_probs(run_dir, [r.image_id for r in data.val_rows],
                     [" ".join(map(str, r.labels)) for r in data.val_rows], label_names, probs)
     mb = state_dict_megabytes(model, cfg.model.fp16_storage)
@@ -769,10 +763,10 @@ def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, v
     sizes = cfg.image_sizes[:len(val_loaders)]
     tuned, at05 = figures["val"], figures["val_at_0.5"]
     log.info("best epoch %d; %s%s: val micro-F1 %.4f samples-F1 %.4f "
-             "(at 0.5: %.4f / %.4f); saved model %.1f MB", best["epoch"], rule,
+             "(at 0.5: %.4f / %.4f); saved model %.1f MB", best.epoch, rule,
              f", images at {'+'.join(map(str, sizes))} px" if len(sizes) > 1 else "",
              tuned["micro_f1"], tuned["samples_f1"], at05["micro_f1"], at05["samples_f1"], mb)
-    return {"best_epoch": best["epoch"], **figures, "tta": {"flip": bool(tta), "sizes": sizes},
+    return {"best_epoch": best.epoch, **figures, "tta": {"flip": bool(tta), "sizes": sizes},
             "saved_model_mb": round(mb, 2),
             "val_rows": len(data.val_rows), "train_rows": len(data.train_rows)}
 
