@@ -100,3 +100,17 @@ def test_prediction_loads_nothing_of_the_training_program(package):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]", f"{package} loads {out}"
+
+
+def test_the_run_folder_files_are_named_in_one_module():
+    from mmtag import run_files
+
+    names = {v for k, v in vars(run_files).items() if k.endswith("_FILE")}
+    assert {"best.pt", "summary.json", "metrics.csv"} <= names
+    # comparison folders of `mmtag compare` draw a curves.png of their own
+    allowed = {("reporting/compare.py", "curves.png")}
+    spelled = sorted((rel, node.value) for rel in MODULES if rel != "run_files.py"
+                     for node in ast.walk(ast.parse((SRC / rel).read_text()))
+                     if isinstance(node, ast.Constant) and node.value in names
+                     and (rel, node.value) not in allowed)
+    assert not spelled, f"run folder file names spelled outside mmtag.run_files: {spelled}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmtag.config import TrainConfig, apply_overrides, load_config, recipe_path
+from mmtag.run_files import CONFIG_FILE
 
 
 def train(data_dir: Path | str, out: Path | str, config: TrainConfig | str | Path | None = None,
@@ -70,7 +71,7 @@ def resolve_config(out: Path | str, config: TrainConfig | str | Path | None = No
             raise ValueError("--resume continues the run with its saved config.yaml, which "
                              "cannot change: drop --config/--set (config and overrides), or "
                              "start a new run for them")
-        saved = Path(out) / "config.yaml"
+        saved = Path(out) / CONFIG_FILE
         if not saved.exists():
             raise FileNotFoundError(f"cannot resume {out}: it holds no run (no config.yaml); "
                                     f"start one there with mmtag train --out {out}")

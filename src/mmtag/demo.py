@@ -8,7 +8,8 @@ from mmtag.atomic import atomic_write
 from mmtag.config import load_config, recipe_path
 from mmtag.data.csv_io import read_csv
 from mmtag.data.demo import DEMO_DATA_MARKER, demo_data_complete, make_demo_data
-from mmtag.training.run_folder import LOCK_FILE, is_run_file, run_lock
+from mmtag.run_files import LOCK_FILE, is_run_file
+from mmtag.training.run_folder import run_lock
 
 _OWNED = ".mmtag-demo-run"  # in --out: this folder was made by `mmtag demo`
 

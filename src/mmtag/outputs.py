@@ -6,8 +6,8 @@ socket). A symlink is followed: the file it points to is checked by the same rul
 (as `cp` does); the link itself is never replaced. Checked before any work starts, so a refused
 command has written nothing.
 
-The names of the files a run folder and an export folder hold are listed here, so that this
-rule, `mmtag demo` and the run folder's own code agree on them.
+The names of a run folder's files are mmtag.run_files'; an export folder's and a report's are
+listed here, so that this rule, `mmtag demo` and the code writing them agree on them.
 """
 
 from __future__ import annotations
@@ -17,20 +17,13 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-# What a run writes before its first checkpoint (last.pt) is complete (best.pt of epoch 1 is
-# written just before last.pt); a folder holding only these is a run that stopped early.
-PRE_CHECKPOINT_FILES = frozenset({"config.yaml", "split.json", "labels.json", "vocab.json",
-                                  "metrics.csv", "best.pt"})
-LOCK_FILE = ".lock"  # held by the process training in the folder
-RUN_FILES = PRE_CHECKPOINT_FILES | {LOCK_FILE, "last.pt", "summary.json", "val_probs.csv",
-                                    "curves.png"}
+from mmtag.run_files import RUN_FILES, is_run_folder
+
 REPORT_FILES = frozenset({"report.md", "report.html"})
 EXPORT_FILES = frozenset({"model.json", "model.onnx", "model-int8.onnx"})
 # the files of an input image folder that an output may never replace
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
                             ".mpo", ".heic"})
-# a folder holding any of these is a run folder (or an ensemble's), whose files are guarded
-_RUN_MARKERS = ("best.pt", "last.pt", "split.json")
 
 
 class OutputPathError(ValueError):
@@ -79,7 +72,7 @@ def guarded_by(path: Path) -> str:
     """What `path` (a file) belongs to when it is a run's or an export's own file: "the run
     folder X", "the export X", or ""."""
     folder, name = path.parent, path.name
-    if name in RUN_FILES | REPORT_FILES and any((folder / m).exists() for m in _RUN_MARKERS):
+    if name in RUN_FILES | REPORT_FILES and is_run_folder(folder):
         return f"the run folder {folder}"
     if name in EXPORT_FILES and (folder / "model.json").exists():
         return f"the export {folder}"

@@ -595,3 +595,12 @@ def _unquote(content: str) -> str:
     if re.fullmatch(r'(?:[^"]|"")*', content, re.DOTALL):
         return content.replace('""', '"')
     return content
+
+
+def train_csv_path(data_dir: Path) -> Path:
+    """data_dir/train.csv, or an error saying what --data must be."""
+    csv_path = data_dir / "train.csv"
+    if not csv_path.exists():
+        raise FileNotFoundError(f"{csv_path} not found: --data must be a Kaggle-layout folder "
+                                f"(train.csv, data/*.jpg)")
+    return csv_path

@@ -16,6 +16,7 @@ from mmtag.atomic import atomic_write, read_json
 from mmtag.data.csv_io import Record
 from mmtag.data.images import ImageReadError, load_image
 from mmtag.data.labels import LabelMap
+from mmtag.run_files import SPLIT_FILE
 
 CaptionFn = Callable[[str], tuple[np.ndarray, int]]
 
@@ -128,7 +129,7 @@ class Split:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, path: Path | str = "split.json") -> Split:
+    def from_dict(cls, d: dict, path: Path | str = SPLIT_FILE) -> Split:
         """The split saved as `to_dict()`; `path` names it in the error of a damaged one."""
         try:
             return cls(float(d["train_prop"]), int(d["seed"]), tuple(d["train"]), tuple(d["val"]))

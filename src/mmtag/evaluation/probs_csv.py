@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mmtag.atomic import atomic_write
-
-VAL_PROBS = "val_probs.csv"
+from mmtag.run_files import VAL_PROBS_FILE
 
 
 def average_probs(parts: Iterable[np.ndarray]) -> np.ndarray:
@@ -50,7 +49,7 @@ def format_probs(image_ids: Sequence[str], label_names: Sequence[str], probs: np
 def write_val_probs(run_dir: Path, image_ids: Sequence[str], true_labels: Sequence[str],
                     label_names: Sequence[str], probs: np.ndarray) -> None:
     """RUN/val_probs.csv, atomically: threshold and error analysis, and ensembles, read it."""
-    atomic_write(Path(run_dir) / VAL_PROBS, format_probs(image_ids, label_names, probs,
+    atomic_write(Path(run_dir) / VAL_PROBS_FILE, format_probs(image_ids, label_names, probs,
                                                          true_labels))
 
 
@@ -69,7 +68,7 @@ def read_val_probs(run_dir: Path) -> ValProbs:
     """RUN/val_probs.csv, checked: a missing or damaged file is an error naming it and saying
     how to write it again."""
     run_dir = Path(run_dir)
-    path = run_dir / VAL_PROBS
+    path = run_dir / VAL_PROBS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: only a finished run (one that chose its "
                                 f"thresholds) can join an ensemble")

@@ -32,9 +32,18 @@ from mmtag.atomic import (
 from mmtag.config import TrainConfig, first_difference
 from mmtag.data.tokenizers import tokenizer_from_dict
 from mmtag.evaluation.estimate import decision_figures
-from mmtag.evaluation.probs_csv import VAL_PROBS, average_probs, read_val_probs, write_val_probs
+from mmtag.evaluation.probs_csv import average_probs, read_val_probs, write_val_probs
 from mmtag.outputs import check_output_folder
 from mmtag.prediction.checkpoint import BestCheckpoint, ModelTooLargeError
+from mmtag.run_files import (
+    BEST_FILE,
+    CONFIG_FILE,
+    LABELS_FILE,
+    SPLIT_FILE,
+    SUMMARY_FILE,
+    VAL_PROBS_FILE,
+    VOCAB_FILE,
+)
 
 # config fields that change how a member was trained, not what it computes at prediction time
 # (the decision settings are the first member's: the ensemble chooses its own thresholds)
@@ -73,10 +82,10 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
     remove_stale_stages(out)  # what a killed ensemble left
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; choose another --out")
-    ckpts = [BestCheckpoint.load(r / "best.pt") for r in runs]
+    ckpts = [BestCheckpoint.load(r / BEST_FILE) for r in runs]
     for run, ck in zip(runs, ckpts, strict=True):
         if not ck.finished:
-            raise ValueError(f"{ck.unfinished_message(run / 'best.pt')}; then build the "
+            raise ValueError(f"{ck.unfinished_message(run / BEST_FILE)}; then build the "
                              f"ensemble")
     first, base = runs[0], ckpts[0]
     _check_members(runs, ckpts)
@@ -85,8 +94,8 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
     for run, other in zip(runs[1:], read[1:], strict=True):
         if (other.image_ids, other.true_labels, other.label_names) != (
                 v.image_ids, v.true_labels, v.label_names):
-            raise ValueError(f"{run / VAL_PROBS} does not list the same rows and labels as "
-                             f"{first / VAL_PROBS}")
+            raise ValueError(f"{run / VAL_PROBS_FILE} does not list the same rows and labels as "
+                             f"{first / VAL_PROBS_FILE}")
     p = average_probs(r.probs for r in read)
 
     # weights: those equal in every member once, the rest per member
@@ -111,8 +120,8 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
                           thresholds=figures["thresholds"], at_least_one=base.at_least_one,
                           finished=True, ensemble={"runs": [str(r) for r in runs],
                                                    "shared": shared, "members": members})
-    tta = (read_json(first / "summary.json").get("tta")
-           if (first / "summary.json").exists() else None)
+    tta = (read_json(first / SUMMARY_FILE).get("tta")
+           if (first / SUMMARY_FILE).exists() else None)
     summary = {"members": [str(r) for r in runs], **figures, "tta": tta,
                "saved_model_mb": round(mb, 2), "shared_tensors": len(shared),
                "val_rows": len(v.image_ids)}
@@ -130,12 +139,12 @@ def _write_ensemble(out: Path, first: Path, best: BestCheckpoint, summary: dict,
                     probs) -> None:
     """The ensemble's files in the folder `out`: best.pt, the first member's run files, the
     averaged val_probs.csv and summary.json (the file that says the folder is complete)."""
-    best.save(out / "best.pt")
-    for name in ("config.yaml", "labels.json", "vocab.json", "split.json"):
+    best.save(out / BEST_FILE)
+    for name in (CONFIG_FILE, LABELS_FILE, VOCAB_FILE, SPLIT_FILE):
         if (first / name).exists():
             atomic_write(out / name, (first / name).read_bytes())
     write_val_probs(out, v.image_ids, v.true_labels, v.label_names, probs)
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=2))
 
 
 def _check_members(runs: list[Path], ckpts: list[BestCheckpoint]) -> None:
@@ -146,7 +155,7 @@ def _check_members(runs: list[Path], ckpts: list[BestCheckpoint]) -> None:
         if ck.ensemble is not None or base.ensemble is not None:
             raise ValueError(f"{run if ck.ensemble is not None else first} is an ensemble "
                              f"already; give the runs it was built from")
-        if (run / "split.json").read_text() != (first / "split.json").read_text():
+        if (run / SPLIT_FILE).read_text() != (first / SPLIT_FILE).read_text():
             raise ValueError(f"{run} validates on other rows than {first} (split.json differs): "
                              f"the ensemble's thresholds are chosen on rows no member trained on, "
                              f"so the members need the same data.split_seed and train_prop")

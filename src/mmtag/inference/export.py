@@ -58,6 +58,7 @@ from mmtag.prediction.export_format import (
     is_mmtag_export,
 )
 from mmtag.prediction.passes import flip_tta_logits
+from mmtag.run_files import SUMMARY_FILE, best_checkpoint
 
 log = logging.getLogger("mmtag.export")
 
@@ -229,7 +230,7 @@ def model_json(pred: Predictor, graph: ExportGraph, run: Path, out: Path, files:
     """The contents of model.json."""
     import onnxruntime as ort
 
-    summary_path = run / "summary.json"
+    summary_path = run / SUMMARY_FILE
     summary = read_json(summary_path) if summary_path.exists() else {}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -276,7 +277,7 @@ def export_run(run: Path | str, out: Path | str, *, int8: bool = False) -> dict:
     stage = staging_folder(out)
     try:
         meta = write_export(pred, run_dir, stage, int8)
-        meta["checkpoint"] = checkpoint_digest(_checkpoint_file(run_path))
+        meta["checkpoint"] = checkpoint_digest(best_checkpoint(run_path))
         meta["dropped_tta_sizes"] = dropped
         atomic_write(stage / MODEL_JSON, json.dumps(meta, indent=2) + "\n")
         swap_in(stage, out)
@@ -309,10 +310,6 @@ def check_out_folder(out: Path, run_dir: Path) -> Path:
                               f"(its {MODEL_JSON} is not one): it is not replaced; give an "
                               f"empty or new folder")
     return out
-
-
-def _checkpoint_file(run: Path) -> Path:
-    return run / "best.pt" if run.is_dir() else run
 
 
 def write_export(pred: Predictor, run_dir: Path, stage: Path, int8: bool) -> dict:

@@ -26,7 +26,7 @@ from mmtag.inference.base import PredictorBase
 from mmtag.inference.onnx_engine import OnnxPredictor
 from mmtag.inference.torch_engine import Predictor
 from mmtag.outputs import check_distinct, check_output
-from mmtag.prediction.checkpoint import best_checkpoint
+from mmtag.run_files import SPLIT_FILE, SUMMARY_FILE, best_checkpoint
 from mmtag.runtime import (
     resolve_device,
 )
@@ -52,7 +52,7 @@ def load_predictor(run: Path | str, engine: str = "torch", device: str = "auto",
 def run_folder(run: Path | str, pred: PredictorBase) -> Path:
     """The training run behind `run`: its folder, or for an export folder the run it names."""
     path = best_checkpoint(run).parent if pred.engine == "torch" else Path(run)
-    if pred.engine != "torch" and not (path / "split.json").exists():
+    if pred.engine != "torch" and not (path / SPLIT_FILE).exists():
         path = Path(pred.meta["run"])
     return path
 
@@ -146,7 +146,7 @@ def _labelled_csv(pred: PredictorBase, csv_path: Path,
 def _validation_rows(pred: PredictorBase, run_dir: Path,
                      data_dir: Path) -> tuple[list[Record], Path, str]:
     """The run's validation rows of data_dir/train.csv, by its saved split."""
-    split = Split.load(run_dir / "split.json")
+    split = Split.load(run_dir / SPLIT_FILE)
     source = str(data_dir / "train.csv")
     _, rows = split.apply(read_csv(source))
     if pred.limit_val:
@@ -157,7 +157,7 @@ def _validation_rows(pred: PredictorBase, run_dir: Path,
 def _crossfit_estimate(pred: PredictorBase, run_dir: Path, rule: str) -> dict:
     """{'crossfit': the run's cross-fit estimate for `rule`} from its summary.json, when it
     holds one measured at the sizes `pred` reads (else {})."""
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / SUMMARY_FILE
     summary = read_json(summary_path) if summary_path.exists() else {}
     # the run's estimate holds for the sizes it was measured at, not for other TTA sizes
     same_sizes = (not pred.reads_images

@@ -27,8 +27,9 @@ from mmtag.data.tokenizers import tokenizer_from_dict
 from mmtag.evaluation.probs_csv import average_probs
 from mmtag.inference.base import PredictorBase
 from mmtag.models.build import build_tagger, encoder_normalisation
-from mmtag.prediction.checkpoint import BestCheckpoint, best_checkpoint
+from mmtag.prediction.checkpoint import BestCheckpoint
 from mmtag.prediction.passes import evaluate, flip_tta_logits
+from mmtag.run_files import best_checkpoint
 from mmtag.runtime import (
     Precision,
     autocast,

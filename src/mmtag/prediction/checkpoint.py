@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mmtag.atomic import atomic_write
+from mmtag.run_files import LAST_FILE, SUMMARY_FILE
 
 FORMAT_VERSION = 1
 # what every best.pt holds besides its weights
@@ -194,8 +195,8 @@ class BestCheckpoint:
         finished = ckpt.get("finished")
         if finished is None:
             folder = path.parent
-            finished = not ((folder / "last.pt").exists()
-                            and not (folder / "summary.json").exists())
+            finished = not ((folder / LAST_FILE).exists()
+                            and not (folder / SUMMARY_FILE).exists())
         return cls(config=ckpt["config"], labels=ckpt["labels"], caption=ckpt["caption"],
                    thresholds=list(ckpt["thresholds"]), at_least_one=bool(ckpt["at_least_one"]),
                    finished=bool(finished), model=ckpt.get("model"),
@@ -209,9 +210,3 @@ class BestCheckpoint:
         return (f"{run} is an unfinished run (it stopped after epoch {epoch}; its decision "
                 f"thresholds were never tuned and are 0.5): finish it with mmtag train "
                 f"--resume {run} --data DIR")
-
-
-def best_checkpoint(run: Path | str) -> Path:
-    """The checkpoint a run predicts with: RUN/best.pt for a run folder, else the file given."""
-    run = Path(run)
-    return run / "best.pt" if run.is_dir() else run

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmtag.run_files import BEST_FILE
+
 MODEL_JSON = "model.json"
 FP32_FILE = "model.onnx"
 INT8_FILE = "model-int8.onnx"
@@ -182,8 +184,8 @@ def _checkpoint_problem(meta: dict) -> str:
 def check_not_stale(path: Path, meta: dict) -> None:
     """Refuse an export made from an earlier best.pt of the run beside it (retrained or
     resumed since): it would predict with the old weights."""
-    run = path if (path / "best.pt").is_file() else Path(meta.get("run", ""))
-    ckpt = run / meta.get("checkpoint", {}).get("file", "best.pt")
+    run = path if (path / BEST_FILE).is_file() else Path(meta.get("run", ""))
+    ckpt = run / meta.get("checkpoint", {}).get("file", BEST_FILE)
     digest = meta.get("checkpoint", {}).get("sha256")
     if digest and ckpt.is_file() and checkpoint_digest(ckpt)["sha256"] != digest:
         raise ExportError(f"the export in {export_folder(path)} was made from an earlier {ckpt}: "

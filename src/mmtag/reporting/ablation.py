@@ -22,10 +22,11 @@ import yaml
 from mmtag.api import resolve_config, train
 from mmtag.atomic import atomic_write, read_json
 from mmtag.config import ConfigError, TrainConfig, builtin_or_file, load_config
+from mmtag.data.csv_io import train_csv_path
 from mmtag.evaluation.estimate import METRIC_COLUMNS
 from mmtag.reporting.tables import ablation_markdown, rows_csv
+from mmtag.run_files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics_rows
 from mmtag.training.engine import TrainingDivergedError
-from mmtag.training.run_folder import read_metrics_rows, train_csv_path
 
 log = logging.getLogger("mmtag.ablate")
 
@@ -190,11 +191,11 @@ def saved_base(out: Path | str) -> str | None:
 
 def run_state(run_dir: Path) -> str:
     """'done' (summary.json written), 'diverged', 'resume' (a run began here), or 'new'."""
-    if (run_dir / "summary.json").exists():
+    if (run_dir / SUMMARY_FILE).exists():
         return "done"
     if (run_dir / DIVERGED).exists():
         return "diverged"
-    if (run_dir / "config.yaml").exists():
+    if (run_dir / CONFIG_FILE).exists():
         return "resume"  # from last.pt, or started over when it never reached a checkpoint
     return "new"
 
@@ -210,7 +211,7 @@ def run_ablation(abl: Ablation, *, progress: bool | None = None) -> list[dict]:
     for i, (variant, seed) in enumerate(plan, 1):
         run_dir = abl.run_dir(variant, seed)
         state = run_state(run_dir)
-        if (run_dir / "config.yaml").exists():
+        if (run_dir / CONFIG_FILE).exists():
             check_run_config(abl, variant, seed)
         if state in ("done", "diverged"):
             continue
@@ -224,7 +225,7 @@ def run_ablation(abl: Ablation, *, progress: bool | None = None) -> list[dict]:
 def check_run_config(abl: Ablation, variant: str, seed: int) -> None:
     """A run folder of the ablation holds the run of its own variant and seed, nothing else."""
     run_dir = abl.run_dir(variant, seed)
-    if load_config(run_dir / "config.yaml").to_dict() != abl.variant_config(variant, seed).to_dict():
+    if load_config(run_dir / CONFIG_FILE).to_dict() != abl.variant_config(variant, seed).to_dict():
         raise ValueError(f"{run_dir} holds a run with another config than variant {variant}, "
                          f"seed {seed}: move it away (the ablation trains it afresh)")
 
@@ -246,14 +247,14 @@ def train_one(abl: Ablation, variant: str, seed: int, state: str, progress: bool
 def run_row(run_dir: Path) -> dict:
     """One results.csv row from a finished run folder: every final figure of summary.json,
     the best epoch's validation loss, the training time and the model size."""
-    s = read_json(run_dir / "summary.json")
+    s = read_json(run_dir / SUMMARY_FILE)
     row: dict = {"best_epoch": s["best_epoch"], "decision": s.get("decision", "threshold")}
     for section in SECTIONS:
         for fig in FIGURES:
             if fig in s.get(section, {}):
                 row[f"{section}.{fig}"] = s[section][fig]
     row.update(best_rule_figures(s))
-    epochs = read_metrics_rows(run_dir / "metrics.csv")
+    epochs = read_metrics_rows(run_dir / METRICS_FILE)
     best = next((r for r in epochs if int(r["epoch"]) == s["best_epoch"]), None)
     row["val_loss"] = float(best["val_loss"]) if best else None
     row["epochs"] = len(epochs)

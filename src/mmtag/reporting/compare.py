@@ -13,7 +13,7 @@ from mmtag.outputs import check_output, check_output_folder
 from mmtag.reporting.ablation import SPEC_FILE, load_ablation, run_row, run_state
 from mmtag.reporting.figures import colors, new_figure, save_figure
 from mmtag.reporting.tables import METRICS
-from mmtag.training.run_folder import read_metrics_rows
+from mmtag.run_files import METRICS_FILE, SUMMARY_FILE, read_metrics_rows
 
 # metrics.csv columns drawn per epoch, after train_ / val_
 CURVES = [("loss", "loss"), ("precision", "precision"), ("recall", "recall"),
@@ -51,7 +51,7 @@ def groups_of(paths: list[Path | str]) -> tuple[list[Group], list[tuple[Group, G
             base = next((g for g in mine if g.baseline), None)
             pairs += [(base, g) for g in mine if base is not None and g is not base]
             groups += mine
-        elif (path / "metrics.csv").exists():
+        elif (path / METRICS_FILE).exists():
             groups.append(Group(path.name, [path]))
         else:
             raise FileNotFoundError(f"{path} is neither a run folder (metrics.csv) nor an "
@@ -64,7 +64,7 @@ def epoch_band(runs: list[Path], column: str) -> tuple[np.ndarray, np.ndarray, n
     stopped early count only for their epochs)."""
     per_epoch: dict[int, list[float]] = {}
     for run in runs:
-        for row in read_metrics_rows(run / "metrics.csv"):
+        for row in read_metrics_rows(run / METRICS_FILE):
             per_epoch.setdefault(int(row["epoch"]), []).append(float(row[column]))
     epochs = np.array(sorted(per_epoch))
     values = [np.array(per_epoch[e]) for e in epochs]
@@ -118,7 +118,7 @@ def plot_pair(base: Group, variant: Group, out: Path) -> Path:
 
 def final_figures(group: Group) -> list[list[float]]:
     """Per FINALS entry, the group's finished runs' values (points)."""
-    rows = [run_row(r) for r in group.runs if (r / "summary.json").exists()]
+    rows = [run_row(r) for r in group.runs if (r / SUMMARY_FILE).exists()]
     return [[100 * row[column] for row in rows if row.get(column) is not None]
             for column, _ in FINALS]
 

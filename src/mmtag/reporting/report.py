@@ -17,7 +17,7 @@ import numpy as np
 
 from mmtag.atomic import atomic_write, atomic_write_many, read_json
 from mmtag.config import TrainConfig, first_difference, load_config
-from mmtag.data.csv_io import read_csv
+from mmtag.data.csv_io import read_csv, train_csv_path
 from mmtag.data.images import ImageReadError, load_image
 from mmtag.data.labels import LabelMap
 from mmtag.data.tokenizers import tokenizer_from_dict
@@ -39,7 +39,14 @@ from mmtag.reporting.compare import compare
 from mmtag.reporting.figures import new_figure, relative, save_figure
 from mmtag.reporting.render import render
 from mmtag.reporting.tables import machine_facts, results_context
-from mmtag.training.run_folder import read_metrics_rows, train_csv_path
+from mmtag.run_files import (
+    BEST_FILE,
+    CONFIG_FILE,
+    CURVES_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    read_metrics_rows,
+)
 
 log = logging.getLogger("mmtag.report")
 
@@ -66,8 +73,8 @@ def write_report(path: Path | str, *, data_dir: Path | str | None = None,
     if (path / SPEC_FILE).exists():
         context = ablation_context(path, out)
         names = ("ablation_report.md.j2", "ablation_report.html.j2")
-    elif (path / "summary.json").exists():
-        if "members" in read_json(path / "summary.json"):
+    elif (path / SUMMARY_FILE).exists():
+        if "members" in read_json(path / SUMMARY_FILE):
             raise ValueError(f"{path} is an ensemble: report on each of its members (the run "
                              f"folders it averages)")
         context = run_context(path, out, data_dir)
@@ -119,12 +126,12 @@ def remove_unlinked_figures(assets: Path, gallery: list) -> None:
 
 def run_context(run_dir: Path, out: Path, data_dir: Path | str | None) -> dict:
     """Everything the run templates show."""
-    summary = read_json(run_dir / "summary.json")
+    summary = read_json(run_dir / SUMMARY_FILE)
     data_dir = report_data_dir(summary, data_dir)
     assets = out / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
     vp = read_val_probs(run_dir)
-    ckpt = BestCheckpoint.load(run_dir / "best.pt")
+    ckpt = BestCheckpoint.load(run_dir / BEST_FILE)
     cfg, thresholds = checked_metadata(run_dir, ckpt, summary)
     model = model_facts(ckpt, summary)
     decision = decision_facts(summary, cfg)
@@ -132,7 +139,7 @@ def run_context(run_dir: Path, out: Path, data_dir: Path | str | None) -> dict:
     return {
         "title": f"mmtag report: run {run_dir}", "run": run_dir, "out": out,
         "written": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "summary": summary, "config_yaml": (run_dir / "config.yaml").read_text(encoding="utf-8"),
+        "summary": summary, "config_yaml": (run_dir / CONFIG_FILE).read_text(encoding="utf-8"),
         "cfg": cfg, "model": model,
         "wall_minutes": summary["wall_seconds"] / 60 if "wall_seconds" in summary else None,
         "epochs": epochs, "epoch_columns": EPOCH_COLUMNS,
@@ -140,7 +147,7 @@ def run_context(run_dir: Path, out: Path, data_dir: Path | str | None) -> dict:
         "per_class": per_class_rows(summary, thresholds),
         "decision": decision,
         "model_card": model_card(summary, model, decision, data_dir),
-        "curves": copy_into(run_dir / "curves.png", assets),
+        "curves": copy_into(run_dir / CURVES_FILE, assets),
         "threshold_plot": plot_threshold_curve(vp, summary, cfg, assets / "thresholds.png"),
         "data": data_facts(data_dir) if data_dir else None, "data_dir": data_dir,
         "gallery": error_gallery(vp, thresholds, cfg, data_dir, assets) if data_dir else [],
@@ -169,20 +176,20 @@ def checked_metadata(run_dir: Path, ckpt: BestCheckpoint, summary: dict) -> tupl
     """The config and thresholds the report shows: best.pt's, which predict uses. config.yaml
     and summary.json must say the same (an edit or a copy from another run would make the
     report describe a model that is not the one predicting): else an error naming the file."""
-    best = run_dir / "best.pt"
+    best = run_dir / BEST_FILE
     if not ckpt.finished:
         raise ValueError(f"{ckpt.unfinished_message(best)}; then report on it")
     cfg = TrainConfig.from_dict(ckpt.config)
-    saved = load_config(run_dir / "config.yaml")
+    saved = load_config(run_dir / CONFIG_FILE)
     diff = first_difference(saved.to_dict(), cfg.to_dict())
     if diff:
-        raise ValueError(f"{run_dir / 'config.yaml'} does not match the config in {best} "
+        raise ValueError(f"{run_dir / CONFIG_FILE} does not match the config in {best} "
                          f"({diff}): it was edited or copied from another run; restore it "
                          f"(the report describes the model predict uses)")
     thresholds = np.asarray(ckpt.thresholds, dtype=float)
     given = np.asarray(summary.get("thresholds", []), dtype=float)
     if given.shape != thresholds.shape or not np.allclose(given, thresholds, rtol=0, atol=1e-9):
-        raise ValueError(f"{run_dir / 'summary.json'} does not match {best}: its thresholds "
+        raise ValueError(f"{run_dir / SUMMARY_FILE} does not match {best}: its thresholds "
                          f"differ from the ones predict uses; it was edited or copied from "
                          f"another run: restore it, or train the run again")
     return cfg, thresholds
@@ -204,7 +211,7 @@ def model_facts(ckpt: BestCheckpoint, summary: dict) -> dict:
 
 
 def epoch_rows(run_dir: Path) -> list[dict]:
-    return [{k: float(v) for k, v in r.items()} for r in read_metrics_rows(run_dir / "metrics.csv")]
+    return [{k: float(v) for k, v in r.items()} for r in read_metrics_rows(run_dir / METRICS_FILE)]
 
 
 def final_rows(summary: dict, epochs: list[dict]) -> list[dict]:

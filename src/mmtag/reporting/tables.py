@@ -11,6 +11,7 @@ from mmtag.atomic import read_json
 from mmtag.config import TrainConfig
 from mmtag.reporting.render import render
 from mmtag.reporting.stats import mean_sd, paired
+from mmtag.run_files import SUMMARY_FILE
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def machine_facts(summary: dict) -> dict:
 
 def results_context(abl, rows: list[dict], command: str, diverged: list) -> dict:
     """What results.md and the ablation report show."""
-    summary = read_json(abl.out / rows[0]["run"] / "summary.json")
+    summary = read_json(abl.out / rows[0]["run"] / SUMMARY_FILE)
     return {"abl": abl, "command": command, "metrics": METRICS,
             "variants": variant_table(abl, rows), "paired": paired_table(abl, rows),
             "rows": rows, "n_runs": len(rows),

@@ -14,6 +14,7 @@ from mmtag.atomic import read_json
 from mmtag.inference.base import PredictorBase
 from mmtag.inference.predictor import load_predictor
 from mmtag.prediction.export_format import ExportError, export_folder, read_model_json
+from mmtag.run_files import SUMMARY_FILE
 from mmtag.serving.app import ServeOptions, create_app
 from mmtag.serving.security import KEY_ENV, allowed_hosts, is_loopback, require_key
 
@@ -48,7 +49,7 @@ def read_label_names(path: Path) -> dict[str, str]:
 def default_label_names(path: Path) -> Path | None:
     """labels.txt of the data folder the run was trained on, when there is one."""
     for folder in (path, path.parent, path / ".."):
-        summary = folder / "summary.json"
+        summary = folder / SUMMARY_FILE
         if summary.is_file():
             data_dir = read_json(summary).get("data_dir")
             if data_dir and (Path(data_dir) / "labels.txt").is_file():

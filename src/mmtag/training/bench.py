@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 
 from mmtag.config import TrainConfig
-from mmtag.data.csv_io import read_csv
+from mmtag.data.csv_io import read_csv, train_csv_path
 from mmtag.prediction.passes import batch_to
 from mmtag.prediction.timing import bound_by, peak_mb, timed
 from mmtag.runtime import resolve_device, seconds_since_start, seed_everything
 from mmtag.training.engine import train_one_epoch
 from mmtag.training.loop import pipeline, runtime, setup, step_options, train_batches
-from mmtag.training.run_folder import train_csv_path
 
 
 class Batches:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmtag.atomic import atomic_write
-from mmtag.training.run_folder import read_metrics_rows
+from mmtag.run_files import read_metrics_rows
 
 
 def read_metrics(path: Path | str) -> dict[str, list[float]]:

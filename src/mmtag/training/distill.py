@@ -33,13 +33,13 @@ from mmtag.data.tokenizers import tokenizer_from_dict
 from mmtag.models.build import build_tagger, encoder_normalisation
 from mmtag.prediction.checkpoint import BestCheckpoint
 from mmtag.prediction.passes import evaluate
+from mmtag.run_files import BEST_FILE, SPLIT_FILE, SUMMARY_FILE
 from mmtag.runtime import choose_precision
 from mmtag.training.cached import cached_dataset, plan_cache
 from mmtag.training.feature_cache import default_cache_dir, image_digests
 
 log = logging.getLogger("mmtag.distill")
 
-TEACHER_FILE = "best.pt"
 
 
 @dataclass
@@ -61,9 +61,9 @@ def load_teacher(folder: Path | str) -> Teacher:
     """The teacher's best.pt; an unfinished run (its thresholds untuned, its weights maybe of
     an early epoch) is refused."""
     folder = Path(folder)
-    path = folder / TEACHER_FILE if folder.is_dir() else folder
+    path = folder / BEST_FILE if folder.is_dir() else folder
     if not path.exists():
-        raise FileNotFoundError(f"teacher {folder} holds no {TEACHER_FILE}: give a finished run "
+        raise FileNotFoundError(f"teacher {folder} holds no {BEST_FILE}: give a finished run "
                                 f"or ensemble folder (mmtag train / mmtag ensemble)")
     ckpt = BestCheckpoint.load(path, "teacher")
     if not ckpt.finished:
@@ -78,7 +78,7 @@ def load_teacher(folder: Path | str) -> Teacher:
 
 def teacher_split(teacher: Teacher) -> dict | None:
     """The teacher's split.json (a run's or an ensemble's folder), or None."""
-    f = teacher.path.parent / "split.json"
+    f = teacher.path.parent / SPLIT_FILE
     return read_json(f) if f.exists() else None
 
 
@@ -135,7 +135,7 @@ def _score(teacher: Teacher, rows: Sequence[Record], image_dir: Path, source: st
     cache it filled is the one read), with its flip TTA; each member's probabilities
     averaged."""
     cfg = teacher.config
-    summary = teacher.path.parent / "summary.json"
+    summary = teacher.path.parent / SUMMARY_FILE
     # the engine that filled the teacher's cache, not today's default (runs that do not say
     # so cached with torch, the only engine then)
     engine = read_json(summary).get("cache_engine", "torch") if summary.exists() else None

@@ -24,7 +24,7 @@ from torch import nn
 
 from mmtag.atomic import atomic_write, read_json
 from mmtag.config import TrainConfig
-from mmtag.data.csv_io import Record, read_csv
+from mmtag.data.csv_io import Record, read_csv, train_csv_path
 from mmtag.data.dataset import Split, TaggingDataset, make_loader
 from mmtag.data.device_batches import DeviceBatches, PixelDataset, as_tensor, pass_order
 from mmtag.data.images import build_transform, transform_spec
@@ -55,6 +55,19 @@ from mmtag.prediction.checkpoint import (
     state_dict_megabytes,
 )
 from mmtag.prediction.passes import evaluate
+from mmtag.run_files import (
+    BEST_FILE,
+    CURVES_FILE,
+    LABELS_FILE,
+    LAST_FILE,
+    LOCK_FILE,
+    METRICS_FILE,
+    SPLIT_FILE,
+    SUMMARY_FILE,
+    VOCAB_FILE,
+    append_metrics_row,
+    truncate_metrics,
+)
 from mmtag.runtime import (
     Precision,
     choose_precision,
@@ -82,14 +95,7 @@ from mmtag.training.engine import StepOptions, TrainingDivergedError, train_one_
 from mmtag.training.feature_cache import resolve_engine
 from mmtag.training.losses import build_loss, pos_weight_from_targets
 from mmtag.training.optim import lr_factor, make_optimizer, make_scheduler, make_warmup
-from mmtag.training.run_folder import (
-    LOCK_FILE,
-    append_metrics_row,
-    claim_run_folder,
-    run_lock,
-    train_csv_path,
-    truncate_metrics,
-)
+from mmtag.training.run_folder import claim_run_folder, run_lock
 
 log = logging.getLogger("mmtag.train")
 
@@ -248,7 +254,7 @@ def _summary(cfg: TrainConfig, data_dir: Path, run_dir: Path, model: nn.Module, 
     summary["cache_engine"] = resolve_engine(cfg.cache.engine) if sets.image_stage else None
     summary["processes"] = rt.dist.world
     summary["data_dir"] = str(data_dir.resolve())  # where the report finds the images
-    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     _draw_curves(run_dir)
     return summary
 
@@ -297,17 +303,17 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
                     "the labels; if their labels are missing, fix the CSV (mmtag check-data "
                     "lists them)", csv_path, len(unlabelled), where, more)
     if resume and saved is None:
-        saved = {"split": read_json(run_dir / "split.json"),
-                 "labels": read_json(run_dir / "labels.json"),
-                 "caption": read_json(run_dir / "vocab.json")}
+        saved = {"split": read_json(run_dir / SPLIT_FILE),
+                 "labels": read_json(run_dir / LABELS_FILE),
+                 "caption": read_json(run_dir / VOCAB_FILE)}
     if saved is not None:
-        split = Split.from_dict(saved["split"], run_dir / "split.json")
+        split = Split.from_dict(saved["split"], run_dir / SPLIT_FILE)
         label_map = LabelMap.from_dict(saved["labels"])
         caption_enc = tokenizer_from_dict(saved["caption"])
     else:
         split = Split.make([r.image_id for r in rows], cfg.data.train_prop, cfg.data.split_seed,
                            cfg.data.val_block)
-        split.save(run_dir / "split.json")
+        split.save(run_dir / SPLIT_FILE)
     train_rows, val_rows = split.apply(rows)
     if cfg.data.limit_train:
         train_rows = train_rows[: cfg.data.limit_train]
@@ -316,8 +322,8 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
     if saved is None:
         label_map = LabelMap.from_records(train_rows)
         caption_enc = fit_tokenizer(cfg.model, cfg.data, [r.caption for r in train_rows])
-        atomic_write(run_dir / "labels.json", json.dumps(label_map.to_dict()))
-        atomic_write(run_dir / "vocab.json", json.dumps(caption_enc.to_dict()))
+        atomic_write(run_dir / LABELS_FILE, json.dumps(label_map.to_dict()))
+        atomic_write(run_dir / VOCAB_FILE, json.dumps(caption_enc.to_dict()))
     labelled = len(train_rows)
     if cfg.distill.unlabeled:  # after the labels and vocabulary: they come from train.csv
         train_rows = train_rows + unlabeled_rows(cfg.distill.unlabeled, data_dir / "data")
@@ -354,7 +360,7 @@ def _model(cfg: TrainConfig, data: RunData, run_dir: Path, resume: bool,
                          load_pretrained=not resume)
     # rank 0 reads it, and sends it to the other ranks (their machines may not see the folder)
     last = on_main(rt.dist, lambda: load_checkpoint(
-        run_dir / "last.pt", "resume checkpoint", required=(
+        run_dir / LAST_FILE, "resume checkpoint", required=(
             "model", "optimizer", "rng", "epoch", "best_value", "best_epoch", "bad_epochs"))
     ) if resume else None
     if last is not None and last.get("world_size", 1) != rt.dist.world:
@@ -537,7 +543,7 @@ def _restore(state: TrainState, last: dict, cfg: TrainConfig, run_dir: Path,
     state.best_value, state.best_epoch = last["best_value"], last["best_epoch"]
     state.bad_epochs = last["bad_epochs"]
     if rt_main:
-        truncate_metrics(run_dir / "metrics.csv", last["epoch"])
+        truncate_metrics(run_dir / METRICS_FILE, last["epoch"])
     log.info("resuming %s at epoch %d (best %s = %s at epoch %d)", run_dir, state.start_epoch,
              cfg.best_metric, state.best_value, state.best_epoch)
 
@@ -606,9 +612,9 @@ def _save_epoch(cfg: TrainConfig, run_dir: Path, model: nn.Module, data: RunData
     """best.pt when the epoch improved, the metrics.csv row, last.pt."""
     if improved:
         with _validated_weights(model, state):
-            best_checkpoint_of(cfg, model, data, epoch, row).save(run_dir / "best.pt")
-    append_metrics_row(run_dir / "metrics.csv", row)
-    atomic_save(_last_payload(model, state, epoch, rt.dist.world), run_dir / "last.pt")
+            best_checkpoint_of(cfg, model, data, epoch, row).save(run_dir / BEST_FILE)
+    append_metrics_row(run_dir / METRICS_FILE, row)
+    atomic_save(_last_payload(model, state, epoch, rt.dist.world), run_dir / LAST_FILE)
 
 
 def _epoch(cfg: TrainConfig, run_dir: Path, model: nn.Module, train_model: nn.Module,
@@ -626,7 +632,7 @@ def _epoch(cfg: TrainConfig, run_dir: Path, model: nn.Module, train_model: nn.Mo
         tr_loss, tr_probs, tr_targets = train_one_epoch(model, loader, state.loss_fn,
                                                         state.optimizer, opts)
     except TrainingDivergedError as e:
-        kept = "last.pt" if (run_dir / "last.pt").exists() else "no checkpoint yet"
+        kept = LAST_FILE if (run_dir / LAST_FILE).exists() else "no checkpoint yet"
         raise TrainingDivergedError(
             f"{e}; training stopped, the last good checkpoint is kept ({kept}). Try a lower "
             f"optim.lr, optim.grad_clip=1.0, or amp=none.") from None
@@ -741,7 +747,7 @@ def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, v
     """Reload the best weights, choose decision thresholds on the validation split, and store
     them in best.pt. `val_loaders`: the validation rows at each size of cfg.image_sizes (their
     probabilities are averaged, as predict does)."""
-    best = BestCheckpoint.load(run_dir / "best.pt")
+    best = BestCheckpoint.load(run_dir / BEST_FILE)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v
                            for k, v in best.model.items()})
     parts = []
@@ -754,7 +760,7 @@ def finalize(cfg: TrainConfig, run_dir: Path, data: RunData, model: nn.Module, v
     label_names = [str(lab) for lab in data.label_map.labels]
     figures = decision_figures(cfg, y, probs, label_names)
     best.thresholds, best.finished = figures["thresholds"], True
-    best.save(run_dir / "best.pt")
+    best.save(run_dir / BEST_FILE)
     write_val_probs(run_dir, [r.image_id for r in data.val_rows],
                     [" ".join(map(str, r.labels)) for r in data.val_rows], label_names, probs)
     mb = state_dict_megabytes(model, cfg.model.fp16_storage)
@@ -775,6 +781,6 @@ def _draw_curves(run_dir: Path) -> None:
     try:
         from mmtag.training.curves import plot_curves
 
-        plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
+        plot_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE)
     except Exception as e:  # plotting must never cost a finished run
         log.warning("could not draw curves: %s", e)

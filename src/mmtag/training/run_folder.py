@@ -13,31 +13,16 @@ A run folder holds:
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from mmtag.atomic import atomic_write, is_temp_file
+from mmtag.atomic import is_temp_file
 from mmtag.config import TrainConfig
-from mmtag.outputs import LOCK_FILE, PRE_CHECKPOINT_FILES, RUN_FILES
+from mmtag.run_files import CONFIG_FILE, LAST_FILE, LOCK_FILE, PRE_CHECKPOINT_FILES
 
 log = logging.getLogger("mmtag.train")
-
-
-def train_csv_path(data_dir: Path) -> Path:
-    """data_dir/train.csv, or an error saying what --data must be."""
-    csv_path = data_dir / "train.csv"
-    if not csv_path.exists():
-        raise FileNotFoundError(f"{csv_path} not found: --data must be a Kaggle-layout folder "
-                                f"(train.csv, data/*.jpg)")
-    return csv_path
-
-
-def is_run_file(p: Path) -> bool:
-    return p.is_file() and (p.name in RUN_FILES or is_temp_file(p))
 
 
 class RunInUseError(RuntimeError):
@@ -78,11 +63,11 @@ def claim_run_folder(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bo
                      restart: bool) -> bool:
     """Check what `run_dir` holds against the request, clear the files of a run that never
     reached a checkpoint when asked to, save the config; returns whether to resume."""
-    if resume and (run_dir / "last.pt").exists():
+    if resume and (run_dir / LAST_FILE).exists():
         return True
     early = never_checkpointed(run_dir)
-    if resume and not (early and (run_dir / "config.yaml").exists()):
-        raise FileNotFoundError(f"cannot resume: {run_dir / 'last.pt'} does not exist and "
+    if resume and not (early and (run_dir / CONFIG_FILE).exists()):
+        raise FileNotFoundError(f"cannot resume: {run_dir / LAST_FILE} does not exist and "
                                 f"{run_dir} holds no run that stopped before it")
     if resume:
         log.warning("%s stopped before its first checkpoint: starting it over with its saved "
@@ -95,13 +80,13 @@ def claim_run_folder(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bo
                     "(%s) and starting over", run_dir, ", ".join(p.name for p in leftovers))
     for p in leftovers:
         p.unlink()
-    cfg.save(run_dir / "config.yaml")
+    cfg.save(run_dir / CONFIG_FILE)
     return False
 
 
 def not_empty_message(run_dir: Path, data_dir: Path, early: bool) -> str:
     msg = f"run folder {run_dir} is not empty; choose another --out"
-    if (run_dir / "last.pt").exists():
+    if (run_dir / LAST_FILE).exists():
         return f"{msg}, or continue it with --resume {run_dir}"
     if early:
         return (f"{msg}. It holds no checkpoint (a run that stopped before its first one): "
@@ -110,34 +95,3 @@ def not_empty_message(run_dir: Path, data_dir: Path, early: bool) -> str:
     return msg
 
 
-def read_metrics_rows(path: Path) -> list[dict]:
-    """metrics.csv's rows (one per epoch) as dicts of strings; [] when it does not exist."""
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_metrics_rows(path: Path, rows: list[dict]) -> None:
-    """metrics.csv rewritten whole, atomically: a crash never leaves half a row in it."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write(path, buf.getvalue())
-
-
-def append_metrics_row(path: Path, row: dict) -> None:
-    """Add one epoch's row, its floats rounded to 6 decimals."""
-    row = {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
-    write_metrics_rows(path, [*read_metrics_rows(path), row])
-
-
-def truncate_metrics(path: Path, epoch: int) -> None:
-    """Drop rows after `epoch` (written by an interrupted run after its last checkpoint)."""
-    rows = read_metrics_rows(path)
-    keep = [r for r in rows if int(r["epoch"]) <= epoch]
-    if keep and len(keep) != len(rows):
-        write_metrics_rows(path, keep)
-    elif not keep and path.exists():
-        path.unlink()
