@@ -19,7 +19,7 @@ from mmtag.inference.predictor import Predictor, evaluate_run, predict_csv
 from mmtag.prediction import passes
 from mmtag.prediction.checkpoint import ModelTooLargeError
 from mmtag.runtime import choose_precision
-from mmtag.training import loop, run_folder
+from mmtag.training import loop, run_folder, setup
 
 TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
         "model.image_encoder=efficientnet_lite0", "model.lstm_hidden=8", "model.hidden=16",
@@ -329,7 +329,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(demo, tmp_path, monkeypatch, ca
     def stop(*a, **k):  # the warning comes before the data; emulated bf16 training is slow
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "prepare_data", stop)
+    monkeypatch.setattr(setup, "prepare_data", stop)
     with caplog.at_level("INFO"), pytest.raises(KeyboardInterrupt):
         loop.fit(load_config(None, [*TINY, "optim.epochs=1", "amp=bf16", "device=cpu"]), demo,
                  tmp_path / "bf16", progress=False)

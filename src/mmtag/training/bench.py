@@ -23,7 +23,10 @@ from mmtag.prediction.passes import batch_to
 from mmtag.prediction.timing import bound_by, peak_mb, timed
 from mmtag.runtime import resolve_device, seconds_since_start, seed_everything
 from mmtag.training.engine import train_one_epoch
-from mmtag.training.loop import pipeline, runtime, setup, step_options, train_batches
+from mmtag.training.loop import step_options
+from mmtag.training.pipelines import pipeline, train_batches
+from mmtag.training.setup import setup
+from mmtag.training.state import Job, runtime
 
 
 class Batches:
@@ -62,10 +65,11 @@ def bench_train(cfg: TrainConfig, data_dir: Path | str, *, steps: int = 30,
     seed_everything(cfg.seed)
     with tempfile.TemporaryDirectory(prefix="mmtag-bench-") as tmp:
         t0 = time.perf_counter()
-        s = setup(cfg, data_dir, Path(tmp), rows, False, False, rt)
+        s = setup(Job(cfg, data_dir, Path(tmp), rt, progress=False, started=time.time()), rows,
+                  resume=False)
         setup_s = time.perf_counter() - t0
     state, b = s.state, cfg.optim.batch_size
-    opts = step_options(cfg, s.train_model, state, rt, 1, False, True)
+    opts = step_options(s, 1, first=True)
     source = _epochs_of(cfg, s.sets, rt)
 
     def run(loader) -> None:

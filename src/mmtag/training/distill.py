@@ -193,3 +193,28 @@ def in_label_order(probs: np.ndarray, teacher_labels: Sequence, student_labels: 
                          f"student's training rows: distil from a teacher trained on the same "
                          f"labels")
     return probs[:, [index[label] for label in student_labels]]
+
+
+def distilled_targets(cfg: TrainConfig, data, hard: torch.Tensor, device: torch.device,
+                      progress: bool) -> torch.Tensor:
+    """The training rows' targets mixed with the teacher's probabilities (cfg.distill); a
+    teacher that trained on one of this run's validation rows is refused, as its knowledge of
+    their labels would flow into the student's validation figures."""
+    teacher = load_teacher(cfg.distill.teacher)
+    split = teacher_split(teacher)
+    seen = set(split["train"]) & set(data.split.val) if split else set()
+    if seen:
+        raise ValueError(f"teacher {cfg.distill.teacher} trained on {len(seen)} of this run's "
+                         f"validation rows: distil with the teacher's split (--set "
+                         f"data.train_prop={split['train_prop']} data.split_seed="
+                         f"{split['seed']}), as mmtag distill does")
+    probs = teacher_probabilities(teacher, data.train_rows, data.image_dir, source="train.csv",
+                                  device=device, cache_root=cfg.cache.dir and Path(cfg.cache.dir),
+                                  progress=progress)
+    probs = in_label_order(probs, teacher.label_map.labels, data.label_map.labels,
+                           teacher.path)
+    n = data.labelled if data.labelled >= 0 else len(data.train_rows)
+    log.info("distillation from %s: %d labelled rows learn %.2f x its probabilities + %.2f x "
+             "their labels, %d unlabelled rows its probabilities", teacher.path, n,
+             cfg.distill.alpha, 1 - cfg.distill.alpha, len(data.train_rows) - n)
+    return soft_targets(hard, probs, n, cfg.distill.alpha).to(hard.device)
