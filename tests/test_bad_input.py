@@ -124,7 +124,7 @@ def test_the_submission_and_probabilities_are_written_together_or_not_at_all(run
     ("min_support=-1", "min_support must be >= 0"),
     ("seed=-3", "seed must be >= 0"),
     ("optim.plateau_factor=2", "optim.plateau_factor must be in (0, 1)"),
-    ("tta_sizes=[99999]", "tta_sizes must be image sizes"),
+    ("tta_sizes=[384]", "tta_sizes=[384] was removed"),
 ])
 def test_out_of_range_config_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")

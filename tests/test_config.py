@@ -33,10 +33,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("model.fusion=attn", r"model.fusion must be one of \['concat', 'query'\]"),
     ("model.query_dim=100 model.query_heads=8", "positive multiple of model.query_heads"),
     ("model.query_dropout=1.0", r"model.query_dropout must be in \[0, 1\)"),
-    ("tta_sizes=[384,big]", r"tta_sizes\[1\]: expected int, got 'big'"),
-    ("tta_sizes=[16]", r"tta_sizes must be image sizes in px \(32 to 2048\)"),
-    ("data.image_size=448 tta_sizes=[448,512]", r"data.image_size \(448\) is always used"),
-    ("tta_sizes=[384,384]", "tta_sizes has a size twice"),
+    ("model.head_weights=[1,big,1]", r"model.head_weights\[1\]: expected a finite number"),
     ("model.head_weights=[1,1]", "model.head_weights must be 3 weights"),
     ("model.head_weights=[1,-1,1]", "model.head_weights must be 3 weights"),
     ("model.head_weights=[0,0,0]", "model.head_weights must be 3 weights"),
@@ -95,24 +92,17 @@ def test_removed_options_at_their_off_value_still_load():
     from mmtag.config import REMOVED_OPTIONS, TrainConfig
 
     saved = TrainConfig().to_dict()
-    for key, off in REMOVED_OPTIONS.items():
-        section, name = key.split(".")
-        saved[section][name] = off
+    for key, (off, _) in REMOVED_OPTIONS.items():
+        *section, name = key.split(".")
+        (saved[section[0]] if section else saved)[name] = off
     assert TrainConfig.from_dict(saved) == TrainConfig()
     saved["model"]["image_pool"] = "avgmax"
     with pytest.raises(ConfigError, match="model.image_pool='avgmax' was removed"):
         TrainConfig.from_dict(saved)
-
-
-def test_tta_sizes_from_yaml_and_the_command_line(tmp_path):
-    assert load_config(None, []).tta_sizes == []
-    cfg = load_config(None, ["data.image_size=448", "tta_sizes=[384,512]"])
-    assert cfg.tta_sizes == [384, 512] and cfg.image_sizes == [448, 384, 512]
-    assert load_config(None, ["tta_sizes=384"]).tta_sizes == [384]  # one size needs no brackets
-    assert load_config(None, ["tta_sizes=[]"]).tta_sizes == []
-    f = tmp_path / "c.yaml"
-    f.write_text("tta_sizes: [320]\n")
-    assert TrainConfig.from_dict(load_config(f).to_dict()).tta_sizes == [320]
+    saved["model"]["image_pool"] = "avg"
+    saved["tta_sizes"] = [384]
+    with pytest.raises(ConfigError, match=r"tta_sizes=\[384\] was removed .* commit e2ba04c"):
+        TrainConfig.from_dict(saved)
 
 
 def test_head_weights_from_the_command_line_and_their_warning():

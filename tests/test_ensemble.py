@@ -54,9 +54,9 @@ def test_a_member_saved_by_an_older_version_joins_an_ensemble(runs, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(runs / "b", old)
     ck = torch.load(old / "best.pt", weights_only=True)
-    for key, off in REMOVED_OPTIONS.items():
-        section, name = key.split(".")
-        ck["config"][section][name] = off
+    for key, (off, _) in REMOVED_OPTIONS.items():
+        *section, name = key.split(".")
+        (ck["config"][section[0]] if section else ck["config"])[name] = off
     assert ck["config"]["data"].pop("lemmatizer") == "none"
     ck["config"]["data"]["lemmatize"] = False
     assert ck["caption"].pop("lemmatizer") == "none"

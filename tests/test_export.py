@@ -233,13 +233,10 @@ def test_the_cli_export_writes_its_files(runs, tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--engine", "onnx"], "no exported model in"),
     (["--engine", "onnx-int8"], "no exported model in"),
-    (["--engine", "onnx", "--tta-sizes", "64"], "--tta-sizes needs --engine torch"),
 ])
 def test_engine_mistakes_get_one_line(runs, demo, tmp_path, capsys, argv, message):
     bare = tmp_path / "bare"
     shutil.copytree(runs / "glove", bare, ignore=shutil.ignore_patterns("export"))
-    if "--tta-sizes" in argv:
-        bare = runs / "glove"
     assert main(["predict", str(bare), "--csv", str(demo / "test.csv"), "--images",
                  str(demo / "data"), "--out", str(tmp_path / "p.csv"), *argv]) == 2
     err = capsys.readouterr().err

@@ -120,10 +120,9 @@ def test_killed_extraction_resumes_without_corrupt_entries(demo, tmp_path, monke
                  marks=pytest.mark.slow),  # 20 s where the CPU emulates bf16
     # label queries over the cached 2x2 map
     ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2"]),
-    # multi-scale TTA: the validation rows are also cached at the other sizes; the final
-    # figures average the three sizes' probabilities, as evaluate and predict do from raw images
+    # label queries with the attention image head and the per-modality heads averaged in
     ("5", ["model.fusion=query", "model.query_dim=16", "model.query_heads=2",
-           "model.aux_heads=ensemble", "model.image_head=attention", "tta_sizes=[48,40]"]),
+           "model.aux_heads=ensemble", "model.image_head=attention"]),
 ])
 def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze, extra):
     cfg = load_config(None, [
@@ -134,9 +133,8 @@ def test_cached_training_is_an_ordinary_run(demo, tmp_path, freeze, extra):
     run = tmp_path / "run"
     summary = loop.fit(cfg, demo, run, progress=False)
     assert any((tmp_path / "cache").rglob("*.npy"))
-    assert summary["tta"] == {"flip": True, "sizes": cfg.image_sizes}
-    for size in cfg.image_sizes:
-        assert any(f"-{size}px-" in p.name for p in (tmp_path / "cache").iterdir()), size
+    assert summary["tta"] == {"flip": True, "sizes": [32]}
+    assert any("-32px-" in p.name for p in (tmp_path / "cache").iterdir())
     # evaluate from raw images (the saved model is the whole network) agrees with the cached path
     m = evaluate_run(run, data_dir=demo)
     for k in ("micro_f1", "samples_f1"):

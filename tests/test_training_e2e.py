@@ -4,7 +4,6 @@ import csv
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -271,8 +270,6 @@ def test_evaluate_on_the_validation_split_marks_tuned_thresholds_optimistic(run,
     assert not other["tuned_on_these_rows"]
     assert other["crossfit"]["samples_f1"] == summary["val_crossfit_other_rule"]["samples_f1"]
     assert not evaluate_run(run, data_dir=demo, threshold=0.5)["tuned_on_these_rows"]
-    # at other TTA sizes the run's estimate does not apply: none is given
-    assert "crossfit" not in evaluate_run(run, data_dir=demo, tta_sizes=[40])
 
 
 def test_a_csv_without_captions_is_refused_by_a_model_that_reads_them(run, demo, tmp_path):
@@ -400,26 +397,3 @@ def test_decision_rule_can_be_overridden_from_the_command_line(run, demo, tmp_pa
     assert main(["predict", str(run), "--csv", str(demo / "test.csv"), "--images",
                  str(demo / "data"), "--out", str(out), "--decision", "expected_f1"]) == 0
     assert len(read_csv(out)) == 8
-
-
-def test_multi_scale_tta_averages_each_sizes_probabilities(run, demo, capsys):
-    from mmtag.cli import main
-
-    rows, images = read_csv(demo / "train.csv")[:6], demo / "data"
-    multi = Predictor.load(run, tta_sizes=[40, 48])
-    assert multi.image_sizes == [32, 40, 48]
-    p_multi = multi.probabilities(multi.dataset(rows, images))
-    per_size = []
-    for size in (32, 40, 48):
-        one = Predictor.load(run, tta_sizes=[])
-        one.config.data.image_size = size
-        per_size.append(one.probabilities(one.dataset(rows, images)))
-    np.testing.assert_allclose(p_multi, np.mean(per_size, axis=0), rtol=0, atol=1e-7)
-    # (a tiny model: the sizes' probabilities differ by ~1e-5, far above the rounding above)
-    assert np.abs(p_multi - per_size[0]).max() > 1e-6
-    pairs = [(images / r.image_id, r.caption) for r in rows]  # the API path: the same decisions
-    assert multi.predict(pairs) == [multi.label_map.decode(d) for d in multi.decide(p_multi)]
-    assert main(["evaluate", str(run), "--data", str(demo), "--tta-sizes", "40,48"]) == 0
-    assert "images at 32+40+48 px" in capsys.readouterr().out
-    assert main(["evaluate", str(run), "--data", str(demo), "--tta-sizes", "32"]) == 2
-    assert "data.image_size (32) is always used" in capsys.readouterr().err

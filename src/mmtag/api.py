@@ -81,11 +81,9 @@ def resolve_config(out: Path | str, config: TrainConfig | str | Path | None = No
     return load_config(recipe_path(config) if config else None, overrides)
 
 
-def load_run(run: Path | str, device: str = "auto", tta_sizes: list[int] | None = None,
-             engine: str = "torch"):
+def load_run(run: Path | str, device: str = "auto", engine: str = "torch"):
     """A predictor for a run folder or a best.pt file (`mmtag.inference.torch_engine.Predictor`);
-    `tta_sizes` replaces the run's extra sizes of multi-scale TTA ([]: one size, the fastest).
     `engine` 'onnx' or 'onnx-int8' reads the run's export (`mmtag export`) instead."""
     from mmtag.inference.predictor import load_predictor
 
-    return load_predictor(run, engine, device, tta_sizes)
+    return load_predictor(run, engine, device)

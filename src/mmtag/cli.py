@@ -110,7 +110,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     m = evaluate_run(args.run, data_dir=args.data, csv_path=args.csv, images=args.images,
                      threshold=args.threshold, decision=args.decision,
                      batch_size=args.batch_size, device=args.device, num_workers=args.workers,
-                     tta_sizes=args.tta_sizes, engine=args.engine)
+                     engine=args.engine)
     if args.json:
         print(json.dumps(m))
         return 0
@@ -133,7 +133,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                       threshold=args.threshold, decision=args.decision,
                       caption_only_missing=args.caption_only_missing,
                       batch_size=args.batch_size, device=args.device, num_workers=args.workers,
-                      tta_sizes=args.tta_sizes, engine=args.engine)
+                      engine=args.engine)
     if res is None:  # under torchrun, rank 0 writes and speaks for all
         return 0
     print(f"wrote {res['rows']} rows to {res['out']} (decision: {res['decision']})"
@@ -151,7 +151,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
     res = benchmark(args.run, args.csv, args.images, n=args.n, batch_size=args.batch_size,
                     single=args.single, num_workers=args.workers, device=args.device,
-                    tta_sizes=args.tta_sizes, engines=args.engine)
+                    engines=args.engine)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -276,17 +276,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sizes(text: str) -> list[int]:
-    """--tta-sizes: 'none' or comma-separated sizes in px."""
-    if text.strip().lower() in ("none", ""):
-        return []
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated sizes in px (e.g. 384,512) or 'none', got {text!r}") from None
-
-
 def _threshold(text: str) -> float:
     """--threshold: a probability strictly between 0 and 1."""
     from mmtag.evaluation.thresholds import check_threshold
@@ -299,13 +288,6 @@ def _threshold(text: str) -> float:
         return check_threshold(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _add_tta_arg(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--tta-sizes", type=_sizes, default=None, metavar="SIZES",
-                   help="extra image sizes of multi-scale TTA instead of the run's (tta_sizes): "
-                        "'none' predicts at the training size alone (fastest), '384,512' at "
-                        "those too, averaged")
 
 
 def _add_decision_args(c: argparse.ArgumentParser) -> None:
@@ -442,7 +424,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader decoding processes (default %(default)s)")
     c.add_argument("--device", default="auto")
     c.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_tta_arg(c)
     _add_engine_arg(c)
     c.set_defaults(func=_cmd_evaluate)
 
@@ -458,7 +439,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader decoding processes (default %(default)s: decode in the main "
                         "process, the fastest on 2 cores)")
     c.add_argument("--device", default="auto")
-    _add_tta_arg(c)
     _add_engine_arg(c)
     c.set_defaults(func=_cmd_predict)
 
@@ -471,7 +451,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader decoding processes (default %(default)s, as predict)")
     c.add_argument("--device", default="auto")
     c.add_argument("--json", action="store_true")
-    _add_tta_arg(c)
     c.add_argument("--engine", type=_engines, default=["torch"], metavar="ENGINES",
                    help="torch, onnx, onnx-int8, openvino, or several side by side: "
                         "torch,onnx,openvino (all but torch read the run's export/; default "

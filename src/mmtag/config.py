@@ -136,9 +136,9 @@ class ModelConfig:
                "model.image_encoder and model.text_encoder cannot both be 'none'")
         _check(self.text_encoder in ("glove_lstm", "minilm", "none"),
                "model.text_encoder must be one of ['glove_lstm', 'minilm', 'none']")
-        _check(self.fusion != "gated", _removed_value("model.fusion=gated"))
+        _check(self.fusion != "gated", _removed_value("model.fusion=gated", "c54b680"))
         _check("." not in self.freeze_image, _removed_value(
-            f"model.freeze_image={self.freeze_image!r} (freezing inside a stage)"))
+            f"model.freeze_image={self.freeze_image!r} (freezing inside a stage)", "c54b680"))
         _check(self.fusion in ("concat", "query"), "model.fusion must be one of ['concat', 'query']")
         _check(self.query_dim >= 1 and self.query_layers >= 1 and self.query_heads >= 1
                and self.query_dim % self.query_heads == 0,
@@ -305,10 +305,6 @@ class TrainConfig:
     at_least_one: bool = False      # always predict at least one label per image
     min_support: int = 20           # per-class thresholds only for classes with this many positives
     tta_flip: bool = False          # average predictions of the image and its mirror image
-    # multi-scale test-time augmentation: extra image sizes (px) whose predictions are averaged
-    # with data.image_size's (probabilities averaged; each size with its mirror image too when
-    # tta_flip); prediction costs about sum((size / image_size)^2) times one size's
-    tta_sizes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(self.amp in ("auto", "bf16", "fp16", "none"),
@@ -321,21 +317,8 @@ class TrainConfig:
                "threshold_metric must be one of ['micro_f1', 'samples_f1']")
         _check(self.decision in ("threshold", "expected_f1"),
                "decision must be one of ['expected_f1', 'threshold']")
-        _check(all(32 <= s <= MAX_IMAGE_SIZE for s in self.tta_sizes),
-               f"tta_sizes must be image sizes in px (32 to {MAX_IMAGE_SIZE}), got "
-               f"{self.tta_sizes}")
         _check(self.seed >= 0, "seed must be >= 0")
         _check(self.min_support >= 0, "min_support must be >= 0 (validation positives)")
-        _check(self.data.image_size not in self.tta_sizes,
-               f"tta_sizes lists extra sizes: data.image_size ({self.data.image_size}) is always "
-               f"used, leave it out of {self.tta_sizes}")
-        _check(len(set(self.tta_sizes)) == len(self.tta_sizes),
-               f"tta_sizes has a size twice: {self.tta_sizes}")
-
-    @property
-    def image_sizes(self) -> list[int]:
-        """The sizes a prediction reads each image at: data.image_size, then tta_sizes."""
-        return [self.data.image_size, *self.tta_sizes]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -368,18 +351,22 @@ class ConfigError(ValueError):
 # Options measured and not adopted, removed from the code (docs/experiments.md), with the value
 # that turned each off. Configs saved before their removal hold them at that value: such a key
 # is dropped, so old runs and checkpoints still load. Any other value needs the old code.
+# options measured and not adopted, removed: their "off" value (which old configs may hold and
+# which is dropped when read) and the last commit that has them
 REMOVED_OPTIONS = {
-    "model.image_conv_head": True, "model.train_depthwise": True, "model.query_memory_drop": 0.0,
-    "model.query_extra_stage": 0, "model.pooled_head": False, "model.text_head": "linear",
-    "model.image_pool": "avg", "model.attn_temperatures": [], "loss.self_distill": 0.0,
-    "cache.crop": 1.0,
+    "model.image_conv_head": (True, "c54b680"), "model.train_depthwise": (True, "c54b680"),
+    "model.query_memory_drop": (0.0, "c54b680"), "model.query_extra_stage": (0, "c54b680"),
+    "model.pooled_head": (False, "c54b680"), "model.text_head": ("linear", "c54b680"),
+    "model.image_pool": ("avg", "c54b680"), "model.attn_temperatures": ([], "c54b680"),
+    "loss.self_distill": (0.0, "c54b680"), "cache.crop": (1.0, "c54b680"),
+    # multi-scale TTA: <= 0.2 points either way at 1.7-3x the prediction time (experiments.md)
+    "tta_sizes": ([], "e2ba04c"),
 }
-LAST_COMMIT_WITH_REMOVED_OPTIONS = "c54b680"
 
 
-def _removed_value(what: str) -> str:
+def _removed_value(what: str, commit: str) -> str:
     return (f"{what} was removed (measured, not adopted: docs/experiments.md); to run it, check "
-            f"out commit {LAST_COMMIT_WITH_REMOVED_OPTIONS}")
+            f"out commit {commit}")
 
 
 def _without_removed(d: dict) -> dict:
@@ -395,13 +382,13 @@ def _without_removed(d: dict) -> dict:
         if isinstance(on, str):
             on = on.lower() not in ("false", "no", "off", "0")
         data.setdefault("lemmatizer", "wordnet" if on else "none")
-    for key, off in REMOVED_OPTIONS.items():
-        section, name = key.split(".")
-        values = out.get(section)
+    for key, (off, commit) in REMOVED_OPTIONS.items():
+        *section, name = key.split(".")
+        values = out.get(section[0]) if section else out
         if not isinstance(values, dict) or name not in values:
             continue
         if values[name] != off:
-            raise ConfigError(_removed_value(f"{key}={values[name]!r}"))
+            raise ConfigError(_removed_value(f"{key}={values[name]!r}", commit))
         del values[name]
     return out
 
@@ -444,7 +431,7 @@ def _coerce(value, tp, key: str):
             return None
         tp = next(a for a in args if a is not type(None))
     if typing.get_origin(tp) is list:
-        # a YAML list, or one value (YAML: `tta_sizes: 384`; command line: tta_sizes=384)
+        # a YAML list, or one value (YAML: `key: 384`; command line: key=384)
         items = value if isinstance(value, list) else [] if value in (None, "") else [value]
         return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(items)]
     try:

@@ -47,8 +47,8 @@ class PredictorBase:
         raise NotImplementedError
 
     @property
-    def image_sizes(self) -> list[int | None]:
-        """The sizes each image is read at; [None] for a model that reads no images."""
+    def image_size(self) -> int | None:
+        """The size images are read at; None for a model that reads no images."""
         raise NotImplementedError
 
     def transform(self, size: int | None = None):
@@ -106,7 +106,8 @@ class PredictorBase:
                              "thresholds": [round(float(t), 6) for t in self.thresholds],
                              "at_least_one": self.at_least_one},
                 "reads_images": self.reads_images, "reads_captions": self.reads_captions,
-                "image_sizes": self.image_sizes, "tta_flip": self.tta_flip,
+                # a list, as /v1/model has always given it
+                "image_sizes": [self.image_size], "tta_flip": self.tta_flip,
                 "caption_max_len": getattr(self.caption_enc, "max_len", None)}
 
     def check_captions(self, csv_path: Path) -> None:

@@ -22,8 +22,7 @@ from mmtag.runtime import machine_info
 
 def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: int = 512,
               batch_size: int = 64, single: int = 30, num_workers: int = 0,
-              device: str = "auto", tta_sizes: Sequence[int] | None = None,
-              engines: Sequence[str] = ("torch",)) -> dict:
+              device: str = "auto", engines: Sequence[str] = ("torch",)) -> dict:
     """For each engine: batch throughput (JPEG decoding and preprocessing included) over the
     first `n` rows whose images exist, and single-sample latency (median and 90th percentile of
     `single` calls). {'engines': [one dict per engine], 'machine': ...}."""
@@ -35,7 +34,7 @@ def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: i
     for engine in engines:
         t_load = time.perf_counter()
         try:
-            pred = load_predictor(run, engine, device, tta_sizes)
+            pred = load_predictor(run, engine, device)
         except ExportError as e:
             if len(engines) == 1:
                 raise
@@ -72,7 +71,7 @@ def _measure(pred: PredictorBase, rows, images: Path, batch_size: int, single: i
             "samples_per_second": round(len(rows) / batch_s, 1),
             "single_latency_ms_median": round(1000 * statistics.median(lat), 1),
             "single_latency_ms_p90": round(1000 * sorted(lat)[int(0.9 * (len(lat) - 1))], 1),
-            "tta_flip": pred.tta_flip, "image_sizes": pred.image_sizes}
+            "tta_flip": pred.tta_flip, "image_sizes": [pred.image_size]}
 
 
 def bench_predict(run: Path | str, csv_path: Path | str, images: Path | str, *, n: int = 2048,
@@ -87,7 +86,7 @@ def bench_predict(run: Path | str, csv_path: Path | str, images: Path | str, *, 
     if not rows or not pred.reads_images:
         raise ValueError(f"bench predict needs a model that reads images and rows of {csv_path} "
                          f"with their images in {images}")
-    spec = pred.transform_spec(pred.image_sizes[0])
+    spec = pred.transform_spec()
     # the batches `mmtag predict` makes on this device (decoded there on a GPU)
     batches = DecodedBatches(pred.dataset(rows, images, str(csv_path), with_targets=False),
                              spec, batch_size, pred.device)

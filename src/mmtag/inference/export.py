@@ -269,16 +269,10 @@ def export_run(run: Path | str, out: Path | str, *, int8: bool = False) -> dict:
     pred = Predictor.load(run_path, "cpu", amp="none")
     if pred.unfinished:
         raise ExportError(f"{pred.unfinished}; then export it")
-    dropped = [s for s in pred.image_sizes[1:] if s is not None]
-    if dropped:
-        log.warning("the run's multi-scale TTA sizes %s are not exported: the ONNX model reads "
-                    "images at %d px only", dropped, pred.image_sizes[0])
-        pred = Predictor.load(run_path, "cpu", tta_sizes=[], amp="none")
     stage = staging_folder(out)
     try:
         meta = write_export(pred, run_dir, stage, int8)
         meta["checkpoint"] = checkpoint_digest(best_checkpoint(run_path))
-        meta["dropped_tta_sizes"] = dropped
         atomic_write(stage / MODEL_JSON, json.dumps(meta, indent=2) + "\n")
         swap_in(stage, out)
     except OSError as e:
@@ -315,7 +309,7 @@ def check_out_folder(out: Path, run_dir: Path) -> Path:
 def write_export(pred: Predictor, run_dir: Path, stage: Path, int8: bool) -> dict:
     """The ONNX files (and the tokenizer's) in `stage`, each checked; model.json's contents."""
     graph = ExportGraph(pred.models, pred.tta_flip)  # names and outputs; traced below
-    inputs = example_inputs(graph, pred.image_sizes[0] or 8, pred.caption_enc)
+    inputs = example_inputs(graph, pred.image_size or 8, pred.caption_enc)
     reference = reference_outputs(pred, graph.input_names, inputs)
     graph = ExportGraph(export_members(pred), pred.tta_flip).eval()
     write_onnx(graph, inputs, stage / FP32_FILE)

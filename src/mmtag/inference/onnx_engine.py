@@ -183,8 +183,8 @@ class OnnxPredictor(PredictorBase):
         return bool(self.meta["tta_flip"])
 
     @property
-    def image_sizes(self) -> list[int | None]:
-        return [int(self.meta["image"]["size"])] if self.meta["image"] else [None]
+    def image_size(self) -> int | None:
+        return int(self.meta["image"]["size"]) if self.meta["image"] else None
 
     def transform(self, size: int | None = None):
         spec = self.meta["image"]

@@ -34,16 +34,11 @@ from mmtag.runtime import (
 log = logging.getLogger("mmtag.predict")
 
 
-def load_predictor(run: Path | str, engine: str = "torch", device: str = "auto",
-                   tta_sizes: Sequence[int] | None = None) -> PredictorBase:
+def load_predictor(run: Path | str, engine: str = "torch", device: str = "auto") -> PredictorBase:
     """The predictor of `engine`: 'torch' (the run's best.pt), 'onnx', 'onnx-int8' or
     'openvino' (its export: an export folder, or a run folder with export/ inside)."""
     if engine == "torch":
-        return Predictor.load(run, device, tta_sizes)
-
-    if tta_sizes:
-        raise ValueError("--tta-sizes needs --engine torch: an export reads images at its "
-                         "training size only")
+        return Predictor.load(run, device)
     if device not in ("auto", "cpu"):
         raise ValueError(f"--engine {engine} runs on the CPU; leave --device out")
     return OnnxPredictor.load(run, engine)
@@ -87,7 +82,7 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
                  csv_path: Path | str | None = None, images: Path | str | None = None,
                  threshold: float | None = None, decision: str | None = None,
                  batch_size: int = 64, device: str = "auto", num_workers: int = 0,
-                 tta_sizes: Sequence[int] | None = None, engine: str = "torch") -> dict:
+                 engine: str = "torch") -> dict:
     """Metrics of a run on its saved validation split (`data_dir`) or on a labelled CSV.
 
     On the validation split with the run's tuned thresholds, the thresholds were chosen on these
@@ -95,7 +90,7 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     cross-fit estimate from summary.json beside them (`crossfit`)."""
     if threshold is not None:
         check_threshold(threshold)  # before any inference
-    pred = load_predictor(run, engine, device, tta_sizes)
+    pred = load_predictor(run, engine, device)
     if csv_path is not None:
         rows, image_dir, source = _labelled_csv(pred, Path(csv_path), images)
         validation_of = None
@@ -117,7 +112,7 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
                            label_names=[str(lab) for lab in pred.label_map.labels])
     m["rows"] = len(rows)
     m["source"] = source
-    m["image_sizes"] = pred.image_sizes
+    m["image_sizes"] = [pred.image_size]
     m["thresholds"] = (f"global {threshold:.3f}" if threshold is not None
                        else [round(float(t), 4) for t in pred.thresholds])
     m["decision"] = pred.describe_decision(threshold, decision)
@@ -161,7 +156,7 @@ def _crossfit_estimate(pred: PredictorBase, run_dir: Path, rule: str) -> dict:
     summary = read_json(summary_path) if summary_path.exists() else {}
     # the run's estimate holds for the sizes it was measured at, not for other TTA sizes
     same_sizes = (not pred.reads_images
-                  or summary.get("tta", {}).get("sizes") == list(pred.image_sizes))
+                  or summary.get("tta", {}).get("sizes") == [pred.image_size])
     if same_sizes:
         for key in ("val_crossfit", "val_crossfit_other_rule"):
             c = summary.get(key) or {}
@@ -185,8 +180,7 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
                 out: Path | str = "Predicted_labels.csv", *, probs_out: Path | str | None = None,
                 threshold: float | None = None, decision: str | None = None,
                 caption_only_missing: bool = False, batch_size: int = 64, device: str = "auto",
-                num_workers: int = 0, tta_sizes: Sequence[int] | None = None,
-                engine: str = "torch") -> dict | None:
+                num_workers: int = 0, engine: str = "torch") -> dict | None:
     """Write the Kaggle submission for every row of `csv_path`, in order (and the
     probabilities to `probs_out`): both files or neither.
 
@@ -199,8 +193,8 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
             device = str(on)
     try:
         result = _predict_csv(run, csv_path, images, out, probs_out, threshold, decision,
-                              caption_only_missing, batch_size, device, num_workers,
-                              tta_sizes, engine, dist)
+                              caption_only_missing, batch_size, device, num_workers, engine,
+                              dist)
         barrier(dist)  # rank 0 has written the files; nobody leaves the group before
         return result
     finally:
@@ -208,13 +202,13 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
 
 
 def _predict_csv(run, csv_path, images, out, probs_out, threshold, decision, caption_only_missing,
-                 batch_size, device, num_workers, tta_sizes, engine, dist: Dist) -> dict | None:
+                 batch_size, device, num_workers, engine, dist: Dist) -> dict | None:
     csv_path, images = Path(csv_path), Path(images)
     given_out, given_probs = out, probs_out  # what the user named, for the messages
     out, probs_out = check_predict_outputs(run, csv_path, images, out, probs_out)
     if threshold is not None:
         check_threshold(threshold)  # before any inference
-    pred = load_predictor(run, engine, device, tta_sizes)
+    pred = load_predictor(run, engine, device)
     pred.check_captions(csv_path)
     rows = read_csv(csv_path)
     bad = find_missing_images(rows, images, str(csv_path)) if pred.reads_images else {}

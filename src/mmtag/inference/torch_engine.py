@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,16 +51,12 @@ class Predictor(PredictorBase):
     precision: Precision = None  # the autocast dtype of every pass, and why
 
     @classmethod
-    def load(cls, run: Path | str, device: str = "auto",
-             tta_sizes: Sequence[int] | None = None, amp: str | None = None) -> Predictor:
-        """From a run folder (its best.pt) or a checkpoint file. `tta_sizes` replaces the run's
-        extra sizes of multi-scale TTA ([]: data.image_size alone, the fastest); `amp` its
-        autocast setting ('none': fp32)."""
+    def load(cls, run: Path | str, device: str = "auto", amp: str | None = None) -> Predictor:
+        """From a run folder (its best.pt) or a checkpoint file; `amp` replaces its autocast
+        setting ('none': fp32)."""
         path = best_checkpoint(run)
         ckpt = BestCheckpoint.load(path)
         cfg = ckpt.config
-        if tta_sizes is not None:
-            cfg = {**cfg, "tta_sizes": list(tta_sizes)}
         if amp is not None:
             cfg = {**cfg, "amp": amp}
         try:
@@ -107,9 +102,9 @@ class Predictor(PredictorBase):
         return self.config.tta_flip
 
     @property
-    def image_sizes(self) -> list[int | None]:
-        """data.image_size, then the extra sizes of multi-scale TTA."""
-        return self.config.image_sizes if self.reads_images else [None]
+    def image_size(self) -> int | None:
+        """The size images are read at (None: a model that reads no images)."""
+        return self.config.data.image_size if self.reads_images else None
 
     def describe(self) -> dict:
         m = self.config.model
@@ -128,26 +123,19 @@ class Predictor(PredictorBase):
 
     def probabilities(self, dataset: TaggingDataset, batch_size: int = 64,
                       num_workers: int = 0) -> np.ndarray:
-        """(N, C) sigmoid probabilities, in dataset order: averaged over the sizes of
-        `image_sizes` (each a pass over `dataset` with that size's preprocessing)."""
-        parts = []
+        """(N, C) sigmoid probabilities, in dataset order (averaged over an ensemble's
+        members)."""
         # on a GPU the photos are decoded there (nvJPEG), batch by batch: CPU processes
         # decoding JPEGs cannot keep up with it (a blank image stands in for a missing one
         # only on the DataLoader path)
         on_device = (self.device.type == "cuda" and dataset.load_images
                      and not dataset.blank_missing_images)
-        for size in self.image_sizes:
-            ds = copy.copy(dataset)  # the caller's dataset keeps its transform
-            if size is not None:
-                ds.transform = self.transform(size)
-            loader = (DecodedBatches(ds, self.transform_spec(size), batch_size, self.device)
-                      if on_device else
-                      make_loader(ds, batch_size, shuffle=False, num_workers=num_workers))
-            for model in self.models:
-                parts.append(evaluate(model, loader, None, self.device,
-                                      dtype=self.precision.dtype,
-                                      tta=self.config.tta_flip, channels_last=True)[1])
-        return average_probs(parts)
+        loader = (DecodedBatches(dataset, self.transform_spec(), batch_size, self.device)
+                  if on_device else
+                  make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers))
+        return average_probs(evaluate(model, loader, None, self.device,
+                                      dtype=self.precision.dtype, tta=self.config.tta_flip,
+                                      channels_last=True)[1] for model in self.models)
 
     def caption_probabilities(self, dataset: TaggingDataset, batch_size: int = 64) -> np.ndarray:
         """(N, C) probabilities of the caption's own head (`Tagger.caption_logits`), for rows
@@ -171,13 +159,12 @@ class Predictor(PredictorBase):
         pil = [to_rgb(upright(img)) if img is not None else Image.new("RGB", (32, 32))
                for img in images]
         parts = []
-        for size in self.image_sizes:
-            tf = self.transform(size) if size is not None else None
-            with torch.inference_mode(), autocast(self.device, self.precision.dtype):
-                batch = (torch.stack([tf(img) for img in pil]).to(self.device)
-                         .contiguous(memory_format=torch.channels_last)
-                         if tf is not None else torch.zeros(len(pil), 1))
-                for model in self.models:
-                    logits = flip_tta_logits(model, batch, ids, lengths, self.config.tta_flip)
-                    parts.append(torch.sigmoid(logits.float()).cpu().numpy())
+        tf = self.transform() if self.reads_images else None
+        with torch.inference_mode(), autocast(self.device, self.precision.dtype):
+            batch = (torch.stack([tf(img) for img in pil]).to(self.device)
+                     .contiguous(memory_format=torch.channels_last)
+                     if tf is not None else torch.zeros(len(pil), 1))
+            for model in self.models:
+                logits = flip_tta_logits(model, batch, ids, lengths, self.config.tta_flip)
+                parts.append(torch.sigmoid(logits.float()).cpu().numpy())
         return average_probs(parts)

@@ -291,7 +291,7 @@ def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = No
 def add_tag_routes(app: FastAPI, pred, opts: ServeOptions, batcher: MicroBatcher) -> None:
     """POST /v1/tag and /v1/tag/batch: uploads decoded (bounded, in worker threads), batched
     with other requests' samples, answered with labels and probabilities."""
-    size = pred.image_sizes[0] if len(pred.image_sizes) == 1 else None
+    size = pred.image_size
     # at most this many photos are decoded at once, and of them one heavy one (HEAVY_DECODE_MB)
     decoding = asyncio.Semaphore(2 * (os.cpu_count() or 1))
     heavy_lane = asyncio.Semaphore(1)

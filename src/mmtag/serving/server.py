@@ -61,7 +61,7 @@ def warm_up(pred: PredictorBase, max_batch: int) -> float:
     """Run the model once on one sample and once on a full batch, so that the first request
     does not pay for lazy initialisation; the seconds it took."""
     t = time.perf_counter()
-    size = pred.image_sizes[0] or 32
+    size = pred.image_size or 32
     img = Image.new("RGB", (size, size), (128, 128, 128))
     for n in (1, max_batch):
         pred.predict_probs([img] * n, ["a photo"] * n)

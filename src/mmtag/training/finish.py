@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mmtag.atomic import atomic_write
 from mmtag.evaluation.estimate import decision_figures
-from mmtag.evaluation.probs_csv import average_probs, write_val_probs
+from mmtag.evaluation.probs_csv import write_val_probs
 from mmtag.prediction.checkpoint import (
     BestCheckpoint,
     state_dict_megabytes,
@@ -50,34 +50,25 @@ def finish(run: Run) -> dict:
 
 def _choose_thresholds(run: Run) -> dict:
     """Reload the best weights and choose the decision thresholds on the validation rows (flip
-    TTA from raw images, or from cached flipped features when they exist; every size of
-    multi-scale TTA)."""
+    TTA from raw images, or from cached flipped features when they exist)."""
     cfg, rt, sets = run.cfg, run.rt, run.sets
     tta = cfg.tta_flip and (sets.image_stage == 0 or cfg.cache.flip)
-    loaders = []
-    for ds in (sets.val, *sets.val_other_sizes):
-        if tta and sets.image_stage > 0:
-            ds.both_views = True  # the loader reads the dataset afresh
-        # rank 0 alone: the other ranks wait for the summary
-        loaders.append(loader(ds, sets.workers, rt, cfg.channels_last,
-                              Pass(cfg.optim.batch_size * 2)))
-    return finalize(run, loaders, tta)
+    if tta and sets.image_stage > 0:
+        sets.val.both_views = True  # the loader reads the dataset afresh
+    # rank 0 alone: the other ranks wait for the summary
+    return finalize(run, loader(sets.val, sets.workers, rt, cfg.channels_last,
+                                Pass(cfg.optim.batch_size * 2)), tta)
 
 
-def finalize(run: Run, val_loaders, tta: bool) -> dict:
+def finalize(run: Run, val_loader, tta: bool) -> dict:
     """Reload the best weights, choose decision thresholds on the validation split, and store
-    them in best.pt. `val_loaders`: the validation rows at each size of cfg.image_sizes (their
-    probabilities are averaged, as predict does); `tta`: with the mirror image."""
+    them in best.pt; `tta`: with the mirror image."""
     cfg, run_dir, data, model, rt = run.cfg, run.run_dir, run.data, run.model, run.rt
     best = BestCheckpoint.load(run_dir / BEST_FILE)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v
                            for k, v in best.model.items()})
-    parts = []
-    for batches in val_loaders:
-        _, p, targets = evaluate(model, batches, None, rt.device, dtype=rt.dtype,
+    _, probs, targets = evaluate(model, val_loader, None, rt.device, dtype=rt.dtype,
                                  channels_last=cfg.channels_last, tta=tta)
-        parts.append(p)
-    probs = average_probs(parts)
     y = targets.astype(int)
     label_names = [str(lab) for lab in data.label_map.labels]
     figures = decision_figures(cfg, y, probs, label_names)
@@ -88,13 +79,13 @@ def finalize(run: Run, val_loaders, tta: bool) -> dict:
     mb = state_dict_megabytes(model, cfg.model.fp16_storage)
     rule = ("expected-F1 label sets" if cfg.decision == "expected_f1"
             else f"thresholds ({cfg.threshold_mode}, {cfg.threshold_metric})")
-    sizes = cfg.image_sizes[:len(val_loaders)]
     tuned, at05 = figures["val"], figures["val_at_0.5"]
-    log.info("best epoch %d; %s%s: val micro-F1 %.4f samples-F1 %.4f "
-             "(at 0.5: %.4f / %.4f); saved model %.1f MB", best.epoch, rule,
-             f", images at {'+'.join(map(str, sizes))} px" if len(sizes) > 1 else "",
-             tuned["micro_f1"], tuned["samples_f1"], at05["micro_f1"], at05["samples_f1"], mb)
-    return {"best_epoch": best.epoch, **figures, "tta": {"flip": bool(tta), "sizes": sizes},
+    log.info("best epoch %d; %s: val micro-F1 %.4f samples-F1 %.4f (at 0.5: %.4f / %.4f); "
+             "saved model %.1f MB", best.epoch, rule, tuned["micro_f1"], tuned["samples_f1"],
+             at05["micro_f1"], at05["samples_f1"], mb)
+    # "sizes": the image sizes predicted at (one since multi-scale TTA was removed)
+    return {"best_epoch": best.epoch, **figures,
+            "tta": {"flip": bool(tta), "sizes": [cfg.data.image_size]},
             "saved_model_mb": round(mb, 2),
             "val_rows": len(data.val_rows), "train_rows": len(data.train_rows)}
 

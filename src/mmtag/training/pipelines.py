@@ -4,7 +4,6 @@ pass over them."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,38 +38,30 @@ def datasets(cfg: TrainConfig, model: nn.Module, data: RunData, rt: Runtime,
     norm = encoder_normalisation(model)
     has_image = model.image_encoder is not None
 
-    def raw(rows, train: bool, size: int | None = None) -> TaggingDataset:
+    def raw(rows, train: bool) -> TaggingDataset:
         return TaggingDataset(rows, data.image_dir, data.caption_enc, data.label_map,
-                              build_transform(transform_spec(cfg.data, norm, size), train=train),
+                              build_transform(transform_spec(cfg.data, norm), train=train),
                               source="train.csv", load_images=has_image)
 
     train_ds, val_ds = raw(data.train_rows, True), raw(data.val_rows, False)
-    # the validation rows at the other sizes of multi-scale TTA (final evaluation only): copies
-    # of val_ds with another size's preprocessing (the captions stay encoded once)
-    sizes = cfg.tta_sizes if has_image else []
-    others = []
-    for size in sizes:
-        others.append(copy.copy(val_ds))
-        others[-1].transform = build_transform(transform_spec(cfg.data, norm, size), train=False)
     stage, text_stage = plan_cache(cfg, model)
     if not (stage > 0 or (text_stage and not has_image)):
         if has_image and pipeline(cfg, rt.device) == "device":
-            return _pixel_datasets(cfg, data, rt, norm, (train_ds, val_ds, others), progress)
-        return Datasets(train_ds, val_ds, others, 0, cfg.data.num_workers)
+            return _pixel_datasets(cfg, data, rt, norm, (train_ds, val_ds), progress)
+        return Datasets(train_ds, val_ds, 0, cfg.data.num_workers)
     log.info("cached-feature path: %s%s; only the rest trains. Cached images get flip "
              "augmentation only (colour jitter and affine need the raw pixels).",
              f"image stages [0, {min(stage, model.image_encoder.num_stages)}) cached"
              if stage else "no image", f", caption encoder layers [0, {text_stage}) cached"
              if text_stage else "")
 
-    def cached(ds, train: bool, size: int | None = None):
-        return cached_dataset(cfg, model, ds, transform_spec(cfg.data, norm, size), train=train,
+    def cached(ds, train: bool):
+        return cached_dataset(cfg, model, ds, transform_spec(cfg.data, norm), train=train,
                               stage=stage, text_stage=text_stage, progress=progress,
                               dtype=rt.dtype)
 
-    sets = Datasets(cached(train_ds, True), cached(val_ds, False),
-                    [cached(ds, False, size) for ds, size in zip(others, sizes, strict=True)],
-                    stage, workers=0)  # features are in memory
+    sets = Datasets(cached(train_ds, True), cached(val_ds, False), stage,
+                    workers=0)  # features are in memory
     model.image_input_stage, model.text_input_stage = stage, text_stage
     return sets
 
@@ -85,15 +76,15 @@ def pipeline(cfg: TrainConfig, device: torch.device) -> str:
 
 def _pixel_datasets(cfg: TrainConfig, data: RunData, rt: Runtime, norm: str, raw: tuple,
                     progress: bool) -> Datasets:
-    """The device pipeline: every image decoded once into a uint8 cache at each size, moved to
-    the device with the captions and targets when it fits (else read from the memory map)."""
+    """The device pipeline: every image decoded once into a uint8 cache, moved to the device
+    with the captions and targets when it fits (else read from the memory map)."""
     folder = Path(cfg.cache.dir) / "pixels" if cfg.cache.dir else default_pixel_dir()
-    train_ds, val_ds, others = raw
+    train_ds, val_ds = raw
     # an LSTM packs its sequences by lengths held on the CPU; MiniLM masks on the device
     lengths_on_device = cfg.model.text_encoder != "glove_lstm"
 
-    def pixels(ds: TaggingDataset, train: bool, size: int | None = None) -> PixelDataset:
-        spec = transform_spec(cfg.data, norm, size)
+    def pixels(ds: TaggingDataset, train: bool) -> PixelDataset:
+        spec = transform_spec(cfg.data, norm)
         paths = [data.image_dir / r.image_id for r in ds.records]
         where = [ds.where(r) for r in ds.records]
         cache = as_tensor(pixel_cache(paths, where, spec.size, folder,
@@ -102,12 +93,9 @@ def _pixel_datasets(cfg: TrainConfig, data: RunData, rt: Runtime, norm: str, raw
         return PixelDataset(cache, ds.tokens, ds.lengths, ds.targets, spec, train).to(
             rt.device, pixels=fits, lengths=lengths_on_device)
 
-    sizes = cfg.tta_sizes
     log.info("device pipeline: images decoded once into uint8 caches in %s, augmented in "
              "batches on %s", folder, rt.device)
-    return Datasets(pixels(train_ds, True), pixels(val_ds, False),
-                    [pixels(ds, False, size) for ds, size in zip(others, sizes, strict=True)],
-                    0, workers=0)
+    return Datasets(pixels(train_ds, True), pixels(val_ds, False), 0, workers=0)
 
 
 def _fits_on_device(nbytes: int, device: torch.device) -> bool:

@@ -53,7 +53,6 @@ class Datasets:
 
     train: Any
     val: Any
-    val_other_sizes: list       # the validation rows at the other sizes of multi-scale TTA
     image_stage: int            # cached image stages (0: raw images)
     workers: int                # DataLoader processes (0 for in-memory features)
 
