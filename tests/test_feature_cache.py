@@ -16,7 +16,13 @@ from mmtag.data.images import ImageTransformSpec
 from mmtag.inference.predictor import Predictor, evaluate_run
 from mmtag.models.image_encoders import build_image_encoder
 from mmtag.training import loop
-from mmtag.training.feature_cache import CacheSpec, FeatureStore, cache_image_features
+from mmtag.training.feature_cache import (
+    CacheOptions,
+    CacheSpec,
+    FeatureStore,
+    ImageRows,
+    cache_image_features,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +41,15 @@ def test_cache_is_keyed_and_never_stale(demo, tmp_path):
     enc = build_image_encoder("efficientnet_lite0", pretrained=False, freeze=3)
     rows = read_csv(demo / "train.csv")[:6]
     spec = ImageTransformSpec(size=32, normalisation="tf")
-    feats = cache_image_features(enc, 3, rows, demo / "data", spec, root=tmp_path, flip=True)
+    feats = cache_image_features(enc, 3, ImageRows(rows, demo / "data"), spec,
+                         CacheOptions(root=tmp_path, flip=True))
     assert feats.shape[:2] == (6, 2) and feats.dtype == np.float16
     ref = enc.eval().run_stages(torch.zeros(1, 3, 32, 32), 0, 3)
     assert feats.shape[2:] == ref.shape[1:]
     files = _files(tmp_path)
     stamps = [p.stat().st_mtime_ns for p in files]
-    again = cache_image_features(enc, 3, rows, demo / "data", spec, root=tmp_path, flip=True)
+    again = cache_image_features(enc, 3, ImageRows(rows, demo / "data"), spec,
+                         CacheOptions(root=tmp_path, flip=True))
     np.testing.assert_array_equal(again, feats)
     assert [p.stat().st_mtime_ns for p in _files(tmp_path)] == stamps  # nothing re-extracted
 
@@ -51,19 +59,21 @@ def test_cache_is_keyed_and_never_stale(demo, tmp_path):
     for r in rows:
         (img_dir / r.image_id).write_bytes((demo / "data" / r.image_id).read_bytes())
     Image.new("RGB", (40, 40), (255, 0, 0)).save(img_dir / rows[0].image_id)
-    edited = cache_image_features(enc, 3, rows, img_dir, spec, root=tmp_path, flip=True)
+    edited = cache_image_features(enc, 3, ImageRows(rows, img_dir), spec,
+                         CacheOptions(root=tmp_path, flip=True))
     assert not np.array_equal(edited[0], feats[0])
     np.testing.assert_array_equal(edited[1:], feats[1:])
 
     # another resolution, stage or backbone weights: another folder
-    cache_image_features(enc, 3, rows, demo / "data", ImageTransformSpec(size=64, normalisation="tf"),
-                         root=tmp_path, flip=True)
+    cache_image_features(enc, 3, ImageRows(rows, demo / "data"), ImageTransformSpec(size=64, normalisation="tf"),
+                         CacheOptions(root=tmp_path, flip=True))
     enc2 = build_image_encoder("efficientnet_lite0", pretrained=False, freeze=3)
-    cache_image_features(enc2, 3, rows, demo / "data", spec, root=tmp_path, flip=True)
+    cache_image_features(enc2, 3, ImageRows(rows, demo / "data"), spec,
+                         CacheOptions(root=tmp_path, flip=True))
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("efficientnet")]) == 3
     # another precision (bf16 autocast, as a bf16 model predicts): another folder, close values
-    bf = cache_image_features(enc, 3, rows, demo / "data", spec, root=tmp_path, flip=True,
-                              dtype=torch.bfloat16)
+    bf = cache_image_features(enc, 3, ImageRows(rows, demo / "data"), spec,
+                         CacheOptions(root=tmp_path, flip=True, dtype=torch.bfloat16))
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("efficientnet")]) == 4
     assert not np.array_equal(bf, feats)
     rel = np.linalg.norm(bf.astype(np.float32) - feats) / np.linalg.norm(feats.astype(np.float32))
@@ -96,17 +106,21 @@ def test_killed_extraction_resumes_without_corrupt_entries(demo, tmp_path, monke
 
     monkeypatch.setattr(FeatureStore, "put", dying_put)
     with pytest.raises(KeyboardInterrupt):
-        cache_image_features(enc, 2, rows, demo / "data", spec, root=tmp_path, batch_size=4)
+        cache_image_features(enc, 2, ImageRows(rows, demo / "data"), spec,
+                         CacheOptions(root=tmp_path, batch_size=4))
     assert len(_files(tmp_path)) == 3 and not list(tmp_path.rglob(".tmp-*"))
     monkeypatch.setattr(FeatureStore, "put", real_put)
-    feats = cache_image_features(enc, 2, rows, demo / "data", spec, root=tmp_path, batch_size=4)
+    feats = cache_image_features(enc, 2, ImageRows(rows, demo / "data"), spec,
+                         CacheOptions(root=tmp_path, batch_size=4))
     assert len(_files(tmp_path)) == 8
-    fresh = cache_image_features(enc, 2, rows, demo / "data", spec, root=tmp_path / "new", batch_size=8)
+    fresh = cache_image_features(enc, 2, ImageRows(rows, demo / "data"), spec,
+                         CacheOptions(root=tmp_path / "new", batch_size=8))
     np.testing.assert_array_equal(feats, fresh)
     # a corrupt entry is detected, deleted and re-extracted
     victim = _files(tmp_path)[0]
     victim.write_bytes(b"garbage")
-    again = cache_image_features(enc, 2, rows, demo / "data", spec, root=tmp_path, batch_size=8)
+    again = cache_image_features(enc, 2, ImageRows(rows, demo / "data"), spec,
+                         CacheOptions(root=tmp_path, batch_size=8))
     np.testing.assert_array_equal(again, feats)
 
 
@@ -181,16 +195,16 @@ def test_openvino_caches_what_torch_caches(demo, tmp_path, size):
     rows = read_csv(demo / "train.csv")[:12]
     spec = ImageTransformSpec(size=size, normalisation="tf")
     kw = dict(flip=True, batch_size=5)  # 12 rows: batches of 5, 5 and 2
-    ref = cache_image_features(enc, 4, rows, demo / "data", spec, root=tmp_path / "t",
-                               engine="torch", **kw).astype(np.float32)
-    got = cache_image_features(enc, 4, rows, demo / "data", spec, root=tmp_path / "o",
-                               engine="openvino", **kw).astype(np.float32)
+    ref = cache_image_features(enc, 4, ImageRows(rows, demo / "data"), spec,
+                         CacheOptions(root=tmp_path / "t", engine="torch", **kw)).astype(np.float32)
+    got = cache_image_features(enc, 4, ImageRows(rows, demo / "data"), spec,
+                         CacheOptions(root=tmp_path / "o", engine="openvino", **kw)).astype(np.float32)
     assert got.shape == ref.shape
     # fp32 both, rounded to fp16 in the cache: equal up to a few fp16 steps
     assert np.abs(got - ref).max() <= 2e-3 * max(1.0, np.abs(ref).max())
     assert [p.name for p in (tmp_path / "o").iterdir()] != [p.name for p in (tmp_path / "t").iterdir()]
-    again = cache_image_features(enc, 4, rows, demo / "data", spec, root=tmp_path / "o2",
-                                 engine="openvino", **kw)
+    again = cache_image_features(enc, 4, ImageRows(rows, demo / "data"), spec,
+                         CacheOptions(root=tmp_path / "o2", engine="openvino", **kw))
     assert np.array_equal(again.astype(np.float32), got)  # reruns are byte-identical
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from torch.utils.data import Dataset
 
 from mmtag.config import TrainConfig
 from mmtag.training.feature_cache import (
+    CacheOptions,
+    ImageRows,
     cache_image_features,
     cache_text_features,
     resolve_engine,
@@ -75,23 +78,32 @@ def plan_cache(cfg: TrainConfig, model) -> tuple[int, int]:
     return stage, text_stage
 
 
-def cached_dataset(cfg: TrainConfig, model, ds, transform_spec, *, train: bool, stage: int,
-                   text_stage: int, progress: bool,
-                   dtype: torch.dtype | None = None) -> CachedDataset:
+@dataclass(frozen=True)
+class CachePlan:
+    """What is cached (plan_cache's image stages and caption layers) and how: the autocast
+    dtype the model predicts with (the frozen prefix runs under it), progress bars."""
+
+    stage: int
+    text_stage: int
+    dtype: torch.dtype | None = None
+    progress: bool = False
+
+
+def cached_dataset(cfg: TrainConfig, model, ds, transform_spec, plan: CachePlan, *,
+                   train: bool) -> CachedDataset:
     """Replace one raw dataset (mmtag.data.dataset.TaggingDataset) by its cached features, the
-    images read through `transform_spec`. `dtype` is the autocast dtype the model predicts with
-    (the frozen prefix runs under it)."""
+    images read through `transform_spec`."""
     root = Path(cfg.cache.dir) if cfg.cache.dir else None
     image = None
-    if stage > 0:
+    if plan.stage > 0:
         image = cache_image_features(
-            model.image_encoder, stage, ds.records, ds.image_dir, transform_spec, root=root,
-            flip=cfg.cache.flip, batch_size=cfg.cache.batch_size,
-            num_workers=cfg.cache.num_workers, progress=progress, source=ds.source, dtype=dtype,
-            engine=resolve_engine(cfg.cache.engine))
+            model.image_encoder, plan.stage, ImageRows(ds.records, ds.image_dir, ds.source),
+            transform_spec, CacheOptions(
+                root=root, flip=cfg.cache.flip, batch_size=cfg.cache.batch_size,
+                num_workers=cfg.cache.num_workers, progress=plan.progress, dtype=plan.dtype,
+                engine=resolve_engine(cfg.cache.engine)))
     text = ds.tokens
-    if text_stage:
-        text = torch.from_numpy(cache_text_features(
-            model.text_encoder, text_stage, ds.tokens, ds.lengths,
-            [r.caption for r in ds.records], root=root, dtype=dtype))
+    if plan.text_stage:
+        text = torch.from_numpy(cache_text_features(model.text_encoder, plan.text_stage, ds,
+                                                    root=root, dtype=plan.dtype))
     return CachedDataset(image, text, ds.lengths, ds.targets, train=train)

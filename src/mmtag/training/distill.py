@@ -35,7 +35,7 @@ from mmtag.prediction.checkpoint import BestCheckpoint
 from mmtag.prediction.passes import evaluate
 from mmtag.run_files import BEST_FILE, SPLIT_FILE, SUMMARY_FILE
 from mmtag.runtime import choose_precision
-from mmtag.training.cached import cached_dataset, plan_cache
+from mmtag.training.cached import CachePlan, cached_dataset, plan_cache
 from mmtag.training.feature_cache import default_cache_dir, image_digests
 
 log = logging.getLogger("mmtag.distill")
@@ -153,8 +153,8 @@ def _score(teacher: Teacher, rows: Sequence[Record], image_dir: Path, source: st
     stage, text_stage = plan_cache(cfg, model)
     tta = cfg.tta_flip and (stage == 0 or cfg.cache.flip)
     if stage or text_stage:
-        ds = cached_dataset(cfg, model, ds, spec, train=False, stage=stage,
-                            text_stage=text_stage, progress=progress, dtype=dtype)
+        ds = cached_dataset(cfg, model, ds, spec, CachePlan(stage, text_stage, dtype, progress),
+                            train=False)
         ds.both_views = tta and stage > 0
         model.image_input_stage, model.text_input_stage = stage, text_stage
     loader = make_loader(ds, cfg.optim.batch_size * 2, shuffle=False,

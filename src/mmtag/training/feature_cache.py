@@ -17,6 +17,7 @@ once over the data and its outputs are stored on disk, one `.npy` file per image
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -181,40 +182,74 @@ def image_digests(records: Sequence[Record], image_dir: Path, source: str) -> li
 
 
 @torch.inference_mode()
-def cache_image_features(encoder: nn.Module, stage: int, records: Sequence[Record],
-                         image_dir: Path, transform_spec: ImageTransformSpec, *,
-                         root: Path | None = None, flip: bool = True, batch_size: int = 32,
-                         num_workers: int = 0, progress: bool = False, source: str = "",
-                         dtype: torch.dtype | None = None, engine: str = "torch") -> np.ndarray:
+@dataclass(frozen=True)
+class ImageRows:
+    """The photos to cache: the rows, the folder their files are in, the CSV they came from
+    (named in messages)."""
+
+    records: Sequence[Record]
+    image_dir: Path
+    source: str = ""
+
+    def subset(self, idx: Sequence[int]) -> ImageRows:
+        return ImageRows([self.records[i] for i in idx], self.image_dir, self.source)
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """How the frozen image stages run over the photos. `dtype` (e.g. torch.bfloat16) runs
+    them under CPU autocast, as the trained model's predictor will (its `amp` setting), so
+    cached and raw-image paths compute the same thing; `engine` 'openvino' runs them through
+    OpenVINO (resolve_engine), at the same precision."""
+
+    root: Path | None = None    # the cache's folder (None: default_cache_dir())
+    flip: bool = True           # the mirror image's features too
+    batch_size: int = 32
+    num_workers: int = 0        # decoding processes
+    progress: bool = False
+    dtype: torch.dtype | None = None
+    engine: str = "torch"
+
+
+@dataclass(frozen=True)
+class _FrozenStages:
+    """Stages [0, end) of an inference-ready encoder, as one function of an image batch."""
+
+    fast: nn.Module             # the encoder, BatchNorm folded
+    run: object                 # stage_runner's function
+    pooled: bool                # then pooled (stage num_stages + 1)
+
+
+def cache_image_features(encoder: nn.Module, stage: int, rows: ImageRows,
+                         transform_spec: ImageTransformSpec,
+                         opts: CacheOptions = CacheOptions()) -> np.ndarray:
     """(N, V, ...) float16 outputs of `encoder` stages [0, stage) (pooled when stage is
-    `num_stages + 1`) for every row, V = 2 with `flip` (original, flipped) else 1. `dtype`
-    (e.g. torch.bfloat16) runs the encoder under CPU autocast, as the trained model's predictor
-    will (its `amp` setting), so cached and raw-image paths compute the same thing. `engine`
-    'openvino' runs the frozen stages through OpenVINO (resolve_engine), at the same precision."""
-    image_dir = Path(image_dir)
-    if engine == "openvino":
+    `num_stages + 1`) for every row, V = 2 with `opts.flip` (original, flipped) else 1."""
+    if opts.engine == "openvino":
         # fp32 under OpenVINO: faster than its bf16 (51 against 38 images/s for Lite2's
         # stages 0-6 at 448 px, docs/performance.md) and equal to torch's fp32 after the
         # cache's fp16 rounding, where bf16 moves the features by 6 %
-        dtype = None
+        opts = dataclasses.replace(opts, dtype=None)
+    rows = ImageRows(rows.records, Path(rows.image_dir), rows.source)
     end = min(stage, encoder.num_stages)
     spec = CacheSpec("image", encoder.name, module_fingerprint(nn.ModuleList(encoder.stages[:end])),
-                     stage, transform_spec.size, transform_spec.normalisation, flip,
-                     precision=_precision(dtype), engine=engine)
-    store = FeatureStore(Path(root or default_cache_dir()) / spec.folder_name())
-    digests = image_digests(records, image_dir, source)
+                     stage, transform_spec.size, transform_spec.normalisation, opts.flip,
+                     precision=_precision(opts.dtype), engine=opts.engine)
+    store = FeatureStore(Path(opts.root or default_cache_dir()) / spec.folder_name())
+    digests = image_digests(rows.records, rows.image_dir, rows.source)
     for attempt in range(2):
         todo = _missing(store, digests)
         if todo:
             log.info("caching %s features (stage %d%s, %d px) of %d images into %s",
                      encoder.name, stage, " pooled" if stage > end else "", transform_spec.size,
                      len(todo), store.folder)
-            _extract_images(encoder, end, stage > end, store, [records[i] for i in todo],
-                            [digests[i] for i in todo], image_dir, transform_spec,
-                            flip=flip, batch_size=batch_size, num_workers=num_workers,
-                            progress=progress, source=source, dtype=dtype, engine=engine)
+            fast = encoder.for_inference(channels_last=True)
+            stages = _FrozenStages(fast, stage_runner(fast, end, opts.engine, opts.dtype,
+                                                      transform_spec.size), stage > end)
+            _extract_images(stages, store, rows.subset(todo), [digests[i] for i in todo],
+                            transform_spec, opts)
         try:
-            return _load_all(store, digests, records)
+            return _load_all(store, digests, rows.records)
         except _CorruptEntry:
             if attempt:  # the bad entry was deleted and extracted again, and is bad again
                 raise
@@ -230,28 +265,26 @@ def _missing(store: FeatureStore, keys: Sequence[str]) -> list[int]:
     return list(todo.values())
 
 
-def _extract_images(encoder: nn.Module, end: int, pooled: bool, store: FeatureStore,
-                    records: Sequence[Record], keys: Sequence[str], image_dir: Path,
-                    transform_spec: ImageTransformSpec, *, flip: bool, batch_size: int,
-                    num_workers: int, progress: bool, source: str,
-                    dtype: torch.dtype | None, engine: str) -> None:
-    """Run stages [0, end) (then pooling when `pooled`) over `records`' images, original and
-    with `flip` mirrored, and store each row's (V, ...) float16 output under its key."""
-    fast = encoder.for_inference(channels_last=True)
+def _extract_images(stages: _FrozenStages, store: FeatureStore, rows: ImageRows,
+                    keys: Sequence[str], transform_spec: ImageTransformSpec,
+                    opts: CacheOptions) -> None:
+    """Run the frozen stages over the rows' images, original and with `opts.flip` mirrored,
+    and store each row's (V, ...) float16 output under its key."""
+    fast, run, pooled = stages.fast, stages.run, stages.pooled
     dev = next(fast.parameters()).device
-    run = stage_runner(fast, end, engine, dtype, transform_spec.size)
-    ds = _Images([image_dir / r.image_id for r in records],
-                 [f"{source} line {r.line}, {r.image_id}" for r in records],
+    ds = _Images([rows.image_dir / r.image_id for r in rows.records],
+                 [f"{rows.source} line {r.line}, {r.image_id}" for r in rows.records],
                  build_transform(transform_spec, train=False))
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=opts.batch_size,
+                                         num_workers=opts.num_workers)
     t0, last, done = time.time(), time.time(), 0
     bar = None
-    if progress:
+    if opts.progress:
         from tqdm import tqdm
         bar = tqdm(total=len(ds), desc="caching image features", unit="img", leave=False)
     for x, pos in loader:
         outs = []
-        for v in [x, x.flip(-1)] if flip else [x]:
+        for v in [x, x.flip(-1)] if opts.flip else [x]:
             y = run(v.to(dev)).float()
             outs.append((fast.pool(y) if pooled else y).cpu())
         feats = torch.stack(outs, 1).to(torch.float16).contiguous().numpy()  # (B, V, ...)
@@ -364,12 +397,15 @@ def _load_all(store: FeatureStore, keys: Sequence[str], records: Sequence) -> np
 
 
 @torch.inference_mode()
-def cache_text_features(encoder: nn.Module, stage: int, ids: torch.Tensor, lengths: torch.Tensor,
-                        captions: Sequence[str], *, root: Path | None = None,
-                        batch_size: int = 128, dtype: torch.dtype | None = None) -> np.ndarray:
-    """Float16 outputs of the frozen part of a caption encoder for token `ids` (N, T) and
-    `lengths` (N,): token states (N, T, D) after `stage` layers, or pooled features (N, D) when
-    `stage` is `num_layers + 1`; stored once per distinct caption text (and token length T)."""
+def cache_text_features(encoder: nn.Module, stage: int, ds, *, root: Path | None = None,
+                        dtype: torch.dtype | None = None) -> np.ndarray:
+    """Float16 outputs of the frozen part of a caption encoder for the captions of `ds` (a
+    TaggingDataset: token ids (N, T), lengths (N,), its records' captions): token states
+    (N, T, D) after `stage` layers, or pooled features (N, D) when `stage` is
+    `num_layers + 1`; stored once per distinct caption text (and token length T)."""
+    ids, lengths = ds.tokens, ds.lengths
+    captions = [r.caption for r in ds.records]
+    batch_size = 128
     pooled = stage > encoder.num_layers
     spec = CacheSpec("text", type(encoder).__name__, module_fingerprint(encoder), stage,
                      max_len=int(ids.shape[1]), precision=_precision(dtype))

@@ -24,7 +24,7 @@ from mmtag.models.build import encoder_normalisation
 from mmtag.runtime import (
     seed_everything,
 )
-from mmtag.training.cached import cached_dataset, plan_cache
+from mmtag.training.cached import CachePlan, cached_dataset, plan_cache
 from mmtag.training.state import Datasets, RunData, Runtime
 
 log = logging.getLogger("mmtag.train")
@@ -56,9 +56,8 @@ def datasets(cfg: TrainConfig, model: nn.Module, data: RunData, rt: Runtime,
              if text_stage else "")
 
     def cached(ds, train: bool):
-        return cached_dataset(cfg, model, ds, transform_spec(cfg.data, norm), train=train,
-                              stage=stage, text_stage=text_stage, progress=progress,
-                              dtype=rt.dtype)
+        return cached_dataset(cfg, model, ds, transform_spec(cfg.data, norm),
+                              CachePlan(stage, text_stage, rt.dtype, progress), train=train)
 
     sets = Datasets(cached(train_ds, True), cached(val_ds, False), stage,
                     workers=0)  # features are in memory
