@@ -96,7 +96,7 @@ def test_the_student_fits_soft_targets(teacher, demo, tmp_path, monkeypatch):
     # a teacher sure of the labels (0.1 / 0.9; 0.5 on unlabelled rows): the student's loss on
     # such targets falls towards their entropy (0.325 a label) as it learns them
     def confident(t, rows, *a, **k):
-        return np.stack([0.1 + 0.8 * t.label_map.encode(r.labels, "") for r in rows])
+        return np.stack([0.1 + 0.8 * t.label_map.encode(r.labels, "") for r in rows.records])
 
     monkeypatch.setattr(distill, "_score", confident)
     out = tmp_path / "s"

@@ -148,19 +148,21 @@ def test_shape_mismatch_is_refused():
 
 
 def test_build_loss_names_and_errors():
-    assert isinstance(build_loss("bce"), BCELoss)
-    assert isinstance(build_loss("bce", pos_weight=[1.0, 2.0]).pos_weight, torch.Tensor)
-    focal = build_loss("focal", alpha=None, gamma=1.0)
+    from mmtag.config import ConfigError, LossConfig
+
+    assert isinstance(build_loss(LossConfig("bce")), BCELoss)
+    assert isinstance(build_loss(LossConfig("bce"), [1.0, 2.0]).pos_weight, torch.Tensor)
+    focal = build_loss(LossConfig("focal", alpha=-1.0, gamma=1.0))  # a negative alpha: off
     assert isinstance(focal, FocalLoss) and focal.alpha is None and focal.gamma == 1.0
-    asl = build_loss("asl", gamma_neg=2, gamma_pos=1, clip=0.1)
+    asl = build_loss(LossConfig("asl", gamma_neg=2, gamma_pos=1, clip=0.1))
     assert isinstance(asl, AsymmetricLoss)
     assert (asl.gamma_neg, asl.gamma_pos, asl.clip) == (2.0, 1.0, 0.1)
-    with pytest.raises(ValueError, match=r"unknown loss 'foo'; choose from \['asl', 'bce', 'focal'\]"):
-        build_loss("foo")
+    with pytest.raises(ConfigError, match=r"loss.name must be one of \['asl', 'bce', 'focal'\]"):
+        LossConfig("foo")
     with pytest.raises(ValueError, match="pos_weight only applies"):
-        build_loss("focal", pos_weight=[1.0])
-    with pytest.raises(ValueError, match="clip"):
-        build_loss("asl", clip=1.5)
+        build_loss(LossConfig("focal"), [1.0])
+    with pytest.raises(ConfigError, match="clip"):
+        LossConfig("asl", clip=1.5)
 
 
 def test_pos_weight_from_targets():

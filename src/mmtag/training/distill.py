@@ -36,7 +36,7 @@ from mmtag.prediction.passes import evaluate
 from mmtag.run_files import BEST_FILE, SPLIT_FILE, SUMMARY_FILE
 from mmtag.runtime import choose_precision
 from mmtag.training.cached import CachePlan, cached_dataset, plan_cache
-from mmtag.training.feature_cache import default_cache_dir, image_digests
+from mmtag.training.feature_cache import ImageRows, default_cache_dir, image_digests
 
 log = logging.getLogger("mmtag.distill")
 
@@ -98,38 +98,38 @@ def unlabeled_rows(csv_path: Path | str, image_dir: Path) -> list[Record]:
     return kept
 
 
-def teacher_probabilities(teacher: Teacher, rows: Sequence[Record], image_dir: Path, *,
-                          source: str, device: torch.device, cache_root: Path | None = None,
-                          progress: bool = False) -> np.ndarray:
+def teacher_probabilities(teacher: Teacher, rows: ImageRows, device: torch.device,
+                          cache_root: Path | None = None, progress: bool = False) -> np.ndarray:
     """(N, C) probabilities of the teacher for `rows` (its label order), read from the cache
     when this teacher already scored these photos and captions."""
-    key = _key(teacher, rows, image_dir, source)
+    key = _key(teacher, rows)
     folder = Path(cache_root or default_cache_dir()) / "teachers"
     cached = folder / f"{key}.npy"
     if cached.exists():
         probs = np.load(cached)
-        if probs.shape == (len(rows), teacher.label_map.num_classes):
-            log.info("teacher probabilities of %d rows read from %s", len(rows), cached)
+        if probs.shape == (len(rows.records), teacher.label_map.num_classes):
+            log.info("teacher probabilities of %d rows read from %s", len(rows.records), cached)
             return probs
-    probs = _score(teacher, rows, image_dir, source, device, progress)
+    probs = _score(teacher, rows, device, progress)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(cached, lambda f: np.save(f, probs.astype(np.float32)))
-    log.info("teacher probabilities of %d rows cached in %s", len(rows), cached)
+    log.info("teacher probabilities of %d rows cached in %s", len(rows.records), cached)
     return probs
 
 
-def _key(teacher: Teacher, rows: Sequence[Record], image_dir: Path, source: str) -> str:
+def _key(teacher: Teacher, rows: ImageRows) -> str:
     h = hashlib.sha256()
     with open(teacher.path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    for r, digest in zip(rows, image_digests(rows, image_dir, source), strict=True):
+    digests = image_digests(rows.records, rows.image_dir, rows.source)
+    for r, digest in zip(rows.records, digests, strict=True):
         h.update(f"\0{digest}\0{r.caption}".encode())
     return h.hexdigest()[:24]
 
 
-def _score(teacher: Teacher, rows: Sequence[Record], image_dir: Path, source: str,
-           device: torch.device, progress: bool) -> np.ndarray:
+def _score(teacher: Teacher, rows: ImageRows, device: torch.device,
+           progress: bool) -> np.ndarray:
     """Run the teacher over `rows` as its training scored its validation rows: on its cached
     features where its recipe caches (its frozen layers from the pretrained weights, so the
     cache it filled is the one read), with its flip TTA; each member's probabilities
@@ -146,8 +146,8 @@ def _score(teacher: Teacher, rows: Sequence[Record], image_dir: Path, source: st
                          load_pretrained=True)
     norm = encoder_normalisation(model)
     spec = transform_spec(cfg.data, norm)
-    ds = TaggingDataset(list(rows), image_dir, caption_enc, teacher.label_map,
-                        build_transform(spec, train=False), source=source,
+    ds = TaggingDataset(list(rows.records), rows.image_dir, caption_enc, teacher.label_map,
+                        build_transform(spec, train=False), source=rows.source,
                         load_images=model.image_encoder is not None, with_targets=False)
     dtype = choose_precision(cfg.amp, device).dtype
     stage, text_stage = plan_cache(cfg, model)
@@ -208,9 +208,8 @@ def distilled_targets(cfg: TrainConfig, data, hard: torch.Tensor, device: torch.
                          f"validation rows: distil with the teacher's split (--set "
                          f"data.train_prop={split['train_prop']} data.split_seed="
                          f"{split['seed']}), as mmtag distill does")
-    probs = teacher_probabilities(teacher, data.train_rows, data.image_dir, source="train.csv",
-                                  device=device, cache_root=cfg.cache.dir and Path(cfg.cache.dir),
-                                  progress=progress)
+    probs = teacher_probabilities(teacher, ImageRows(data.train_rows, data.image_dir, "train.csv"),
+                                  device, cfg.cache.dir and Path(cfg.cache.dir), progress)
     probs = in_label_order(probs, teacher.label_map.labels, data.label_map.labels,
                            teacher.path)
     n = data.labelled if data.labelled >= 0 else len(data.train_rows)

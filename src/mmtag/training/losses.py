@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtag.config import LossConfig
+
 LOSS_NAMES = ("asl", "bce", "focal")
 
 
@@ -174,22 +176,12 @@ def pos_weight_from_targets(
     return ratio.clamp(max=float(max_weight)).float()
 
 
-def build_loss(
-    name: str,
-    *,
-    pos_weight: torch.Tensor | Sequence[float] | None = None,
-    alpha: float | None = 0.25,
-    gamma: float = 2.0,
-    gamma_neg: float = 4.0,
-    gamma_pos: float = 0.0,
-    clip: float | None = 0.05,
-) -> nn.Module:
-    """The loss called `name` ('asl', 'bce' or 'focal').
-
-    Only the arguments of the chosen loss are used: `pos_weight` for 'bce'; `alpha`, `gamma` for
-    'focal'; `gamma_neg`, `gamma_pos`, `clip` for 'asl'. Passing `pos_weight` with another loss
-    is an error rather than silently ignored.
-    """
+def build_loss(lc: LossConfig, pos_weight: torch.Tensor | Sequence[float] | None = None
+               ) -> nn.Module:
+    """The loss `lc.name` ('asl', 'bce' or 'focal') with its settings in `lc`: `alpha` and
+    `gamma` for 'focal'; `gamma_neg`, `gamma_pos` and `clip` for 'asl'. `pos_weight` (per
+    class) applies to 'bce' only: with another loss it is an error rather than ignored."""
+    name = lc.name
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSS_NAMES)}")
     if pos_weight is not None and name != "bce":
@@ -197,5 +189,5 @@ def build_loss(
     if name == "bce":
         return BCELoss(pos_weight=pos_weight)
     if name == "focal":
-        return FocalLoss(alpha=alpha, gamma=gamma)
-    return AsymmetricLoss(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip)
+        return FocalLoss(alpha=lc.alpha, gamma=lc.gamma)
+    return AsymmetricLoss(gamma_neg=lc.gamma_neg, gamma_pos=lc.gamma_pos, clip=lc.clip)

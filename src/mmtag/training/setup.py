@@ -181,9 +181,7 @@ def _training_state(job: Job, model: nn.Module, sets: Datasets,
     pos_weight = None
     if cfg.loss.pos_weight:
         pos_weight = pos_weight_from_targets(sets.train.targets).to(rt.device)
-    lc = cfg.loss
-    loss_fn = build_loss(lc.name, pos_weight=pos_weight, alpha=lc.alpha, gamma=lc.gamma,
-                         gamma_neg=lc.gamma_neg, gamma_pos=lc.gamma_pos, clip=lc.clip)
+    loss_fn = build_loss(cfg.loss, pos_weight)
     factor = lr_factor(cfg.optim, rt.dist.world)
     if factor != 1.0:
         log.info("learning rates x%.3g (optim.lr_scale=%s: global batch %d against lr_batch %d)",
