@@ -114,3 +114,14 @@ def test_the_run_folder_files_are_named_in_one_module():
                      if isinstance(node, ast.Constant) and node.value in names
                      and (rel, node.value) not in allowed)
     assert not spelled, f"run folder file names spelled outside mmtag.run_files: {spelled}"
+
+
+def test_no_function_is_over_60_lines_but_the_argument_parser():
+    long = []
+    for rel in MODULES:
+        for node in ast.walk(ast.parse((SRC / rel).read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60 and (rel, node.name) != ("cli.py", "build_parser"):
+                    long.append(f"{rel}:{node.name} ({lines} lines)")
+    assert not long, f"split these into smaller functions: {long}"

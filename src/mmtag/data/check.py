@@ -319,34 +319,21 @@ def check_data(
     limit: int | None = None,
     strict_test: bool = False,
 ) -> dict[str, Any]:
-    """Check a Kaggle-layout data folder and return a JSON-serialisable report.
+    """Check a Kaggle-layout data folder (`data_dir`: train.csv, optionally test.csv, and
+    data/, or the image folder `images_dir`); a JSON-serialisable report.
 
-    Args:
-        data_dir: the folder holding ``train.csv``, optionally ``test.csv``, and ``data/``.
-        workers: processes used to decode images; default ``os.cpu_count()``. ``1`` decodes in
-            this process (no pool).
-        progress: show a tqdm progress bar (images/s) on stderr while decoding.
-        images_dir: the image folder, if not ``data_dir/data``.
-        limit: decode only the first ``limit`` referenced images that exist (train rows first,
-            then test rows, in file order). Missing and unreferenced files are still found for
-            every row, as that needs only a directory listing. The report records the limit and
-            adds a note, because an image past the limit may still be corrupt. ``None`` decodes
-            everything.
-        strict_test: treat test rows without an image as a problem. Off by default because the
-            published development folder deliberately has images for only part of test.csv.
+    `workers`: processes decoding images (default os.cpu_count(); 1: this process). `progress`:
+    a tqdm bar on stderr. `limit`: decode only the first `limit` referenced images that exist
+    (train rows first, in file order); missing and unreferenced files are still found for every
+    row (a directory listing), and the report notes that an image past the limit may be
+    corrupt. `strict_test`: test rows without an image are a problem (off: the published
+    development folder has images for only part of test.csv).
 
-    Returns:
-        The report; ``report["ok"]`` is True when ``report["problems"]`` is empty. Lists of
-        offending rows are ``{"count", "items", "truncated"}`` with at most :data:`MAX_LISTED`
-        items, each naming the CSV file, the 1-based line where the row starts, and the ImageID
-        (plus the decoder's error for unreadable images). ``report["images"]["decode_seconds"]``
-        and ``report["seconds"]`` give the time taken.
-
-    Raises:
-        DataLayoutError: ``data_dir``, ``train.csv`` or the image folder does not exist.
-        mmtag.data.csv_io.CSVFormatError: a CSV file cannot be read.
-        ValueError: ``workers`` is less than 1 or ``limit`` is negative.
-    """
+    `report["ok"]` is True when `report["problems"]` is empty. Lists of offending rows are
+    {"count", "items", "truncated"} with at most MAX_LISTED items, each naming the CSV file,
+    the 1-based line where the row starts and the ImageID (and the decoder's error for an
+    unreadable image). Raises DataLayoutError (no data_dir, train.csv or image folder),
+    CSVFormatError (an unreadable CSV), ValueError (`workers` < 1, a negative `limit`)."""
     started = time.perf_counter()
     workers = _validated_workers(workers)
     _validate_limit(limit)

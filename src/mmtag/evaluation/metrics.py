@@ -45,6 +45,21 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
 
 
+def _checked(y_true, y_pred, label_names: Sequence | None) -> tuple[np.ndarray, np.ndarray, list]:
+    """(true, predicted) as boolean (N, C) arrays of one shape with N > 0, and the C names."""
+    t = as_binary("y_true", y_true)
+    p = as_binary("y_pred", y_pred)
+    if t.shape != p.shape:
+        raise ValueError(f"y_true shape {t.shape} does not match y_pred shape {p.shape}")
+    n, c = t.shape
+    if n == 0:
+        raise ValueError("no images to score (y_true has 0 rows)")
+    names = list(range(c)) if label_names is None else list(label_names)
+    if len(names) != c:
+        raise ValueError(f"got {len(names)} label names for {c} label columns")
+    return t, p, names
+
+
 def multilabel_metrics(y_true, y_pred, label_names: Sequence | None = None) -> dict:
     """Micro / macro / samples scores and a per-class breakdown of 0/1 predictions.
 
@@ -58,17 +73,8 @@ def multilabel_metrics(y_true, y_pred, label_names: Sequence | None = None) -> d
     `{label, support, precision, recall, f1, predicted}` (support / predicted: number of images
     truly / predicted carrying the label). See the module docstring for the conventions.
     """
-    t = as_binary("y_true", y_true)
-    p = as_binary("y_pred", y_pred)
-    if t.shape != p.shape:
-        raise ValueError(f"y_true shape {t.shape} does not match y_pred shape {p.shape}")
-    n, c = t.shape
-    if n == 0:
-        raise ValueError("no images to score (y_true has 0 rows)")
-    names = list(range(c)) if label_names is None else list(label_names)
-    if len(names) != c:
-        raise ValueError(f"got {len(names)} label names for {c} label columns")
-
+    t, p, names = _checked(y_true, y_pred, label_names)
+    c = t.shape[1]
     hit = t & p
     tp = hit.sum(axis=0)  # (C,)
     support = t.sum(axis=0)
@@ -86,17 +92,9 @@ def multilabel_metrics(y_true, y_pred, label_names: Sequence | None = None) -> d
     f1_i = np.where(den > 0, _ratio(2 * hit.sum(axis=1), den), 1.0)
 
     tp_all, pred_all, true_all = int(tp.sum()), int(predicted.sum()), int(support.sum())
-    per_class = [
-        {
-            "label": names[j],
-            "support": int(support[j]),
-            "precision": float(precision_c[j]),
-            "recall": float(recall_c[j]),
-            "f1": float(f1_c[j]),
-            "predicted": int(predicted[j]),
-        }
-        for j in range(c)
-    ]
+    per_class = [{"label": names[j], "support": int(support[j]),
+                  "precision": float(precision_c[j]), "recall": float(recall_c[j]),
+                  "f1": float(f1_c[j]), "predicted": int(predicted[j])} for j in range(c)]
     return {
         "precision": float(_ratio(tp_all, pred_all)),
         "recall": float(_ratio(tp_all, true_all)),

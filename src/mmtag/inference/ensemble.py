@@ -89,28 +89,13 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
                              f"ensemble")
     first, base = runs[0], ckpts[0]
     _check_members(runs, ckpts)
-    read = [read_val_probs(run) for run in runs]
-    v = read[0]
-    for run, other in zip(runs[1:], read[1:], strict=True):
-        if (other.image_ids, other.true_labels, other.label_names) != (
-                v.image_ids, v.true_labels, v.label_names):
-            raise ValueError(f"{run / VAL_PROBS_FILE} does not list the same rows and labels as "
-                             f"{first / VAL_PROBS_FILE}")
-    p = average_probs(r.probs for r in read)
-
-    # weights: those equal in every member once, the rest per member
-    states = [ck.model for ck in ckpts]
-    shared = {k: v for k, v in states[0].items()
-              if all(k in s and s[k].shape == v.shape and torch.equal(s[k], v) for s in states[1:])}
-    members = [{k: v for k, v in s.items() if k not in shared} for s in states]
-    nbytes = sum(v.numel() * v.element_size() for v in shared.values())
-    nbytes += sum(v.numel() * v.element_size() for m in members for v in m.values())
-    mb = nbytes / 1e6
+    v, p = _averaged_val_probs(runs)
+    shared, members, mb = _shared_weights([ck.model for ck in ckpts])
     cfg = TrainConfig.from_dict(base.config)
     if mb > cfg.model.max_size_mb:
         raise ModelTooLargeError(
             f"the ensemble of {len(runs)} runs would be {mb:.1f} MB saved ({len(shared)} of "
-            f"{len(states[0])} weight tensors shared), over the limit of "
+            f"{len(ckpts[0].model)} weight tensors shared), over the limit of "
             f"{cfg.model.max_size_mb:g} MB (model.max_size_mb); use fewer runs")
 
     figures = decision_figures(cfg, v.targets, p, v.label_names)
@@ -133,6 +118,30 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
         if stage.exists():
             shutil.rmtree(stage)
     return summary
+
+
+def _averaged_val_probs(runs: list[Path]):
+    """(the first run's val_probs.csv, the members' probabilities averaged); members whose
+    files list other rows or labels are refused."""
+    read = [read_val_probs(run) for run in runs]
+    v = read[0]
+    for run, other in zip(runs[1:], read[1:], strict=True):
+        if (other.image_ids, other.true_labels, other.label_names) != (
+                v.image_ids, v.true_labels, v.label_names):
+            raise ValueError(f"{run / VAL_PROBS_FILE} does not list the same rows and labels as "
+                             f"{runs[0] / VAL_PROBS_FILE}")
+    return v, average_probs(r.probs for r in read)
+
+
+def _shared_weights(states: list[dict]) -> tuple[dict, list[dict], float]:
+    """(the tensors equal in every member, each member's others, the saved size in MB): the
+    shared ones are stored once."""
+    shared = {k: v for k, v in states[0].items()
+              if all(k in s and s[k].shape == v.shape and torch.equal(s[k], v) for s in states[1:])}
+    members = [{k: v for k, v in s.items() if k not in shared} for s in states]
+    nbytes = sum(v.numel() * v.element_size() for v in shared.values())
+    nbytes += sum(v.numel() * v.element_size() for m in members for v in m.values())
+    return shared, members, nbytes / 1e6
 
 
 def _write_ensemble(out: Path, first: Path, best: BestCheckpoint, summary: dict, v,
