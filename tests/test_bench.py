@@ -42,16 +42,17 @@ def test_bench_train_measures_every_part(demo, pipeline, capsys, monkeypatch, tm
     assert not list(demo.glob("split.json"))  # nothing is written into the data folder
 
 
-def test_bench_predict_measures_every_part(demo, tmp_path, capsys):
+def test_benchmark_parts_measures_every_part(demo, tmp_path, capsys):
     run = tmp_path / "run"
     loop.fit(load_config(None, [*TINY, "optim.epochs=1"]), demo, run, progress=False)
-    assert main(["bench", "predict", str(run), "--csv", str(demo / "test.csv"), "--images",
-                 str(demo / "data"), "--n", "16", "--batch-size", "8"]) == 0
+    argv = ["benchmark", str(run), "--csv", str(demo / "test.csv"), "--images",
+            str(demo / "data"), "--n", "16", "--batch-size", "8", "--single", "2", "--parts"]
+    assert main(argv) == 0
     table = capsys.readouterr().out
+    assert "samples/s" in table  # the engines' table, then the parts
     assert "decoding + resizing alone" in table and "whole pipeline" in table
-    assert main(["bench", "predict", str(run), "--csv", str(demo / "test.csv"), "--images",
-                 str(demo / "data"), "--n", "16", "--batch-size", "8", "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["parts"]
     assert res["rows"] == 16 and res["pipeline"] == "PIL" and res["image_size"] == 32
     assert min(res["images_per_second"].values()) > 0
 

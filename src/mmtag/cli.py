@@ -147,11 +147,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from mmtag.inference.benchmark import benchmark
+    from mmtag.inference.benchmark import bench_predict, benchmark
 
     res = benchmark(args.run, args.csv, args.images, n=args.n, batch_size=args.batch_size,
                     single=args.single, num_workers=args.workers, device=args.device,
                     engines=args.engine)
+    if args.parts:
+        configure_training()  # cuDNN autotuning for the fixed batch shape
+        res["parts"] = bench_predict(args.run, args.csv, args.images, n=args.n,
+                                     batch_size=args.batch_size, device=args.device)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -168,26 +172,21 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
               f"{e['single_latency_ms_median']:>8.1f} {e['single_latency_ms_p90']:>8.1f} "
               f"{e['load_seconds']:>7.1f} {e['threads']:>7}  {str(e['tta_flip']):<8}  "
               f"{'+'.join(map(str, e['image_sizes']))}")
+    if args.parts:
+        from mmtag.training.bench import format_bench
+
+        print(format_bench(res["parts"], "predict"))
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from mmtag.training.bench import format_bench
+    from mmtag.api import resolve_config
+    from mmtag.training.bench import bench_train, format_bench
 
-    if args.what == "train":
-        from mmtag.api import resolve_config
-        from mmtag.training.bench import bench_train
-
-        configure_training()
-        cfg = resolve_config("", args.config, args.set or ())
-        res = bench_train(cfg, args.data, steps=args.steps, warmup=args.warmup)
-    else:
-        from mmtag.inference.benchmark import bench_predict
-
-        configure_training()  # cuDNN autotuning for the fixed batch shape
-        res = bench_predict(args.run, args.csv, args.images, n=args.n,
-                            batch_size=args.batch_size, device=args.device)
-    print(json.dumps(res) if args.json else format_bench(res, args.what))
+    configure_training()
+    cfg = resolve_config("", args.config, args.set or ())
+    res = bench_train(cfg, args.data, steps=args.steps, warmup=args.warmup)
+    print(json.dumps(res) if args.json else format_bench(res, "train"))
     return 0
 
 
@@ -334,8 +333,9 @@ def _add_rows_args(c: argparse.ArgumentParser, csv_help: str) -> None:
 
 def _add_bench_parser(sub) -> None:
     c = sub.add_parser("bench", help="images/s of data loading, the model alone and the whole "
-                                     "pipeline, for training or prediction; the bound; memory")
-    bench = c.add_subparsers(dest="what", required=True, metavar="train|predict")
+                                     "training pipeline; the bound; memory (prediction: mmtag "
+                                     "benchmark --parts)")
+    bench = c.add_subparsers(dest="what", required=True, metavar="train")
     b = bench.add_parser("train", help="a recipe's training on a Kaggle-layout folder")
     b.add_argument("--data", required=True, help="folder with train.csv and data/")
     b.add_argument("--config", help="YAML config file, or a built-in recipe name: "
@@ -344,13 +344,6 @@ def _add_bench_parser(sub) -> None:
                    help="override a config field, e.g. --set optim.batch_size=256 (repeatable)")
     b.add_argument("--steps", type=int, default=30, help="timed steps per part (default 30)")
     b.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    b.add_argument("--json", action="store_true")
-    b.set_defaults(func=_cmd_bench)
-    b = bench.add_parser("predict", help="a run's batch prediction over a CSV's images")
-    _add_rows_args(b, "CSV of rows (e.g. test.csv)")
-    b.add_argument("--n", type=int, default=2048, help="rows (default 2048)")
-    b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--device", default="auto")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_bench)
 
@@ -455,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch, onnx, onnx-int8, openvino, or several side by side: "
                         "torch,onnx,openvino (all but torch read the run's export/; default "
                         "torch)")
+    c.add_argument("--parts", action="store_true",
+                   help="also the parts of torch batch prediction in images/s: decoding and "
+                        "resizing alone (nvJPEG on a GPU), the model alone, both; the bound")
     c.set_defaults(func=_cmd_benchmark)
 
     _add_bench_parser(sub)

@@ -6,7 +6,7 @@
 #      and 256 on the device pipeline, the gpu recipe on the DataLoader pipeline (the baseline),
 #      one without cuDNN autotuning (what the first step waits for);
 #   2. the report recipe trained at batch 256 (lr scaled by sqrt, warmed up) end to end, then
-#      `mmtag bench predict` on it;
+#      `mmtag benchmark --parts` on it;
 #   3. the gpu and cpu recipes trained on the same rows (micro-F1, samples-F1, minutes);
 #   4. `bench train` with torch.compile, last (its compilation takes the longest).
 # Stages that no longer fit DEADLINE seconds are skipped and say so. $OUT gets speed.log,
@@ -28,17 +28,17 @@ say "start"
   cat "$B/bundle.json"
 } 2>&1 | tee -a "$LOG"
 
-bench() {  # bench LABEL NEED_S train|predict ARGS...: one measurement, into bench.jsonl
+bench() {  # bench LABEL NEED_S COMMAND ARGS...: one `mmtag COMMAND` measurement, into bench.jsonl
   local label=$1 need=$2; shift 2
   if (( $(left) < need )); then say "$label skipped: $(left)s left, needs about ${need}s"; return 1; fi
-  say "$label: mmtag bench $*"
+  say "$label: mmtag $*"
   local rc=0
-  timeout $(( $(left) - 5 )) "$PY" -m mmtag bench "$@" --json > "$WORK/$label.json" \
+  timeout $(( $(left) - 5 )) "$PY" -m mmtag "$@" --json > "$WORK/$label.json" \
       2> "$WORK/$label.log" || rc=$?
   if (( rc == 0 )); then
-    "$PY" -c "import json, sys; r = json.load(open(sys.argv[1])); r['label'] = sys.argv[2]; print(json.dumps(r))" \
+    "$PY" -c "import json, sys; r = json.load(open(sys.argv[1])); r = r.get('parts', r); r['label'] = sys.argv[2]; print(json.dumps(r))" \
         "$WORK/$label.json" "$label" >> "$JSONL"
-    "$PY" -c "import json, sys; r = json.load(open(sys.argv[1])); print(' ', r['images_per_second'], 'whole/model', r['whole_over_step'], 'bound', r['bound_by'], 'first step', r.get('first_step_seconds'), 's, syncs', r.get('host_syncs'), ', peak MB', r['peak_memory_mb'])" \
+    "$PY" -c "import json, sys; r = json.load(open(sys.argv[1])); r = r.get('parts', r); print(' ', r['images_per_second'], 'whole/model', r['whole_over_step'], 'bound', r['bound_by'], 'first step', r.get('first_step_seconds'), 's, syncs', r.get('host_syncs'), ', peak MB', r['peak_memory_mb'])" \
         "$WORK/$label.json" | tee -a "$LOG"
   else
     say "$label rc=$rc"; tail -20 "$WORK/$label.log" | tee -a "$LOG"
@@ -67,20 +67,20 @@ train() {  # train NAME NEED_S ARGS...: a training on the bundled rows, packed i
 
 D=(--data "$B/data" --steps "$STEPS" --warmup 5)
 BIG=(--set optim.batch_size=256 --set optim.lr_scale=sqrt)
-bench report-256-b64 45 train "${D[@]}" --config report --set optim.batch_size=64 "${X[@]}"
-bench report-256-b256 45 train "${D[@]}" --config report "${BIG[@]}" --set optim.lr_batch=32 "${X[@]}"
-bench gpu-448-b64 45 train "${D[@]}" --config gpu "${X[@]}"
-bench gpu-448-b256 60 train "${D[@]}" --config gpu "${BIG[@]}" "${X[@]}"
-bench gpu-448-b64-loader 60 train "${D[@]}" --config gpu --set data.pipeline=loader \
+bench report-256-b64 45 bench train "${D[@]}" --config report --set optim.batch_size=64 "${X[@]}"
+bench report-256-b256 45 bench train "${D[@]}" --config report "${BIG[@]}" --set optim.lr_batch=32 "${X[@]}"
+bench gpu-448-b64 45 bench train "${D[@]}" --config gpu "${X[@]}"
+bench gpu-448-b256 60 bench train "${D[@]}" --config gpu "${BIG[@]}" "${X[@]}"
+bench gpu-448-b64-loader 60 bench train "${D[@]}" --config gpu --set data.pipeline=loader \
     --set data.num_workers=$(( $(nproc) - 2 )) "${X[@]}"
-bench report-256-b64-no-autotune 45 train "${D[@]}" --config report --set optim.batch_size=64 \
+bench report-256-b64-no-autotune 45 bench train "${D[@]}" --config report --set optim.batch_size=64 \
     --set cudnn_benchmark=false "${X[@]}"
 if train report 60 --config report "${BIG[@]}" --set optim.lr_batch=32 --set optim.warmup_epochs=1; then
-  bench predict-report 40 predict "$WORK/report" --csv "$B/data/test.csv" --images "$B/data/data" \
-      --n 4000 --batch-size 512
+  bench predict-report 40 benchmark "$WORK/report" --csv "$B/data/test.csv" --images "$B/data/data" \
+      --n 4000 --batch-size 512 --single 1 --parts
 fi
 train gpu 120 --config gpu
 train cpu 60 --config cpu
-bench report-256-b256-compiled 150 train "${D[@]}" --config report "${BIG[@]}" \
+bench report-256-b256-compiled 150 bench train "${D[@]}" --config report "${BIG[@]}" \
     --set optim.lr_batch=32 --set compile=true "${X[@]}"
 say "done"

@@ -84,7 +84,7 @@ def bench_predict(run: Path | str, csv_path: Path | str, images: Path | str, *, 
     pred = Predictor.load(run, device)
     rows = [r for r in read_csv(csv_path) if (images / r.image_id).exists()][:n]
     if not rows or not pred.reads_images:
-        raise ValueError(f"bench predict needs a model that reads images and rows of {csv_path} "
+        raise ValueError(f"benchmark --parts needs a model that reads images and rows of {csv_path} "
                          f"with their images in {images}")
     spec = pred.transform_spec()
     # the batches `mmtag predict` makes on this device (decoded there on a GPU)
