@@ -3,18 +3,9 @@
 import pytest
 
 import mmtag
-from mmtag.data.demo import make_demo_data
+from conftest import TINY as BASE_TINY
 
-TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
-        "model.image_encoder=efficientnet_lite0", "model.lstm_hidden=8", "model.hidden=16",
-        "optim.batch_size=8", "data.len_quantile=1.0", "optim.epochs=1"]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    make_demo_data(d, n=40, seed=2, n_test=4)
-    return d
+TINY = [*BASE_TINY, "optim.epochs=1"]
 
 
 def test_train_load_and_predict_through_the_api(demo, tmp_path):

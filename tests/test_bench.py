@@ -4,22 +4,13 @@ import json
 
 import pytest
 
+from conftest import TINY as BASE_TINY
 from mmtag.cli import main
 from mmtag.config import load_config
-from mmtag.data.demo import make_demo_data
 from mmtag.training import loop
 from mmtag.training.bench import bound_by, format_bench
 
-TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
-        "model.image_encoder=efficientnet_lite0", "model.lstm_hidden=8", "model.hidden=16",
-        "optim.batch_size=8", "data.len_quantile=1.0"]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    make_demo_data(d, n=40, seed=1, n_test=16)
-    return d
+TINY = [*BASE_TINY]
 
 
 def _sets(items):
@@ -46,14 +37,14 @@ def test_benchmark_parts_measures_every_part(demo, tmp_path, capsys):
     run = tmp_path / "run"
     loop.fit(load_config(None, [*TINY, "optim.epochs=1"]), demo, run, progress=False)
     argv = ["benchmark", str(run), "--csv", str(demo / "test.csv"), "--images",
-            str(demo / "data"), "--n", "16", "--batch-size", "8", "--single", "2", "--parts"]
+            str(demo / "data"), "--n", "8", "--batch-size", "4", "--single", "2", "--parts"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "samples/s" in table  # the engines' table, then the parts
     assert "decoding + resizing alone" in table and "whole pipeline" in table
     assert main([*argv, "--json"]) == 0
     res = json.loads(capsys.readouterr().out)["parts"]
-    assert res["rows"] == 16 and res["pipeline"] == "PIL" and res["image_size"] == 32
+    assert res["rows"] == 8 and res["pipeline"] == "PIL" and res["image_size"] == 32
     assert min(res["images_per_second"].values()) > 0
 
 

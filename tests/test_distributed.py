@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from conftest import TINY as BASE_TINY
 from mmtag.config import load_config
 from mmtag.data.dataset import TaggingDataset
 from mmtag.data.demo import make_demo_data
@@ -29,9 +30,8 @@ from mmtag.training import loop
 
 pytestmark = pytest.mark.xdist_group("distributed")  # one worker builds the runs once
 
-TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
-        "model.image_encoder=efficientnet_lite0", "model.lstm_hidden=8", "data.len_quantile=1.0",
-        "optim.lr=1e-3", "optim.epochs=2", "data.pipeline=device"]
+TINY = [*BASE_TINY, "model.hidden=512", "optim.batch_size=32", "optim.lr=1e-3", "optim.epochs=2",
+        "data.pipeline=device"]
 # nothing random differs between one process and two: no dropout, no augmentation, no
 # BatchNorm that trains (the encoder is frozen; label queries use LayerNorm)
 EXACT = [*TINY, "model.freeze_image=all", "cache.enabled=off", "model.fusion=query",

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY as BASE_TINY
 from mmtag.cli import main
 from mmtag.config import load_config
 from mmtag.data.csv_io import read_csv
-from mmtag.data.demo import make_demo_data
 from mmtag.inference.ensemble import build_ensemble
 from mmtag.inference.export import export_run
 from mmtag.inference.onnx_engine import OnnxPredictor
@@ -22,17 +22,7 @@ from mmtag.prediction.checkpoint import ModelTooLargeError, atomic_save
 from mmtag.training import loop
 
 # image stages 0-2 frozen and cached: with one seed, the members' frozen weights are equal
-TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
-        "model.image_encoder=efficientnet_lite0", "model.freeze_image=3", "model.lstm_hidden=8",
-        "model.hidden=16", "optim.batch_size=8", "data.len_quantile=1.0", "optim.epochs=1",
-        "data.lemmatizer=none"]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    make_demo_data(d, n=40, seed=2, n_test=8)
-    return d
+TINY = [*BASE_TINY, "model.freeze_image=3", "optim.epochs=1", "data.lemmatizer=none"]
 
 
 @pytest.fixture(scope="module")

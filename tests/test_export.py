@@ -14,7 +14,6 @@ from PIL import Image
 from mmtag.cli import main
 from mmtag.config import load_config
 from mmtag.data.csv_io import read_csv
-from mmtag.data.demo import make_demo_data
 from mmtag.inference.export import MODEL_JSON, ExportError, export_run
 from mmtag.inference.onnx_engine import OnnxPredictor, preprocess_image
 from mmtag.inference.predictor import Predictor, load_predictor
@@ -35,13 +34,6 @@ QUERY = [*BASE, "model.text_encoder=minilm", "model.freeze_text=5", "model.fusio
          "model.query_dim=32", "model.query_pre_head=true", "model.aux_heads=ensemble",
          "model.image_head=attention", "model.head_weights=[1.0,1.0,0.5]", "tta_flip=true",
          "decision=expected_f1", "model.fp16_storage=true"]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    make_demo_data(d, n=40, seed=2, n_test=8)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from mmtag.config import load_config
-from mmtag.data.demo import make_demo_data
 from mmtag.training import loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,13 +31,6 @@ def _tool():
 
 
 fault_inject = _tool()
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    make_demo_data(d, n=40, seed=3, n_test=4)
-    return d
 
 
 @pytest.fixture(scope="module")

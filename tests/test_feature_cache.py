@@ -11,7 +11,6 @@ from PIL import Image
 
 from mmtag.config import load_config
 from mmtag.data.csv_io import read_csv
-from mmtag.data.demo import make_demo_data
 from mmtag.data.images import ImageTransformSpec
 from mmtag.inference.predictor import Predictor, evaluate_run
 from mmtag.models.image_encoders import build_image_encoder
@@ -23,13 +22,6 @@ from mmtag.training.feature_cache import (
     ImageRows,
     cache_image_features,
 )
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    make_demo_data(d, n=40, seed=2, n_test=8)
-    return d
 
 
 def _files(root):

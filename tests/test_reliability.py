@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import TINY as BASE_TINY
 from mmtag.cli import main
 from mmtag.config import load_config
 from mmtag.data.csv_io import read_csv
-from mmtag.data.demo import make_demo_data
 from mmtag.data.images import ImageReadError, load_image, to_rgb
 from mmtag.inference import ensemble
 from mmtag.inference.ensemble import build_ensemble
@@ -34,18 +34,9 @@ from mmtag.serving.security import require_key
 from mmtag.training import loop
 from mmtag.training.feature_cache import image_key
 
-TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
-        "model.lstm_hidden=8", "model.hidden=16", "optim.batch_size=8", "optim.epochs=1",
-        "data.len_quantile=1.0"]
+TINY = [*BASE_TINY, "optim.epochs=1"]
 RUN_FILE_NAMES = ["split.json", "config.yaml", "labels.json", "vocab.json", "last.pt",
                   "summary.json", "val_probs.csv", "best.pt", "metrics.csv"]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    make_demo_data(d, n=40, seed=4, n_test=6)
-    return d
 
 
 @pytest.fixture(scope="module")

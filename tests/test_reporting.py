@@ -19,7 +19,6 @@ from PIL import Image
 
 from mmtag.cli import main
 from mmtag.config import ConfigError
-from mmtag.data.demo import make_demo_data
 from mmtag.reporting import ablation as ablation_mod
 from mmtag.reporting.ablation import load_grid, prepare_ablation, run_ablation
 from mmtag.reporting.compare import compare
@@ -32,13 +31,6 @@ TINY = {"data": {"image_size": 64, "num_workers": 0, "len_quantile": 1.0},
         "optim": {"batch_size": 8, "epochs": 2, "lr": 1e-3}, "cache": {"num_workers": 0}}
 GRID = {"baseline": "base", "common": ["optim.scheduler=plateau"],
         "variants": {"base": [], "focal": ["loss.name=focal"]}}
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    make_demo_data(d, n=40, seed=5, n_test=4)
-    return d
 
 
 @pytest.fixture(scope="module")

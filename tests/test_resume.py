@@ -8,7 +8,6 @@ import shutil
 import pytest
 
 from mmtag.config import load_config, recipe_path
-from mmtag.data.demo import make_demo_data
 from mmtag.inference.predictor import evaluate_run
 from mmtag.training import loop
 
@@ -18,13 +17,6 @@ CACHED = ["data.image_size=64", "data.num_workers=0", "model.lstm_hidden=8", "mo
 FIGURES = ("best_epoch", "decision", "thresholds", "val_at_0.5", "val", "val_crossfit",
            "val_crossfit_other_rule", "per_class", "tta", "saved_model_mb", "val_rows",
            "train_rows", "model_mb")
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    make_demo_data(d, n=40, seed=2, n_test=4)
-    return d
 
 
 @pytest.fixture(scope="module")

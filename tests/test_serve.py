@@ -19,9 +19,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import TINY as BASE_TINY
 from mmtag.config import load_config
 from mmtag.data.csv_io import read_csv
-from mmtag.data.demo import make_demo_data
 from mmtag.inference.export import export_run
 from mmtag.inference.onnx_engine import OnnxPredictor
 from mmtag.serving.app import ServeOptions, create_app
@@ -32,17 +32,8 @@ from mmtag.training import loop
 # one worker builds this module's runs (make test runs with --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("serve")
 
-TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
-        "model.image_encoder=efficientnet_lite0", "model.freeze_image=3", "model.lstm_hidden=8",
-        "model.hidden=16", "optim.batch_size=8", "data.len_quantile=1.0", "optim.epochs=1",
-        "data.lemmatizer=none", "amp=none", "model.aux_heads=loss"]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    make_demo_data(d, n=40, seed=3, n_test=8)
-    return d
+TINY = [*BASE_TINY, "model.freeze_image=3", "optim.epochs=1", "data.lemmatizer=none", "amp=none",
+        "model.aux_heads=loss"]
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
+from conftest import TINY as BASE_TINY
 from mmtag import runtime
 from mmtag.config import load_config
 from mmtag.data.csv_io import read_csv
 from mmtag.data.dataset import Split
-from mmtag.data.demo import make_demo_data
 from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.thresholds import expected_f1_sets
 from mmtag.inference.predictor import Predictor, evaluate_run, predict_csv
@@ -20,18 +20,9 @@ from mmtag.prediction.checkpoint import ModelTooLargeError
 from mmtag.runtime import choose_precision
 from mmtag.training import loop, run_folder, setup
 
-TINY = ["data.image_size=32", "data.num_workers=0", "model.pretrained=false",
-        "model.image_encoder=efficientnet_lite0", "model.lstm_hidden=8", "model.hidden=16",
-        "optim.batch_size=8", "optim.lr=1e-3", "data.len_quantile=1.0"]
+TINY = [*BASE_TINY, "optim.lr=1e-3"]
 RUN_FILES = {"config.yaml", "labels.json", "vocab.json", "split.json", "metrics.csv", "best.pt", "val_probs.csv",
              "last.pt", "summary.json", "curves.png"}
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    make_demo_data(d, n=40, seed=1, n_test=8)
-    return d
 
 
 @pytest.fixture(scope="module")
