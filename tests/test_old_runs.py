@@ -72,3 +72,16 @@ def test_it_is_reported_on_and_exported(old_run, demo, tmp_path):
     torch_probs = pred.probabilities(pred.dataset(rows, demo / "data", with_targets=False))
     assert np.abs(onnx.probabilities(onnx.dataset(rows, demo / "data", with_targets=False))
                   - torch_probs).max() < 1e-4
+
+
+def test_a_run_made_with_multi_scale_tta_predicts_at_its_training_size(old_run, demo, caplog):
+    import torch
+
+    from mmtag.prediction.checkpoint import atomic_save
+
+    ck = torch.load(old_run / "best.pt", weights_only=True)
+    ck["config"]["tta_sizes"] = [40]  # as a run of e2ba04c or before could hold it
+    atomic_save(ck, old_run / "best.pt")
+    with caplog.at_level("WARNING"):
+        pred = Predictor.load(old_run, "cpu")
+    assert "multi-scale TTA (tta_sizes=[40])" in caplog.text and pred.image_size is None

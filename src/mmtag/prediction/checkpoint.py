@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from torch import nn
 
 from mmtag.atomic import atomic_write
 from mmtag.run_files import LAST_FILE, SUMMARY_FILE
+
+log = logging.getLogger("mmtag.predict")
 
 FORMAT_VERSION = 1
 # what every best.pt holds besides its weights
@@ -99,6 +102,17 @@ def check_model_size(model: nn.Module, limit_mb: float, fp16: bool) -> float:
 
 class CheckpointError(ValueError):
     """A checkpoint file is damaged, truncated or not mmtag's; it was not loaded."""
+
+
+def _without_removed_tta(config: dict, path: Path) -> dict:
+    """A saved config with multi-scale TTA sizes (removed after e2ba04c; they changed only how
+    a run predicted, not its weights): read as predicting at data.image_size alone, and said."""
+    if not isinstance(config, dict) or not config.get("tta_sizes"):
+        return config
+    log.warning("%s was made with multi-scale TTA (tta_sizes=%s), which mmtag no longer has: "
+                "it predicts at data.image_size alone (check out e2ba04c for the sizes)", path,
+                config["tta_sizes"])
+    return {**config, "tta_sizes": []}
 
 
 def load_checkpoint(path: Path | str, what: str = "checkpoint",
@@ -197,7 +211,7 @@ class BestCheckpoint:
             folder = path.parent
             finished = not ((folder / LAST_FILE).exists()
                             and not (folder / SUMMARY_FILE).exists())
-        return cls(config=ckpt["config"], labels=ckpt["labels"], caption=ckpt["caption"],
+        return cls(config=_without_removed_tta(ckpt["config"], path), labels=ckpt["labels"], caption=ckpt["caption"],
                    thresholds=list(ckpt["thresholds"]), at_least_one=bool(ckpt["at_least_one"]),
                    finished=bool(finished), model=ckpt.get("model"),
                    ensemble=ckpt.get("ensemble"), epoch=ckpt.get("epoch"),
