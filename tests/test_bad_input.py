@@ -19,7 +19,7 @@ from mmtag.data.csv_io import CSVFormatError, read_csv
 from mmtag.data.demo import make_demo_data
 from mmtag.data.images import load_image
 from mmtag.inference.ensemble import build_ensemble
-from mmtag.inference.predictor import evaluate_run, predict_csv
+from mmtag.inference.predictor import PredictOptions, evaluate_run, predict_csv
 from mmtag.prediction.checkpoint import CheckpointError, load_checkpoint
 from mmtag.training import loop
 
@@ -74,7 +74,7 @@ def test_a_global_threshold_outside_0_1_is_refused(run, demo, value, capsys):
         main(["evaluate", str(run), "--data", str(demo), "--threshold", value])
     assert "strictly between 0 and 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
-        evaluate_run(run, data_dir=demo, threshold=float(value))
+        evaluate_run(run, data_dir=demo, options=PredictOptions(threshold=float(value)))
 
 
 def test_predict_never_writes_over_its_input_or_one_output_over_the_other(run, demo, tmp_path,

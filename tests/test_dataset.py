@@ -2,8 +2,9 @@ import pytest
 import torch
 from PIL import Image
 
+from mmtag.data.batching import Pass
 from mmtag.data.csv_io import Record
-from mmtag.data.dataset import Split, TaggingDataset, make_loader
+from mmtag.data.dataset import ImageRows, Split, TaggingDataset, make_loader
 from mmtag.data.images import ImageTransformSpec, build_transform
 from mmtag.data.labels import LabelMap
 from mmtag.data.text import CaptionEncoder
@@ -40,13 +41,13 @@ def test_dataset_and_loader_yield_the_four_tensors(tmp_path):
     recs = [Record(f"{i}.jpg", (1,) if i % 2 else (1, 3), f"a dog number {i}", i + 2) for i in range(6)]
     enc = CaptionEncoder.fit([r.caption for r in recs], max_len=4)
     lm = LabelMap.from_records(recs)
-    ds = TaggingDataset(recs, tmp_path, enc, lm, build_transform(ImageTransformSpec(size=32), True))
-    loader = make_loader(ds, batch_size=4, shuffle=True, seed=0)
+    ds = TaggingDataset(ImageRows(recs, tmp_path), enc, lm, build_transform(ImageTransformSpec(size=32), True))
+    loader = make_loader(ds, Pass(4, shuffle=True, seed=0))
     img, tok, length, target = next(iter(loader))
     assert img.shape == (4, 3, 32, 32) and tok.shape == (4, 4) and tok.dtype == torch.long
     assert length.shape == (4,) and target.shape == (4, 2) and target.dtype == torch.float32
     # the shuffling order is fixed by the seed
-    assert list(make_loader(ds, 2, shuffle=True, seed=5).sampler) == \
-        list(make_loader(ds, 2, shuffle=True, seed=5).sampler)
-    assert list(make_loader(ds, 2, shuffle=True, seed=5).sampler) != \
-        list(make_loader(ds, 2, shuffle=True, seed=6).sampler)
+    assert list(make_loader(ds, Pass(2, shuffle=True, seed=5)).sampler) == \
+        list(make_loader(ds, Pass(2, shuffle=True, seed=5)).sampler)
+    assert list(make_loader(ds, Pass(2, shuffle=True, seed=5)).sampler) != \
+        list(make_loader(ds, Pass(2, shuffle=True, seed=6)).sampler)

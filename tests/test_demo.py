@@ -243,7 +243,8 @@ def test_shapes_are_distinct():
     masks = {}
     for lab in DEMO_LABEL_NAMES:
         im = Image.new("L", (80, 80), 0)
-        demo._draw_shape(ImageDraw.Draw(im), lab, 40, 40, 30, 0.3, 255, None)
+        shape = demo.DemoObject(lab, "red", 40, 40, 30, angle=0.3)
+        demo._draw_shape(ImageDraw.Draw(im), shape, 1, 255, None)
         masks[lab] = np.asarray(im) > 127
         assert masks[lab].sum() > 400
     labs = list(masks)

@@ -12,20 +12,20 @@ import torch
 
 from conftest import TINY as BASE_TINY
 from mmtag.config import load_config
-from mmtag.data.dataset import TaggingDataset
+from mmtag.data.batching import Pass, shard_indices
+from mmtag.data.dataset import ImageRows, TaggingDataset
 from mmtag.data.demo import make_demo_data
 from mmtag.data.device_batches import (
     DecodedBatches,
     DeviceBatches,
     PixelDataset,
     as_tensor,
-    shard_indices,
 )
 from mmtag.data.images import build_transform, transform_spec
 from mmtag.data.labels import LabelMap
 from mmtag.data.pixel_cache import pixel_cache
 from mmtag.distributed import SINGLE, gather_rows
-from mmtag.inference.predictor import predict_csv
+from mmtag.inference.predictor import PredictOptions, predict_csv
 from mmtag.training import loop
 
 pytestmark = pytest.mark.xdist_group("distributed")  # one worker builds the runs once
@@ -115,7 +115,8 @@ def test_resume_with_another_world_size_is_refused(runs, demo):
 def test_sharded_prediction_equals_one_process(runs, demo, cache_dir, tmp_path):
     one, _, _ = runs
     single = predict_csv(one, demo / "test.csv", demo / "data", tmp_path / "a.csv",
-                         probs_out=tmp_path / "a_probs.csv", device="cpu")
+                         probs_out=tmp_path / "a_probs.csv",
+                         options=PredictOptions(device="cpu"))
     assert single["rows"] == 8
     res = torchrun(["predict", str(one), "--csv", str(demo / "test.csv"), "--images",
                     str(demo / "data"), "--out", str(tmp_path / "b.csv"), "--probs",
@@ -151,12 +152,12 @@ def test_device_batches_equal_the_loaders_preprocessing(demo, tmp_path):
     rows = read_csv(demo / "train.csv")[:10]
     labels = LabelMap.from_records(rows)
     spec = transform_spec(load_config(None, TINY).data, "tf")
-    ds = TaggingDataset(rows, demo / "data", lambda c: (torch.zeros(3, dtype=torch.long), 3),
+    ds = TaggingDataset(ImageRows(rows, demo / "data"), lambda c: (torch.zeros(3, dtype=torch.long), 3),
                         labels, build_transform(spec, train=False))
     pixels = as_tensor(pixel_cache([demo / "data" / r.image_id for r in rows],
                                    [r.image_id for r in rows], spec.size, tmp_path))
     batches = DeviceBatches(PixelDataset(pixels, ds.tokens, ds.lengths, ds.targets, spec, False),
-                            4, torch.device("cpu"), shuffle=False)
+                            torch.device("cpu"), Pass(4))
     got = torch.cat([b[0] for b in batches])
     want = torch.stack([ds[i][0] for i in range(len(ds))])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

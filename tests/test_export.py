@@ -17,7 +17,7 @@ from mmtag.data.csv_io import read_csv
 from mmtag.inference.export import MODEL_JSON, ExportError, export_run
 from mmtag.inference.onnx_engine import OnnxPredictor, preprocess_image
 from mmtag.inference.predictor import Predictor, load_predictor
-from mmtag.models.text_encoders import GloveLSTMEncoder
+from mmtag.models.text_encoders import GloveLSTMEncoder, LstmShape
 from mmtag.training import loop
 
 # one worker builds this module's runs (make test runs with --dist loadgroup)
@@ -49,7 +49,8 @@ def runs(demo, tmp_path_factory):
 @pytest.mark.parametrize("layers,bidirectional", [(1, True), (2, True), (1, False)])
 def test_the_unpacked_lstm_equals_the_packed_one(layers, bidirectional):
     torch.manual_seed(0)
-    enc = GloveLSTMEncoder(30, 8, hidden=6, layers=layers, bidirectional=bidirectional).eval()
+    shape = LstmShape(embed_dim=8, hidden=6, layers=layers, bidirectional=bidirectional)
+    enc = GloveLSTMEncoder(30, shape).eval()
     lengths = torch.tensor([7, 1, 3, 5, 2])
     ids = torch.randint(1, 30, (5, 7))
     for i, n in enumerate(lengths):

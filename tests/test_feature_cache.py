@@ -11,6 +11,7 @@ from PIL import Image
 
 from mmtag.config import load_config
 from mmtag.data.csv_io import read_csv
+from mmtag.data.dataset import ImageRows
 from mmtag.data.images import ImageTransformSpec
 from mmtag.inference.predictor import Predictor, evaluate_run
 from mmtag.models.image_encoders import build_image_encoder
@@ -19,7 +20,6 @@ from mmtag.training.feature_cache import (
     CacheOptions,
     CacheSpec,
     FeatureStore,
-    ImageRows,
     cache_image_features,
 )
 

@@ -16,7 +16,7 @@ from mmtag.data.tokenizers import (
     choose_minilm_max_len,
     resolve_minilm_source,
 )
-from mmtag.models.text_encoders import GloveLSTMEncoder, MiniLMEncoder
+from mmtag.models.text_encoders import GloveLSTMEncoder, LstmShape, MiniLMEncoder
 
 CAPTIONS = [
     "A man riding a wave on top of a surfboard.",
@@ -57,8 +57,8 @@ def minilm_pretrained() -> MiniLMEncoder:
 @pytest.mark.parametrize(("bidirectional", "layers"), [(True, 1), (False, 1), (True, 2)])
 def test_glove_lstm_shapes(bidirectional, layers):
     torch.manual_seed(0)
-    enc = GloveLSTMEncoder(30, embed_dim=8, hidden=6, layers=layers, bidirectional=bidirectional,
-                           dropout=0.1)
+    enc = GloveLSTMEncoder(30, LstmShape(embed_dim=8, hidden=6, layers=layers,
+                                         bidirectional=bidirectional))
     ids, lengths = pad_to([[2, 3, 4], [5], [6, 7, 8, 9, 10]], 7)
     out = enc(ids, lengths)
     assert enc.out_dim == 6 * (2 if bidirectional else 1)
@@ -68,7 +68,7 @@ def test_glove_lstm_shapes(bidirectional, layers):
 
 def test_glove_lstm_padding_does_not_leak():
     torch.manual_seed(0)
-    enc = GloveLSTMEncoder(40, embed_dim=8, hidden=5, layers=2, bidirectional=True).eval()
+    enc = GloveLSTMEncoder(40, LstmShape(embed_dim=8, hidden=5, layers=2, bidirectional=True)).eval()
     seqs = [[2, 3, 4], [5, 6, 7, 8, 9], [10]]
     short = enc(*pad_to(seqs, 5))
     long = enc(*pad_to(seqs, 12))
@@ -85,7 +85,7 @@ def test_glove_lstm_padding_does_not_leak():
 
 def test_glove_lstm_bidirectional_uses_both_directions():
     torch.manual_seed(0)
-    enc = GloveLSTMEncoder(20, embed_dim=4, hidden=3).eval()
+    enc = GloveLSTMEncoder(20, LstmShape(embed_dim=4, hidden=3)).eval()
     a = enc(*pad_to([[2, 3, 4]], 3))
     b = enc(*pad_to([[4, 3, 2]], 3))  # reversing the words changes both halves
     assert not torch.allclose(a[:, :3], b[:, :3])
@@ -95,11 +95,11 @@ def test_glove_lstm_bidirectional_uses_both_directions():
 def test_glove_lstm_embeddings_init_and_shape_check():
     table = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
     table[0] = 0.0
-    enc = GloveLSTMEncoder(10, embed_dim=4, hidden=3, embeddings=table)
+    enc = GloveLSTMEncoder(10, LstmShape(embed_dim=4, hidden=3), embeddings=table)
     assert_close(enc.embedding.weight.detach(), torch.from_numpy(table))
     assert enc.embedding.padding_idx == 0
     with pytest.raises(ValueError, match=r"expected \(vocab_size, embed_dim\) = \(11, 4\)"):
-        GloveLSTMEncoder(11, embed_dim=4, embeddings=table)
+        GloveLSTMEncoder(11, LstmShape(embed_dim=4), embeddings=table)
 
 
 @pytest.mark.parametrize("freeze", [True, False])
@@ -107,7 +107,8 @@ def test_glove_lstm_freezing(freeze):
     torch.manual_seed(0)
     table = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
     table[0] = 0.0
-    enc = GloveLSTMEncoder(12, embed_dim=4, hidden=3, freeze_embeddings=freeze, embeddings=table)
+    enc = GloveLSTMEncoder(12, LstmShape(embed_dim=4, hidden=3), freeze_embeddings=freeze,
+                           embeddings=table)
     assert enc.embedding.weight.requires_grad is (not freeze)
     assert all(p.requires_grad for p in enc.lstm.parameters())
     before = enc.embedding.weight.detach().clone()

@@ -14,7 +14,7 @@ from mmtag.data.csv_io import read_csv
 from mmtag.data.dataset import Split
 from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.thresholds import expected_f1_sets
-from mmtag.inference.predictor import Predictor, evaluate_run, predict_csv
+from mmtag.inference.predictor import PredictOptions, Predictor, evaluate_run, predict_csv
 from mmtag.prediction import passes
 from mmtag.prediction.checkpoint import ModelTooLargeError
 from mmtag.runtime import choose_precision
@@ -87,7 +87,7 @@ def test_predict_names_a_missing_image_or_predicts_from_the_caption(run, demo, t
     (images / victim.image_id).unlink()
     with pytest.raises(OSError, match=rf"{victim.image_id}.*line {victim.line}"):
         predict_csv(run, demo / "test.csv", images, tmp_path / "p.csv")
-    res = predict_csv(run, demo / "test.csv", images, tmp_path / "p.csv", caption_only_missing=True)
+    res = predict_csv(run, demo / "test.csv", images, tmp_path / "p.csv", options=PredictOptions(caption_only_missing=True))
     assert len(res["caption_only"]) == 1 and len(read_csv(tmp_path / "p.csv")) == 8
     # this model has no caption head of its own: a blank image stands in, and it says so
     assert res["caption_only_via"].startswith("a blank image")
@@ -105,7 +105,7 @@ def test_a_missing_image_is_predicted_by_the_caption_head_alone(demo, tmp_path):
     full, part = tmp_path / "full.csv", tmp_path / "part.csv"
     predict_csv(run, demo / "test.csv", demo / "data", tmp_path / "a.csv", probs_out=full)
     res = predict_csv(run, demo / "test.csv", images, tmp_path / "b.csv", probs_out=part,
-                      caption_only_missing=True)
+                      options=PredictOptions(caption_only_missing=True))
     assert res["caption_only_via"] == "the caption head" and len(res["caption_only"]) == 1
     p_full, p_part = ([[float(v) for k, v in r.items() if k != "ImageID"] for r in _rows(f)]
                       for f in (full, part))
@@ -257,10 +257,10 @@ def test_evaluate_on_the_validation_split_marks_tuned_thresholds_optimistic(run,
     m = evaluate_run(run, data_dir=demo)
     assert m["tuned_on_these_rows"] and m["source"].startswith("the run's validation split of")
     assert m["crossfit"]["micro_f1"] == summary["val_crossfit"]["micro_f1"]
-    other = evaluate_run(run, data_dir=demo, decision="expected_f1")
+    other = evaluate_run(run, data_dir=demo, options=PredictOptions(decision="expected_f1"))
     assert not other["tuned_on_these_rows"]
     assert other["crossfit"]["samples_f1"] == summary["val_crossfit_other_rule"]["samples_f1"]
-    assert not evaluate_run(run, data_dir=demo, threshold=0.5)["tuned_on_these_rows"]
+    assert not evaluate_run(run, data_dir=demo, options=PredictOptions(threshold=0.5))["tuned_on_these_rows"]
 
 
 def test_a_csv_without_captions_is_refused_by_a_model_that_reads_them(run, demo, tmp_path):
@@ -283,9 +283,10 @@ def test_threshold_and_decision_options_exclude_each_other(run, demo, capsys):
 
 
 def test_benchmark_reports_throughput_and_latency(run, demo):
-    from mmtag.inference.benchmark import benchmark
+    from mmtag.inference.benchmark import benchmark, rows_with_images
 
-    res = benchmark(run, demo / "test.csv", demo / "data", n=8, batch_size=4, single=3)
+    res = benchmark(run, rows_with_images(demo / "test.csv", demo / "data", 8), single=3,
+                    options=PredictOptions(batch_size=4))
     (torch_res,) = res["engines"]
     assert res["rows"] == 8 and torch_res["engine"] == "torch"
     assert torch_res["samples_per_second"] > 0
@@ -308,7 +309,7 @@ def test_caption_only_and_image_only_models(demo, tmp_path):
     (images / read_csv(demo / "test.csv")[0].image_id).unlink()
     with pytest.raises(OSError, match="reads no caption"):
         predict_csv(tmp_path / "img", demo / "test.csv", images, tmp_path / "x.csv",
-                    caption_only_missing=True)
+                    options=PredictOptions(caption_only_missing=True))
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns(demo, tmp_path, monkeypatch, caplog):

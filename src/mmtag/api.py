@@ -25,7 +25,10 @@ def train(data_dir: Path | str, out: Path | str, config: TrainConfig | str | Pat
 
     Process-wide speed settings are not made behind your back: call
     `mmtag.configure_training()` first, as `mmtag train` does (the allocator setting makes a
-    cpu-recipe step about 30 % faster; cuDNN autotuning helps on GPUs)."""
+    cpu-recipe step about 30 % faster; cuDNN autotuning helps on GPUs).
+
+    7 parameters on purpose: the public API names what `mmtag train`'s flags name, as
+    keywords a user passes one by one, not an options object to build first."""
     from mmtag.training.loop import fit
 
     return fit(resolve_config(out, config, overrides, resume=resume, restart=restart), data_dir,
@@ -40,7 +43,9 @@ def distill(teacher: Path | str, data_dir: Path | str, out: Path | str,
     (`mmtag.training.distill`); `teacher` is a finished run or ensemble folder, `unlabeled` a CSV
     of rows without labels whose photos are in `data_dir`/data (e.g. its test.csv). The student
     validates on the teacher's validation rows (its split), so no row the teacher learned
-    from scores the student. Returns the summary dict, as `train` does."""
+    from scores the student. Returns the summary dict, as `train` does.
+
+    9 parameters on purpose: `mmtag distill`'s flags as keywords, like `train`'s."""
     from mmtag.training.distill import load_teacher
     from mmtag.training.loop import fit
 

@@ -103,14 +103,23 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_options(args: argparse.Namespace):
+    """The PredictOptions of evaluate's, predict's or benchmark's flags (those it has)."""
+    from mmtag.inference.predictor import PredictOptions
+
+    given = {"engine": "engine", "device": "device", "threshold": "threshold",
+             "decision": "decision", "batch_size": "batch_size", "num_workers": "workers",
+             "caption_only_missing": "caption_only_missing"}
+    return PredictOptions(**{k: getattr(args, flag) for k, flag in given.items()
+                             if hasattr(args, flag)})
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mmtag.evaluation.metrics import format_per_class_table
     from mmtag.inference.predictor import evaluate_run, optimism_note
 
     m = evaluate_run(args.run, data_dir=args.data, csv_path=args.csv, images=args.images,
-                     threshold=args.threshold, decision=args.decision,
-                     batch_size=args.batch_size, device=args.device, num_workers=args.workers,
-                     engine=args.engine)
+                     options=_predict_options(args))
     if args.json:
         print(json.dumps(m))
         return 0
@@ -130,10 +139,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from mmtag.inference.predictor import predict_csv
 
     res = predict_csv(args.run, args.csv, args.images, args.out, probs_out=args.probs,
-                      threshold=args.threshold, decision=args.decision,
-                      caption_only_missing=args.caption_only_missing,
-                      batch_size=args.batch_size, device=args.device, num_workers=args.workers,
-                      engine=args.engine)
+                      options=_predict_options(args))
     if res is None:  # under torchrun, rank 0 writes and speaks for all
         return 0
     print(f"wrote {res['rows']} rows to {res['out']} (decision: {res['decision']})"
@@ -147,15 +153,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from mmtag.inference.benchmark import bench_predict, benchmark
+    from mmtag.inference.benchmark import bench_predict, benchmark, rows_with_images
 
-    res = benchmark(args.run, args.csv, args.images, n=args.n, batch_size=args.batch_size,
-                    single=args.single, num_workers=args.workers, device=args.device,
-                    engines=args.engine)
+    rows = rows_with_images(args.csv, args.images, args.n)
+    res = benchmark(args.run, rows, engines=args.engines, single=args.single,
+                    options=_predict_options(args))
     if args.parts:
         configure_training()  # cuDNN autotuning for the fixed batch shape
-        res["parts"] = bench_predict(args.run, args.csv, args.images, n=args.n,
-                                     batch_size=args.batch_size, device=args.device)
+        res["parts"] = bench_predict(args.run, rows, batch_size=args.batch_size,
+                                     device=args.device)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -444,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader decoding processes (default %(default)s, as predict)")
     c.add_argument("--device", default="auto")
     c.add_argument("--json", action="store_true")
-    c.add_argument("--engine", type=_engines, default=["torch"], metavar="ENGINES",
+    c.add_argument("--engine", dest="engines", type=_engines, default=["torch"], metavar="ENGINES",
                    help="torch, onnx, onnx-int8, openvino, or several side by side: "
                         "torch,onnx,openvino (all but torch read the run's export/; default "
                         "torch)")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from mmtag.data.device_batches import shard_indices
+from mmtag.data.batching import shard_indices
 
 log = logging.getLogger("mmtag.train")
 
@@ -145,7 +145,7 @@ def all_sum(x: torch.Tensor, dist: Dist) -> torch.Tensor:
 
 
 def gather_rows(x: torch.Tensor, n: int, dist: Dist) -> torch.Tensor:
-    """Every rank's `x` (its rows `mmtag.data.device_batches.shard_indices(n, rank, world,
+    """Every rank's `x` (its rows `mmtag.data.batching.shard_indices(n, rank, world,
     equal='pad')`) put back into row order 0..n-1 on every rank."""
     if not dist.active:
         return x[:n]

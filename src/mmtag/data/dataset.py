@@ -10,15 +10,39 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from mmtag.atomic import atomic_write, read_json
+from mmtag.data.batching import Pass, pass_order
 from mmtag.data.csv_io import Record
 from mmtag.data.images import ImageReadError, load_image
 from mmtag.data.labels import LabelMap
 from mmtag.run_files import SPLIT_FILE
 
 CaptionFn = Callable[[str], tuple[np.ndarray, int]]
+
+
+@dataclass(frozen=True)
+class ImageRows:
+    """Rows and where their photos are: the folder their files are in, the CSV they came from
+    (named in messages)."""
+
+    records: Sequence[Record]
+    image_dir: Path
+    source: str = ""
+
+    def subset(self, idx: Sequence[int]) -> ImageRows:
+        return ImageRows([self.records[i] for i in idx], self.image_dir, self.source)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Which parts of its rows a TaggingDataset reads."""
+
+    images: bool = True    # False for caption-only models: no decoding at all
+    targets: bool = True   # False for predict: a labels column there is ignored, not checked
+    # a missing or unreadable photo becomes a blank image (asked for: predict from the caption)
+    blank_missing_images: bool = False
 
 
 class TaggingDataset(Dataset):
@@ -29,16 +53,15 @@ class TaggingDataset(Dataset):
     target.
     """
 
-    def __init__(self, records: Sequence[Record], image_dir: Path | str, encode_caption: CaptionFn,
-                 label_map: LabelMap, transform: Callable | None = None, source: str = "",
-                 blank_missing_images: bool = False, load_images: bool = True,
-                 with_targets: bool = True):
-        self.records = list(records)
-        self.load_images = load_images  # False for caption-only models: no decoding at all
-        self.image_dir = Path(image_dir)
+    def __init__(self, rows: ImageRows, encode_caption: CaptionFn, label_map: LabelMap,
+                 transform: Callable | None = None, reading: Reading = Reading()):
+        self.records = list(rows.records)
+        self.load_images = reading.images
+        self.image_dir = Path(rows.image_dir)
         self.transform = transform
-        self.source = source
-        self.blank_missing_images = blank_missing_images
+        self.source = rows.source
+        self.blank_missing_images = reading.blank_missing_images
+        with_targets = reading.targets
         ids, lengths = zip(*(encode_caption(r.caption) for r in self.records), strict=True) \
             if self.records else ((), ())
         self.tokens = torch.as_tensor(np.stack(ids)) if ids else torch.zeros(0, 1, dtype=torch.long)
@@ -146,12 +169,18 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
-                num_workers: int = 0, drop_last: bool = False,
+def make_loader(dataset: Dataset, how: Pass, *, num_workers: int = 0,
                 pin_memory: bool = False) -> DataLoader:
-    """A DataLoader whose shuffling and worker augmentation are seeded."""
+    """A DataLoader for one pass (`how`) whose shuffling and worker augmentation are seeded;
+    under torchrun (how.world > 1) it reads this rank's shard of the seeded order."""
+    seed, shuffle = how.seed, how.shuffle
+    if how.world > 1:
+        rows = pass_order(len(dataset), how, equal="drop" if shuffle else "pad")
+        dataset, shuffle = Subset(dataset, rows.tolist()), False
+        seed += 7919 * how.rank  # each rank's workers draw their own augmentations
     gen = torch.Generator()
     gen.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      drop_last=drop_last, pin_memory=pin_memory, generator=gen,
-                      worker_init_fn=_seed_worker, persistent_workers=num_workers > 0)
+    return DataLoader(dataset, batch_size=how.batch_size, shuffle=shuffle,
+                      num_workers=num_workers, drop_last=how.drop_last, pin_memory=pin_memory,
+                      generator=gen, worker_init_fn=_seed_worker,
+                      persistent_workers=num_workers > 0)

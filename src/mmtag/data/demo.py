@@ -304,15 +304,13 @@ _PLUS_UNIT = (
 
 def _draw_shape(
     draw: ImageDraw.ImageDraw,
-    label: int,
-    cx: float,
-    cy: float,
-    r: float,
-    angle: float,
+    o: DemoObject,
+    scale: float,
     fill: tuple[int, int, int] | int,
     outline: tuple[int, int, int] | int | None,
 ) -> None:
-    """Draw one shape of class ``label`` (coordinates already at drawing scale)."""
+    """Draw one object, its coordinates multiplied by ``scale`` (the drawing's)."""
+    label, cx, cy, r, angle = o.label, o.cx * scale, o.cy * scale, o.r * scale, o.angle
     width = max(1, round(r * 0.08)) if outline is not None else 0
     # Squares, plus signs and diamonds only tilt a little: turned by 45 degrees a square would be
     # a diamond and a plus sign an "x". ``angle`` is in [-pi, pi].
@@ -470,7 +468,7 @@ def _draw_objects(
     for i in order:
         o, fill = objects[i], fills[i]
         outline = tuple(int(v * 0.45) for v in fill) if rng.random() < 0.3 else None
-        _draw_shape(draw, o.label, o.cx * _SS, o.cy * _SS, o.r * _SS, o.angle, fill, outline)
+        _draw_shape(draw, o, _SS, fill, outline)
 
 
 # -- captions --------------------------------------------------------------------------------

@@ -16,31 +16,9 @@ import numpy as np
 import torch
 
 from mmtag.data.batch_augment import augment_batch, normalise_batch
+from mmtag.data.batching import Pass, pass_order
 from mmtag.data.images import ImageTransformSpec
 from mmtag.data.pixel_cache import decode_resized
-
-
-def shard_indices(n: int, rank: int, world: int, *, equal: str) -> torch.Tensor:
-    """Rank `rank`'s rows of 0..n-1 among `world` processes: every world-th from its rank.
-    Every rank gets the same count (DistributedDataParallel needs equal step counts):
-    `equal='drop'` leaves out the last n % world rows (training), 'pad' repeats row 0
-    (evaluation; mmtag.distributed.gather_rows trims the repeats)."""
-    if equal not in ("drop", "pad"):
-        raise ValueError(f"equal must be 'drop' or 'pad', got {equal!r}")
-    idx = torch.arange(rank, n, world)
-    if equal == "drop":
-        return idx[: n // world]
-    per = -(-n // world)
-    return torch.cat([idx, idx.new_zeros(per - len(idx))])
-
-
-def pass_order(n: int, *, shuffle: bool, seed: int, rank: int, world: int,
-                equal: str) -> torch.Tensor:
-    """The rows rank `rank` reads in one pass over n rows: the seeded shuffle (the same on
-    every rank), or file order, then its `shard_indices` share of it."""
-    order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle
-             else torch.arange(n))
-    return order[shard_indices(n, rank, world, equal=equal)]
 
 
 def as_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -74,20 +52,20 @@ class PixelDataset:
 
 
 class DeviceBatches:
-    """The batches of one pass over a PixelDataset, like a DataLoader's: shuffled by `seed`
-    (the same order on every rank), this rank's shard of it, in `batch_size` pieces."""
+    """The batches of one pass over a PixelDataset, like a DataLoader's: shuffled by the
+    pass's seed (the same order on every rank), this rank's shard of it, in batch_size
+    pieces."""
 
-    def __init__(self, ds: PixelDataset, batch_size: int, device: torch.device, *,
-                 shuffle: bool, seed: int = 0, drop_last: bool = False, rank: int = 0,
-                 world: int = 1, channels_last: bool = False):
-        self.ds, self.device, self.seed, self.rank = ds, device, seed, rank
+    def __init__(self, ds: PixelDataset, device: torch.device, how: Pass,
+                 channels_last: bool = False):
+        self.ds, self.device, self.seed, self.rank = ds, device, how.seed, how.rank
         self.channels_last = channels_last
-        self.order = pass_order(len(ds), shuffle=shuffle, seed=seed, rank=rank, world=world,
-                                equal="drop" if ds.train else "pad")
-        cuts = list(range(0, len(self.order), batch_size))
-        if drop_last and len(self.order) % batch_size and len(cuts) > 1:
+        self.order = pass_order(len(ds), how, equal="drop" if ds.train else "pad")
+        b = how.batch_size
+        cuts = list(range(0, len(self.order), b))
+        if how.drop_last and len(self.order) % b and len(cuts) > 1:
             cuts = cuts[:-1]
-        self.cuts = [(c, min(c + batch_size, len(self.order))) for c in cuts]
+        self.cuts = [(c, min(c + b, len(self.order))) for c in cuts]
 
     def __len__(self) -> int:
         return len(self.cuts)

@@ -244,13 +244,13 @@ class CaptionEncoder:
 
     @classmethod
     def fit(cls, captions: Sequence[str], *, max_len: int | None = None, quantile: float = 0.99,
-            min_freq: int = 1, glove_only: bool = True, stopwords: bool = True,
+            min_freq: int = 1, stopwords: bool = True,
             lemmatizer: str = "lemminflect") -> CaptionEncoder:
-        """Build the vocabulary from training captions; `max_len=None` picks the `quantile`
-        of the caption length distribution."""
+        """Build the vocabulary from training captions (GloVe's words only: the others would
+        start from random vectors the frozen table never trains); `max_len=None` picks the
+        `quantile` of the caption length distribution."""
         toks = [caption_tokens(c, stopwords=stopwords, lemmatizer=lemmatizer) for c in captions]
-        allowed = load_glove()[0] if glove_only else None
-        vocab = Vocabulary.build(toks, min_freq=min_freq, allowed=allowed)
+        vocab = Vocabulary.build(toks, min_freq=min_freq, allowed=load_glove()[0])
         if max_len is None:
             max_len = choose_max_len([len(t) for t in toks], quantile)
         return cls(vocab, max_len, stopwords, lemmatizer)

@@ -27,6 +27,7 @@ independently of the others. `decide` applies either rule.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -137,6 +138,9 @@ def choose_thresholds(
             global threshold.
         grid: candidate thresholds (sorted and de-duplicated); default `default_grid()`.
             Every returned threshold is a grid value.
+
+    7 parameters on purpose: a public search function in scikit-learn's manner, the data
+    positional and each search setting a keyword with its default.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {list(MODES)}")
@@ -159,14 +163,27 @@ def choose_thresholds(
     if mode == "global":
         return g[idx]
     tuned = np.flatnonzero(y.sum(axis=0) >= min_support)
-    return g[_coordinate_ascent(y, p, g, idx, tuned, metric, at_least_one)]
+    return g[_coordinate_ascent(_Search(y, p, g, metric, at_least_one), idx, tuned)]
 
 
-def _coordinate_ascent(y: np.ndarray, p: np.ndarray, g: np.ndarray, idx: np.ndarray,
-                       tuned: np.ndarray, metric: str, at_least_one: bool) -> np.ndarray:
+@dataclass(frozen=True)
+class _Search:
+    """What a threshold search scores: labels y and probabilities p (N, C), the grid g, the
+    metric and the decision rule's at_least_one."""
+
+    y: np.ndarray
+    p: np.ndarray
+    g: np.ndarray
+    metric: str
+    at_least_one: bool
+
+
+def _coordinate_ascent(search: _Search, idx: np.ndarray, tuned: np.ndarray) -> np.ndarray:
     """Per-class grid indices, from the global choice `idx`: each class of `tuned` in turn
     moves to the grid value that scores best with the others held fixed, until a pass changes
     nothing (or _MAX_PASSES). Counts are updated incrementally: one (N, G) product per class."""
+    y, p, g = search.y, search.p, search.g
+    metric, at_least_one = search.metric, search.at_least_one
     n_true = y.sum(axis=1)  # (N,)
     pred = p >= g[idx]  # (N, C), thresholds only; the at_least_one fill is recomputed below
     n_pred = pred.sum(axis=1)  # (N,)

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from mmtag.data.csv_io import Record, csv_columns
-from mmtag.data.dataset import TaggingDataset
+from mmtag.data.dataset import ImageRows, Reading, TaggingDataset
 from mmtag.data.images import (
     load_image,
 )
@@ -59,10 +59,10 @@ class PredictorBase:
                 blank_missing_images: bool = False, with_targets: bool = True) -> TaggingDataset:
         """`records` as model inputs; their labels become targets only `with_targets` (for
         scoring), which must then be in the run's label set."""
-        return TaggingDataset(records, image_dir, self.caption_enc, self.label_map,
-                              self.transform(), source=source,
-                              blank_missing_images=blank_missing_images,
-                              load_images=self.reads_images, with_targets=with_targets)
+        return TaggingDataset(ImageRows(records, Path(image_dir), source), self.caption_enc,
+                              self.label_map, self.transform(),
+                              Reading(images=self.reads_images, targets=with_targets,
+                                      blank_missing_images=blank_missing_images))
 
     def decide(self, probs: np.ndarray, threshold: float | None = None,
                at_least_one: bool | None = None, decision: str | None = None) -> np.ndarray:

@@ -10,31 +10,36 @@ from pathlib import Path
 import torch
 
 from mmtag.data.csv_io import read_csv
+from mmtag.data.dataset import ImageRows
 from mmtag.data.device_batches import DecodedBatches
 from mmtag.inference.base import PredictorBase
-from mmtag.inference.predictor import load_predictor
+from mmtag.inference.predictor import PredictOptions, load_predictor
 from mmtag.inference.torch_engine import Predictor
 from mmtag.prediction.export_format import ExportError
-from mmtag.prediction.passes import evaluate
+from mmtag.prediction.passes import EvalPass, evaluate
 from mmtag.prediction.timing import bound_by, peak_mb, timed
 from mmtag.runtime import machine_info
 
 
-def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: int = 512,
-              batch_size: int = 64, single: int = 30, num_workers: int = 0,
-              device: str = "auto", engines: Sequence[str] = ("torch",)) -> dict:
-    """For each engine: batch throughput (JPEG decoding and preprocessing included) over the
-    first `n` rows whose images exist, and single-sample latency (median and 90th percentile of
-    `single` calls). {'engines': [one dict per engine], 'machine': ...}."""
+def rows_with_images(csv_path: Path | str, images: Path | str, n: int) -> ImageRows:
+    """The first `n` rows of `csv_path` whose photos are in `images`: what is timed."""
     images = Path(images)
     rows = [r for r in read_csv(csv_path) if (images / r.image_id).exists()][:n]
     if not rows:
         raise ValueError(f"no row of {csv_path} has an image in {images}")
+    return ImageRows(rows, images, str(csv_path))
+
+
+def benchmark(run: Path | str, rows: ImageRows, *, engines: Sequence[str] = ("torch",),
+              single: int = 30, options: PredictOptions = PredictOptions()) -> dict:
+    """For each engine: batch throughput (JPEG decoding and preprocessing included) over
+    `rows` (at options.batch_size), and single-sample latency (median and 90th percentile of
+    `single` calls). {'engines': [one dict per engine], 'machine': ...}."""
     results = []
     for engine in engines:
         t_load = time.perf_counter()
         try:
-            pred = load_predictor(run, engine, device)
+            pred = load_predictor(run, engine, options.device)
         except ExportError as e:
             if len(engines) == 1:
                 raise
@@ -44,23 +49,23 @@ def benchmark(run: Path | str, csv_path: Path | str, images: Path | str, *, n: i
             continue
         load_s = time.perf_counter() - t_load
         results.append({"engine": engine, "load_seconds": round(load_s, 2),
-                        **_measure(pred, rows, images, batch_size, single, num_workers)})
+                        **_measure(pred, rows, single, options)})
     # the machine as the torch engine saw it (its GPU, if it used one); ONNX runs on the CPU
     torch_devices = [torch.device(e["device"]) for e in results if e["engine"] == "torch"]
     dev = torch_devices[0] if torch_devices else torch.device("cpu")
-    return {"rows": len(rows), "batch_size": batch_size, "engines": results,
+    return {"rows": len(rows.records), "batch_size": options.batch_size, "engines": results,
             "machine": machine_info(dev)}
 
 
-def _measure(pred: PredictorBase, rows, images: Path, batch_size: int, single: int,
-             num_workers: int) -> dict:
-    ds = pred.dataset(rows[: min(len(rows), batch_size)], images)
-    pred.probabilities(ds, batch_size, 0)  # warm-up
-    ds = pred.dataset(rows, images)
+def _measure(pred: PredictorBase, rows: ImageRows, single: int, o: PredictOptions) -> dict:
+    records, images = rows.records, rows.image_dir
+    ds = pred.dataset(records[: o.batch_size], images)
+    pred.probabilities(ds, o.batch_size, 0)  # warm-up
+    ds = pred.dataset(records, images)
     t0 = time.perf_counter()
-    pred.probabilities(ds, batch_size, num_workers)
+    pred.probabilities(ds, o.batch_size, o.num_workers)
     batch_s = time.perf_counter() - t0
-    pairs = [(images / r.image_id, r.caption) for r in rows[:single]]
+    pairs = [(images / r.image_id, r.caption) for r in records[:single]]
     pred.predict(pairs[:1])
     lat = []
     for pair in pairs:
@@ -68,35 +73,32 @@ def _measure(pred: PredictorBase, rows, images: Path, batch_size: int, single: i
         pred.predict([pair])
         lat.append(time.perf_counter() - t)
     return {"device": str(getattr(pred, "device", "cpu")), "threads": torch.get_num_threads(),
-            "samples_per_second": round(len(rows) / batch_s, 1),
+            "samples_per_second": round(len(records) / batch_s, 1),
             "single_latency_ms_median": round(1000 * statistics.median(lat), 1),
             "single_latency_ms_p90": round(1000 * sorted(lat)[int(0.9 * (len(lat) - 1))], 1),
             "tta_flip": pred.tta_flip, "image_sizes": [pred.image_size]}
 
 
-def bench_predict(run: Path | str, csv_path: Path | str, images: Path | str, *, n: int = 2048,
-                  batch_size: int = 256, device: str = "auto", warmup: int = 2) -> dict:
-    """Batch prediction's rates in images/s at data.image_size (the first size of multi-scale
-    TTA), as `mmtag bench train` reports training's: decoding + resizing alone (nvJPEG on a
-    GPU, PIL elsewhere), the model alone (one batch already on the device, flip TTA as the run
-    predicts), and both, over the first `n` rows of `csv_path` whose images exist."""
-    images = Path(images)
+def bench_predict(run: Path | str, rows: ImageRows, *, batch_size: int = 256,
+                  device: str = "auto", warmup: int = 2) -> dict:
+    """Batch prediction's rates in images/s at data.image_size, as `mmtag bench train`
+    reports training's: decoding + resizing alone (nvJPEG on a GPU, PIL elsewhere), the model
+    alone (one batch already on the device, flip TTA as the run predicts), and both, over
+    `rows`."""
     pred = Predictor.load(run, device)
-    rows = [r for r in read_csv(csv_path) if (images / r.image_id).exists()][:n]
-    if not rows or not pred.reads_images:
-        raise ValueError(f"benchmark --parts needs a model that reads images and rows of {csv_path} "
-                         f"with their images in {images}")
+    if not pred.reads_images:
+        raise ValueError("benchmark --parts needs a model that reads images")
     spec = pred.transform_spec()
     # the batches `mmtag predict` makes on this device (decoded there on a GPU)
-    batches = DecodedBatches(pred.dataset(rows, images, str(csv_path), with_targets=False),
-                             spec, batch_size, pred.device)
+    batches = DecodedBatches(pred.dataset(rows.records, rows.image_dir, rows.source,
+                                          with_targets=False), spec, batch_size, pred.device)
     if pred.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pred.device)
 
     def model(loader) -> None:
         for m in pred.models:
-            evaluate(m, loader, None, pred.device, dtype=pred.precision.dtype,
-                     channels_last=True, tta=pred.tta_flip)
+            evaluate(m, loader, None, pred.device, EvalPass(
+                dtype=pred.precision.dtype, channels_last=True, tta=pred.tta_flip))
 
     one = next(iter(batches))
     model([one] * warmup)
@@ -104,11 +106,12 @@ def bench_predict(run: Path | str, csv_path: Path | str, images: Path | str, *, 
     t_model = timed(pred.device, lambda: model([one] * len(batches)))
     t_whole = timed(pred.device, lambda: model(batches))  # streamed, batch by batch
     k = len(batches) * len(one[0])  # the model alone ran full batches
-    rates = {"data": round(len(rows) / t_decode, 1), "step": round(k / t_model, 1),
-             "whole": round(len(rows) / t_whole, 1)}
+    n = len(rows.records)
+    rates = {"data": round(n / t_decode, 1), "step": round(k / t_model, 1),
+             "whole": round(n / t_whole, 1)}
     ratio = rates["whole"] / rates["step"]
     return {"device": str(pred.device), "machine": machine_info(pred.device),
-            "batch_size": batch_size, "image_size": spec.size, "rows": len(rows),
+            "batch_size": batch_size, "image_size": spec.size, "rows": n,
             "pipeline": "nvJPEG" if pred.device.type == "cuda" else "PIL",
             "amp": pred.precision.name,
             "tta_flip": pred.tta_flip, "members": len(pred.models), "images_per_second": rates,

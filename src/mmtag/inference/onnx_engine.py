@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmtag.data.batching import Pass
 from mmtag.data.dataset import make_loader
 from mmtag.data.images import to_rgb, upright
 from mmtag.data.labels import LabelMap
@@ -199,7 +200,7 @@ class OnnxPredictor(PredictorBase):
         return out[0], (out[1] if len(out) > 1 else None)
 
     def probabilities(self, dataset, batch_size: int = 64, num_workers: int = 0) -> np.ndarray:
-        loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+        loader = make_loader(dataset, Pass(batch_size), num_workers=num_workers)
         parts = [self.run(self._inputs(images), ids.numpy(), lengths.numpy())[0]
                  for images, ids, lengths, _ in loader]
         return np.concatenate(parts) if parts else np.zeros((0, self.label_map.num_classes))

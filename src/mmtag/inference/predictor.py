@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from mmtag.atomic import atomic_write_many, read_json
 from mmtag.data.csv_io import Record, format_csv, read_csv
-from mmtag.data.dataset import Split
+from mmtag.data.dataset import ImageRows, Split
 from mmtag.data.images import (
     ImageReadError,
     load_image,
@@ -32,6 +33,34 @@ from mmtag.runtime import (
 )
 
 log = logging.getLogger("mmtag.predict")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How `evaluate` and `predict` run a model: which engine on which device, the decision
+    rule, the batching. The CLI fills one from its flags."""
+
+    engine: str = "torch"          # 'torch', 'onnx', 'onnx-int8' or 'openvino'
+    device: str = "auto"
+    threshold: float | None = None  # one global threshold instead of the run's rule
+    decision: str | None = None     # 'threshold' or 'expected_f1' instead of the run's rule
+    batch_size: int = 64
+    num_workers: int = 0
+    # predict only: rows whose photo is missing are predicted from their caption
+    caption_only_missing: bool = False
+
+
+@dataclass(frozen=True)
+class PredictFiles:
+    """What `predict` reads and writes: the CSV, its photos' folder, the submission and (or
+    None) the probabilities; the outputs as checked, the names as the user gave them."""
+
+    csv: Path
+    images: Path
+    out: Path
+    probs: Path | None
+    given_out: str
+    given_probs: str | None
 
 
 def load_predictor(run: Path | str, engine: str = "torch", device: str = "auto") -> PredictorBase:
@@ -80,17 +109,17 @@ def find_missing_images(records: Sequence[Record], image_dir: Path,
 
 def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
                  csv_path: Path | str | None = None, images: Path | str | None = None,
-                 threshold: float | None = None, decision: str | None = None,
-                 batch_size: int = 64, device: str = "auto", num_workers: int = 0,
-                 engine: str = "torch") -> dict:
+                 options: PredictOptions = PredictOptions()) -> dict:
     """Metrics of a run on its saved validation split (`data_dir`) or on a labelled CSV.
 
     On the validation split with the run's tuned thresholds, the thresholds were chosen on these
     very rows: the figures are then marked optimistic (`tuned_on_these_rows`), with the run's
     cross-fit estimate from summary.json beside them (`crossfit`)."""
+    o = options
+    threshold, decision = o.threshold, o.decision
     if threshold is not None:
         check_threshold(threshold)  # before any inference
-    pred = load_predictor(run, engine, device)
+    pred = load_predictor(run, o.engine, o.device)
     if csv_path is not None:
         rows, image_dir, source = _labelled_csv(pred, Path(csv_path), images)
         validation_of = None
@@ -106,7 +135,7 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
             f"label {e.label} ({e.where}) is not one this run predicts "
             f"({' '.join(map(str, pred.label_map.labels))}), so it cannot be scored: remove it "
             f"from the file, or evaluate a run trained on rows that carry it")) from None
-    probs = pred.probabilities(ds, batch_size, num_workers)
+    probs = pred.probabilities(ds, o.batch_size, o.num_workers)
     y = ds.targets.numpy().astype(int)
     m = multilabel_metrics(y, pred.decide(probs, threshold, decision=decision),
                            label_names=[str(lab) for lab in pred.label_map.labels])
@@ -178,42 +207,41 @@ def optimism_note(m: dict) -> str:
 
 def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
                 out: Path | str = "Predicted_labels.csv", *, probs_out: Path | str | None = None,
-                threshold: float | None = None, decision: str | None = None,
-                caption_only_missing: bool = False, batch_size: int = 64, device: str = "auto",
-                num_workers: int = 0, engine: str = "torch") -> dict | None:
+                options: PredictOptions = PredictOptions()) -> dict | None:
     """Write the Kaggle submission for every row of `csv_path`, in order (and the
     probabilities to `probs_out`): both files or neither.
 
     Under torchrun each process predicts every world-th row and rank 0 writes the files and
     returns the result; the others return None."""
+    csv_path, images = Path(csv_path), Path(images)
+    checked_out, checked_probs = check_predict_outputs(run, csv_path, images, out, probs_out)
+    files = PredictFiles(csv_path, images, checked_out, checked_probs, str(out),
+                         str(probs_out) if probs_out is not None else None)
+    if options.threshold is not None:
+        check_threshold(options.threshold)  # before any inference
     dist = from_env()
     if dist.active:  # each rank on its own GPU; the ONNX engines run on the CPU (gloo)
-        on = start(dist, resolve_device(device) if engine == "torch" else torch.device("cpu"))
-        if engine == "torch":
-            device = str(on)
+        torch_engine = options.engine == "torch"
+        on = start(dist, resolve_device(options.device) if torch_engine else torch.device("cpu"))
+        if torch_engine:
+            options = replace(options, device=str(on))
     try:
-        result = _predict_csv(run, csv_path, images, out, probs_out, threshold, decision,
-                              caption_only_missing, batch_size, device, num_workers, engine,
-                              dist)
+        result = _predict_csv(run, files, options, dist)
         barrier(dist)  # rank 0 has written the files; nobody leaves the group before
         return result
     finally:
         stop(dist)
 
 
-def _predict_csv(run, csv_path, images, out, probs_out, threshold, decision, caption_only_missing,
-                 batch_size, device, num_workers, engine, dist: Dist) -> dict | None:
-    csv_path, images = Path(csv_path), Path(images)
-    given_out, given_probs = out, probs_out  # what the user named, for the messages
-    out, probs_out = check_predict_outputs(run, csv_path, images, out, probs_out)
-    if threshold is not None:
-        check_threshold(threshold)  # before any inference
-    pred = load_predictor(run, engine, device)
-    pred.check_captions(csv_path)
-    rows = read_csv(csv_path)
-    bad = find_missing_images(rows, images, str(csv_path)) if pred.reads_images else {}
+def _predict_csv(run: Path | str, files: PredictFiles, o: PredictOptions,
+                 dist: Dist) -> dict | None:
+    pred = load_predictor(run, o.engine, o.device)
+    pred.check_captions(files.csv)
+    rows = read_csv(files.csv)
+    source = str(files.csv)
+    bad = find_missing_images(rows, files.images, source) if pred.reads_images else {}
     msgs = list(bad.values())
-    _check_missing_images(pred, bad, caption_only_missing)
+    _check_missing_images(pred, bad, o.caption_only_missing)
     # Rows without their image: the caption's own head where the model has one (trained on its
     # own loss, so its probabilities hold for a caption alone); otherwise the whole model with
     # a blank image in place of the photo, which is said so.
@@ -225,24 +253,22 @@ def _predict_csv(run, csv_path, images, out, probs_out, threshold, decision, cap
                     "; ".join(msgs[:3]), more)
     probs = sharded(len(rows), dist, getattr(pred, "device", torch.device("cpu")),
                     lambda idx: _csv_probabilities(
-                        pred, [rows[i] for i in idx], images, str(csv_path),
-                        {j: bad[i] for j, i in enumerate(idx) if i in bad}, batch_size,
-                        num_workers))
+                        pred, ImageRows([rows[i] for i in idx], files.images, source),
+                        {j: bad[i] for j, i in enumerate(idx) if i in bad}, o))
     if not dist.main:
         return None
-    decisions = pred.decide(probs, threshold, decision=decision)
+    decisions = pred.decide(probs, o.threshold, decision=o.decision)
     label_sets = [pred.label_map.decode(d) for d in decisions]
-    files = [(out, format_csv([Record(r.image_id, labs, "", r.line)
-                               for r, labs in zip(rows, label_sets, strict=True)],
-                              captions=False))]
-    if probs_out is not None:
-        files.append((probs_out, format_probs([r.image_id for r in rows],
-                                              [str(lab) for lab in pred.label_map.labels], probs)))
-    atomic_write_many(files)
-    return {"rows": len(rows), "out": str(given_out),
-            "probs": str(given_probs) if given_probs else None,
+    written = [(files.out, format_csv([Record(r.image_id, labs, "", r.line)
+                                       for r, labs in zip(rows, label_sets, strict=True)],
+                                      captions=False))]
+    if files.probs is not None:
+        written.append((files.probs, format_probs(
+            [r.image_id for r in rows], [str(lab) for lab in pred.label_map.labels], probs)))
+    atomic_write_many(written)
+    return {"rows": len(rows), "out": files.given_out, "probs": files.given_probs,
             "caption_only": msgs, "caption_only_via": via if msgs else None,
-            "decision": pred.describe_decision(threshold, decision)}
+            "decision": pred.describe_decision(o.threshold, o.decision)}
 
 
 def _check_missing_images(pred: PredictorBase, bad: dict[int, str], caption_only_missing: bool) -> None:
@@ -262,19 +288,22 @@ def _check_missing_images(pred: PredictorBase, bad: dict[int, str], caption_only
             "alone (they are listed).")
 
 
-def _csv_probabilities(pred: PredictorBase, rows: list[Record], images: Path, source: str,
-                       bad: dict[int, str], batch_size: int, num_workers: int) -> np.ndarray:
+def _csv_probabilities(pred: PredictorBase, rows: ImageRows, bad: dict[int, str],
+                       o: PredictOptions) -> np.ndarray:
     """(N, C) probabilities of every row; rows in `bad` (no readable image) from the caption
     head, or from a blank image when the model has none."""
+    records, images, source = rows.records, rows.image_dir, rows.source
     if not (bad and pred.has_caption_head):
-        ds = pred.dataset(rows, images, source, blank_missing_images=bool(bad), with_targets=False)
-        return pred.probabilities(ds, batch_size, num_workers)
-    good = [i for i in range(len(rows)) if i not in bad]
-    probs = np.zeros((len(rows), pred.label_map.num_classes))
+        ds = pred.dataset(records, images, source, blank_missing_images=bool(bad),
+                          with_targets=False)
+        return pred.probabilities(ds, o.batch_size, o.num_workers)
+    good = [i for i in range(len(records)) if i not in bad]
+    probs = np.zeros((len(records), pred.label_map.num_classes))
     if good:
         probs[good] = pred.probabilities(
-            pred.dataset([rows[i] for i in good], images, source, with_targets=False),
-            batch_size, num_workers)
+            pred.dataset([records[i] for i in good], images, source, with_targets=False),
+            o.batch_size, o.num_workers)
     probs[list(bad)] = pred.caption_probabilities(
-        pred.dataset([rows[i] for i in bad], images, source, with_targets=False), batch_size)
+        pred.dataset([records[i] for i in bad], images, source, with_targets=False),
+        o.batch_size)
     return probs

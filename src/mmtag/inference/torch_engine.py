@@ -13,6 +13,7 @@ from PIL import Image
 
 import mmtag
 from mmtag.config import ConfigError, TrainConfig
+from mmtag.data.batching import Pass
 from mmtag.data.dataset import TaggingDataset, make_loader
 from mmtag.data.device_batches import DecodedBatches
 from mmtag.data.images import (
@@ -27,7 +28,7 @@ from mmtag.evaluation.probs_csv import average_probs
 from mmtag.inference.base import PredictorBase
 from mmtag.models.build import build_tagger, encoder_normalisation
 from mmtag.prediction.checkpoint import BestCheckpoint
-from mmtag.prediction.passes import evaluate, flip_tta_logits
+from mmtag.prediction.passes import EvalPass, evaluate, flip_tta_logits
 from mmtag.run_files import best_checkpoint
 from mmtag.runtime import (
     Precision,
@@ -132,10 +133,10 @@ class Predictor(PredictorBase):
                      and not dataset.blank_missing_images)
         loader = (DecodedBatches(dataset, self.transform_spec(), batch_size, self.device)
                   if on_device else
-                  make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers))
-        return average_probs(evaluate(model, loader, None, self.device,
-                                      dtype=self.precision.dtype, tta=self.config.tta_flip,
-                                      channels_last=True)[1] for model in self.models)
+                  make_loader(dataset, Pass(batch_size), num_workers=num_workers))
+        return average_probs(evaluate(model, loader, None, self.device, EvalPass(
+            dtype=self.precision.dtype, channels_last=True, tta=self.config.tta_flip))[1]
+            for model in self.models)
 
     def caption_probabilities(self, dataset: TaggingDataset, batch_size: int = 64) -> np.ndarray:
         """(N, C) probabilities of the caption's own head (`Tagger.caption_logits`), for rows

@@ -21,11 +21,11 @@ def build_tagger(cfg: ModelConfig, num_classes: int, caption_enc, *, load_pretra
                                     drop_path=cfg.drop_path)
     text = None
     if cfg.text_encoder == "glove_lstm":
-        from mmtag.models.text_encoders import GloveLSTMEncoder
+        from mmtag.models.text_encoders import GloveLSTMEncoder, LstmShape
 
         emb = caption_enc.vocab.glove_matrix()[0] if load_pretrained else None
-        text = GloveLSTMEncoder(len(caption_enc.vocab), 50, hidden=cfg.lstm_hidden,
-                                layers=cfg.lstm_layers, bidirectional=cfg.bidirectional,
+        shape = LstmShape(50, cfg.lstm_hidden, cfg.lstm_layers, cfg.bidirectional)
+        text = GloveLSTMEncoder(len(caption_enc.vocab), shape,
                                 freeze_embeddings=cfg.freeze_embeddings, embeddings=emb)
     elif cfg.text_encoder == "minilm":
         from mmtag.models.text_encoders import MiniLMEncoder

@@ -14,6 +14,8 @@ hub needed); otherwise the Hugging Face name is used, which works on machines th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,16 @@ MINILM_DIM = 384
 # GloVe + LSTM
 
 
+@dataclass(frozen=True)
+class LstmShape:
+    """The GloVe LSTM's sizes (model.lstm_hidden, lstm_layers, bidirectional in a config)."""
+
+    embed_dim: int = 50          # GloVe 6B 50-d
+    hidden: int = 128            # per direction
+    layers: int = 1
+    bidirectional: bool = True   # a backward LSTM too; both final states concatenated
+
+
 class GloveLSTMEncoder(nn.Module):
     """Word embeddings (GloVe-initialised) -> (Bi)LSTM -> last layer's final hidden state(s).
 
@@ -37,27 +49,21 @@ class GloveLSTMEncoder(nn.Module):
 
     Args:
         vocab_size: rows of the embedding table (|V|, including <pad>=0 and <unk>=1).
-        embed_dim: embedding width (50 for GloVe 6B 50-d).
-        hidden: LSTM hidden size per direction.
-        layers: stacked LSTM layers.
-        bidirectional: run a backward LSTM too and concatenate both final states.
-        dropout: applied to the embedded words and, when `layers > 1`, between LSTM layers.
+        shape: the embedding width and the LSTM's size (`LstmShape`).
         freeze_embeddings: keep the embedding table fixed (`requires_grad=False`).
         embeddings: optional (vocab_size, embed_dim) initial table, e.g.
             `Vocabulary.glove_matrix()[0]`. Leave it out when a checkpoint will be loaded: the
             table (frozen or not) is part of the state dict.
     """
 
-    def __init__(self, vocab_size: int, embed_dim: int = 50, hidden: int = 128, layers: int = 1,
-                 bidirectional: bool = True, dropout: float = 0.0, freeze_embeddings: bool = True,
-                 embeddings: np.ndarray | None = None) -> None:
+    def __init__(self, vocab_size: int, shape: LstmShape = LstmShape(), *,
+                 freeze_embeddings: bool = True, embeddings: np.ndarray | None = None) -> None:
         super().__init__()
+        embed_dim, hidden, layers = shape.embed_dim, shape.hidden, shape.layers
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2 (<pad> and <unk>), got {vocab_size}")
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         if embeddings is not None:
             table = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
@@ -67,15 +73,14 @@ class GloveLSTMEncoder(nn.Module):
             with torch.no_grad():
                 self.embedding.weight.copy_(table)
         self.embedding.weight.requires_grad_(not freeze_embeddings)
-        self.dropout = nn.Dropout(dropout)
         self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True,
-                            bidirectional=bidirectional, dropout=dropout if layers > 1 else 0.0)
-        self.num_directions = 2 if bidirectional else 1
+                            bidirectional=shape.bidirectional)
+        self.num_directions = 2 if shape.bidirectional else 1
         self.out_dim = hidden * self.num_directions
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """ids (B, T) int64 with every length in [1, T]; returns (B, out_dim)."""
-        x = self.dropout(self.embedding(ids))  # (B, T, E)
+        x = self.embedding(ids)  # (B, T, E)
         # pack_padded_sequence wants lengths on the CPU, sorted longest first. Sorting here
         # (rather than enforce_sorted=False) sends the order to the GPU from pinned memory
         # without waiting: torch's own sort copies it from pageable memory, which makes the
@@ -134,7 +139,7 @@ class UnpackedLSTMEncoder(nn.Module):
         self.eval()
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        x = self.embedding(ids)  # (B, T, E); dropout is off in eval mode
+        x = self.embedding(ids)  # (B, T, E)
         last = []
         for k in range(0, len(self.steps), self.num_directions):
             outs = [self.steps[k](x)[0]]  # (B, T, H)

@@ -4,6 +4,8 @@ it knows nothing of run folders, checkpoints or configs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -47,15 +49,26 @@ def flip_tta_logits(model: nn.Module, images, ids, lengths, tta: bool) -> torch.
     return torch.stack([model(v, ids, lengths).float() for v in views]).mean(0)
 
 
+@dataclass(frozen=True)
+class EvalPass:
+    """How an evaluation pass runs its model."""
+
+    dtype: torch.dtype | None = None  # autocast to it (None: float32)
+    channels_last: bool = False
+    tta: bool = False                 # flip TTA: the mean with the mirror image's logits
+    progress: bool = False            # a progress bar named `desc`
+    desc: str = "eval"
+    dist: Dist = SINGLE               # under torchrun: the loader holds this rank's shard
+    rows: int | None = None           # ... of this many rows in all
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, loss_fn: nn.Module | None, device: torch.device, *,
-             dtype: torch.dtype | None = None, channels_last: bool = False, tta: bool = False,
-             progress: bool = False, desc: str = "eval", dist: Dist = SINGLE,
-             rows: int | None = None) -> tuple[float, np.ndarray, np.ndarray]:
+def evaluate(model: nn.Module, loader, loss_fn: nn.Module | None, device: torch.device,
+             how: EvalPass = EvalPass()) -> tuple[float, np.ndarray, np.ndarray]:
     """(mean loss or nan, probabilities (N, C), targets (N, C)) over `loader`, in order.
 
-    Under torchrun each rank's `loader` holds its `shard_indices(rows, dist, equal='pad')`
-    rows, and every rank gets all `rows` rows back. The image encoder runs as its
+    Under torchrun each rank's `loader` holds its `shard_indices(how.rows, ..., equal='pad')`
+    rows, and every rank gets all `how.rows` rows back. The image encoder runs as its
     `for_inference` copy (BatchNorm folded into the convs: the same outputs up to rounding, a
     quarter faster on CPU); `model` itself is left as it was. The logits stay on the device
     until the pass ends."""
@@ -63,19 +76,19 @@ def evaluate(model: nn.Module, loader, loss_fn: nn.Module | None, device: torch.
     logits_seen, targets_seen = [], []
     encoder = getattr(model, "image_encoder", None)
     if encoder is not None:
-        model.image_encoder = encoder.for_inference(channels_last=channels_last)
+        model.image_encoder = encoder.for_inference(channels_last=how.channels_last)
     try:
-        for batch in progress_bar(loader, len(loader), desc, progress):
-            images, ids, lengths, target = batch_to(batch, device, channels_last)
-            with autocast(device, dtype):
-                logits_seen.append(flip_tta_logits(model, images, ids, lengths, tta))
+        for batch in progress_bar(loader, len(loader), how.desc, how.progress):
+            images, ids, lengths, target = batch_to(batch, device, how.channels_last)
+            with autocast(device, how.dtype):
+                logits_seen.append(flip_tta_logits(model, images, ids, lengths, how.tta))
             targets_seen.append(target)
     finally:
         if encoder is not None:
             model.image_encoder = encoder
     logits, targets = concat_rows(logits_seen, device), concat_rows(targets_seen, device)
-    n = rows if rows is not None else len(logits)
-    logits, targets = gather_rows(logits, n, dist), gather_rows(targets, n, dist)
+    n = how.rows if how.rows is not None else len(logits)
+    logits, targets = gather_rows(logits, n, how.dist), gather_rows(targets, n, how.dist)
     loss = (loss_fn(logits, targets).item() if loss_fn is not None and n
             else float("nan"))
     return loss, torch.sigmoid(logits).cpu().numpy(), targets.cpu().numpy()

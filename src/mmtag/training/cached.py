@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import Dataset
 
 from mmtag.config import TrainConfig
+from mmtag.data.dataset import ImageRows
 from mmtag.training.feature_cache import (
     CacheOptions,
-    ImageRows,
     cache_image_features,
     cache_text_features,
     resolve_engine,

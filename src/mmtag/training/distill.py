@@ -25,18 +25,19 @@ import torch
 
 from mmtag.atomic import atomic_write, read_json
 from mmtag.config import ConfigError, TrainConfig
+from mmtag.data.batching import Pass
 from mmtag.data.csv_io import Record, read_csv
-from mmtag.data.dataset import TaggingDataset, make_loader
+from mmtag.data.dataset import ImageRows, Reading, TaggingDataset, make_loader
 from mmtag.data.images import build_transform, transform_spec
 from mmtag.data.labels import LabelMap
 from mmtag.data.tokenizers import tokenizer_from_dict
 from mmtag.models.build import build_tagger, encoder_normalisation
 from mmtag.prediction.checkpoint import BestCheckpoint
-from mmtag.prediction.passes import evaluate
+from mmtag.prediction.passes import EvalPass, evaluate
 from mmtag.run_files import BEST_FILE, SPLIT_FILE, SUMMARY_FILE
 from mmtag.runtime import choose_precision
 from mmtag.training.cached import CachePlan, cached_dataset, plan_cache
-from mmtag.training.feature_cache import ImageRows, default_cache_dir, image_digests
+from mmtag.training.feature_cache import default_cache_dir, image_digests
 
 log = logging.getLogger("mmtag.distill")
 
@@ -146,9 +147,8 @@ def _score(teacher: Teacher, rows: ImageRows, device: torch.device,
                          load_pretrained=True)
     norm = encoder_normalisation(model)
     spec = transform_spec(cfg.data, norm)
-    ds = TaggingDataset(list(rows.records), rows.image_dir, caption_enc, teacher.label_map,
-                        build_transform(spec, train=False), source=rows.source,
-                        load_images=model.image_encoder is not None, with_targets=False)
+    ds = TaggingDataset(rows, caption_enc, teacher.label_map, build_transform(spec, train=False),
+                        Reading(images=model.image_encoder is not None, targets=False))
     dtype = choose_precision(cfg.amp, device).dtype
     stage, text_stage = plan_cache(cfg, model)
     tta = cfg.tta_flip and (stage == 0 or cfg.cache.flip)
@@ -157,7 +157,7 @@ def _score(teacher: Teacher, rows: ImageRows, device: torch.device,
                             train=False)
         ds.both_views = tta and stage > 0
         model.image_input_stage, model.text_input_stage = stage, text_stage
-    loader = make_loader(ds, cfg.optim.batch_size * 2, shuffle=False,
+    loader = make_loader(ds, Pass(cfg.optim.batch_size * 2),
                          num_workers=0 if stage or text_stage else cfg.data.num_workers)
     parts = []
     for i, state in enumerate(teacher.states):
@@ -166,8 +166,9 @@ def _score(teacher: Teacher, rows: ImageRows, device: torch.device,
         model.load_state_dict({k: v.float() if v.is_floating_point() else v
                                for k, v in state.items()})
         model.to(device)
-        _, p, _ = evaluate(model, loader, None, device, dtype=dtype, channels_last=True, tta=tta,
-                           progress=progress, desc=f"teacher {i + 1}/{len(teacher.states)}")
+        _, p, _ = evaluate(model, loader, None, device, EvalPass(
+            dtype=dtype, channels_last=True, tta=tta, progress=progress,
+            desc=f"teacher {i + 1}/{len(teacher.states)}"))
         parts.append(p)
     return np.mean(parts, axis=0)
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from mmtag.atomic import atomic_write
 from mmtag.data.csv_io import Record
+from mmtag.data.dataset import ImageRows
 from mmtag.data.images import (
     ImageReadError,
     ImageTransformSpec,
@@ -181,20 +182,6 @@ def image_digests(records: Sequence[Record], image_dir: Path, source: str) -> li
     return out
 
 
-@torch.inference_mode()
-@dataclass(frozen=True)
-class ImageRows:
-    """The photos to cache: the rows, the folder their files are in, the CSV they came from
-    (named in messages)."""
-
-    records: Sequence[Record]
-    image_dir: Path
-    source: str = ""
-
-    def subset(self, idx: Sequence[int]) -> ImageRows:
-        return ImageRows([self.records[i] for i in idx], self.image_dir, self.source)
-
-
 @dataclass(frozen=True)
 class CacheOptions:
     """How the frozen image stages run over the photos. `dtype` (e.g. torch.bfloat16) runs
@@ -220,6 +207,7 @@ class _FrozenStages:
     pooled: bool                # then pooled (stage num_stages + 1)
 
 
+@torch.inference_mode()
 def cache_image_features(encoder: nn.Module, stage: int, rows: ImageRows,
                          transform_spec: ImageTransformSpec,
                          opts: CacheOptions = CacheOptions()) -> np.ndarray:

@@ -9,13 +9,14 @@ import time
 from pathlib import Path
 
 from mmtag.atomic import atomic_write
+from mmtag.data.batching import Pass
 from mmtag.evaluation.estimate import decision_figures
 from mmtag.evaluation.probs_csv import write_val_probs
 from mmtag.prediction.checkpoint import (
     BestCheckpoint,
     state_dict_megabytes,
 )
-from mmtag.prediction.passes import evaluate
+from mmtag.prediction.passes import EvalPass, evaluate
 from mmtag.run_files import (
     BEST_FILE,
     CURVES_FILE,
@@ -23,7 +24,7 @@ from mmtag.run_files import (
     SUMMARY_FILE,
 )
 from mmtag.training.feature_cache import resolve_engine
-from mmtag.training.pipelines import Pass, loader
+from mmtag.training.pipelines import loader
 from mmtag.training.state import Run
 
 log = logging.getLogger("mmtag.train")
@@ -67,8 +68,8 @@ def finalize(run: Run, val_loader, tta: bool) -> dict:
     best = BestCheckpoint.load(run_dir / BEST_FILE)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v
                            for k, v in best.model.items()})
-    _, probs, targets = evaluate(model, val_loader, None, rt.device, dtype=rt.dtype,
-                                 channels_last=cfg.channels_last, tta=tta)
+    _, probs, targets = evaluate(model, val_loader, None, rt.device,
+                                 EvalPass(dtype=rt.dtype, channels_last=cfg.channels_last, tta=tta))
     y = targets.astype(int)
     label_names = [str(lab) for lab in data.label_map.labels]
     figures = decision_figures(cfg, y, probs, label_names)

@@ -34,7 +34,7 @@ from mmtag.prediction.checkpoint import (
     atomic_save,
     inference_state_dict,
 )
-from mmtag.prediction.passes import evaluate
+from mmtag.prediction.passes import EvalPass, evaluate
 from mmtag.run_files import (
     BEST_FILE,
     LAST_FILE,
@@ -51,7 +51,7 @@ from mmtag.runtime import (
 )
 from mmtag.training.engine import StepOptions, TrainingDivergedError, train_one_epoch
 from mmtag.training.finish import finish
-from mmtag.training.pipelines import Pass, loader, train_batches
+from mmtag.training.pipelines import loader, sharded_pass, train_batches
 from mmtag.training.run_folder import claim_run_folder, run_lock
 from mmtag.training.setup import setup
 from mmtag.training.state import Job, Run, RunData, TrainState, runtime
@@ -129,7 +129,7 @@ def _epochs(run: Run) -> None:
     cfg, rt, sets, state = run.cfg, run.rt, run.sets, run.state
     o = cfg.optim
     val_loader = loader(sets.val, sets.workers, rt, cfg.channels_last,
-                        Pass(o.batch_size * 2, dist=rt.dist))
+                        sharded_pass(o.batch_size * 2, rt.dist))
     for epoch in range(state.start_epoch, o.epochs + 1):
         if o.early_stopping and state.bad_epochs >= o.early_stopping:
             log.info("early stopping: no better %s for %d epochs", cfg.best_metric,
@@ -177,11 +177,9 @@ def _epoch(run: Run, val_loader, epoch: int, first: bool) -> dict:
     from_rank_zero([*model.buffers(), *(state.ema.shadow.values() if state.ema else [])],
                    rt.dist)
     with _validated_weights(model, state):
-        va_loss, va_probs, va_targets = evaluate(model, val_loader, state.loss_fn, rt.device,
-                                                 dtype=rt.dtype, channels_last=cfg.channels_last,
-                                                 tta=False, progress=run.job.progress,
-                                                 desc="validate", dist=rt.dist,
-                                                 rows=len(run.sets.val))
+        va_loss, va_probs, va_targets = evaluate(model, val_loader, state.loss_fn, rt.device, EvalPass(
+            dtype=rt.dtype, channels_last=cfg.channels_last, progress=run.job.progress,
+            desc="validate", dist=rt.dist, rows=len(run.sets.val)))
     row = {"epoch": epoch, "lr": lr, **epoch_scores("train", tr_loss, tr_probs, tr_targets),
            **epoch_scores("val", va_loss, va_probs, va_targets),
            "seconds": round(time.time() - t0, 2)}

@@ -5,19 +5,18 @@ pass over them."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mmtag.config import TrainConfig
-from mmtag.data.dataset import TaggingDataset, make_loader
-from mmtag.data.device_batches import DeviceBatches, PixelDataset, as_tensor, pass_order
+from mmtag.data.batching import Pass
+from mmtag.data.dataset import ImageRows, Reading, TaggingDataset, make_loader
+from mmtag.data.device_batches import DeviceBatches, PixelDataset, as_tensor
 from mmtag.data.images import build_transform, transform_spec
 from mmtag.data.pixel_cache import cache_bytes, default_pixel_dir, pixel_cache
 from mmtag.distributed import (
-    SINGLE,
     Dist,
 )
 from mmtag.models.build import encoder_normalisation
@@ -39,9 +38,10 @@ def datasets(cfg: TrainConfig, model: nn.Module, data: RunData, rt: Runtime,
     has_image = model.image_encoder is not None
 
     def raw(rows, train: bool) -> TaggingDataset:
-        return TaggingDataset(rows, data.image_dir, data.caption_enc, data.label_map,
+        return TaggingDataset(ImageRows(rows, data.image_dir, "train.csv"), data.caption_enc,
+                              data.label_map,
                               build_transform(transform_spec(cfg.data, norm), train=train),
-                              source="train.csv", load_images=has_image)
+                              Reading(images=has_image))
 
     train_ds, val_ds = raw(data.train_rows, True), raw(data.val_rows, False)
     stage, text_stage = plan_cache(cfg, model)
@@ -110,32 +110,17 @@ def _fits_on_device(nbytes: int, device: torch.device) -> bool:
     return fits
 
 
-@dataclass(frozen=True)
-class Pass:
-    """How one pass over a dataset is batched."""
-
-    batch_size: int
-    shuffle: bool = False
-    seed: int = 0
-    drop_last: bool = False
-    dist: Dist = SINGLE         # under torchrun: this rank's shard of the seeded order
-
-
 def loader(ds, workers: int, rt: Runtime, channels_last: bool, how: Pass):
     """One pass's batches over `ds`: made on the device for a PixelDataset, else by a
     DataLoader with `workers` processes."""
-    seed, shuffle, dist = how.seed, how.shuffle, how.dist
     if isinstance(ds, PixelDataset):
-        return DeviceBatches(ds, how.batch_size, rt.device, shuffle=shuffle, seed=seed,
-                             drop_last=how.drop_last, rank=dist.rank, world=dist.world,
-                             channels_last=channels_last)
-    if dist.active:
-        rows = pass_order(len(ds), shuffle=shuffle, seed=seed, rank=dist.rank, world=dist.world,
-                          equal="drop" if shuffle else "pad")
-        ds, shuffle = torch.utils.data.Subset(ds, rows.tolist()), False
-        seed += 7919 * dist.rank  # each rank's workers draw their own augmentations
-    return make_loader(ds, how.batch_size, shuffle=shuffle, seed=seed, drop_last=how.drop_last,
-                       num_workers=workers, pin_memory=rt.device.type == "cuda")
+        return DeviceBatches(ds, rt.device, how, channels_last)
+    return make_loader(ds, how, num_workers=workers, pin_memory=rt.device.type == "cuda")
+
+
+def sharded_pass(batch_size: int, dist: Dist, **how) -> Pass:
+    """A pass of `batch_size` batches of which this process reads its shard (under torchrun)."""
+    return Pass(batch_size, rank=dist.rank, world=dist.world, **how)
 
 
 def train_batches(cfg: TrainConfig, sets: Datasets, rt: Runtime, epoch: int):
@@ -147,5 +132,5 @@ def train_batches(cfg: TrainConfig, sets: Datasets, rt: Runtime, epoch: int):
     rows = len(sets.train) // rt.dist.world
     b = cfg.optim.batch_size
     return loader(sets.train, sets.workers, rt, cfg.channels_last,
-                  Pass(b, shuffle=True, seed=cfg.seed * 1000 + epoch, drop_last=rows > b,
-                       dist=rt.dist))
+                  sharded_pass(b, rt.dist, shuffle=True, seed=cfg.seed * 1000 + epoch,
+                               drop_last=rows > b))
