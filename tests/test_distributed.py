@@ -112,6 +112,7 @@ def test_resume_with_another_world_size_is_refused(runs, demo):
         loop.fit(load_config(two / "config.yaml"), demo, two, resume=True, progress=False)
 
 
+@pytest.mark.slow  # 14 s of torchrun processes; make test-slow runs it
 def test_sharded_prediction_equals_one_process(runs, demo, cache_dir, tmp_path):
     one, _, _ = runs
     single = predict_csv(one, demo / "test.csv", demo / "data", tmp_path / "a.csv",

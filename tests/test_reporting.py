@@ -114,6 +114,7 @@ def test_a_rerun_with_another_grid_or_base_is_refused(ablation, demo, files, tmp
         prepare_ablation(demo, str(base), load_grid(other), 2, ablation)
 
 
+@pytest.mark.slow  # 18 s: a real run killed and resumed; make test-slow runs it
 def test_killed_in_the_middle_of_a_run_the_ablation_resumes_it(ablation, demo, files, tmp_path):
     """A real SIGKILL of `mmtag ablate` while a run is half done: the rerun leaves the finished
     run alone, continues the killed one from its last.pt, and both end as in the uninterrupted
