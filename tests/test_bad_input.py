@@ -33,11 +33,13 @@ def run(demo, tmp_path_factory):
     return out
 
 
-def cli_error(argv, capsys):
-    """Run the CLI; its exit status must be 2 with one line on stderr and no traceback."""
+def cli_error(argv, capsys, expect=None):
+    """Run the CLI; it must exit with an error code (`expect`, else any of usage 2, data 3,
+    run 4) with one line on stderr and no traceback."""
     code = main(argv)
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert (code == expect if expect else code in (2, 3, 4)), (code, err)
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
     return err
 
 

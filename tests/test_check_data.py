@@ -148,7 +148,7 @@ def test_truncated_jpeg_fails_even_if_caller_allows_truncated_images(tmp_path: P
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-def test_test_rows_without_image_are_a_note_unless_strict(clean_dir: Path) -> None:
+def test_test_rows_without_image_are_a_warning_unless_strict(clean_dir: Path) -> None:
     (clean_dir / "data" / "11.jpg").unlink()
 
     report = check_data(clean_dir, workers=1, progress=False)
@@ -156,8 +156,11 @@ def test_test_rows_without_image_are_a_note_unless_strict(clean_dir: Path) -> No
     twi = report["images"]["test_without_image"]
     assert twi["count"] == 1
     assert twi["items"] == [{"csv": "test.csv", "line": 3, "image_id": "11.jpg"}]
-    assert any("without an image" in n for n in report["notes"])
-    assert "test rows without an image: 1" in format_report(report)
+    warning = report["warnings"][0]
+    assert "1 test row(s) without a photo" in warning and "--caption-only-missing" in warning
+    text = format_report(report)
+    assert "test rows without an image: 1" in text and "WARNINGS:" in text
+    assert "usable for training, with 1 warning(s)" in text and "OK, no problem" not in text
 
     strict = check_data(clean_dir, workers=1, progress=False, strict_test=True)
     assert strict["ok"] is False
@@ -266,7 +269,8 @@ def test_problems_and_notes_keep_their_order(tmp_path: Path) -> None:
         "1 train row(s) with no labels",
         "1 ImageID(s) used by more than one row",
         "1 train row(s) whose image is missing",
-        f"1 test row(s) without an image in {data}",
+        f"1 test row(s) without a photo in {data}: mmtag predict refuses them, unless "
+        f"--caption-only-missing (then they are predicted from the caption alone, and listed)",
     ]
     assert report["notes"] == [
         "1 label(s) on fewer than 5 rows (see the label table): 1",
@@ -278,10 +282,11 @@ def test_problems_and_notes_keep_their_order(tmp_path: Path) -> None:
 
     report = check_data(root, workers=1, progress=False)
     assert report["problems"][-1] == "1 image(s) that cannot be decoded, used by 1 row(s)"
-    assert report["notes"][3] == f"1 test row(s) without an image in {data}"
+    assert report["warnings"][0].startswith(f"1 test row(s) without a photo in {data}")
     text = format_report(report)
     order = ["Labels:", "Caption length", "Images:", "missing train images", "unreadable images",
              "test rows without an image", "files not referenced", "train rows with no labels",
-             "ImageIDs used by more than one row", "Notes:", "PROBLEMS:", "Result: FAILED"]
+             "ImageIDs used by more than one row", "Notes:", "WARNINGS:", "PROBLEMS:",
+             "Result: FAILED"]
     positions = [text.index(marker) for marker in order]
     assert positions == sorted(positions)

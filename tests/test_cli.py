@@ -36,5 +36,5 @@ def test_bad_config_is_a_message_with_exit_status_2(tmp_path, capsys):
 
 
 def test_train_needs_a_kaggle_folder(tmp_path, capsys):
-    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 3  # data
     assert "train.csv not found" in capsys.readouterr().err

@@ -86,7 +86,7 @@ def test_ensemble_averages_its_members(runs, demo, tmp_path):
     pairs = [(demo / "data" / r.image_id, r.caption) for r in test_rows[:3]]
     sub = tmp_path / "Predicted_labels.csv"
     predict_csv(out, demo / "test.csv", demo / "data", sub)
-    assert [r.labels for r in read_csv(sub)[:3]] == preds[0].predict(pairs)
+    assert [tuple(map(str, r.labels)) for r in read_csv(sub)[:3]] == preds[0].predict(pairs)
     # evaluate reads the ensemble's split and reports its cross-fit estimate
     m = evaluate_run(out, data_dir=demo)
     assert m["rows"] == len(rows) and "crossfit" in m

@@ -231,7 +231,7 @@ def test_engine_mistakes_get_one_line(runs, demo, tmp_path, capsys, argv, messag
     bare = tmp_path / "bare"
     shutil.copytree(runs / "glove", bare, ignore=shutil.ignore_patterns("export"))
     assert main(["predict", str(bare), "--csv", str(demo / "test.csv"), "--images",
-                 str(demo / "data"), "--out", str(tmp_path / "p.csv"), *argv]) == 2
+                 str(demo / "data"), "--out", str(tmp_path / "p.csv"), *argv]) == 4  # no run
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
 

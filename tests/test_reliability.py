@@ -177,7 +177,7 @@ def test_an_unfinished_run_is_said_to_be_one_and_never_called_tuned(unfinished, 
     for argv in (["export", str(unfinished)], ["report", str(unfinished)],
                  ["ensemble", str(unfinished), str(unfinished), "--out", str(tmp_path / "e")]):
         code, err = cli(argv, capsys)
-        assert code == 2 and ("unfinished" in err or "summary.json" in err), (argv, err)
+        assert code == 4 and ("unfinished" in err or "summary.json" in err), (argv, err)
     assert not (unfinished / "export").exists() and not (tmp_path / "e").exists()
 
 
@@ -266,7 +266,7 @@ def test_a_fifo_among_the_photos_is_named_never_opened(run, demo, tmp_path, caps
         t.join()
         pytest.fail("predict blocked on a FIFO")
     code, err = done["r"]
-    assert code == 2 and "not a regular file" in err and ids[0] in err
+    assert code == 3 and "not a regular file" in err and ids[0] in err
 
 
 # ---- 5. model.json is validated as strictly as config.yaml -------------------------------
@@ -291,7 +291,7 @@ def test_a_tampered_model_json_is_refused_with_one_line(run, demo, tmp_path, cap
     (r / "export" / "model.json").write_text(json.dumps(meta))
     code, err = cli(["predict", str(r), "--engine", "onnx", "--csv", str(demo / "test.csv"),
                      "--images", str(demo / "data"), "--out", str(tmp_path / "s.csv")], capsys)
-    assert code == 2 and "model.json" in err and len(err.splitlines()) == 1, err
+    assert code == 4 and "model.json" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "s.csv").exists()
 
 
@@ -311,7 +311,7 @@ def test_the_report_refuses_metadata_that_disagrees_with_best_pt(run, tmp_path, 
     shutil.copytree(run, r)
     edit(r)
     code, err = cli(["report", str(r)], capsys)
-    assert code == 2 and file in err and "best.pt" in err, err
+    assert code == 4 and file in err and "best.pt" in err, err
     assert not (r / "report.md").exists()
 
 

@@ -208,7 +208,7 @@ def test_compare_draws_curves_pairs_and_final_bars(ablation, tmp_path):
 
 
 def test_compare_names_a_folder_that_is_neither_a_run_nor_an_ablation(tmp_path, capsys):
-    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
+    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "c")]) == 4
     err = capsys.readouterr().err
     assert "neither a run folder" in err and str(tmp_path) in err
 
@@ -329,7 +329,7 @@ def test_an_ablation_report_embeds_its_figures_and_tables(ablation):
 
 
 def test_report_of_a_folder_that_is_no_run_is_one_clear_line(tmp_path, capsys):
-    assert main(["report", str(tmp_path)]) == 2
+    assert main(["report", str(tmp_path)]) == 4
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "neither a finished run" in err[0]
 
@@ -381,8 +381,8 @@ def test_report_refuses_an_ensemble_and_a_wrong_data_folder(ablation, tmp_path, 
     capsys.readouterr()
     assert main(["report", str(tmp_path / "ens")]) == 2
     assert "is an ensemble" in capsys.readouterr().err
-    assert main(["report", str(ablation / "runs/base/seed0"), "--data", str(tmp_path)]) == 2
-    assert "no train.csv there" in capsys.readouterr().err
+    assert main(["report", str(ablation / "runs/base/seed0"), "--data", str(tmp_path)]) == 3
+    assert "train.csv not found" in capsys.readouterr().err
 
 
 def test_a_variant_that_would_validate_on_other_rows_is_refused(demo, files, tmp_path):
@@ -423,7 +423,7 @@ def test_a_report_of_a_run_saved_with_fewer_figures_still_renders(fabricated, de
     run = tmp_path / "old"
     shutil.copytree(fabricated[0], run)
     s = json.loads((run / "summary.json").read_text())
-    for key in ("wall_seconds", "machine", "data_dir", "val_crossfit_other_rule"):
+    for key in ("wall_seconds", "machine", "data", "data_dir", "val_crossfit_other_rule"):
         s.pop(key, None)
     s["val_crossfit"] = {}  # too few validation rows to cross-fit
     (run / "summary.json").write_text(json.dumps(s))

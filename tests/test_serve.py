@@ -22,11 +22,12 @@ from PIL import Image
 from conftest import TINY as BASE_TINY
 from mmtag.config import load_config
 from mmtag.data.csv_io import read_csv
+from mmtag.data.labels import read_label_names
 from mmtag.inference.export import export_run
 from mmtag.inference.onnx_engine import OnnxPredictor
 from mmtag.serving.app import ServeOptions, create_app
 from mmtag.serving.batcher import MicroBatcher, QueueFull
-from mmtag.serving.server import choose_engine, read_label_names, warm_up
+from mmtag.serving.server import choose_engine, warm_up
 from mmtag.training import loop
 
 # one worker builds this module's runs (make test runs with --dist loadgroup)
@@ -103,7 +104,7 @@ def test_model_health_and_docs(client, pred):
     assert client.get("/healthz").json() == {"status": "ok"}
     m = client.get("/v1/model").json()
     assert m["labels"] == list(pred.label_map.labels)
-    assert m["engine"] == "onnx" and m["label_names"] == {"1": "circle"}
+    assert m["engine"] == "onnx" and m["label_names"]["1"] == "circle"
     assert m["limits"]["max_batch_items"] == 3
     assert m["recipe"]["data"]["image_size"] == 32 and m["size_mb"] > 0
     assert "/v1/tag" in client.get("/openapi.json").json()["paths"]
@@ -275,7 +276,7 @@ def test_engine_choice_and_label_names(run, tmp_path):
     f = tmp_path / "labels.txt"
     f.write_text("# id name\n1 person\n3 traffic light\n")
     assert read_label_names(f) == {"1": "person", "3": "traffic light"}
-    f.write_text("person 1\n")
+    f.write_text("person\n")
     with pytest.raises(ValueError, match="line 1"):
         read_label_names(f)
 

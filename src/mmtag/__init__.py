@@ -5,8 +5,8 @@ need neither torch nor the pretrained weights, and names are imported only when 
 """
 
 __version__ = "0.1.0"
-__all__ = ["CSVFormatError", "Record", "configure_training", "distill", "load_run", "read_csv",
-           "train", "write_submission"]
+__all__ = ["CSVFormatError", "Columns", "Record", "Source", "configure_training", "distill",
+           "load_run", "open_data", "read_csv", "train", "write_submission"]
 
 
 def __getattr__(name: str):
@@ -15,6 +15,10 @@ def __getattr__(name: str):
         from mmtag import api
 
         return getattr(api, name)
+    if name in ("Columns", "Source", "open_data"):
+        from mmtag.data import sources
+
+        return getattr(sources, name)
     if name == "configure_training":
         from mmtag import process
 

@@ -3,22 +3,40 @@
     import mmtag
     summary = mmtag.train("path/to/comp5329", "runs/a", config="cpu", overrides=["optim.epochs=5"])
     tagger = mmtag.load_run("runs/a")
-    tagger.predict([("photo.jpg", "A man riding a horse")])   # -> [(1, 19)]
+    tagger.predict([("photo.jpg", "A man riding a horse")])   # -> [("1", "19")]
     mmtag.distill("runs/a", "path/to/comp5329", "runs/student")   # a faster model, taught by it
+
+A table or a pandas DataFrame (columns image, caption, labels with "|" between labels) works
+wherever a Kaggle folder does:
+
+    mmtag.train(df, "runs/b", images="photos/")      # or "catalogue.csv", ".jsonl", ".parquet"
+    tagger = mmtag.load_run("runs/b")
+    tagger.predict(df, images="photos/")             # -> [("dress", "red"), ...]
+    tagger.predict_proba(df, images="photos/")       # a DataFrame, one column per label
+    tagger.evaluate(df, images="photos/")            # micro-F1, per-label figures, ...
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmtag.config import TrainConfig, apply_overrides, load_config, recipe_path
-from mmtag.run_files import CONFIG_FILE
+from mmtag.data.sources import Source, frame_source, open_data
+from mmtag.run_files import CONFIG_FILE, RunNotFoundError
+
+if TYPE_CHECKING:
+    from pandas import DataFrame
 
 
-def train(data_dir: Path | str, out: Path | str, config: TrainConfig | str | Path | None = None,
-          overrides: list[str] | tuple[str, ...] = (), *, resume: bool = False,
-          restart: bool = False, progress: bool | None = None) -> dict:
-    """Train on a Kaggle-layout folder into the run folder `out`; returns the summary dict.
+def train(data: Path | str | Source | DataFrame, out: Path | str,
+          config: TrainConfig | str | Path | None = None,
+          overrides: list[str] | tuple[str, ...] = (), *, images: Path | str | None = None,
+          resume: bool = False, restart: bool = False, progress: bool | None = None) -> dict:
+    """Train into the run folder `out`; returns the summary dict. `data` is a Kaggle-layout
+    folder, a table file (CSV with a header, .jsonl, .parquet), a pandas DataFrame with the
+    columns image, caption, labels, or a `Source` (other column names); `images` the folder
+    the table's image paths are relative to.
     `config` is a TrainConfig, a YAML path or a built-in recipe name ('cpu', 'report', ...);
     `resume` continues an interrupted run, `restart` starts over one that stopped before its
     first epoch ended.
@@ -27,15 +45,28 @@ def train(data_dir: Path | str, out: Path | str, config: TrainConfig | str | Pat
     `mmtag.configure_training()` first, as `mmtag train` does (the allocator setting makes a
     cpu-recipe step about 30 % faster; cuDNN autotuning helps on GPUs).
 
-    7 parameters on purpose: the public API names what `mmtag train`'s flags name, as
+    8 parameters on purpose: the public API names what `mmtag train`'s flags name, as
     keywords a user passes one by one, not an options object to build first."""
     from mmtag.training.loop import fit
 
-    return fit(resolve_config(out, config, overrides, resume=resume, restart=restart), data_dir,
-               out, resume=resume, restart=restart, progress=progress)
+    return fit(resolve_config(out, config, overrides, resume=resume, restart=restart),
+               as_source(data, images), out, resume=resume, restart=restart, progress=progress)
 
 
-def distill(teacher: Path | str, data_dir: Path | str, out: Path | str,
+def as_source(data: Path | str | Source | DataFrame, images: Path | str | None = None) -> Source:
+    """The `Source` of what a user passed as data: a folder or table path, a DataFrame (its rows
+    are read now; photos relative to `images`, default the working folder), or a Source."""
+    if isinstance(data, Source):
+        return data
+    if isinstance(data, str | Path):
+        return open_data(data, images)
+    if hasattr(data, "itertuples") and hasattr(data, "columns"):
+        return frame_source(data, images)
+    raise TypeError(f"data must be a folder, a table file, a pandas DataFrame or a Source, not "
+                    f"{type(data).__name__}")
+
+
+def distill(teacher: Path | str, data_dir: Path | str | Source, out: Path | str,
             config: TrainConfig | str | Path | None = "student",
             overrides: list[str] | tuple[str, ...] = (), *, unlabeled: Path | str | None = None,
             resume: bool = False, restart: bool = False, progress: bool | None = None) -> dict:
@@ -59,7 +90,7 @@ def distill(teacher: Path | str, data_dir: Path | str, out: Path | str,
         if unlabeled is not None:
             same_split.append(f"distill.unlabeled={Path(unlabeled).resolve()}")
         cfg = resolve_config(out, config, [*overrides, *same_split], restart=restart)
-    return fit(cfg, data_dir, out, resume=resume, restart=restart, progress=progress)
+    return fit(cfg, as_source(data_dir), out, resume=resume, restart=restart, progress=progress)
 
 
 def resolve_config(out: Path | str, config: TrainConfig | str | Path | None = None,
@@ -78,7 +109,7 @@ def resolve_config(out: Path | str, config: TrainConfig | str | Path | None = No
                              "start a new run for them")
         saved = Path(out) / CONFIG_FILE
         if not saved.exists():
-            raise FileNotFoundError(f"cannot resume {out}: it holds no run (no config.yaml); "
+            raise RunNotFoundError(f"cannot resume {out}: it holds no run (no config.yaml); "
                                     f"start one there with mmtag train --out {out}")
         return load_config(saved)
     if isinstance(config, TrainConfig):

@@ -1,31 +1,100 @@
-"""The `mmtag` command line: a thin shell over importable functions."""
+"""The `mmtag` command line: a thin shell over importable functions.
+
+Exit codes (the README lists them): 0 done; 1 check-data found problems; 2 a usage error (a
+flag, a config value, an output that may not be written); 3 bad input data (a CSV or table, a
+label, a photo); 4 a run that is missing, unfinished, in use or damaged; 5 another failure (the
+disk, the machine, a diverged training); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from mmtag.process import configure_process, configure_training
 
 log = logging.getLogger("mmtag")
 
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_DATA, EXIT_RUN, EXIT_FAILED = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+class UsageError(ValueError):
+    """The flags given do not make a command (exit 2)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: stop as Ctrl-C does (files are written atomically), exit 143."""
+
+
+def _q(path: object) -> str:
+    return shlex.quote(str(path))
+
+
+def _next(*commands: str) -> None:
+    """The line every command ends with: what to run next."""
+    print("next: " + "\n      ".join(commands))
+
+
+def _columns(args: argparse.Namespace):
+    """The table columns the flags name (None: every flag at its default)."""
+    from mmtag.data.sources import Columns
+
+    given = {k: getattr(args, f) for k, f in (("image", "image_col"), ("caption", "caption_col"),
+                                              ("labels", "labels_col"), ("sep", "label_sep"))
+             if getattr(args, f, None) is not None}
+    return Columns(**given) if given else None
+
+
+def _data_source(args: argparse.Namespace, data: str):
+    """The Source of --data (a Kaggle folder or a table) with --images and the column flags."""
+    from mmtag.data.sources import open_data
+
+    return open_data(data, getattr(args, "images", None), _columns(args))
+
+
+def _rows_source(args: argparse.Namespace, path: str):
+    """The Source of --csv (a Kaggle CSV or a table) with --images and the column flags."""
+    from mmtag.data.sources import open_rows
+
+    return open_rows(path, args.images, _columns(args))
+
 
 def _cmd_check_data(args: argparse.Namespace) -> int:
     from mmtag.data.check import check_data, format_report
 
-    report = check_data(args.dir, workers=args.workers, progress=not args.json, limit=args.limit)
+    data = _data_source(args, args.dir) if Path(args.dir).is_file() else args.dir
+    report = check_data(data, workers=args.workers, progress=not args.json and not args.quiet,
+                        limit=args.limit, images_dir=None if Path(args.dir).is_file()
+                        else args.images)
     print(json.dumps(report) if args.json else format_report(report))
-    return 0 if report["ok"] else 1
+    if not args.json:
+        if report["ok"]:
+            _next(f"mmtag train --data {_q(args.dir)} --out runs/first --config cpu  "
+                  f"(a quick try first: add --set data.limit_train=500 --set optim.epochs=2)")
+        else:
+            _next(f"fix the problems above, then mmtag check-data {_q(args.dir)} again")
+    return EXIT_OK if report["ok"] else EXIT_PROBLEMS
 
 
 def _cmd_make_demo_data(args: argparse.Namespace) -> int:
-    from mmtag.data.demo import make_demo_data
+    from mmtag.data.demo import make_demo_data, make_table_demo
 
+    if args.style == "table":
+        s = make_table_demo(args.dir, n=args.n, seed=args.seed)
+        print(json.dumps(s, indent=2, default=str))
+        _next(f"mmtag train --data {_q(s['catalogue'])} --image-col path --caption-col title "
+              f"--labels-col tags --images {_q(s['images'])} --out runs/catalogue --config cpu")
+        return 0
     summary = make_demo_data(args.dir, n=args.n, seed=args.seed)
     print(json.dumps(summary, indent=2, default=str))
+    _next(f"mmtag check-data {_q(args.dir)}")
     return 0
 
 
@@ -37,27 +106,41 @@ def _cmd_setup_wordnet(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mmtag.api import train
+    from mmtag.api import resolve_config, train
 
     # what the flags mean is checked here; which config a run gets is api.resolve_config's rule
     if args.resume is not None and args.data is None:
-        raise ValueError("--resume also needs --data DIR (the folder the run was trained on)")
+        raise UsageError("--resume also needs --data DIR (the folder the run was trained on)")
     if args.data is None or (args.out is None and args.resume is None):
-        raise ValueError("train needs --data DIR and --out RUN (or --resume RUN --data DIR)")
+        raise UsageError("train needs --data DIR and --out RUN (or --resume RUN --data DIR)")
     configure_training()
     run = Path(args.resume or args.out)
-    summary = train(args.data, run, args.config, args.set or (), resume=args.resume is not None,
+    # a config mistake is named before the data is read (train resolves it again: cheap)
+    resolve_config(run, args.config, args.set or (), resume=args.resume is not None,
+                   restart=args.restart)
+    source = _data_source(args, args.data)
+    summary = train(source, run, args.config, args.set or (), resume=args.resume is not None,
                     restart=args.restart)
     if summary is not None:  # under torchrun, rank 0 speaks for all
         _print_summary(summary, run)
+        _next_after_training(run, source)
     return 0
+
+
+def _next_after_training(run: Path, source) -> None:
+    test = source.rows.parent / "test.csv" if source.kaggle else None
+    rows = (f"--csv {_q(test)} --images {_q(source.images)}" if test and test.is_file()
+            else f"--csv ROWS.csv --images {_q(source.images)}")
+    _next(f"mmtag evaluate {_q(run)} {source.flags()}    (its validation rows, in detail)",
+          f"mmtag report {_q(run)}    (report.html: curves, per-label figures, errors)",
+          f"mmtag predict {_q(run)} {rows} --out predictions.csv")
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     from mmtag.api import distill
 
     if args.resume is None and (args.teacher is None or args.out is None):
-        raise ValueError("distill needs TEACHER --data DIR --out RUN (or --resume RUN --data DIR)")
+        raise UsageError("distill needs TEACHER --data DIR --out RUN (or --resume RUN --data DIR)")
     configure_training()
     run = Path(args.resume or args.out)
     summary = distill(args.teacher, args.data, run, args.config, args.set or (),
@@ -90,6 +173,8 @@ def _print_summary(summary: dict, run: Path) -> None:
     if o and "micro_f1" in o:
         print(f"the same for decision={o['decision']} (not used by this run): micro-F1 "
               f"{o['micro_f1']:.4f}, samples-F1 {o['samples_f1']:.4f}")
+    if summary.get("decision_why"):
+        print(summary["decision_why"])
     files = ("best.pt, metrics.csv, curves.png, summary.json" if "best_epoch" in summary
              else "best.pt, summary.json, val_probs.csv")
     print(f"run folder: {run}  ({files})")
@@ -100,6 +185,7 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
     summary = build_ensemble(args.runs, args.out)
     _print_summary(summary, Path(args.out))
+    _next(f"mmtag evaluate {_q(args.out)} --data DIR", f"mmtag report {_q(args.out)}")
     return 0
 
 
@@ -118,7 +204,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mmtag.evaluation.metrics import format_per_class_table
     from mmtag.inference.predictor import evaluate_run, optimism_note
 
-    m = evaluate_run(args.run, data_dir=args.data, csv_path=args.csv, images=args.images,
+    if args.data is None and args.csv is None:
+        raise UsageError("evaluate needs --data DIR (the run's validation split) or --csv FILE")
+    m = evaluate_run(args.run, data_dir=_data_source(args, args.data) if args.data else None,
+                     csv_path=_rows_source(args, args.csv) if args.csv else None,
                      options=_predict_options(args))
     if args.json:
         print(json.dumps(m))
@@ -132,14 +221,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if m["unfinished"]:
         print(f"  (not the run's final figures: {m['unfinished']})")
     print(format_per_class_table(m))
+    _next(f"mmtag report {_q(args.run)}    (curves, the decision rule, the worst errors)",
+          f"mmtag predict {_q(args.run)} --csv ROWS --out predictions.csv")
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from mmtag.inference.predictor import predict_csv
 
-    res = predict_csv(args.run, args.csv, args.images, args.out, probs_out=args.probs,
-                      options=_predict_options(args))
+    res = predict_csv(args.run, _rows_source(args, args.csv), None, args.out,
+                      probs_out=args.probs, options=_predict_options(args))
     if res is None:  # under torchrun, rank 0 writes and speaks for all
         return 0
     print(f"wrote {res['rows']} rows to {res['out']} (decision: {res['decision']})"
@@ -149,6 +240,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
               f"{res['caption_only_via']}:")
         for msg in res["caption_only"]:
             print(f"  {msg}")
+    _next(f"mmtag serve {_q(args.run)}    (the model as an HTTP service, with a page)",
+          f"mmtag export {_q(args.run)} --int8    (a faster engine: then --engine onnx-int8)")
     return 0
 
 
@@ -204,6 +297,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     files = ", ".join(f"{meta['files'][k]} ({meta['files_mb'][k]:.1f} MB)" for k in meta["files"])
     print(f"exported to {out}: {files}, {Path(out) / 'model.json'}; ONNX Runtime agrees with "
           f"PyTorch to {meta['parity_max_abs_diff']['fp32_vs_torch_random_inputs']:.1e}")
+    engine = "onnx-int8" if args.int8 else "onnx"
+    _next(f"mmtag benchmark {_q(args.run)} --csv ROWS --images DIR --engine torch,{engine}",
+          f"mmtag serve {_q(args.run)}    (uses the export)")
     return 0
 
 
@@ -242,6 +338,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     abl = prepare_ablation(args.data, base, load_grid(args.grid), args.seeds, args.out)
     rows = run_ablation(abl)
     print(f"{len(rows)} runs; results: {abl.out / RESULTS_MD}")
+    _next(f"mmtag report {_q(abl.out)}    (the tables with figures)",
+          f"mmtag compare {_q(abl.out)} --out {_q(abl.out / 'figures')}")
     return 0
 
 
@@ -259,6 +357,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     md, html = write_report(args.path, data_dir=args.data, out=args.out)
     print(md)
     print(html)
+    _next(f"open {_q(html)} in a browser")
     return 0
 
 
@@ -331,10 +430,29 @@ def _engines(text: str) -> list[str]:
 
 
 def _add_rows_args(c: argparse.ArgumentParser, csv_help: str) -> None:
-    """A run and the rows it predicts: RUN --csv CSV --images DIR."""
+    """A run and the rows it predicts: RUN --csv CSV --images DIR, and a table's columns."""
     c.add_argument("run", help="run folder (or a best.pt file)")
     c.add_argument("--csv", required=True, help=csv_help)
-    c.add_argument("--images", required=True, help="image folder")
+    c.add_argument("--images", help="the photos' folder (default: data/ beside a Kaggle CSV, "
+                                    "the table's own folder for a table)")
+    _add_column_args(c)
+
+
+def _add_column_args(c: argparse.ArgumentParser) -> None:
+    """A table's column names and label separator (a Kaggle CSV ignores them)."""
+    g = c.add_argument_group("table columns (a CSV with a header, .jsonl or .parquet)")
+    g.add_argument("--image-col", metavar="NAME",
+                   help="the column of photo paths, relative to --images (default image)")
+    g.add_argument("--caption-col", metavar="NAME",
+                   help="the column of captions or titles (default caption)")
+    g.add_argument("--labels-col", metavar="NAME",
+                   help="the column of labels (default labels)")
+    g.add_argument("--label-sep", metavar="TEXT",
+                   help="the text between two labels in one field (default '|')")
+
+
+DATA_HELP = ("a Kaggle-layout folder (train.csv, data/) or a table: a CSV with a header, "
+             ".jsonl or .parquet, one row per photo (see --image-col)")
 
 
 def _add_bench_parser(sub) -> None:
@@ -343,36 +461,54 @@ def _add_bench_parser(sub) -> None:
                                      "benchmark --parts)")
     bench = c.add_subparsers(dest="what", required=True, metavar="train")
     b = bench.add_parser("train", help="a recipe's training on a Kaggle-layout folder")
-    b.add_argument("--data", required=True, help="folder with train.csv and data/")
+    b.add_argument("--data", required=True, help=DATA_HELP)
     b.add_argument("--config", help="YAML config file, or a built-in recipe name: "
                                     + ", ".join(recipe_names()))
     b.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.batch_size=256 (repeatable)")
     b.add_argument("--steps", type=int, default=30, help="timed steps per part (default 30)")
     b.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=_cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmtag",
-        description="Train lightweight image + caption multi-label taggers (Kaggle COMP5329 layout).")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        description="Train lightweight image + caption multi-label taggers on a Kaggle "
+                    "COMP5329-layout folder or a table of photos, captions and labels.",
+        epilog="exit codes: 0 done, 1 check-data found problems, 2 usage error, 3 bad input "
+               "data, 4 missing, unfinished or damaged run, 5 other failure, 130 interrupted, "
+               "143 terminated")
+    p.add_argument("--version", action="version", version=f"mmtag {_version()}")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, and a traceback with every error")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="warnings and errors only: no progress bars or log lines")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("check-data", help="check a Kaggle-layout folder: counts, labels, images")
-    c.add_argument("dir", help="folder with train.csv, data/ and optionally test.csv")
+    c = sub.add_parser("check-data", help="check a Kaggle-layout folder or a table before "
+                                          "training: counts, labels, photos")
+    c.add_argument("dir", help="a folder with train.csv, data/ and optionally test.csv, or a "
+                               "table file")
+    c.add_argument("--images", help="the photos' folder (default DIR/data, or the table's "
+                                    "folder)")
+    _add_column_args(c)
     c.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     c.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     c.add_argument("--limit", type=int, default=None,
                    help="decode only the first N referenced images (quick look; says so)")
     c.set_defaults(func=_cmd_check_data)
 
-    c = sub.add_parser("make-demo-data", help="write the synthetic demo dataset (Kaggle layout)")
+    c = sub.add_parser("make-demo-data", help="write the synthetic demo dataset (Kaggle layout, "
+                                              "or a product table with --style table)")
     c.add_argument("dir", help="output folder")
     c.add_argument("--n", type=int, default=2000, help="labelled rows (default 2000)")
     c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    c.add_argument("--style", choices=["kaggle", "table"], default="kaggle",
+                   help="kaggle: train.csv, test.csv, data/ (default); table: a product "
+                        "catalogue (catalogue.csv path,title,tags with string tags, photos/ in "
+                        "subfolders)")
     c.set_defaults(func=_cmd_make_demo_data)
 
     c = sub.add_parser("setup-wordnet", help="install WordNet for NLTK from Debian's files, offline (for data.lemmatizer=wordnet)")
@@ -380,23 +516,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NLTK data folder (default $MMTAG_NLTK_DATA or ~/.cache/mmtag/nltk_data)")
     c.set_defaults(func=_cmd_setup_wordnet)
 
-    c = sub.add_parser("train", help="train a tagger on a Kaggle-layout folder")
-    c.add_argument("--data", help="folder with train.csv and data/")
+    c = sub.add_parser("train", help="train a tagger on a Kaggle-layout folder or a table")
+    c.add_argument("--data", help=DATA_HELP)
+    c.add_argument("--images", help="the photos' folder (default: DATA/data for a Kaggle "
+                                    "folder, the table's own folder for a table)")
+    _add_column_args(c)
     c.add_argument("--out", help="new run folder")
     c.add_argument("--config", help="YAML config file, or a built-in recipe name: "
                                     + ", ".join(recipe_names()))
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
-    c.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+                   help="override a config field, e.g. --set optim.lr=1e-3, or try the tool on "
+                        "a subset first: --set data.limit_train=500 --set optim.epochs=2 "
+                        "(repeatable)")
+    c.add_argument("--resume", metavar="RUN", help="continue an interrupted run with its "
+                                                   "saved settings")
     c.add_argument("--restart", action="store_true",
                    help="--out holds a run that stopped before its first epoch ended (no "
-                        "checkpoint to resume): delete its files and start over")
+                        "checkpoint to resume): delete its files and start over with the "
+                        "settings given now")
     c.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("distill", help="train a fast student on a teacher run's probabilities")
     c.add_argument("teacher", nargs="?", help="the teacher: a finished run or ensemble folder")
-    c.add_argument("--data", required=True, help="folder with train.csv and data/ (the "
-                                                 "teacher's)")
+    c.add_argument("--data", required=True, help="the teacher's data: " + DATA_HELP)
     c.add_argument("--out", help="new run folder for the student")
     c.add_argument("--config", default="student",
                    help="the student's recipe: a YAML file or a built-in recipe name (default "
@@ -414,42 +556,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("evaluate", help="metrics of a run on its validation split or a labelled CSV")
     c.add_argument("run", help="run folder (or a best.pt file)")
-    c.add_argument("--data", help="the Kaggle folder the run was trained on (uses its saved split)")
-    c.add_argument("--csv", help="a labelled CSV instead of the validation split")
-    c.add_argument("--images", help="image folder for --csv (default: data/ beside the CSV)")
+    c.add_argument("--data", help="the data the run was trained on (a Kaggle folder or a "
+                                  "table): scores its saved validation rows")
+    c.add_argument("--csv", help="a labelled Kaggle CSV or table instead: scores every row")
+    c.add_argument("--images", help="the photos' folder (default: data/ beside a Kaggle CSV, "
+                                    "the table's own folder for a table)")
+    _add_column_args(c)
     _add_decision_args(c)
-    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
     c.add_argument("--workers", type=int, default=0,
                    help="DataLoader decoding processes (default %(default)s)")
-    c.add_argument("--device", default="auto")
+    c.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     _add_engine_arg(c)
     c.set_defaults(func=_cmd_evaluate)
 
-    c = sub.add_parser("predict", help="write the Kaggle submission for a CSV of images + captions")
-    _add_rows_args(c, "CSV with ImageID and Caption (e.g. test.csv)")
-    c.add_argument("--out", default="Predicted_labels.csv", help="submission file (default %(default)s)")
-    c.add_argument("--probs", help="also write per-class probabilities to this CSV")
+    c = sub.add_parser("predict", help="predict the labels of every row of a CSV or table "
+                                       "(the Kaggle submission for a Kaggle CSV)")
+    _add_rows_args(c, "a Kaggle CSV with ImageID and Caption (e.g. test.csv), or a table with "
+                      "image and caption columns")
+    c.add_argument("--out", default="Predicted_labels.csv",
+                   help="the predictions (default %(default)s): ImageID,Labels for a Kaggle "
+                        "CSV, else the table's image and labels columns")
+    c.add_argument("--probs", help="also write every label's probability (one column per label "
+                                   "name) to this CSV")
     _add_decision_args(c)
     c.add_argument("--caption-only-missing", action="store_true",
                    help="predict rows whose image is missing/corrupt from the caption alone (listed)")
-    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
     c.add_argument("--workers", type=int, default=0,
                    help="DataLoader decoding processes (default %(default)s: decode in the main "
                         "process, the fastest on 2 cores)")
-    c.add_argument("--device", default="auto")
+    c.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda")
     _add_engine_arg(c)
     c.set_defaults(func=_cmd_predict)
 
     c = sub.add_parser("benchmark", help="prediction speed of a run: samples/s and latency")
     _add_rows_args(c, "CSV of rows to predict (e.g. test.csv)")
     c.add_argument("--n", type=int, default=512, help="rows for the batch measurement")
-    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
     c.add_argument("--single", type=int, default=30, help="single-sample calls to time")
     c.add_argument("--workers", type=int, default=0,
                    help="DataLoader decoding processes (default %(default)s, as predict)")
-    c.add_argument("--device", default="auto")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--engine", dest="engines", type=_engines, default=["torch"], metavar="ENGINES",
                    help="torch, onnx, onnx-int8, openvino, or several side by side: "
                         "torch,onnx,openvino (all but torch read the run's export/; default "
@@ -480,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default %(default)s: this machine only; 0.0.0.0 "
                         "opens it to the network, with --api-key or --no-auth)")
-    c.add_argument("--port", type=int, default=8000)
+    c.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     c.add_argument("--max-batch", type=int, default=16,
                    help="concurrent requests run as one batch of up to this many samples")
     c.add_argument("--max-wait-ms", type=float, default=5.0,
@@ -492,8 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-caption", type=int, default=1000, help="longest caption, characters")
     c.add_argument("--max-queue", type=int, default=256,
                    help="samples that may wait for the model; beyond, requests get 503")
-    c.add_argument("--label-names", help="a file of 'label-id name' lines for the page (default: "
-                                         "labels.txt of the run's data folder, if any)")
+    c.add_argument("--label-names", help="a file of 'label name' lines for the page, over the "
+                                         "names the run was trained with (default: labels.txt "
+                                         "of the run's data folder, if any)")
     c.add_argument("--max-batch-items", type=int, default=64,
                    help="most samples in one /v1/tag/batch request")
     c.add_argument("--max-decode-mb", type=float, default=None,
@@ -520,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("ablate", help="train every variant of a grid for several seeds; "
                                       "tables with paired tests (resumable)")
-    c.add_argument("--data", required=True, help="folder with train.csv and data/")
+    c.add_argument("--data", required=True, help="a Kaggle-layout folder (train.csv, data/)")
     c.add_argument("--base", help="the recipe the variants modify: a built-in name or a YAML "
                                   "file (default: report on a CUDA GPU, else report-cached)")
     c.add_argument("--grid", default="report",
@@ -554,31 +705,85 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mmtag")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def _resume_hint(args: argparse.Namespace) -> str:
-    """What to run after Ctrl-C, for the commands that resume."""
-    if args.command == "train":
-        return f"; continue with mmtag train --resume {args.resume or args.out} --data {args.data}"
+    """What to run after Ctrl-C or SIGTERM, for the commands that resume."""
+    if args.command in ("train", "distill") and (args.resume or args.out):
+        data = " ".join(_q(a) for a in _data_flags(args))
+        return (f"; continue with mmtag {args.command} --resume {_q(args.resume or args.out)} "
+                f"{data}")
     if args.command == "ablate":
         return "; run the same command again to resume"
     return ""
 
 
+def _data_flags(args: argparse.Namespace) -> list[str]:
+    """--data and the flags that qualify it, as given."""
+    out = ["--data", args.data]
+    for flag in ("images", "image_col", "caption_col", "labels_col", "label_sep"):
+        if getattr(args, flag, None) is not None:
+            out += ["--" + flag.replace("_", "-"), getattr(args, flag)]
+    return out
+
+
+def exit_code(e: BaseException) -> int:
+    """The exit code of an error a user can act on (the module docstring lists them)."""
+    from mmtag.config import ConfigError
+    from mmtag.data.check import DataLayoutError
+    from mmtag.data.csv_io import CSVFormatError
+    from mmtag.data.images import ImageReadError
+    from mmtag.data.labels import UnknownLabelError
+    from mmtag.data.sources import DataSourceError
+    from mmtag.run_files import RunError
+
+    if isinstance(e, CSVFormatError | DataSourceError | UnknownLabelError | ImageReadError
+                  | DataLayoutError):
+        return EXIT_DATA
+    if isinstance(e, RunError):
+        return EXIT_RUN
+    # an output that may not be written (a user's file, another run's folder) is a usage error
+    if isinstance(e, UsageError | ConfigError | ValueError | FileExistsError):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_process()  # OpenMP waiting, the allocator, cuDNN autotuning: before torch loads
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("mmtag").setLevel(level)
+    # SIGTERM stops as Ctrl-C does (a handler can only be set from the main thread)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print(f"mmtag {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"mmtag {args.command}: {what}{_resume_hint(args)}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
     except (ValueError, OSError, RuntimeError) as e:
         # Known failure modes carry messages meant for the user: print them, not a traceback.
         if args.verbose:
             raise
         print(f"mmtag {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

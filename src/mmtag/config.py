@@ -298,7 +298,9 @@ class TrainConfig:
     best_metric: str = "micro_f1"   # validation metric that picks the best checkpoint
     # 'threshold': a label is predicted at or above its tuned threshold (micro-F1's best rule);
     # 'expected_f1': per image, the label set with the highest expected F1 under the predicted
-    # probabilities (samples-F1's best rule, Kaggle's metric; nothing is tuned)
+    # probabilities (samples-F1's best rule, Kaggle's metric; nothing is tuned);
+    # 'auto': per run, the one of the two with the better cross-fit threshold_metric (ties:
+    # the better other F1), measured on the validation rows when the run ends, and said
     decision: str = "threshold"
     threshold_mode: str = "global"  # 'global' or 'per_class' decision thresholds
     threshold_metric: str = "micro_f1"  # 'micro_f1' or 'samples_f1'
@@ -315,8 +317,8 @@ class TrainConfig:
                "threshold_mode must be one of ['global', 'per_class']")
         _check(self.threshold_metric in ("micro_f1", "samples_f1"),
                "threshold_metric must be one of ['micro_f1', 'samples_f1']")
-        _check(self.decision in ("threshold", "expected_f1"),
-               "decision must be one of ['expected_f1', 'threshold']")
+        _check(self.decision in ("auto", "threshold", "expected_f1"),
+               "decision must be one of ['auto', 'expected_f1', 'threshold']")
         _check(self.seed >= 0, "seed must be >= 0")
         _check(self.min_support >= 0, "min_support must be >= 0 (validation positives)")
 

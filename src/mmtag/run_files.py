@@ -44,6 +44,23 @@ RUN_FILES = PRE_CHECKPOINT_FILES | {LOCK_FILE, LAST_FILE, SUMMARY_FILE, VAL_PROB
 RUN_MARKERS = (BEST_FILE, LAST_FILE, SPLIT_FILE)
 
 
+class RunError(Exception):
+    """A run folder or checkpoint is missing, in use, damaged, or not the kind asked for
+    (`mmtag` exits 4 for it)."""
+
+
+class RunInvalidError(RunError, ValueError):
+    """The run is unfinished where a finished one is needed, or its files disagree."""
+
+
+class RunNotFoundError(RunError, FileNotFoundError):
+    """The run folder, or the checkpoint it should hold, does not exist."""
+
+
+class RunFolderTakenError(FileExistsError):
+    """--out holds another run's files (a usage mistake: choose another --out)."""
+
+
 def is_run_folder(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in RUN_MARKERS)
 

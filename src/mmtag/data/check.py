@@ -37,6 +37,7 @@ from typing import Any
 
 from mmtag.data.csv_io import Record, read_csv
 from mmtag.data.images import load_image
+from mmtag.data.sources import Source, open_data
 
 __all__ = ["DataLayoutError", "check_data", "format_report"]
 
@@ -51,6 +52,8 @@ EXPECTED_LAYOUT = (
 MAX_LISTED = 1000
 # a label on fewer rows than this is reported as unexpected (likely a typo in the file)
 RARE_LABEL_ROWS = 5
+# the name rows of the labelled file are reported under (train.csv, or a table's rows)
+TRAIN = "train.csv"
 # How many entries the text report shows per list (the JSON report has up to MAX_LISTED).
 _TEXT_LISTED = 10
 # How many example names the informative lists (unreferenced files, test rows without an image)
@@ -258,7 +261,7 @@ class _Layout:
     """Where the parts of a Kaggle-layout folder are."""
 
     root: Path
-    train_csv: Path
+    train: Source           # the labelled rows: train.csv, or a table
     test_csv: Path | None  # None when the folder has no test.csv (it is optional)
     images_dir: Path
 
@@ -272,6 +275,7 @@ class _Findings:
     """
 
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # usable, but something a user must know
     notes: list[str] = field(default_factory=list)
 
 
@@ -311,7 +315,7 @@ class _Decoding:
 
 
 def check_data(
-    data_dir: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | Source,
     *,
     workers: int | None = None,
     progress: bool = True,
@@ -320,7 +324,8 @@ def check_data(
     strict_test: bool = False,
 ) -> dict[str, Any]:
     """Check a Kaggle-layout data folder (`data_dir`: train.csv, optionally test.csv, and
-    data/, or the image folder `images_dir`); a JSON-serialisable report.
+    data/, or the image folder `images_dir`), or a table (a table file, or a `Source` with
+    other column names); a JSON-serialisable report.
 
     `workers`: processes decoding images (default os.cpu_count(); 1: this process). `progress`:
     a tqdm bar on stderr. `limit`: decode only the first `limit` referenced images that exist
@@ -339,10 +344,7 @@ def check_data(
     _validate_limit(limit)
     layout = _locate(data_dir, images_dir)
 
-    train = read_csv(layout.train_csv)
-    test = read_csv(layout.test_csv) if layout.test_csv is not None else []
-    # (csv name, row) for every row, train first: the order in which rows are reported
-    labelled = [("train.csv", r) for r in train] + [("test.csv", r) for r in test]
+    train, test, labelled = _read_rows(layout)
 
     rows = _check_rows(train, test, labelled, has_test=layout.test_csv is not None)
     presence = _find_images(labelled, layout.images_dir)
@@ -352,13 +354,14 @@ def check_data(
     findings = [
         _layout_findings(layout, train),
         _row_findings(rows),
-        _presence_findings(presence, layout.images_dir, strict_test),
+        _presence_findings(presence, layout.images_dir, strict_test, layout.train.kaggle),
         _decode_findings(decoding, unreadable, limit, len(presence.present)),
     ]
     problems = [p for f in findings for p in f.problems]
     return {
         "ok": not problems,
         "problems": problems,
+        "warnings": [w for f in findings for w in f.warnings],
         "notes": [n for f in findings for n in f.notes],
         "strict_test": strict_test,
         "paths": _paths_section(layout),
@@ -375,6 +378,14 @@ def check_data(
 # -- arguments and layout --------------------------------------------------------------------
 
 
+def _read_rows(layout: _Layout) -> tuple[list[Record], list[Record], list[tuple[str, Record]]]:
+    """The labelled rows, test.csv's, and (csv name, row) for every row, train first: the
+    order in which rows are reported."""
+    train = layout.train.read(need_labels=True)
+    test = read_csv(layout.test_csv) if layout.test_csv is not None else []
+    return train, test, [(TRAIN, r) for r in train] + [("test.csv", r) for r in test]
+
+
 def _validated_workers(workers: int | None) -> int:
     """The number of decoding processes: all cores unless told otherwise."""
     if workers is None:
@@ -389,8 +400,15 @@ def _validate_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be at least 0, got {limit}")
 
 
-def _locate(data_dir: str | os.PathLike[str], images_dir: str | os.PathLike[str] | None) -> _Layout:
+def _locate(data_dir: str | os.PathLike[str] | Source,
+            images_dir: str | os.PathLike[str] | None) -> _Layout:
     """Find the folder's parts, failing early (before any reading) if a required one is absent."""
+    if isinstance(data_dir, Source) or Path(data_dir).is_file():
+        src = data_dir if isinstance(data_dir, Source) else open_data(data_dir, images_dir)
+        if not src.images.is_dir():
+            raise DataLayoutError(f"image folder not found: {src.images}; give the folder the "
+                                  f"table's image paths are relative to with --images")
+        return _Layout(src.rows.parent, src, None, src.images)
     root = Path(data_dir)
     if not root.is_dir():
         raise DataLayoutError(f"data folder not found (or not a folder): {root}; {EXPECTED_LAYOUT}")
@@ -402,14 +420,15 @@ def _locate(data_dir: str | os.PathLike[str], images_dir: str | os.PathLike[str]
     img_dir = Path(images_dir) if images_dir is not None else root / "data"
     if not img_dir.is_dir():
         raise DataLayoutError(f"image folder not found: {img_dir}; {EXPECTED_LAYOUT}")
-    return _Layout(root, train_csv, test_csv if has_test else None, img_dir)
+    return _Layout(root, Source(train_csv, img_dir, None, str(train_csv)),
+                   test_csv if has_test else None, img_dir)
 
 
 def _layout_findings(layout: _Layout, train: Sequence[Record]) -> _Findings:
     found = _Findings()
     if not train:
         found.problems.append("train.csv has no rows")
-    if layout.test_csv is None:
+    if layout.test_csv is None and layout.train.kaggle:
         found.notes.append(f"no test.csv in {layout.root} (optional)")
     return found
 
@@ -417,7 +436,7 @@ def _layout_findings(layout: _Layout, train: Sequence[Record]) -> _Findings:
 def _paths_section(layout: _Layout) -> dict[str, str | None]:
     return {
         "data_dir": str(layout.root),
-        "train_csv": str(layout.train_csv),
+        "train_csv": layout.train.shown,
         "test_csv": str(layout.test_csv) if layout.test_csv is not None else None,
         "images_dir": str(layout.images_dir),
     }
@@ -487,9 +506,13 @@ def _row_findings(rows: _RowCheck) -> _Findings:
 
 def _find_images(labelled: Sequence[tuple[str, Record]], img_dir: Path) -> _Presence:
     """Sort every row into has-a-file or not, and list the files that no row names."""
-    # One directory listing answers every existence question, far faster than a stat per row.
-    with os.scandir(img_dir) as entries:
-        on_disk = {e.name for e in entries if e.is_file()}
+    # One directory listing answers every existence question, far faster than a stat per row
+    # (a table's paths may name subfolders: then the whole tree is listed).
+    if any("/" in r.image_id for _, r in labelled):
+        on_disk = {p.relative_to(img_dir).as_posix() for p in img_dir.rglob("*") if p.is_file()}
+    else:
+        with os.scandir(img_dir) as entries:
+            on_disk = {e.name for e in entries if e.is_file()}
 
     missing_train = []
     test_without_image = []
@@ -497,7 +520,7 @@ def _find_images(labelled: Sequence[tuple[str, Record]], img_dir: Path) -> _Pres
     queued = set()
     for name, r in labelled:
         if r.image_id not in on_disk:
-            (missing_train if name == "train.csv" else test_without_image).append(_row_ref(name, r))
+            (missing_train if name == TRAIN else test_without_image).append(_row_ref(name, r))
         elif r.image_id not in queued:  # an image shared by two rows is decoded once
             queued.add(r.image_id)
             present.append(r.image_id)
@@ -512,15 +535,18 @@ def _find_images(labelled: Sequence[tuple[str, Record]], img_dir: Path) -> _Pres
     )
 
 
-def _presence_findings(presence: _Presence, img_dir: Path, strict_test: bool) -> _Findings:
+def _presence_findings(presence: _Presence, img_dir: Path, strict_test: bool,
+                       kaggle: bool) -> _Findings:
     found = _Findings()
     if presence.missing_train:
         found.problems.append(f"{len(presence.missing_train):,} train row(s) whose image is missing")
     if presence.test_without_image:
-        message = f"{len(presence.test_without_image):,} test row(s) without an image in {img_dir}"
-        # the published folder has images for only part of test.csv: a note unless asked
-        (found.problems if strict_test else found.notes).append(message)
-    if presence.unreferenced:
+        message = (f"{len(presence.test_without_image):,} test row(s) without a photo in "
+                   f"{img_dir}: mmtag predict refuses them, unless --caption-only-missing "
+                   f"(then they are predicted from the caption alone, and listed)")
+        # the published folder has images for only part of test.csv: a warning unless asked
+        (found.problems if strict_test else found.warnings).append(message)
+    if presence.unreferenced and kaggle:  # a table's folder may hold other files
         found.notes.append(
             f"{len(presence.unreferenced):,} file(s) in {img_dir} not referenced by any CSV row"
         )
@@ -802,11 +828,14 @@ def _text_verdict(report: dict[str, Any]) -> list[str]:
     if report["notes"]:
         out.append("Notes:")
         out.extend(f"  - {n}" for n in report["notes"])
+    if report["warnings"]:
+        out.append("WARNINGS:")
+        out.extend(f"  - {w}" for w in report["warnings"])
     if report["problems"]:
         out.append("PROBLEMS:")
         out.extend(f"  - {p}" for p in report["problems"])
-    out.append(
-        f"Result: {'OK, no problem found' if report['ok'] else 'FAILED'} "
-        f"({report['seconds']:.1f} s)"
-    )
+    verdict = ("FAILED" if not report["ok"] else
+               f"usable for training, with {len(report['warnings'])} warning(s)"
+               if report["warnings"] else "OK, no problem found")
+    out.append(f"Result: {verdict} ({report['seconds']:.1f} s)")
     return out

@@ -642,10 +642,10 @@ def _prepare_out_dir(out: Path) -> None:
             )
         # Our own earlier output: drop its images so none is left over from a larger n.
         data = out / "data"
-        if data.is_dir():
-            for p in data.iterdir():
-                if p.suffix == ".jpg" and p.stem.isdigit() and p.is_file():
-                    p.unlink()
+        photos = list((out / "photos").glob("*/*.jpg")) if (out / "photos").is_dir() else []
+        for p in [*(data.iterdir() if data.is_dir() else ()), *photos]:
+            if p.suffix == ".jpg" and p.stem.isdigit() and p.is_file():
+                p.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -817,3 +817,53 @@ def _write_tables(out: Path, tables: _Tables, readme: str) -> dict[str, Path]:
         (paths["readme"], readme),
     ])
     return paths
+
+
+# -- the table style: a product catalogue with string tags -------------------------------------
+
+TABLE_FILES = ("catalogue.csv", "holdout.csv", "new.csv")
+
+
+def make_table_demo(out_dir: str | Path, n: int = 400, seed: int = 0) -> dict:
+    """The demo samples as a product catalogue, the layout an engineer's own data has:
+
+        catalogue.csv   path,title,tags   n labelled rows (tags: shape names, '|' between)
+        holdout.csv     path,title,tags   n // 4 more, for `mmtag evaluate --csv`
+        new.csv         path,title        the same photos without tags, for `mmtag predict`
+        photos/<tag>/<i>.jpg              in subfolders by their first tag
+
+    Train on it with `--data DIR/catalogue.csv --image-col path --caption-col title
+    --labels-col tags`. The same (n, seed) gives byte-identical files."""
+    n_test = _validated_sizes(n, None, seed)
+    out = Path(out_dir)
+    _prepare_out_dir(out)
+    atomic_write(out / DEMO_DATA_MARKER, json.dumps(
+        {"generator": _GENERATOR, "style": "table", "seed": seed, "n": n}, indent=2) + "\n")
+    rows = []
+    for i in range(n + n_test):
+        rng = np.random.default_rng([seed, i])
+        sample = render_sample(rng)
+        caption, _ = make_caption(rng, sample, False)
+        tags = [DEMO_LABEL_NAMES[lab] for lab in sample.labels]
+        path = f"{tags[0]}/{i}.jpg"
+        (out / "photos" / tags[0]).mkdir(parents=True, exist_ok=True)
+        sample.image.save(out / "photos" / path, "JPEG", quality=_JPEG_QUALITY)
+        rows.append((path, caption, "|".join(tags)))
+    files = [out / name for name in TABLE_FILES]
+    atomic_write_many([(files[0], _table_csv(rows[:n], tags=True)),
+                       (files[1], _table_csv(rows[n:], tags=True)),
+                       (files[2], _table_csv(rows[n:], tags=False))])
+    return {"out_dir": str(out), "images": str(out / "photos"),
+            **{f.stem: str(f) for f in files}, "n_train": n, "n_holdout": n_test, "seed": seed,
+            "labels": sorted(DEMO_LABEL_NAMES.values())}
+
+
+def _table_csv(rows: list[tuple[str, str, str]], tags: bool) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "title", "tags"] if tags else ["path", "title"])
+    w.writerows(r if tags else r[:2] for r in rows)
+    return buf.getvalue()

@@ -25,20 +25,49 @@ def decision_figures(cfg: TrainConfig, y: np.ndarray, probs: np.ndarray,
                      label_names: list[str]) -> dict:
     """Thresholds chosen on validation targets `y` and probabilities `probs` by the config's
     rule, and the figures summary.json reports: at 0.5, tuned on these rows, and the cross-fit
-    estimate for the rule chosen and for the other one (a run's, or an ensemble's averaged)."""
+    estimate for the rule chosen and for the other one (a run's, or an ensemble's averaged).
+    With decision 'auto' the rule is the one of better cross-fit figures (`choose_rule`);
+    "decision" is always the rule chosen, "decision_why" says how."""
     thr = choose_thresholds(y, probs, mode=cfg.threshold_mode, metric=cfg.threshold_metric,
                             at_least_one=cfg.at_least_one, min_support=cfg.min_support)
     at05 = multilabel_metrics(y, apply_thresholds(probs, np.full(probs.shape[1], 0.5)))
+    estimates = {rule: crossfit(cfg, y, probs, rule) for rule in RULES}
+    rule, why = choose_rule(cfg, estimates)
     tuned = multilabel_metrics(y, decide(probs, thr, at_least_one=cfg.at_least_one,
-                                         rule=cfg.decision), label_names=label_names)
-    other = "threshold" if cfg.decision == "expected_f1" else "expected_f1"
-    return {"decision": cfg.decision, "thresholds": [float(t) for t in thr],
+                                         rule=rule), label_names=label_names)
+    other = "threshold" if rule == "expected_f1" else "expected_f1"
+    return {"decision": rule, "decision_why": why, "thresholds": [float(t) for t in thr],
             "val_at_0.5": {k: at05[k] for k in METRIC_COLUMNS[1:]},
             "val": {k: tuned[k] for k in METRIC_COLUMNS[1:]},
-            "val_crossfit": crossfit(cfg, y, probs, cfg.decision),
+            "val_crossfit": estimates[rule],
             # the same estimate for the rule not chosen, so the choice can be made with numbers
-            "val_crossfit_other_rule": {"decision": other, **crossfit(cfg, y, probs, other)},
+            "val_crossfit_other_rule": {"decision": other, **estimates[other]},
             "per_class": tuned["per_class"]}
+
+
+RULES = ("threshold", "expected_f1")
+RULE_WORDS = {"threshold": "tuned threshold", "expected_f1": "expected-F1 label sets"}
+
+
+def choose_rule(cfg: TrainConfig, estimates: dict[str, dict]) -> tuple[str, str]:
+    """The decision rule a run predicts with, and why, in words. A fixed `cfg.decision` is
+    kept; 'auto' takes the rule of the higher cross-fit `cfg.threshold_metric` (a tie: the
+    higher other F1; still a tie, or too few rows to cross-fit: the tuned threshold)."""
+    if cfg.decision != "auto":
+        return cfg.decision, f"decision: {cfg.decision} in the config"
+    metric = cfg.threshold_metric
+    second = "samples_f1" if metric == "micro_f1" else "micro_f1"
+    a, b = estimates["threshold"], estimates["expected_f1"]
+    if not a or not b:
+        return "threshold", ("decision: auto, but too few validation rows to compare the rules "
+                             "out of sample: the tuned threshold")
+    key = {r: (round(e[metric], 6), round(e[second], 6)) for r, e in estimates.items()}
+    rule = "expected_f1" if key["expected_f1"] > key["threshold"] else "threshold"
+    other = "threshold" if rule == "expected_f1" else "expected_f1"
+    return rule, (f"decision: auto chose {RULE_WORDS[rule]}: cross-fit {metric} "
+                  f"{estimates[rule][metric]:.4f} vs {estimates[other][metric]:.4f} for "
+                  f"{RULE_WORDS[other]} (then {second} {estimates[rule][second]:.4f} vs "
+                  f"{estimates[other][second]:.4f})")
 
 
 def crossfit(cfg: TrainConfig, y: np.ndarray, probs: np.ndarray, rule: str,

@@ -33,6 +33,20 @@ def average_probs(parts: Iterable[np.ndarray]) -> np.ndarray:
     return total
 
 
+def join_labels(labels) -> str:
+    """A row's labels in val_probs.csv's Labels field: integer ids space-separated (as ever),
+    other labels (which may hold spaces) separated by '|'."""
+    texts = [str(lab) for lab in labels]
+    return (" " if all(t.isascii() and t.isdigit() for t in texts) else "|").join(texts)
+
+
+def split_labels(field: str, columns: Sequence[str]) -> set[str]:
+    """The labels of a Labels field that `join_labels` wrote, given the file's label columns."""
+    if all(c.isascii() and c.isdigit() for c in columns):
+        return set(field.replace("|", " ").split())
+    return {t for t in field.split("|") if t}
+
+
 def format_probs(image_ids: Sequence[str], label_names: Sequence[str], probs: np.ndarray,
                  true_labels: Sequence[str] | None = None) -> str:
     """The CSV text: ImageID, then (with `true_labels`: each row's labels, space-separated, in a
@@ -94,5 +108,5 @@ def read_val_probs(run_dir: Path) -> ValProbs:
                 raise ValueError("a probability outside [0, 1]")
         except ValueError as e:
             raise ValueError(f"{path}, line {i + 2}: {e}; the file is damaged; {redo}") from None
-    y = np.array([[int(lab in r[1].split()) for lab in labels] for r in body])
+    y = np.array([[int(lab in split_labels(r[1], labels)) for lab in labels] for r in body])
     return ValProbs([r[0] for r in body], [r[1] for r in body], labels, y, p)

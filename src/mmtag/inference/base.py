@@ -16,7 +16,8 @@ from mmtag.data.dataset import ImageRows, Reading, TaggingDataset
 from mmtag.data.images import (
     load_image,
 )
-from mmtag.data.labels import LabelMap
+from mmtag.data.labels import LabelMap, UnknownLabelError
+from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.thresholds import apply_thresholds, check_threshold, decide
 
 
@@ -91,17 +92,69 @@ class PredictorBase:
         """(N, C) probabilities for decoded images (None: a blank one) and their captions."""
         raise NotImplementedError
 
-    def predict(self, pairs: Sequence[tuple[Image.Image | str | Path, str]],
-                threshold: float | None = None) -> list[tuple[int, ...]]:
-        """Label ids for (image or image path, caption) pairs."""
-        images = [img if isinstance(img, Image.Image) or not self.reads_images
-                  else load_image(img, f"pair {i}") for i, (img, _) in enumerate(pairs)]
-        probs = self.predict_probs(images, [c for _, c in pairs])
-        return [self.label_map.decode(row) for row in self.decide(probs, threshold)]
+    def predict(self, data, threshold: float | None = None, *,
+                images: Path | str | None = None) -> list[tuple[str, ...]]:
+        """The labels of each sample: `data` is a list of (image or image path, caption)
+        pairs, or a pandas DataFrame with image and caption columns (paths relative to
+        `images`)."""
+        return [self.label_map.decode(row) for row in self.decide(self._probs(data, images),
+                                                                  threshold)]
+
+    def predict_proba(self, data, *, images: Path | str | None = None):
+        """A pandas DataFrame of probabilities: one row per sample (a DataFrame's index is
+        kept), one column per label name."""
+        import pandas as pd
+
+        probs = self._probs(data, images)
+        index = data.index if hasattr(data, "index") and hasattr(data, "columns") else None
+        return pd.DataFrame(probs, columns=list(self.label_map.display), index=index)
+
+    def evaluate(self, data, *, images: Path | str | None = None,
+                 threshold: float | None = None) -> dict:
+        """Metrics on a labelled DataFrame (image, caption, labels columns): micro-, macro- and
+        samples-F1, precision, recall, and per label (`per_class`), by the run's rule."""
+        from mmtag.data.sources import frame_records
+
+        rows = frame_records(data, need_labels=True)
+        return self.metrics_of(ImageRows(rows, Path(images or "."), "the DataFrame"),
+                               threshold=threshold)
+
+    def metrics_of(self, rows: ImageRows, threshold: float | None = None,
+                   decision: str | None = None, batch_size: int = 64,
+                   num_workers: int = 0) -> dict:
+        """`multilabel_metrics` of labelled rows (per label by its name)."""
+        try:
+            ds = self.dataset(rows.records, rows.image_dir, rows.source)
+        except UnknownLabelError as e:
+            raise UnknownLabelError(e.label, e.where, (
+                f"label {e.label} ({e.where}) is not one this run predicts "
+                f"({', '.join(self.label_map.labels)}), so it cannot be scored: remove it "
+                f"from the rows, or evaluate a run trained on rows that carry it")) from None
+        probs = self.probabilities(ds, batch_size, num_workers, desc="evaluate")
+        y = ds.targets.numpy().astype(int)
+        m = multilabel_metrics(y, self.decide(probs, threshold, decision=decision),
+                               label_names=list(self.label_map.display))
+        m["rows"] = len(rows.records)
+        return m
+
+    def _probs(self, data, images: Path | str | None) -> np.ndarray:
+        if hasattr(data, "itertuples") and hasattr(data, "columns"):  # a pandas DataFrame
+            from mmtag.data.sources import frame_records
+
+            ds = self.dataset(frame_records(data), Path(images or "."), "the DataFrame",
+                              with_targets=False)
+            return self.probabilities(ds, desc="predict")
+        pairs = list(data)
+        root = Path(images) if images is not None else None
+        imgs = [img if isinstance(img, Image.Image) or not self.reads_images
+                else load_image(root / img if root else img, f"pair {i}")
+                for i, (img, _) in enumerate(pairs)]
+        return self.predict_probs(imgs, [c for _, c in pairs])
 
     def describe(self) -> dict:
         """The model in a few facts (GET /v1/model, the benchmark)."""
         return {"engine": self.engine, "labels": list(self.label_map.labels),
+                "names": list(self.label_map.display),
                 "decision": {"rule": self.rule,
                              "thresholds": [round(float(t), 6) for t in self.thresholds],
                              "at_least_one": self.at_least_one},

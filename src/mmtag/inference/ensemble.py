@@ -30,6 +30,7 @@ from mmtag.atomic import (
     swap_in,
 )
 from mmtag.config import TrainConfig, first_difference
+from mmtag.data.labels import LabelMap
 from mmtag.data.tokenizers import tokenizer_from_dict
 from mmtag.evaluation.estimate import decision_figures
 from mmtag.evaluation.probs_csv import average_probs, read_val_probs, write_val_probs
@@ -43,6 +44,7 @@ from mmtag.run_files import (
     SUMMARY_FILE,
     VAL_PROBS_FILE,
     VOCAB_FILE,
+    RunInvalidError,
 )
 
 # config fields that change how a member was trained, not what it computes at prediction time
@@ -85,7 +87,7 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
     ckpts = [BestCheckpoint.load(r / BEST_FILE) for r in runs]
     for run, ck in zip(runs, ckpts, strict=True):
         if not ck.finished:
-            raise ValueError(f"{ck.unfinished_message(run / BEST_FILE)}; then build the "
+            raise RunInvalidError(f"{ck.unfinished_message(run / BEST_FILE)}; then build the "
                              f"ensemble")
     first, base = runs[0], ckpts[0]
     _check_members(runs, ckpts)
@@ -103,7 +105,7 @@ def build_ensemble(runs: Sequence[Path | str], out: Path | str) -> dict:
     # leaves no folder that predict would use and evaluate fail on
     best = BestCheckpoint(config=base.config, labels=base.labels, caption=base.caption,
                           thresholds=figures["thresholds"], at_least_one=base.at_least_one,
-                          finished=True, ensemble={"runs": [str(r) for r in runs],
+                          finished=True, decision=figures["decision"], ensemble={"runs": [str(r) for r in runs],
                                                    "shared": shared, "members": members})
     tta = (read_json(first / SUMMARY_FILE).get("tta")
            if (first / SUMMARY_FILE).exists() else None)
@@ -172,7 +174,7 @@ def _check_members(runs: list[Path], ckpts: list[BestCheckpoint]) -> None:
         if diff:
             raise ValueError(f"{run} predicts differently from {first} ({diff}): an ensemble's "
                              f"members need the same model and preprocessing")
-        if ck.labels != base.labels:
+        if LabelMap.from_dict(ck.labels).labels != LabelMap.from_dict(base.labels).labels:
             raise ValueError(f"{run} has another label set than {first}: train both on the "
                              f"same data")
         if (tokenizer_from_dict(ck.caption).to_dict()

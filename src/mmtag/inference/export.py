@@ -235,7 +235,8 @@ def model_json(pred: Predictor, graph: ExportGraph, run: Path, out: Path, files:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "labels": list(pred.label_map.labels),
-        "decision": {"rule": pred.config.decision,
+        "label_names": list(pred.label_map.display),
+        "decision": {"rule": pred.rule,
                      "thresholds": [float(t) for t in pred.thresholds],
                      "at_least_one": pred.at_least_one},
         "inputs": graph.input_names, "outputs": graph.output_names,

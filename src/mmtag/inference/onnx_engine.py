@@ -32,6 +32,7 @@ from mmtag.prediction.export_format import (
     export_folder,
     read_model_json,
 )
+from mmtag.progress import progress
 
 ENGINES = {"onnx": "fp32", "onnx-int8": "int8", "openvino": "fp32"}  # engine -> model.json file
 BLANK = Image.new("RGB", (32, 32))  # what stands in for a missing photo, as in Predictor
@@ -152,7 +153,8 @@ class OnnxPredictor(PredictorBase):
             caption = {**caption, "source": str(folder / caption.get("source", TOKENIZER_DIR))}
         tok = tokenizer_from_dict(caption or {"kind": "none"})
         d = meta["decision"]
-        pred = cls(label_map=LabelMap(tuple(int(x) for x in meta["labels"])), caption_enc=tok,
+        pred = cls(label_map=LabelMap.from_dict({"labels": meta["labels"],
+                                                "names": meta.get("label_names")}), caption_enc=tok,
                    thresholds=np.asarray(d["thresholds"], dtype=float),
                    at_least_one=bool(d["at_least_one"]), rule=d["rule"],
                    reads_images="images" in meta["inputs"], reads_captions="ids" in meta["inputs"],
@@ -199,10 +201,11 @@ class OnnxPredictor(PredictorBase):
         out = self.session.run(None, feeds_for(self.meta["inputs"], images, ids, lengths))
         return out[0], (out[1] if len(out) > 1 else None)
 
-    def probabilities(self, dataset, batch_size: int = 64, num_workers: int = 0) -> np.ndarray:
+    def probabilities(self, dataset, batch_size: int = 64, num_workers: int = 0,
+                      desc: str = "predict") -> np.ndarray:
         loader = make_loader(dataset, Pass(batch_size), num_workers=num_workers)
         parts = [self.run(self._inputs(images), ids.numpy(), lengths.numpy())[0]
-                 for images, ids, lengths, _ in loader]
+                 for images, ids, lengths, _ in progress(loader, len(loader), desc)]
         return np.concatenate(parts) if parts else np.zeros((0, self.label_map.num_classes))
 
     def caption_probabilities(self, dataset, batch_size: int = 64) -> np.ndarray:

@@ -12,15 +12,21 @@ import numpy as np
 import torch
 
 from mmtag.atomic import atomic_write_many, read_json
-from mmtag.data.csv_io import Record, format_csv, read_csv
+from mmtag.data.csv_io import Record, format_csv
 from mmtag.data.dataset import ImageRows, Split
 from mmtag.data.images import (
     ImageReadError,
     load_image,
 )
-from mmtag.data.labels import UnknownLabelError
+from mmtag.data.labels import LabelMap
+from mmtag.data.sources import (
+    Columns,
+    Source,
+    format_table_predictions,
+    open_data,
+    open_rows,
+)
 from mmtag.distributed import Dist, barrier, from_env, sharded, start, stop
-from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.probs_csv import format_probs
 from mmtag.evaluation.thresholds import check_threshold
 from mmtag.inference.base import PredictorBase
@@ -55,8 +61,7 @@ class PredictFiles:
     """What `predict` reads and writes: the CSV, its photos' folder, the submission and (or
     None) the probabilities; the outputs as checked, the names as the user gave them."""
 
-    csv: Path
-    images: Path
+    source: Source
     out: Path
     probs: Path | None
     given_out: str
@@ -87,6 +92,7 @@ def check_predict_outputs(run: Path | str, csv_path: Path, images: Path, out: Pa
     a run's or an export's file, a folder or a special file; a link is followed), checked
     before the model loads."""
     inputs = {"--csv": csv_path, "the run's checkpoint": best_checkpoint(run)}
+    inputs = {k: v for k, v in inputs.items() if v is not None}  # a DataFrame has no file
     targets = {"--out": check_output(out, "--out", inputs, [images])}
     if probs_out is not None:
         targets["--probs"] = check_output(probs_out, "--probs", inputs, [images])
@@ -107,10 +113,12 @@ def find_missing_images(records: Sequence[Record], image_dir: Path,
     return bad
 
 
-def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
-                 csv_path: Path | str | None = None, images: Path | str | None = None,
+def evaluate_run(run: Path | str, *, data_dir: Path | str | Source | None = None,
+                 csv_path: Path | str | Source | None = None, images: Path | str | None = None,
                  options: PredictOptions = PredictOptions()) -> dict:
-    """Metrics of a run on its saved validation split (`data_dir`) or on a labelled CSV.
+    """Metrics of a run on its saved validation split of `data_dir` (the data it was trained
+    on) or on every row of a labelled file `csv_path` (a Kaggle CSV or a table, photos in
+    `images`); either may be a `Source` (a table with other column names).
 
     On the validation split with the run's tuned thresholds, the thresholds were chosen on these
     very rows: the figures are then marked optimistic (`tuned_on_these_rows`), with the run's
@@ -121,25 +129,17 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
         check_threshold(threshold)  # before any inference
     pred = load_predictor(run, o.engine, o.device)
     if csv_path is not None:
-        rows, image_dir, source = _labelled_csv(pred, Path(csv_path), images)
+        src = csv_path if isinstance(csv_path, Source) else open_rows(csv_path, images)
+        rows, image_dir, source = _labelled_rows(pred, src)
         validation_of = None
     elif data_dir is not None:
+        src = data_dir if isinstance(data_dir, Source) else open_data(data_dir, images)
         validation_of = run_folder(run, pred)
-        rows, image_dir, source = _validation_rows(pred, validation_of, Path(data_dir))
+        rows, image_dir, source = _validation_rows(pred, validation_of, src)
     else:
         raise ValueError("evaluate needs --data DIR (the run's validation split) or --csv FILE")
-    try:
-        ds = pred.dataset(rows, image_dir, source)
-    except UnknownLabelError as e:
-        raise UnknownLabelError(e.label, e.where, (
-            f"label {e.label} ({e.where}) is not one this run predicts "
-            f"({' '.join(map(str, pred.label_map.labels))}), so it cannot be scored: remove it "
-            f"from the file, or evaluate a run trained on rows that carry it")) from None
-    probs = pred.probabilities(ds, o.batch_size, o.num_workers)
-    y = ds.targets.numpy().astype(int)
-    m = multilabel_metrics(y, pred.decide(probs, threshold, decision=decision),
-                           label_names=[str(lab) for lab in pred.label_map.labels])
-    m["rows"] = len(rows)
+    m = pred.metrics_of(ImageRows(rows, image_dir, source), o.threshold, o.decision,
+                        o.batch_size, o.num_workers)
     m["source"] = source
     m["image_sizes"] = [pred.image_size]
     m["thresholds"] = (f"global {threshold:.3f}" if threshold is not None
@@ -157,25 +157,24 @@ def evaluate_run(run: Path | str, *, data_dir: Path | str | None = None,
     return m
 
 
-def _labelled_csv(pred: PredictorBase, csv_path: Path,
-                  images: Path | str | None) -> tuple[list[Record], Path, str]:
-    pred.check_captions(csv_path)
-    rows = read_csv(csv_path)
+def _labelled_rows(pred: PredictorBase, src: Source) -> tuple[list[Record], Path, str]:
+    if src.kaggle:
+        pred.check_captions(src.rows)
+    rows = src.read(need_labels=True)
     if any(not r.labels for r in rows):
-        raise ValueError(f"{csv_path} has rows without labels (first: line "
+        raise ValueError(f"{src.shown} has rows without labels (first: line "
                          f"{next(r.line for r in rows if not r.labels)}); evaluate needs labels")
-    return rows, Path(images) if images else csv_path.parent / "data", str(csv_path)
+    return rows, src.images, src.shown
 
 
 def _validation_rows(pred: PredictorBase, run_dir: Path,
-                     data_dir: Path) -> tuple[list[Record], Path, str]:
-    """The run's validation rows of data_dir/train.csv, by its saved split."""
+                     src: Source) -> tuple[list[Record], Path, str]:
+    """The run's validation rows of the data it was trained on, by its saved split."""
     split = Split.load(run_dir / SPLIT_FILE)
-    source = str(data_dir / "train.csv")
-    _, rows = split.apply(read_csv(source))
+    _, rows = split.apply(src.read(need_labels=True))
     if pred.limit_val:
         rows = rows[: pred.limit_val]
-    return rows, data_dir / "data", source
+    return rows, src.images, src.shown
 
 
 def _crossfit_estimate(pred: PredictorBase, run_dir: Path, rule: str) -> dict:
@@ -205,17 +204,19 @@ def optimism_note(m: dict) -> str:
                f"samples-F1 {c['samples_f1']:.4f}" if c else "") + ")")
 
 
-def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
+def predict_csv(run: Path | str, csv_path: Path | str | Source, images: Path | str | None = None,
                 out: Path | str = "Predicted_labels.csv", *, probs_out: Path | str | None = None,
                 options: PredictOptions = PredictOptions()) -> dict | None:
-    """Write the Kaggle submission for every row of `csv_path`, in order (and the
-    probabilities to `probs_out`): both files or neither.
+    """Predict every row of `csv_path` (a Kaggle CSV such as test.csv, a table, or a `Source`;
+    photos in `images`), in order, into `out`: the Kaggle submission for a Kaggle CSV, else a
+    CSV of the table's image and labels columns (and the probabilities to `probs_out`, one
+    column per label name): both files or neither.
 
     Under torchrun each process predicts every world-th row and rank 0 writes the files and
     returns the result; the others return None."""
-    csv_path, images = Path(csv_path), Path(images)
-    checked_out, checked_probs = check_predict_outputs(run, csv_path, images, out, probs_out)
-    files = PredictFiles(csv_path, images, checked_out, checked_probs, str(out),
+    src = csv_path if isinstance(csv_path, Source) else open_rows(csv_path, images)
+    checked_out, checked_probs = check_predict_outputs(run, src.rows, src.images, out, probs_out)
+    files = PredictFiles(src, checked_out, checked_probs, str(out),
                          str(probs_out) if probs_out is not None else None)
     if options.threshold is not None:
         check_threshold(options.threshold)  # before any inference
@@ -236,10 +237,12 @@ def predict_csv(run: Path | str, csv_path: Path | str, images: Path | str,
 def _predict_csv(run: Path | str, files: PredictFiles, o: PredictOptions,
                  dist: Dist) -> dict | None:
     pred = load_predictor(run, o.engine, o.device)
-    pred.check_captions(files.csv)
-    rows = read_csv(files.csv)
-    source = str(files.csv)
-    bad = find_missing_images(rows, files.images, source) if pred.reads_images else {}
+    src = files.source
+    if src.kaggle:
+        pred.check_captions(src.rows)
+    rows = src.read()
+    source = src.shown
+    bad = find_missing_images(rows, src.images, source) if pred.reads_images else {}
     msgs = list(bad.values())
     _check_missing_images(pred, bad, o.caption_only_missing)
     # Rows without their image: the caption's own head where the model has one (trained on its
@@ -253,22 +256,32 @@ def _predict_csv(run: Path | str, files: PredictFiles, o: PredictOptions,
                     "; ".join(msgs[:3]), more)
     probs = sharded(len(rows), dist, getattr(pred, "device", torch.device("cpu")),
                     lambda idx: _csv_probabilities(
-                        pred, ImageRows([rows[i] for i in idx], files.images, source),
+                        pred, ImageRows([rows[i] for i in idx], src.images, source),
                         {j: bad[i] for j, i in enumerate(idx) if i in bad}, o))
     if not dist.main:
         return None
     decisions = pred.decide(probs, o.threshold, decision=o.decision)
     label_sets = [pred.label_map.decode(d) for d in decisions]
-    written = [(files.out, format_csv([Record(r.image_id, labs, "", r.line)
-                                       for r, labs in zip(rows, label_sets, strict=True)],
-                                      captions=False))]
+    written = [(files.out, format_predictions(src, rows, label_sets, pred.label_map))]
     if files.probs is not None:
         written.append((files.probs, format_probs(
-            [r.image_id for r in rows], [str(lab) for lab in pred.label_map.labels], probs)))
+            [r.image_id for r in rows], list(pred.label_map.display), probs)))
     atomic_write_many(written)
     return {"rows": len(rows), "out": files.given_out, "probs": files.given_probs,
             "caption_only": msgs, "caption_only_via": via if msgs else None,
             "decision": pred.describe_decision(o.threshold, o.decision)}
+
+
+def format_predictions(src: Source, rows: Sequence[Record], label_sets: Sequence[tuple[str, ...]],
+                       label_map: LabelMap) -> str:
+    """The text of predict's --out: the Kaggle submission (ImageID,Labels, ids space-separated)
+    for a Kaggle CSV of a run with integer labels, else a CSV of the table's image and labels
+    columns (labels joined by its separator, `|` by default)."""
+    if src.kaggle and label_map.integer:
+        return format_csv([Record(r.image_id, tuple(int(lab) for lab in labs), "", r.line)
+                           for r, labs in zip(rows, label_sets, strict=True)], captions=False)
+    return format_table_predictions([r.image_id for r in rows], label_sets,
+                                    src.columns or Columns())
 
 
 def _check_missing_images(pred: PredictorBase, bad: dict[int, str], caption_only_missing: bool) -> None:

@@ -86,7 +86,7 @@ class Predictor(PredictorBase):
         first = models[0]
         return cls(label_map=label_map, caption_enc=caption_enc,
                    thresholds=np.asarray(ckpt.thresholds, dtype=float),
-                   at_least_one=ckpt.at_least_one, rule=cfg.decision,
+                   at_least_one=ckpt.at_least_one, rule=ckpt.rule,
                    reads_images=first.image_encoder is not None,
                    reads_captions=first.text_encoder is not None,
                    has_caption_head=first.has_caption_head,
@@ -123,7 +123,7 @@ class Predictor(PredictorBase):
         return build_transform(self.transform_spec(size), train=False)
 
     def probabilities(self, dataset: TaggingDataset, batch_size: int = 64,
-                      num_workers: int = 0) -> np.ndarray:
+                      num_workers: int = 0, desc: str = "predict") -> np.ndarray:
         """(N, C) sigmoid probabilities, in dataset order (averaged over an ensemble's
         members)."""
         # on a GPU the photos are decoded there (nvJPEG), batch by batch: CPU processes
@@ -135,7 +135,8 @@ class Predictor(PredictorBase):
                   if on_device else
                   make_loader(dataset, Pass(batch_size), num_workers=num_workers))
         return average_probs(evaluate(model, loader, None, self.device, EvalPass(
-            dtype=self.precision.dtype, channels_last=True, tta=self.config.tta_flip))[1]
+            dtype=self.precision.dtype, channels_last=True, tta=self.config.tta_flip,
+            progress=None, desc=desc))[1]
             for model in self.models)
 
     def caption_probabilities(self, dataset: TaggingDataset, batch_size: int = 64) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mmtag.atomic import atomic_write
-from mmtag.run_files import LAST_FILE, SUMMARY_FILE
+from mmtag.run_files import LAST_FILE, SUMMARY_FILE, RunError, RunNotFoundError
 
 log = logging.getLogger("mmtag.predict")
 
@@ -100,7 +100,7 @@ def check_model_size(model: nn.Module, limit_mb: float, fp16: bool) -> float:
     return mb
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RunError, ValueError):
     """A checkpoint file is damaged, truncated or not mmtag's; it was not loaded."""
 
 
@@ -123,7 +123,7 @@ def load_checkpoint(path: Path | str, what: str = "checkpoint",
     truncated, empty, or holding code) is reported as an error, never loaded any other way."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise RunNotFoundError(f"{what} {path} does not exist")
     if path.is_dir():
         raise CheckpointError(f"{what} {path} is a folder, not a checkpoint file")
     try:
@@ -172,6 +172,7 @@ class BestCheckpoint:
     ensemble: dict | None = None
     epoch: int | None = None
     val_metrics: dict | None = None
+    decision: str | None = None  # the rule chosen when the run ended (config decision: auto)
 
     def states(self) -> list[dict]:
         """The full state dict of each member (one for a single run)."""
@@ -188,6 +189,8 @@ class BestCheckpoint:
             d.update(model=self.model, epoch=self.epoch, val_metrics=self.val_metrics)
         d.update(thresholds=self.thresholds, at_least_one=self.at_least_one,
                  finished=self.finished)
+        if self.decision is not None:
+            d["decision"] = self.decision
         if self.ensemble is not None:
             d["ensemble"] = self.ensemble
         return d
@@ -215,7 +218,14 @@ class BestCheckpoint:
                    thresholds=list(ckpt["thresholds"]), at_least_one=bool(ckpt["at_least_one"]),
                    finished=bool(finished), model=ckpt.get("model"),
                    ensemble=ckpt.get("ensemble"), epoch=ckpt.get("epoch"),
-                   val_metrics=ckpt.get("val_metrics"))
+                   val_metrics=ckpt.get("val_metrics"), decision=ckpt.get("decision"))
+
+    @property
+    def rule(self) -> str:
+        """The decision rule it predicts with: the one chosen when the run ended, else its
+        config's (an unfinished 'auto' run: its thresholds of 0.5)."""
+        rule = self.decision or self.config.get("decision", "threshold")
+        return "threshold" if rule == "auto" else rule
 
     def unfinished_message(self, path: Path | str) -> str:
         """What to tell a user of an unfinished run's best.pt, naming how to finish it."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmtag.run_files import BEST_FILE
+from mmtag.run_files import BEST_FILE, RunError
 
 MODEL_JSON = "model.json"
 FP32_FILE = "model.onnx"
@@ -21,7 +21,7 @@ FORMAT_VERSION = 1
 PARITY_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| probability accepted at export
 
 
-class ExportError(ValueError):
+class ExportError(RunError, ValueError):
     """A run cannot be exported, or an export folder cannot be read."""
 
 
@@ -94,9 +94,15 @@ def model_json_problem(meta: dict, folder: Path) -> str:
     """What is wrong with model.json's contents (checked as strictly as config.yaml: types,
     ranges, the files it names staying inside the export folder), or ""."""
     labels = meta["labels"]
+    # label texts; an export made when labels were integer ids holds numbers
     if not isinstance(labels, list) or not labels or not all(
-            isinstance(x, int) and not isinstance(x, bool) for x in labels):
-        return "labels must be a non-empty list of label ids"
+            (isinstance(x, str) and x) or (isinstance(x, int) and not isinstance(x, bool))
+            for x in labels) or len({str(x) for x in labels}) != len(labels):
+        return "labels must be a non-empty list of distinct labels"
+    names = meta.get("label_names")
+    if names is not None and (not isinstance(names, list) or len(names) != len(labels)
+                              or not all(isinstance(x, str) for x in names)):
+        return "label_names must be a list of one text per label"
     d = meta["decision"]
     if not isinstance(d, dict) or d.get("rule") not in ("threshold", "expected_f1"):
         return "decision.rule must be 'threshold' or 'expected_f1'"

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mmtag.distributed import SINGLE, Dist, gather_rows
+from mmtag.progress import progress
 from mmtag.runtime import autocast
 
 
@@ -24,12 +25,9 @@ def batch_to(batch, device: torch.device, channels_last: bool):
     return images, ids.to(device, non_blocking=True), lengths, targets.to(device, non_blocking=True)
 
 
-def progress_bar(iterable, total: int, desc: str, enabled: bool):
-    if enabled:
-        from tqdm import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
-    return iterable
+def progress_bar(iterable, total: int, desc: str, enabled: bool | None):
+    """A bar when `enabled` (None: on a terminal), else a log line every 30 s."""
+    return progress(iterable, total, desc, bar=enabled)
 
 
 def concat_rows(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -56,7 +54,7 @@ class EvalPass:
     dtype: torch.dtype | None = None  # autocast to it (None: float32)
     channels_last: bool = False
     tta: bool = False                 # flip TTA: the mean with the mirror image's logits
-    progress: bool = False            # a progress bar named `desc`
+    progress: bool | None = False     # a bar named `desc` (None: on a terminal), else log lines
     desc: str = "eval"
     dist: Dist = SINGLE               # under torchrun: the loader holds this rank's shard
     rows: int | None = None           # ... of this many rows in all

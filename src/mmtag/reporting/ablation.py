@@ -25,7 +25,13 @@ from mmtag.config import ConfigError, TrainConfig, builtin_or_file, load_config
 from mmtag.data.csv_io import train_csv_path
 from mmtag.evaluation.estimate import METRIC_COLUMNS
 from mmtag.reporting.tables import ablation_markdown, rows_csv
-from mmtag.run_files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics_rows
+from mmtag.run_files import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    RunNotFoundError,
+    read_metrics_rows,
+)
 from mmtag.training.engine import TrainingDivergedError
 
 log = logging.getLogger("mmtag.ablate")
@@ -317,7 +323,7 @@ def load_ablation(out: Path | str) -> Ablation:
     out = Path(out)
     spec_path = out / SPEC_FILE
     if not spec_path.exists():
-        raise FileNotFoundError(f"{out} is not an ablation folder (no {SPEC_FILE})")
+        raise RunNotFoundError(f"{out} is not an ablation folder (no {SPEC_FILE})")
     spec = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
     grid = Grid(spec["grid"], spec["baseline"], spec["variants"])
     return Ablation(out, Path(spec["data"]), spec["base"],

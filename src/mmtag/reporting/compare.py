@@ -13,7 +13,7 @@ from mmtag.outputs import check_output, check_output_folder
 from mmtag.reporting.ablation import SPEC_FILE, load_ablation, run_row, run_state
 from mmtag.reporting.figures import colors, new_figure, save_figure
 from mmtag.reporting.tables import METRICS
-from mmtag.run_files import METRICS_FILE, SUMMARY_FILE, read_metrics_rows
+from mmtag.run_files import METRICS_FILE, SUMMARY_FILE, RunNotFoundError, read_metrics_rows
 
 # metrics.csv columns drawn per epoch, after train_ / val_
 CURVES = [("loss", "loss"), ("precision", "precision"), ("recall", "recall"),
@@ -47,14 +47,14 @@ def groups_of(paths: list[Path | str]) -> tuple[list[Group], list[tuple[Group, G
                     name = f"{path.name}/{variant}" if prefix else variant
                     mine.append(Group(name, runs, variant == abl.grid.baseline))
             if not mine:
-                raise FileNotFoundError(f"ablation {path} has no finished run yet")
+                raise RunNotFoundError(f"ablation {path} has no finished run yet")
             base = next((g for g in mine if g.baseline), None)
             pairs += [(base, g) for g in mine if base is not None and g is not base]
             groups += mine
         elif (path / METRICS_FILE).exists():
             groups.append(Group(path.name, [path]))
         else:
-            raise FileNotFoundError(f"{path} is neither a run folder (metrics.csv) nor an "
+            raise RunNotFoundError(f"{path} is neither a run folder (metrics.csv) nor an "
                                     f"ablation folder ({SPEC_FILE})")
     return groups, pairs
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +18,11 @@ import numpy as np
 
 from mmtag.atomic import atomic_write, atomic_write_many, read_json
 from mmtag.config import TrainConfig, first_difference, load_config
-from mmtag.data.csv_io import read_csv, train_csv_path
 from mmtag.data.images import ImageReadError, load_image
 from mmtag.data.labels import LabelMap
+from mmtag.data.sources import KAGGLE_IMAGES, KAGGLE_ROWS, DataSourceError, Source, open_data
 from mmtag.data.tokenizers import tokenizer_from_dict
-from mmtag.evaluation.estimate import METRIC_COLUMNS
+from mmtag.evaluation.estimate import METRIC_COLUMNS, RULE_WORDS
 from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.probs_csv import read_val_probs
 from mmtag.evaluation.thresholds import apply_thresholds, decide
@@ -45,6 +46,8 @@ from mmtag.run_files import (
     CURVES_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
+    RunInvalidError,
+    RunNotFoundError,
     read_metrics_rows,
 )
 
@@ -60,7 +63,6 @@ EPOCH_COLUMNS = [("epoch", "epoch"), ("lr", "lr"), ("train_loss", "train loss"),
                  ("val_micro_f1", "val micro-F1"), ("val_macro_f1", "val macro-F1"),
                  ("val_samples_f1", "val samples-F1"), ("seconds", "seconds")]
 FINAL_FIGURES = METRIC_COLUMNS[1:]  # precision, recall, micro-, macro-, samples-F1
-RULE_NAMES = {"threshold": "tuned threshold", "expected_f1": "expected-F1 label sets"}
 
 
 def write_report(path: Path | str, *, data_dir: Path | str | None = None,
@@ -80,7 +82,7 @@ def write_report(path: Path | str, *, data_dir: Path | str | None = None,
         context = run_context(path, out, data_dir)
         names = ("report.md.j2", "report.html.j2")
     else:
-        raise FileNotFoundError(f"{path} is neither a finished run (summary.json) nor an "
+        raise RunNotFoundError(f"{path} is neither a finished run (summary.json) nor an "
                                 f"ablation folder ({SPEC_FILE}); a run writes summary.json "
                                 f"when it ends")
     md, html = out / "report.md", out / "report.html"
@@ -94,7 +96,7 @@ def write_report(path: Path | str, *, data_dir: Path | str | None = None,
 def check_report_folder(out: Path, path: Path, data_dir: Path | str | None) -> None:
     """`out` is a folder, not an input folder, and any report.md or report.html in it is one
     an earlier mmtag report wrote (a user's own file of that name is never replaced)."""
-    inputs = [Path(data_dir), Path(data_dir) / "data"] if data_dir else []
+    inputs = [Path(data_dir), Path(data_dir).parent, Path(data_dir) / "data"] if data_dir else []
     check_output_folder(out, "--out", inputs)
     for name in ("report.md", "report.html"):
         f = out / name
@@ -127,11 +129,14 @@ def remove_unlinked_figures(assets: Path, gallery: list) -> None:
 def run_context(run_dir: Path, out: Path, data_dir: Path | str | None) -> dict:
     """Everything the run templates show."""
     summary = read_json(run_dir / SUMMARY_FILE)
-    data_dir = report_data_dir(summary, data_dir)
+    source = report_source(summary, data_dir)
     assets = out / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
     vp = read_val_probs(run_dir)
     ckpt = BestCheckpoint.load(run_dir / BEST_FILE)
+    labels = LabelMap.from_dict(ckpt.labels)  # val_probs.csv's columns are labels: show names
+    named = dict(zip(labels.labels, labels.display, strict=True))
+    vp.label_names = [named.get(lab, lab) for lab in vp.label_names]
     cfg, thresholds = checked_metadata(run_dir, ckpt, summary)
     model = model_facts(ckpt, summary)
     decision = decision_facts(summary, cfg)
@@ -146,29 +151,34 @@ def run_context(run_dir: Path, out: Path, data_dir: Path | str | None) -> dict:
         "finals": final_rows(summary, epochs), "final_figures": FINAL_FIGURES,
         "per_class": per_class_rows(summary, thresholds),
         "decision": decision,
-        "model_card": model_card(summary, model, decision, data_dir),
+        "model_card": model_card(summary, model, decision, source.shown if source else None),
         "curves": copy_into(run_dir / CURVES_FILE, assets),
         "threshold_plot": plot_threshold_curve(vp, summary, cfg, assets / "thresholds.png"),
-        "data": data_facts(data_dir) if data_dir else None, "data_dir": data_dir,
-        "gallery": error_gallery(vp, thresholds, cfg, data_dir, assets) if data_dir else [],
+        "data": data_facts(source) if source else None,
+        "data_dir": source.shown if source else None,
+        "gallery": (error_gallery(vp, thresholds, cfg, source, assets,
+                                  summary.get("decision", cfg.decision)) if source else []),
         "machine": machine_facts(summary), "assets": ASSETS,
         "rel": lambda p: relative(p, out),
     }
 
 
-def report_data_dir(summary: dict, given: Path | str | None) -> Path | None:
-    """--data, else the folder the run was trained on (when it is still there)."""
+def report_source(summary: dict, given: Path | str | Source | None) -> Source | None:
+    """--data, else the data the run was trained on (when it is still there), shown as the
+    user named it. A table given as --data is read with the columns the run was trained with."""
+    saved = (Source.from_dict(summary["data"]) if summary.get("data") else
+             Source(Path(summary["data_dir"]) / KAGGLE_ROWS, Path(summary["data_dir"]) /
+                    KAGGLE_IMAGES, None, summary["data_dir"]) if summary.get("data_dir")
+             else None)
+    if isinstance(given, Source):
+        return given
     if given is not None:
-        if not (Path(given) / "train.csv").exists():
-            raise FileNotFoundError(f"--data {given}: no train.csv there; give the folder the "
-                                    f"run was trained on")
-        return Path(given)
-    saved = summary.get("data_dir")
-    if saved and (Path(saved) / "train.csv").exists():
-        return Path(saved)
-    if saved:
-        log.warning("the run's data folder %s is gone: no data summary and no error gallery "
-                    "(give --data DIR)", saved)
+        return open_data(given, None, saved.columns if saved else None)
+    if saved and saved.rows.exists():
+        return saved
+    if saved or summary.get("data"):
+        log.warning("the run's data %s is gone: no data summary and no error gallery "
+                    "(give --data)", saved.shown if saved else "(a DataFrame)")
     return None
 
 
@@ -178,18 +188,18 @@ def checked_metadata(run_dir: Path, ckpt: BestCheckpoint, summary: dict) -> tupl
     report describe a model that is not the one predicting): else an error naming the file."""
     best = run_dir / BEST_FILE
     if not ckpt.finished:
-        raise ValueError(f"{ckpt.unfinished_message(best)}; then report on it")
+        raise RunInvalidError(f"{ckpt.unfinished_message(best)}; then report on it")
     cfg = TrainConfig.from_dict(ckpt.config)
     saved = load_config(run_dir / CONFIG_FILE)
     diff = first_difference(saved.to_dict(), cfg.to_dict())
     if diff:
-        raise ValueError(f"{run_dir / CONFIG_FILE} does not match the config in {best} "
+        raise RunInvalidError(f"{run_dir / CONFIG_FILE} does not match the config in {best} "
                          f"({diff}): it was edited or copied from another run; restore it "
                          f"(the report describes the model predict uses)")
     thresholds = np.asarray(ckpt.thresholds, dtype=float)
     given = np.asarray(summary.get("thresholds", []), dtype=float)
     if given.shape != thresholds.shape or not np.allclose(given, thresholds, rtol=0, atol=1e-9):
-        raise ValueError(f"{run_dir / SUMMARY_FILE} does not match {best}: its thresholds "
+        raise RunInvalidError(f"{run_dir / SUMMARY_FILE} does not match {best}: its thresholds "
                          f"differ from the ones predict uses; it was edited or copied from "
                          f"another run: restore it, or train the run again")
     return cfg, thresholds
@@ -220,12 +230,12 @@ def final_rows(summary: dict, epochs: list[dict]) -> list[dict]:
     cross-fit estimate."""
     best = next((e for e in epochs if int(e["epoch"]) == summary["best_epoch"]), {})
     seconds = sum(e["seconds"] for e in epochs)
-    rule = RULE_NAMES[summary.get("decision", "threshold")]
+    rule = RULE_WORDS[summary.get("decision", "threshold")]
     rows = [("threshold 0.5", "val_at_0.5"), (f"{rule} (chosen on these rows)", "val"),
             (f"{rule}, cross-fit estimate", "val_crossfit")]
     other = summary.get("val_crossfit_other_rule")
     if other:
-        rows.append((f"{RULE_NAMES[other['decision']]}, cross-fit estimate",
+        rows.append((f"{RULE_WORDS[other['decision']]}, cross-fit estimate",
                      "val_crossfit_other_rule"))
     return [{"name": name, "loss": best.get("val_loss"), "minutes": seconds / 60,
              **{f: (summary.get(key) or {}).get(f) for f in FINAL_FIGURES}}
@@ -253,10 +263,11 @@ def decision_facts(summary: dict, cfg) -> dict:
             "global": len(set(thr)) == 1, "threshold": thr[0] if thr else None,
             "at_least_one": cfg.at_least_one,
             "crossfit": figures(summary.get("val_crossfit") or {}),
-            "other": {**figures(other), "rule": RULE_NAMES[other["decision"]]} if other else None}
+            "other": {**figures(other), "rule": RULE_WORDS[other["decision"]]} if other else None,
+            "why": summary.get("decision_why")}
 
 
-def model_card(summary: dict, model: dict, decision: dict, data_dir: Path | None) -> list:
+def model_card(summary: dict, model: dict, decision: dict, data_dir: str | None) -> list:
     """(heading, text) items of the model card: the one source of both templates' card."""
     text = {"minilm": "embedded by MiniLM",
             "glove_lstm": "read as GloVe words (words outside its vocabulary are dropped)",
@@ -325,23 +336,23 @@ class GalleryItem:
     error: float
 
 
-def error_gallery(vp, thresholds: np.ndarray, cfg, data_dir: Path, assets: Path,
-                  n: int = GALLERY_SIZE) -> list[GalleryItem]:
+def error_gallery(vp, thresholds: np.ndarray, cfg, source: Source, assets: Path,
+                  rule: str) -> list[GalleryItem]:
     """The validation rows with the largest errors under the run's decision rule: each missed
     label counts 1 - p, each spurious one p."""
-    pred = decide(vp.probs, thresholds, at_least_one=cfg.at_least_one, rule=cfg.decision)
+    pred = decide(vp.probs, thresholds, at_least_one=cfg.at_least_one, rule=rule)
     y = vp.targets.astype(bool)
     pred = pred.astype(bool)
     error = ((y & ~pred) * (1 - vp.probs) + (pred & ~y) * vp.probs).sum(axis=1)
-    captions = {r.image_id: r.caption for r in read_csv(train_csv_path(data_dir))}
+    captions = {r.image_id: r.caption for r in source.read()}
     missing = [i for i in vp.image_ids if i not in captions]
     if missing:
-        raise ValueError(f"{len(missing)} of the run's validation images (e.g. {missing[0]}) "
-                         f"are not in {data_dir / 'train.csv'}: give --data the folder the "
-                         f"run was trained on")
+        raise DataSourceError(f"{len(missing)} of the run's validation images (e.g. "
+                              f"{missing[0]}) are not in {source.shown}: give --data the data "
+                              f"the run was trained on")
     names = vp.label_names
     items = []
-    for i in np.argsort(-error, kind="stable")[:n]:
+    for i in np.argsort(-error, kind="stable")[:GALLERY_SIZE]:
         if error[i] <= 0:
             break
         involved = sorted(np.flatnonzero(y[i] | pred[i]), key=lambda c: -vp.probs[i, c])
@@ -352,9 +363,14 @@ def error_gallery(vp, thresholds: np.ndarray, cfg, data_dir: Path, assets: Path,
             [names[c] for c in np.flatnonzero(y[i] & ~pred[i])],
             [names[c] for c in np.flatnonzero(pred[i] & ~y[i])],
             [(names[c], float(vp.probs[i, c])) for c in involved],
-            thumbnail(data_dir / "data" / image_id, assets / f"gallery_{Path(image_id).stem}.jpg"),
+            thumbnail(source.images / image_id, assets / f"gallery_{_file_stem(image_id)}.jpg"),
             float(error[i])))
     return items
+
+
+def _file_stem(image_id: str) -> str:
+    """A thumbnail's name for a photo path (a table's may name subfolders: a/1.jpg, b/1.jpg)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(Path(image_id).with_suffix("")))
 
 
 def copy_into(src: Path, folder: Path) -> Path | None:
@@ -377,7 +393,7 @@ def thumbnail(src: Path, dst: Path) -> Path | None:
     return dst
 
 
-def data_facts(data_dir: Path) -> dict | None:
+def data_facts(data_dir: Path | Source) -> dict | None:
     """check-data's counts, label table and caption lengths (images are not decoded here:
     `mmtag check-data` does that)."""
     from mmtag.data.check import check_data
@@ -397,7 +413,7 @@ def ablation_context(path: Path, out: Path) -> dict:
     abl = load_ablation(path)
     rows = collect(abl)
     if not rows:
-        raise FileNotFoundError(f"ablation {path} has no finished run yet")
+        raise RunNotFoundError(f"ablation {path} has no finished run yet")
     return {**results_context(abl, rows, command(abl), diverged(abl)),
             "title": f"mmtag report: ablation {path}", "out": out,
             "written": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),

@@ -157,17 +157,18 @@ def check_caption(caption: str | None, where: str, needs_caption: bool,
 def sample_result(pred, probs: np.ndarray, chosen: np.ndarray) -> dict:
     """One sample's answer: the chosen labels and every label's probability with the threshold
     it was held against (expected-F1 sets: the lowest chosen probability, this image's cut)."""
-    labels = pred.label_map.labels
+    labels, names = pred.label_map.labels, pred.label_map.display
     if pred.rule == "expected_f1":
         cut = float(probs[chosen.astype(bool)].min()) if chosen.any() else 1.0
         thresholds = np.full(len(labels), cut)
     else:
         thresholds = pred.thresholds
-    scores = [{"label": int(lab), "probability": round(float(p), 6),
+    scores = [{"label": lab, "name": name, "probability": round(float(p), 6),
                "threshold": round(float(t), 6), "chosen": bool(c)}
-              for lab, p, t, c in zip(labels, probs, thresholds, chosen, strict=True)]
+              for lab, name, p, t, c in zip(labels, names, probs, thresholds, chosen, strict=True)]
     scores.sort(key=lambda s: -s["probability"])
-    return {"labels": [int(lab) for lab, c in zip(labels, chosen, strict=True) if c],
+    return {"labels": [lab for lab, c in zip(labels, chosen, strict=True) if c],
+            "names": [name for name, c in zip(names, chosen, strict=True) if c],
             "scores": scores}
 
 
@@ -244,8 +245,10 @@ def batch_size(pred, opts: ServeOptions, n_images: int, n_captions: int) -> int:
 
 
 def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = None) -> FastAPI:
-    """The service around a loaded, warmed-up predictor (any engine); `label_names` maps label
-    ids (as text) to names shown on the page."""
+    """The service around a loaded, warmed-up predictor (any engine); `label_names` maps labels
+    to names shown on the page, over the names the run was trained with."""
+    label_names = {**dict(zip(pred.label_map.labels, pred.label_map.display, strict=True)),
+                   **(label_names or {})}
     batcher = MicroBatcher(pred.predict_probs, opts.max_batch, opts.max_wait_ms,
                            max_queue=opts.max_queue)
     page = page_html()
@@ -281,7 +284,7 @@ def create_app(pred, opts: ServeOptions, label_names: dict[str, str] | None = No
     @app.get("/v1/model")
     async def model() -> dict:
         limits = {k: v for k, v in asdict(opts).items() if k != "api_key"}  # never the secret
-        return {**pred.describe(), "label_names": label_names or {}, "limits": limits,
+        return {**pred.describe(), "label_names": label_names, "limits": limits,
                 "batching": batcher.stats.as_dict()}
 
     add_tag_routes(app, pred, opts, batcher)

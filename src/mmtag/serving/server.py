@@ -11,10 +11,11 @@ from pathlib import Path
 from PIL import Image
 
 from mmtag.atomic import read_json
+from mmtag.data.labels import NAMES_FILE, read_label_names
 from mmtag.inference.base import PredictorBase
 from mmtag.inference.predictor import load_predictor
 from mmtag.prediction.export_format import ExportError, export_folder, read_model_json
-from mmtag.run_files import SUMMARY_FILE
+from mmtag.run_files import SUMMARY_FILE, RunInvalidError
 from mmtag.serving.app import ServeOptions, create_app
 from mmtag.serving.security import KEY_ENV, allowed_hosts, is_loopback, require_key
 
@@ -33,27 +34,14 @@ def choose_engine(path: Path, engine: str | None) -> str:
     return "onnx-int8" if "int8" in files else "onnx"
 
 
-def read_label_names(path: Path) -> dict[str, str]:
-    """{label id: name} from a file of 'id name' lines (the demo data's labels.txt)."""
-    names = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        parts = line.split(None, 1)
-        if len(parts) != 2 or not parts[0].isdigit():
-            raise ValueError(f"{path} line {n}: expected 'label-id name', got {line!r}")
-        names[parts[0]] = parts[1].strip()
-    return names
-
-
 def default_label_names(path: Path) -> Path | None:
     """labels.txt of the data folder the run was trained on, when there is one."""
     for folder in (path, path.parent, path / ".."):
         summary = folder / SUMMARY_FILE
         if summary.is_file():
             data_dir = read_json(summary).get("data_dir")
-            if data_dir and (Path(data_dir) / "labels.txt").is_file():
-                return Path(data_dir) / "labels.txt"
+            if data_dir and (Path(data_dir) / NAMES_FILE).is_file():
+                return Path(data_dir) / NAMES_FILE
     return None
 
 
@@ -83,7 +71,7 @@ def serve(path: Path | str, opts: ServeOptions, label_names: Path | str | None =
     t = time.perf_counter()
     pred = load_predictor(path, engine, "cpu" if engine != "torch" else "auto")
     if pred.unfinished:
-        raise ValueError(f"{pred.unfinished}; then serve it")
+        raise RunInvalidError(f"{pred.unfinished}; then serve it")
     log.info("loaded %s with the %s engine in %.1f s", path, engine, time.perf_counter() - t)
     log.info("warmed up in %.1f s", warm_up(pred, opts.max_batch))
     app = create_app(pred, opts, names)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mmtag.config import TrainConfig
-from mmtag.data.csv_io import read_csv, train_csv_path
+from mmtag.data.sources import Source, open_data
 from mmtag.prediction.passes import batch_to
 from mmtag.prediction.timing import bound_by, peak_mb, timed
 from mmtag.runtime import resolve_device, seconds_since_start, seed_everything
@@ -57,15 +57,15 @@ def bench_train(cfg: TrainConfig, data_dir: Path | str, *, steps: int = 30,
     autotuning, compilation), then `steps` timed ones for each part."""
     if steps < 1 or warmup < 1:
         raise ValueError("bench train needs --steps and --warmup of at least 1")
-    data_dir = Path(data_dir)
-    rows = read_csv(train_csv_path(data_dir))
+    source = data_dir if isinstance(data_dir, Source) else open_data(data_dir)
+    rows = source.read(need_labels=True)
     rt = runtime(cfg, resolve_device(cfg.device))
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     seed_everything(cfg.seed)
     with tempfile.TemporaryDirectory(prefix="mmtag-bench-") as tmp:
         t0 = time.perf_counter()
-        s = setup(Job(cfg, data_dir, Path(tmp), rt, progress=False, started=time.time()), rows,
+        s = setup(Job(cfg, source, Path(tmp), rt, progress=False, started=time.time()), rows,
                   resume=False)
         setup_s = time.perf_counter() - t0
     state, b = s.state, cfg.optim.batch_size

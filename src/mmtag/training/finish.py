@@ -11,7 +11,7 @@ from pathlib import Path
 from mmtag.atomic import atomic_write
 from mmtag.data.batching import Pass
 from mmtag.evaluation.estimate import decision_figures
-from mmtag.evaluation.probs_csv import write_val_probs
+from mmtag.evaluation.probs_csv import join_labels, write_val_probs
 from mmtag.prediction.checkpoint import (
     BestCheckpoint,
     state_dict_megabytes,
@@ -43,7 +43,10 @@ def finish(run: Run) -> dict:
     # what ran the frozen image stages into the cache (a distillation reads this teacher's)
     summary["cache_engine"] = resolve_engine(cfg.cache.engine) if sets.image_stage else None
     summary["processes"] = rt.dist.world
-    summary["data_dir"] = str(run.job.data_dir.resolve())  # where the report finds the images
+    # where the report finds the rows and photos again ("data_dir": what older readers look for)
+    summary["data"] = run.job.source.to_dict()
+    if run.job.source.rows is not None:
+        summary["data_dir"] = str(run.job.source.rows.parent.resolve())
     atomic_write(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     _draw_curves(run.run_dir)
     return summary
@@ -71,14 +74,16 @@ def finalize(run: Run, val_loader, tta: bool) -> dict:
     _, probs, targets = evaluate(model, val_loader, None, rt.device,
                                  EvalPass(dtype=rt.dtype, channels_last=cfg.channels_last, tta=tta))
     y = targets.astype(int)
-    label_names = [str(lab) for lab in data.label_map.labels]
-    figures = decision_figures(cfg, y, probs, label_names)
+    figures = decision_figures(cfg, y, probs, list(data.label_map.display))
     best.thresholds, best.finished = figures["thresholds"], True
+    best.decision = figures["decision"]
+    log.info("%s", figures["decision_why"])
     best.save(run_dir / BEST_FILE)
     write_val_probs(run_dir, [r.image_id for r in data.val_rows],
-                    [" ".join(map(str, r.labels)) for r in data.val_rows], label_names, probs)
+                    [join_labels(r.labels) for r in data.val_rows], list(data.label_map.labels),
+                    probs)
     mb = state_dict_megabytes(model, cfg.model.fp16_storage)
-    rule = ("expected-F1 label sets" if cfg.decision == "expected_f1"
+    rule = ("expected-F1 label sets" if figures["decision"] == "expected_f1"
             else f"thresholds ({cfg.threshold_mode}, {cfg.threshold_metric})")
     tuned, at05 = figures["val"], figures["val_at_0.5"]
     log.info("best epoch %d; %s: val micro-F1 %.4f samples-F1 %.4f (at 0.5: %.4f / %.4f); "

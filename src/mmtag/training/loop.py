@@ -18,7 +18,8 @@ from pathlib import Path
 from torch import nn
 
 from mmtag.config import TrainConfig
-from mmtag.data.csv_io import Record, read_csv, train_csv_path
+from mmtag.data.csv_io import Record
+from mmtag.data.sources import Source, open_data
 from mmtag.distributed import (
     barrier,
     from_env,
@@ -40,6 +41,8 @@ from mmtag.run_files import (
     LAST_FILE,
     LOCK_FILE,
     METRICS_FILE,
+    RunFolderTakenError,
+    RunNotFoundError,
     append_metrics_row,
 )
 from mmtag.runtime import (
@@ -61,7 +64,7 @@ log = logging.getLogger("mmtag.train")
 __all__ = ["fit", "TrainingDivergedError", "best_checkpoint_of"]
 
 
-def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: bool = False,
+def fit(cfg: TrainConfig, source: Source | Path | str, run_dir: Path | str, *, resume: bool = False,
         restart: bool = False, progress: bool | None = None) -> dict:
     """Train, keep the best and last checkpoints, choose thresholds; returns the summary.
 
@@ -72,19 +75,20 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
     Under torchrun every process calls it: rank 0 claims the folder and writes every file and
     returns the summary, the other ranks return None."""
     started = time.time()
-    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    run_dir = Path(run_dir)
+    source = source if isinstance(source, Source) else open_data(source)  # a Kaggle folder, a table
     progress = sys.stderr.isatty() if progress is None else progress
-    rows = read_csv(train_csv_path(data_dir))  # a bad file is reported before anything is written
+    rows = source.read(need_labels=True)  # a bad file is reported before anything is written
     if run_dir.exists() and not run_dir.is_dir():
-        raise FileExistsError(f"run folder {run_dir} is a file; choose another --out")
+        raise RunFolderTakenError(f"run folder {run_dir} is a file; choose another --out")
     if resume and not run_dir.is_dir():
-        raise FileNotFoundError(f"cannot resume: run folder {run_dir} does not exist")
+        raise RunNotFoundError(f"cannot resume: run folder {run_dir} does not exist")
     dist = from_env()
     device = start(dist, resolve_device(cfg.device))
     try:
         with ExitStack() as held:  # rank 0 holds the run folder's lock until training ends
-            resume = on_main(dist, lambda: _claim(cfg, data_dir, run_dir, resume, restart, held))
-            job = Job(cfg, data_dir, run_dir, runtime(cfg, device, dist), progress and dist.main,
+            resume = on_main(dist, lambda: _claim(cfg, source, run_dir, resume, restart, held))
+            job = Job(cfg, source, run_dir, runtime(cfg, device, dist), progress and dist.main,
                       started)
             summary = _train(job, rows, resume)
         barrier(dist)  # nobody leaves the process group while another still talks in it
@@ -93,7 +97,7 @@ def fit(cfg: TrainConfig, data_dir: Path | str, run_dir: Path | str, *, resume: 
         stop(dist)
 
 
-def _claim(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, restart: bool,
+def _claim(cfg: TrainConfig, source: Source, run_dir: Path, resume: bool, restart: bool,
            held: ExitStack) -> bool:
     """Lock `run_dir` (in `held`) and claim it (whether the run resumes); a refused folder is
     left as it was found."""
@@ -101,7 +105,7 @@ def _claim(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, restar
     run_dir.mkdir(parents=True, exist_ok=True)
     held.enter_context(run_lock(run_dir))
     try:
-        return claim_run_folder(cfg, data_dir, run_dir, resume, restart)
+        return claim_run_folder(cfg, source, run_dir, resume, restart)
     except (FileExistsError, FileNotFoundError):
         for p in reversed(made):
             p.rmdir() if p.is_dir() else p.unlink()

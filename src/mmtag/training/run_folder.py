@@ -20,12 +20,21 @@ from pathlib import Path
 
 from mmtag.atomic import is_temp_file
 from mmtag.config import TrainConfig
-from mmtag.run_files import CONFIG_FILE, LAST_FILE, LOCK_FILE, PRE_CHECKPOINT_FILES
+from mmtag.data.sources import Source
+from mmtag.run_files import (
+    CONFIG_FILE,
+    LAST_FILE,
+    LOCK_FILE,
+    PRE_CHECKPOINT_FILES,
+    RunError,
+    RunFolderTakenError,
+    RunNotFoundError,
+)
 
 log = logging.getLogger("mmtag.train")
 
 
-class RunInUseError(RuntimeError):
+class RunInUseError(RunError, RuntimeError):
     """Another process is training in the run folder."""
 
 
@@ -59,7 +68,7 @@ def run_lock(run_dir: Path):
         os.close(fd)
 
 
-def claim_run_folder(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
+def claim_run_folder(cfg: TrainConfig, source: Source, run_dir: Path, resume: bool,
                      restart: bool) -> bool:
     """Check what `run_dir` holds against the request, clear the files of a run that never
     reached a checkpoint when asked to, save the config; returns whether to resume."""
@@ -67,13 +76,13 @@ def claim_run_folder(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bo
         return True
     early = never_checkpointed(run_dir)
     if resume and not (early and (run_dir / CONFIG_FILE).exists()):
-        raise FileNotFoundError(f"cannot resume: {run_dir / LAST_FILE} does not exist and "
+        raise RunNotFoundError(f"cannot resume: {run_dir / LAST_FILE} does not exist and "
                                 f"{run_dir} holds no run that stopped before it")
     if resume:
         log.warning("%s stopped before its first checkpoint: starting it over with its saved "
                     "config", run_dir)
     elif any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not (restart and early):
-        raise FileExistsError(not_empty_message(run_dir, data_dir, early))
+        raise RunFolderTakenError(not_empty_message(run_dir, source, early))
     leftovers = sorted(p for p in run_dir.iterdir() if p.name != LOCK_FILE)
     if leftovers:
         log.warning("%s: deleting the files of a run that stopped before its first checkpoint "
@@ -84,14 +93,15 @@ def claim_run_folder(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bo
     return False
 
 
-def not_empty_message(run_dir: Path, data_dir: Path, early: bool) -> str:
+def not_empty_message(run_dir: Path, source: Source, early: bool) -> str:
     msg = f"run folder {run_dir} is not empty; choose another --out"
     if (run_dir / LAST_FILE).exists():
-        return f"{msg}, or continue it with --resume {run_dir}"
+        return f"{msg}, or continue it with mmtag train --resume {run_dir} {source.flags()}"
     if early:
         return (f"{msg}. It holds no checkpoint (a run that stopped before its first one): "
-                f"start it over with its own settings: mmtag train --resume {run_dir} --data "
-                f"{data_dir}")
+                f"start it over with new settings: mmtag train --restart --out {run_dir} "
+                f"{source.flags()} [--config ...] [--set ...], or with its saved ones: "
+                f"mmtag train --resume {run_dir} {source.flags()}")
     return msg
 
 

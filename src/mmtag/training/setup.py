@@ -18,6 +18,7 @@ from mmtag.config import TrainConfig
 from mmtag.data.csv_io import Record
 from mmtag.data.dataset import Split
 from mmtag.data.labels import LabelMap
+from mmtag.data.sources import Source
 from mmtag.data.tokenizers import fit_tokenizer, tokenizer_from_dict
 from mmtag.distributed import (
     local_first,
@@ -77,13 +78,13 @@ def setup(job: Job, rows: list[Record], resume: bool) -> Run:
     return Run(job, data, model, train_model, sets, state, size_mb)
 
 
-def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
+def prepare_data(cfg: TrainConfig, source: Source, run_dir: Path, resume: bool,
                  rows: list[Record], saved: dict | None = None) -> RunData:
     """Split train.csv's `rows` (or reload the saved split), fit labels and vocabulary on the
     training rows only, and save them in the run folder. `saved`: the split, labels and
     vocabulary as `saved_data` gives them, used instead of the run folder's files (the other
     ranks of a torchrun get them from rank 0)."""
-    csv_path = data_dir / "train.csv"  # `rows` came from it (fit reads it first)
+    csv_path = source.shown  # `rows` came from it (fit reads it first)
     unlabelled = [r for r in rows if not r.labels]
     if unlabelled:
         where = ", ".join(f"line {r.line} ({r.image_id})" for r in unlabelled[:5])
@@ -110,15 +111,29 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool,
     if cfg.data.limit_val:
         val_rows = val_rows[: cfg.data.limit_val]
     if saved is None:
-        label_map = LabelMap.from_records(train_rows)
+        label_map = _label_map(train_rows, val_rows, source)
         caption_enc = fit_tokenizer(cfg.model, cfg.data, [r.caption for r in train_rows])
         atomic_write(run_dir / LABELS_FILE, json.dumps(label_map.to_dict()))
         atomic_write(run_dir / VOCAB_FILE, json.dumps(caption_enc.to_dict()))
     labelled = len(train_rows)
     if cfg.distill.unlabeled:  # after the labels and vocabulary: they come from train.csv
-        train_rows = train_rows + unlabeled_rows(cfg.distill.unlabeled, data_dir / "data")
-    return RunData(train_rows, val_rows, label_map, caption_enc, split, data_dir / "data",
-                   labelled)
+        train_rows = train_rows + unlabeled_rows(cfg.distill.unlabeled, source.images)
+    return RunData(train_rows, val_rows, label_map, caption_enc, split, source.images, labelled)
+
+
+def _label_map(train_rows: list[Record], val_rows: list[Record], source: Source) -> LabelMap:
+    """Every label of the rows the run uses. A label only validation rows carry (a subset
+    such as data.limit_train=48 may lack it) stays a unit the model cannot learn, scored as
+    missed: said, never an error and never dropped from the figures."""
+    label_map = LabelMap.from_records([*train_rows, *val_rows], source.names)
+    trained = {str(lab) for r in train_rows for lab in r.labels}
+    unseen = [lab for lab in label_map.labels if lab not in trained]
+    if unseen:
+        log.warning("label(s) %s appear only in validation rows, none of the %d training rows "
+                    "carries them: the model cannot learn them and the figures count them as "
+                    "missed; train on more rows (data.limit_train) to learn them",
+                    ", ".join(unseen), len(train_rows))
+    return label_map
 
 
 def saved_data(data: RunData) -> dict:
@@ -130,15 +145,15 @@ def saved_data(data: RunData) -> dict:
 def _shared_data(job: Job, resume: bool, rows: list[Record]) -> RunData:
     """prepare_data on rank 0 (which writes the run folder); the other ranks get the split,
     labels and vocabulary from it, not from files another machine may not see."""
-    cfg, data_dir, run_dir, dist = job.cfg, job.data_dir, job.run_dir, job.rt.dist
+    cfg, source, run_dir, dist = job.cfg, job.source, job.run_dir, job.rt.dist
     made = {}
 
     def on_rank_zero() -> dict:
-        made["data"] = prepare_data(cfg, data_dir, run_dir, resume, rows)
+        made["data"] = prepare_data(cfg, source, run_dir, resume, rows)
         return saved_data(made["data"])
 
     saved = on_main(dist, on_rank_zero)
-    return made["data"] if dist.main else prepare_data(cfg, data_dir, run_dir, True, rows, saved)
+    return made["data"] if dist.main else prepare_data(cfg, source, run_dir, True, rows, saved)
 
 
 def _model(job: Job, data: RunData, resume: bool) -> tuple[nn.Module, dict | None, float]:

@@ -16,6 +16,7 @@ from mmtag.config import TrainConfig
 from mmtag.data.csv_io import Record
 from mmtag.data.dataset import Split
 from mmtag.data.labels import LabelMap
+from mmtag.data.sources import Source
 from mmtag.data.tokenizers import CaptionTokenizer
 from mmtag.distributed import (
     SINGLE,
@@ -107,7 +108,7 @@ class Job:
     """What the command asked for, and where it runs."""
 
     cfg: TrainConfig
-    data_dir: Path
+    source: Source              # the training rows and their photos
     run_dir: Path
     rt: Runtime
     progress: bool              # progress bars (rank 0 of a terminal)
