@@ -54,9 +54,15 @@ def _columns(args: argparse.Namespace):
 
 def _data_source(args: argparse.Namespace, data: str):
     """The Source of --data (a Kaggle folder or a table) with --images and the column flags."""
+    import dataclasses
+
+    from mmtag.data.labels import read_label_names
     from mmtag.data.sources import open_data
 
-    return open_data(data, getattr(args, "images", None), _columns(args))
+    source = open_data(data, getattr(args, "images", None), _columns(args))
+    if getattr(args, "label_names", None):  # over labels.txt beside the data
+        source = dataclasses.replace(source, names=read_label_names(Path(args.label_names)))
+    return source
 
 
 def _rows_source(args: argparse.Namespace, path: str):
@@ -521,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--images", help="the photos' folder (default: DATA/data for a Kaggle "
                                     "folder, the table's own folder for a table)")
     _add_column_args(c)
+    c.add_argument("--label-names", metavar="FILE",
+                   help="a file of 'label name' lines (e.g. '1 person'): the run shows the "
+                        "names in every output (default: labels.txt beside the data, if any)")
     c.add_argument("--out", help="new run folder")
     c.add_argument("--config", help="YAML config file, or a built-in recipe name: "
                                     + ", ".join(recipe_names()))
@@ -702,6 +711,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     c.add_argument("--epochs", type=int, default=None, help="override the demo's epochs")
     c.set_defaults(func=_cmd_demo)
+    for command in sub.choices.values():  # -q and -v also after the command's name
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="warnings and errors only: no progress bars or log lines")
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logging, and a traceback with every error")
     return p
 
 

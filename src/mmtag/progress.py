@@ -46,4 +46,4 @@ def _logged(iterable: Iterable, total: int | None, desc: str, unit: str) -> Iter
         if now - last >= LOG_EVERY_S:
             last = now
             of = f"/{total} ({100 * i / total:.0f} %)" if total else ""
-            log.info("%s: %d%s %ss, %.0f s", desc, i, of, unit, now - start)
+            log.info("%s: %d%s %s(es), %.0f s", desc, i, of, unit, now - start)
