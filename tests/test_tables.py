@@ -88,6 +88,9 @@ def test_table_mistakes_name_the_line(tmp_path):
     f.write_text("image,caption,labels\n,a,b\n")
     with pytest.raises(DataSourceError, match=r"line 2: the 'image' field is empty"):
         read_table(f, Columns())
+    f.write_text("image,caption,labels\n../x.jpg,a,b\n")
+    with pytest.raises(DataSourceError, match=r"line 2: the photo path '../x.jpg' leaves"):
+        read_table(f, Columns())
     (tmp_path / "t.jsonl").write_text('{"image": "x.jpg"}\nnot json\n')
     with pytest.raises(DataSourceError, match=r"t.jsonl, line 2: not JSON"):
         read_table(tmp_path / "t.jsonl", Columns())
@@ -133,7 +136,8 @@ def test_evaluate_predict_and_report_show_label_names(run, catalogue, tmp_path, 
     assert [r["path"] for r in rows] == [r["path"] for r in new]  # every row, in order
     labels = set(json.loads((run / "labels.json").read_text())["labels"])
     assert all(set(r["labels"].split("|")) <= labels for r in rows if r["labels"])
-    assert set(next(csv.reader(probs.open()))[1:]) == labels
+    header = next(csv.reader(probs.open()))
+    assert header[0] == "path" and set(header[1:]) == labels
     assert main(["report", str(run)]) == 0
     md = (run / "report.md").read_text()
     assert "catalogue.csv" in md and "| circle |" in md and "Why this rule: decision: auto" in md

@@ -108,6 +108,7 @@ def _cmd_setup_wordnet(args: argparse.Namespace) -> int:
     from mmtag.data.text import setup_wordnet
 
     print(f"WordNet ready in {setup_wordnet(args.target)}")
+    _next("mmtag train ... --set data.lemmatizer=wordnet")
     return 0
 
 
@@ -281,6 +282,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         from mmtag.training.bench import format_bench
 
         print(format_bench(res["parts"], "predict"))
+    _next(f"mmtag predict {_q(args.run)} --csv {_q(args.csv)} --engine ENGINE    (the fastest)")
     return 0
 
 
@@ -354,6 +356,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     for path in compare(args.paths, args.out):
         print(path)
+    _next(f"open the figures in {_q(args.out)}; mmtag report PATH for the tables")
     return 0
 
 
@@ -383,6 +386,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     configure_training()
     run_demo(Path(args.out), n=args.n, seed=args.seed, epochs=args.epochs)
+    run = Path(args.out) / "run"
+    _next(f"open {_q(Path(args.out) / 'report' / 'report.html')} in a browser",
+          f"mmtag serve {_q(run)}    (try the model on a page)",
+          "mmtag check-data DIR    (then train on your own data: README, 'Your own data')")
     return 0
 
 

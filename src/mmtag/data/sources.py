@@ -235,6 +235,10 @@ def table_records(where: str, found: Sequence[str], rows: Iterable[tuple[int, di
         if not image:
             raise DataSourceError(f"{where}, line {line}: the {columns.image!r} field is empty; "
                                   f"every row needs the path of its photo")
+        if ".." in Path(image).parts or "\0" in image or "\\" in image:
+            raise DataSourceError(f"{where}, line {line}: the photo path {image!r} leaves the "
+                                  f"image folder ('..'); give paths inside --images, with '/' "
+                                  f"between folders")
         if image in first_line:
             raise DataSourceError(f"{where}, line {line}: {image} is also on line "
                                   f"{first_line[image]}; each photo may appear only once: "

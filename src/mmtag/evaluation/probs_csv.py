@@ -48,12 +48,13 @@ def split_labels(field: str, columns: Sequence[str]) -> set[str]:
 
 
 def format_probs(image_ids: Sequence[str], label_names: Sequence[str], probs: np.ndarray,
-                 true_labels: Sequence[str] | None = None) -> str:
-    """The CSV text: ImageID, then (with `true_labels`: each row's labels, space-separated, in a
+                 true_labels: Sequence[str] | None = None, id_column: str = "ImageID") -> str:
+    """The CSV text: the photo's column (`id_column`: a table's own image column for
+    predict), then (with `true_labels`: each row's labels, as `join_labels` writes them, in a
     Labels column) one column per label."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["ImageID", *(["Labels"] if true_labels is not None else []), *label_names])
+    w.writerow([id_column, *(["Labels"] if true_labels is not None else []), *label_names])
     labels = true_labels if true_labels is not None else [None] * len(image_ids)
     for image_id, lab, p in zip(image_ids, labels, probs, strict=True):
         w.writerow([image_id, *([lab] if lab is not None else []), *[f"{x:.5f}" for x in p]])

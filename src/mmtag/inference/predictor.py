@@ -265,7 +265,8 @@ def _predict_csv(run: Path | str, files: PredictFiles, o: PredictOptions,
     written = [(files.out, format_predictions(src, rows, label_sets, pred.label_map))]
     if files.probs is not None:
         written.append((files.probs, format_probs(
-            [r.image_id for r in rows], list(pred.label_map.display), probs)))
+            [r.image_id for r in rows], list(pred.label_map.display), probs,
+            id_column=src.columns.image if src.columns else "ImageID")))
     atomic_write_many(written)
     return {"rows": len(rows), "out": files.given_out, "probs": files.given_probs,
             "caption_only": msgs, "caption_only_via": via if msgs else None,
