@@ -79,7 +79,7 @@ def test_a_full_disk_is_a_clear_error_and_the_next_run_trusts_no_partial_file(de
     # do not (as on a disk that fills up during the first checkpoint)
     res = subprocess.run(train_cmd(demo, run, cache), capture_output=True, text=True,
                          preexec_fn=_limit_file_size(200_000))
-    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.returncode == 5, res.stderr[-2000:]
     err = res.stderr.strip().splitlines()[-1]
     assert "Traceback" not in res.stderr
     assert err.startswith("mmtag train: error: could not write ") and "free some disk space" in err
@@ -94,7 +94,7 @@ def test_a_cache_entry_cut_short_by_a_full_disk_is_never_read(demo, reference, t
     run, cache = tmp_path / "run", tmp_path / "cache"
     res = subprocess.run(train_cmd(demo, run, cache), capture_output=True, text=True,
                          preexec_fn=_limit_file_size(2_500))  # smaller than one cache entry
-    assert res.returncode == 2 and "could not write" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 5 and "could not write" in res.stderr and "Traceback" not in res.stderr
     assert not list(cache.rglob("*.npy")) and not list(cache.rglob("*.tmp"))
     assert_resumes_identical(demo, run, reference)
 

@@ -313,13 +313,17 @@ def write_export(pred: Predictor, run_dir: Path, stage: Path, int8: bool) -> dic
     inputs = example_inputs(graph, pred.image_size or 8, pred.caption_enc)
     reference = reference_outputs(pred, graph.input_names, inputs)
     graph = ExportGraph(export_members(pred), pred.tta_flip).eval()
+    steps = 3 if int8 else 2  # each step takes seconds to a minute: said as it starts
+    log.info("export 1/%d: tracing the model into ONNX", steps)
     write_onnx(graph, inputs, stage / FP32_FILE)
     files = {"fp32": FP32_FILE}
+    log.info("export 2/%d: checking ONNX Runtime against PyTorch", steps)
     parity = {"fp32_vs_torch_random_inputs": check_parity(reference, graph.input_names, inputs,
                                                            stage / FP32_FILE)}
     if int8:
         from mmtag.inference.quantize import quantize_model
 
+        log.info("export 3/3: quantising the matrix products to int8")
         quantize_model(stage / FP32_FILE, stage / INT8_FILE)
         files["int8"] = INT8_FILE
     meta = model_json(pred, graph, run_dir, stage, files, parity)

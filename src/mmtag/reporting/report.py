@@ -176,9 +176,12 @@ def report_source(summary: dict, given: Path | str | Source | None) -> Source | 
         return open_data(given, None, saved.columns if saved else None)
     if saved and saved.rows.exists():
         return saved
-    if saved or summary.get("data"):
+    if saved:
         log.warning("the run's data %s is gone: no data summary and no error gallery "
-                    "(give --data)", saved.shown if saved else "(a DataFrame)")
+                    "(give --data)", saved.shown)
+    elif summary.get("data"):
+        log.warning("the run was trained on a DataFrame: save it as a table and give --data "
+                    "TABLE for the data summary and the error gallery")
     return None
 
 
