@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmtag.config import TrainConfig, apply_overrides, load_config, recipe_path
-from mmtag.data.sources import Source, frame_source, open_data
+from mmtag.data.sources import Source, frame_source, is_frame, open_data
 from mmtag.run_files import CONFIG_FILE, RunNotFoundError
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def as_source(data: Path | str | Source | DataFrame, images: Path | str | None =
         return data
     if isinstance(data, str | Path):
         return open_data(data, images)
-    if hasattr(data, "itertuples") and hasattr(data, "columns"):
+    if is_frame(data):
         return frame_source(data, images)
     raise TypeError(f"data must be a folder, a table file, a pandas DataFrame or a Source, not "
                     f"{type(data).__name__}")

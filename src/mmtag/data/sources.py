@@ -197,6 +197,11 @@ def read_table(path: Path, columns: Columns, need_labels: bool = False) -> list[
     return table_records(str(path), found, rows, columns, need_labels)
 
 
+def is_frame(data: object) -> bool:
+    """A pandas DataFrame (told by its shape, so pandas is imported only by those who use it)."""
+    return hasattr(data, "itertuples") and hasattr(data, "columns") and hasattr(data, "index")
+
+
 def frame_source(frame, images: Path | str | None = None, columns: Columns = Columns(),
                  need_labels: bool = False) -> Source:
     """A pandas DataFrame as a Source: its rows read now, photos relative to `images` (default

@@ -17,6 +17,7 @@ from mmtag.data.images import (
     load_image,
 )
 from mmtag.data.labels import LabelMap, UnknownLabelError
+from mmtag.data.sources import frame_records, is_frame
 from mmtag.evaluation.metrics import multilabel_metrics
 from mmtag.evaluation.thresholds import apply_thresholds, check_threshold, decide
 
@@ -106,15 +107,13 @@ class PredictorBase:
         import pandas as pd
 
         probs = self._probs(data, images)
-        index = data.index if hasattr(data, "index") and hasattr(data, "columns") else None
+        index = data.index if is_frame(data) else None
         return pd.DataFrame(probs, columns=list(self.label_map.display), index=index)
 
     def evaluate(self, data, *, images: Path | str | None = None,
                  threshold: float | None = None) -> dict:
         """Metrics on a labelled DataFrame (image, caption, labels columns): micro-, macro- and
         samples-F1, precision, recall, and per label (`per_class`), by the run's rule."""
-        from mmtag.data.sources import frame_records
-
         rows = frame_records(data, need_labels=True)
         return self.metrics_of(ImageRows(rows, Path(images or "."), "the DataFrame"),
                                threshold=threshold)
@@ -138,9 +137,7 @@ class PredictorBase:
         return m
 
     def _probs(self, data, images: Path | str | None) -> np.ndarray:
-        if hasattr(data, "itertuples") and hasattr(data, "columns"):  # a pandas DataFrame
-            from mmtag.data.sources import frame_records
-
+        if is_frame(data):
             ds = self.dataset(frame_records(data), Path(images or "."), "the DataFrame",
                               with_targets=False)
             return self.probabilities(ds, desc="predict")
